@@ -1,0 +1,249 @@
+"""What lives on each engine: its rank, device, process group and mesh.
+
+The functions here run inside engine processes (sent by the workbench through ipyparallel's
+``apply``). An engine keeps one :class:`EngineState` in its user namespace, so it survives
+between cells; functions that need it receive it through ``ipyparallel.Reference``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from .mesh import Layout, Mesh
+
+STATE_NAME = "_mpbook"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks meet to form a process group.
+
+    ``file``: a FileStore in a private folder, for ranks on one host; nothing listens on
+    the network. ``tcp``: a TCPStore served by rank 0 at ``host:port``, for ranks on
+    several hosts.
+    """
+
+    kind: str
+    path: str = ""
+    host: str = ""
+    port: int = 0
+    generation: int = 0
+
+    def describe(self) -> str:
+        return f"file {self.path}" if self.kind == "file" else f"tcp {self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """One row of the engines table."""
+
+    rank: int
+    engine_id: int
+    host: str
+    pid: int
+    device: str
+    device_name: str
+    backend: str
+    memory_free_bytes: int
+    memory_total_bytes: int
+    threads: int
+
+
+@dataclass
+class EngineState:
+    rank: int
+    world_size: int
+    local_rank: int
+    engine_id: int
+    device: Any  # torch.device
+    backend: str
+    timeout_s: float
+    rendezvous: Rendezvous | None = None
+    mesh: Mesh | None = None
+    cache: dict[str, Any] = field(default_factory=dict)  # models and other per-engine state kept between cells
+    _tcp_store: Any = None
+
+
+def _namespace() -> dict:
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is None:
+        raise RuntimeError("mpbook engine functions run inside an ipyparallel engine")
+    return shell.user_ns
+
+
+def engine_id() -> int:
+    """This engine's id in its ipyparallel cluster."""
+    from ipykernel.kernelbase import Kernel
+
+    return int(Kernel.instance().engine_id)
+
+
+def state() -> EngineState:
+    """This engine's state; a clear error when the engine was never set up (or restarted)."""
+    found = _namespace().get(STATE_NAME)
+    if found is None:
+        raise RuntimeError(
+            f"engine {engine_id()} has no process group: it was started or restarted outside mpbook; "
+            "run `%mp restart` (or Workbench.restart())"
+        )
+    return found
+
+
+def call(fn, /, *args, **kwargs):
+    """Run ``fn(state, *args, **kwargs)`` on this engine (the workbench sends this via apply)."""
+    return fn(state(), *args, **kwargs)
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def host_address() -> str:
+    """An address of this host that other hosts can reach (for a TCP rendezvous)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return socket.gethostname()
+
+
+def make_rendezvous(kind: str, generation: int) -> Rendezvous:
+    """Run on rank 0: make the meeting point that the other ranks will join."""
+    import tempfile
+
+    if kind == "file":
+        # mkdtemp makes the folder readable by this user only.
+        path = os.path.join(tempfile.mkdtemp(prefix="mpbook-rdzv-"), "store")
+        return Rendezvous("file", path=path, generation=generation)
+    if kind == "tcp":
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        host = host_address()
+        # port 0: the OS picks a free port; the store reports which.
+        store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+        ns = _namespace()
+        ns["_mpbook_tcp_store"] = store
+        return Rendezvous("tcp", host=host, port=store.port, generation=generation)
+    raise ValueError(f"unknown rendezvous kind {kind!r}; use 'file' or 'tcp'")
+
+
+def setup_from_table(table: dict[int, dict]) -> EngineInfo:
+    """Set up this engine with its own row of ``table`` (engine id -> arguments of setup)."""
+    return setup(**table[engine_id()])
+
+
+def setup(
+    *,
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    engine_id: int,
+    use_gpu: bool,
+    threads: int | None,
+    rendezvous: Rendezvous,
+    timeout_s: float,
+) -> EngineInfo:
+    """Pin this engine to its device, join the process group and bind the cell names."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    ns = _namespace()
+    if threads:
+        torch.set_num_threads(threads)
+    if use_gpu:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if rendezvous.kind == "file":
+        # Ranks on one host talk over loopback only; nothing is reachable from outside.
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rendezvous.kind == "file":
+        store = dist.FileStore(rendezvous.path, world_size)
+    else:
+        store = ns.get("_mpbook_tcp_store") if rank == 0 else None
+        if store is None:
+            store = dist.TCPStore(
+                rendezvous.host, rendezvous.port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s)
+            )
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if use_gpu else None,
+    )
+
+    state = EngineState(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        engine_id=engine_id,
+        device=device,
+        backend=backend,
+        timeout_s=timeout_s,
+        rendezvous=rendezvous,
+        mesh=Mesh(Layout(dp=world_size), rank, device.type),
+    )
+    ns[STATE_NAME] = state
+    # The names a `%%mp run` cell can use directly.
+    ns.update(rank=rank, world_size=world_size, device=device, mesh=state.mesh, torch=torch, dist=dist)
+    return describe(state)
+
+
+def describe(state: EngineState) -> EngineInfo:
+    import psutil
+    import torch
+
+    if state.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(state.device)
+        name = torch.cuda.get_device_name(state.device)
+    else:
+        vm = psutil.virtual_memory()
+        free, total = vm.available, vm.total
+        name = "cpu"
+    return EngineInfo(
+        rank=state.rank,
+        engine_id=state.engine_id,
+        host=hostname(),
+        pid=os.getpid(),
+        device=str(state.device),
+        device_name=name,
+        backend=state.backend,
+        memory_free_bytes=int(free),
+        memory_total_bytes=int(total),
+        threads=torch.get_num_threads(),
+    )
+
+
+def teardown(state: EngineState | None = None) -> None:
+    """Leave the process group and forget models, so a restart starts clean."""
+    import shutil
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    ns = _namespace()
+    ns.pop("_mpbook_tcp_store", None)
+    if state is not None:
+        state.cache.clear()
+        rdzv = state.rendezvous
+        if state.rank == 0 and rdzv is not None and rdzv.kind == "file":
+            shutil.rmtree(os.path.dirname(rdzv.path), ignore_errors=True)
+    ns.pop(STATE_NAME, None)

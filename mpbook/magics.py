@@ -1,0 +1,151 @@
+"""The ``%mp`` and ``%%mp`` magics: argument parsing and a call into the workbench, no more.
+
+Line commands::
+
+    In [1]: %load_ext mpbook
+    In [2]: %mp start -n 2 --cpu
+    started 2 engines in 2.4 s
+    rank  host  pid    device  backend  threads  free / total memory
+    0     vm    41022  cpu     gloo     1        22.6 / 23.5 GiB
+    1     vm    41027  cpu     gloo     1        22.6 / 23.5 GiB
+    In [3]: %mp status
+    In [4]: %mp restart
+    In [5]: %mp stop
+
+Cell commands::
+
+    In [6]: %%mp run --ranks 0
+       ...: print(rank, world_size, device)
+    [rank 0] 0 2 cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import MagicArgumentParser
+from IPython.utils.text import dedent
+
+from .errors import MpbookError, NoClusterError
+from .workbench import Workbench
+
+LINE_COMMANDS = ("start", "status", "stop", "restart")
+CELL_COMMANDS = ("run",)
+
+
+def build_parser() -> MagicArgumentParser:
+    """One parser for ``%mp`` and ``%%mp``; each command is a sub-parser."""
+    parser = MagicArgumentParser(prog="%mp", description="Run cells on a cluster of engines, one per device.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    start = commands.add_parser("start", help="start engines (or attach to a running cluster)")
+    start.add_argument("-n", type=int, default=None, help="number of engines (default: one per GPU, else 2)")
+    devices = start.add_mutually_exclusive_group()
+    devices.add_argument("--cpu", action="store_true", help="CPU engines (gloo) even if GPUs are visible")
+    devices.add_argument("--gpu", action="store_true", help="GPU engines (NCCL); an error when none is visible")
+    start.add_argument("--profile", default=None, help="attach to the running cluster of this IPython profile")
+    start.add_argument("--cluster-id", default=None, help="attach to the running cluster with this id")
+    start.add_argument("--timeout", type=float, default=60.0, help="seconds a collective may wait (default 60)")
+
+    commands.add_parser("status", help="show the engines table")
+    commands.add_parser("stop", help="stop the engines mpbook started (leave an attached cluster running)")
+    commands.add_parser("restart", help="restart the cluster with the same layout")
+
+    run = commands.add_parser("run", help="(cell) run the cell's Python on every rank")
+    run.add_argument("--ranks", default=None, help="ranks to run on: 'all' (default), '0', '0,2' or '1-3'")
+    return parser
+
+
+def parse(line: str, *, cell: bool) -> argparse.Namespace:
+    """Parse a ``%mp`` line (``cell=False``) or the first line of a ``%%mp`` cell.
+
+    Returns the arguments, or raises UsageError with a one-line message.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_argstring(line)
+    except ValueError as exc:  # e.g. an unbalanced quote
+        raise UsageError(f"%mp {line.strip()}: {exc}") from None
+    if cell and args.command in LINE_COMMANDS:
+        raise UsageError(f"`%mp {args.command}` is a line command: write it as `%mp {args.command}`, without a cell body")
+    if not cell and args.command not in LINE_COMMANDS:
+        raise UsageError(f"`%mp {args.command}` needs a cell: write `%%mp {args.command}` as the first line of a cell")
+    return args
+
+
+@magics_class
+class MpMagics(Magics):
+    """``%mp`` / ``%%mp``: the notebook face of :class:`mpbook.Workbench`."""
+
+    def __init__(self, shell):
+        super().__init__(shell)
+        self.workbench: Workbench | None = None
+
+    @line_cell_magic
+    def mp(self, line: str, cell: str | None = None):
+        args = parse(line, cell=cell is not None)
+        try:
+            return getattr(self, f"_{args.command}")(args, cell)
+        except NoClusterError as exc:
+            raise UsageError(str(exc)) from None
+        except MpbookError as exc:
+            if hasattr(exc, "failures"):  # a rank's error: keep its traceback
+                raise
+            raise UsageError(str(exc)) from None
+
+    mp.__doc__ = dedent(build_parser().format_help())
+
+    # ------------------------------------------------------------------ commands
+    def _require(self, what: str) -> Workbench:
+        if self.workbench is None:
+            raise NoClusterError(what)
+        return self.workbench
+
+    def _start(self, args, cell):
+        if self.workbench is not None:
+            raise MpbookError(
+                f"a cluster is already running ({self.workbench.world_size} engines on {self.workbench.device_type}); "
+                "`%mp stop` it first, or `%mp restart` it"
+            )
+        began = time.perf_counter()
+        if args.profile or args.cluster_id:
+            self.workbench = Workbench.attach(
+                profile=args.profile, cluster_id=args.cluster_id, cpu=args.cpu, n=args.n, timeout_s=args.timeout
+            )
+            verb = "attached to"
+        else:
+            self.workbench = Workbench.start(args.n, cpu=args.cpu, gpu=args.gpu, timeout_s=args.timeout)
+            verb = "started"
+        wb = self.workbench
+        print(f"{verb} {wb.world_size} engine{'s' if wb.world_size != 1 else ''} in {time.perf_counter() - began:.1f} s")
+        print(wb.table())
+
+    def _status(self, args, cell):
+        wb = self._require("asking for status")
+        wb.status()
+        print(wb.table())
+
+    def _stop(self, args, cell):
+        wb = self._require("stopping it")
+        self.workbench = None
+        wb.stop()
+        print("stopped the cluster" if wb.owned else "left the attached cluster (its engines keep running)")
+
+    def _restart(self, args, cell):
+        wb = self._require("restarting it")
+        began = time.perf_counter()
+        wb.restart()
+        print(f"restarted {wb.world_size} engines in {time.perf_counter() - began:.1f} s")
+        print(wb.table())
+
+    def _run(self, args, cell):
+        wb = self._require("running a cell")
+        wb.run(cell, ranks=args.ranks)
+
+    def close(self) -> None:
+        if self.workbench is not None:
+            self.workbench.stop()
+            self.workbench = None

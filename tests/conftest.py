@@ -1,0 +1,68 @@
+"""Shared fixtures: real ipyparallel engines (CPU, gloo) and a private IPython directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Profiles, connection files and engine logs of the test clusters go to a private folder,
+# set before anything imports IPython; engines and `ipcluster` inherit it.
+os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="mpbook-test-ipython-")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Functions that tests send to engines are pickled by reference to their test module, so
+# the engines (which inherit this environment) must be able to import it.
+_here = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PYTHONPATH")) if p)
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+
+from mpbook import Workbench  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    from mpbook.workbench import visible_gpu_count
+
+    if visible_gpu_count() == 0:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def workbench():
+    """Two CPU engines with a gloo process group, shared by the tests of one module."""
+    with Workbench.start(2, cpu=True) as wb:
+        yield wb
+
+
+@pytest.fixture
+def shell():
+    """A real IPython shell with the mpbook extension loaded; its cluster stops afterwards."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "mpbook")
+    yield sh
+    magics = sh.magics_manager.registry["MpMagics"]
+    magics.close()
+
+
+def alive(pids) -> list[int]:
+    """PIDs that still run (zombies, already dead but not reaped, do not count)."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def process_tree(wb: Workbench) -> list[int]:
+    """Every process the workbench started, children (nannies) included."""
+    from mpbook.workbench import _process_trees
+
+    return [p.pid for p in _process_trees(wb.pids())]

@@ -1,0 +1,71 @@
+"""Attaching to a cluster that was started outside mpbook (`ipcluster start`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import alive
+from mpbook import Workbench
+
+
+@pytest.fixture(scope="module")
+def ipcluster():
+    """`ipcluster start` in a subprocess: 2 engines, profile 'attached', on loopback."""
+    profile, cluster_id = "attached", "outside"
+    subprocess.run([sys.executable, "-m", "IPython", "profile", "create", profile, "--parallel"], check=True,
+                   capture_output=True)
+    cmd = [sys.executable, "-m", "ipyparallel.cluster", "start", "-n", "2", f"--profile={profile}",
+           f"--cluster-id={cluster_id}", "--ip=127.0.0.1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    yield proc, profile, cluster_id
+    subprocess.run([sys.executable, "-m", "ipyparallel.cluster", "stop", f"--profile={profile}",
+                    f"--cluster-id={cluster_id}"], capture_output=True, timeout=60)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("rendezvous", [None, "tcp"])
+def test_attach_forms_a_group_and_leaves_the_cluster_running(ipcluster, rendezvous):
+    proc, profile, cluster_id = ipcluster
+    wb = Workbench.attach(profile=profile, cluster_id=cluster_id, n=2, cpu=True, wait_s=60, rendezvous=rendezvous)
+    try:
+        assert not wb.owned and wb.world_size == 2
+        assert wb.rendezvous_kind == (rendezvous or "file")  # one host: a file store, nothing listening
+        engine_pids = [e.pid for e in wb.engines]
+
+        def reduce(state):
+            import torch
+            import torch.distributed as dist
+
+            t = torch.tensor([state.rank + 1.0])
+            dist.all_reduce(t)
+            return t.item()
+
+        assert wb.apply(reduce) == [3.0, 3.0]
+        assert wb.pids() == {"controller": [], "engines": []}  # mpbook started none of them
+    finally:
+        wb.stop()
+    # nothing that mpbook did not start was stopped
+    time.sleep(0.5)
+    assert proc.poll() is None
+    assert alive(engine_pids) == engine_pids
+
+
+def test_attach_then_restart_reforms_the_group_on_the_same_engines(ipcluster):
+    _, profile, cluster_id = ipcluster
+    with Workbench.attach(profile=profile, cluster_id=cluster_id, n=2, cpu=True, wait_s=60) as wb:
+        pids = [e.pid for e in wb.engines]
+        wb.restart()
+        assert [e.pid for e in wb.engines] == pids
+        wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
+
+
+def test_attach_to_a_missing_cluster_says_how_to_start_one():
+    from mpbook import MpbookError
+
+    with pytest.raises(MpbookError, match="ipcluster start"):
+        Workbench.attach(profile="default", cluster_id="never-started", wait_s=1)

@@ -1,0 +1,105 @@
+"""The %mp / %%mp magics through a real IPython shell."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+from IPython.core.error import UsageError
+
+from conftest import alive, process_tree
+from mpbook.magics import parse
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_start_run_status_restart_stop(shell, capsys):
+    result = shell.run_cell("%mp start -n 2 --cpu")
+    assert result.success, result.error_in_exec
+    out = capsys.readouterr().out
+    assert "started 2 engines" in out and "gloo" in out
+    wb = shell.magics_manager.registry["MpMagics"].workbench
+    first = process_tree(wb)
+
+    result = shell.run_cell("%%mp run\nt = torch.tensor([rank + 1.0])\ndist.all_reduce(t)\nprint('sum', t.item())")
+    assert result.success, result.error_in_exec
+    out = capsys.readouterr().out
+    assert "[rank 0] sum 3.0" in out and "[rank 1] sum 3.0" in out
+
+    result = shell.run_cell("%%mp run --ranks 0\nprint(rank, world_size, device, mesh.coords)")
+    assert result.success, result.error_in_exec
+    assert "[rank 0] 0 2 cpu Coords(dp=0, pp=0, tp=0)" in capsys.readouterr().out
+
+    assert shell.run_cell("%mp status").success
+    assert capsys.readouterr().out.count("gloo") == 2
+
+    assert shell.run_cell("%mp restart").success
+    assert alive(first) == []
+    second = process_tree(wb)
+    assert shell.run_cell("%%mp run\nprint('again', rank)").success
+    assert "[rank 1] again 1" in capsys.readouterr().out
+
+    assert shell.run_cell("%mp stop").success
+    assert alive(second) == []
+
+
+def test_error_on_one_rank_is_raised_in_the_notebook_with_its_rank(shell, capsys):
+    assert shell.run_cell("%mp start -n 2 --cpu").success
+    result = shell.run_cell("%%mp run\nif rank == 0:\n    1 / 0\nprint('ok', rank)")
+    assert type(result.error_in_exec).__name__ == "RankError"
+    assert result.error_in_exec.ranks == [0]
+    captured = capsys.readouterr()
+    shown = captured.out + captured.err
+    assert "[rank 0] ZeroDivisionError: division by zero" in shown
+    assert "[rank 1] ok 1" in shown
+    # still usable
+    assert shell.run_cell("%%mp run\nprint('fine', rank)").success
+    assert "[rank 0] fine 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "cell, message",
+    [
+        ("%mp start -n 0", "at least one engine"),
+        ("%mp start --frob", "unrecognized arguments: --frob"),
+        ("%mp start -n two", "invalid int value"),
+        ("%mp start --cpu --gpu", "not allowed with argument"),
+        ("%mp start --profile no-such-profile", "no IPython profile of that name"),
+        ("%mp launch", "invalid choice: 'launch'"),
+        ("%mp run", "needs a cell: write `%%mp run`"),
+        ("%%mp start\nprint()", "is a line command"),
+        ("%%mp run\nprint(rank)", "no cluster is running: start one with `%mp start`"),
+        ("%mp status", "no cluster is running"),
+        ("%mp start 'unclosed", "No closing quotation"),
+    ],
+)
+def test_bad_input_is_a_one_line_usage_error_and_starts_nothing(shell, capsys, cell, message):
+    before = _children()
+    result = shell.run_cell(cell)
+    assert isinstance(result.error_in_exec, UsageError)
+    assert message in str(result.error_in_exec)
+    assert "\n" not in str(result.error_in_exec)
+    assert "Traceback" not in capsys.readouterr().err
+    assert alive(_children() - before) == []
+
+
+def test_a_second_start_is_refused_and_keeps_the_first(shell):
+    assert shell.run_cell("%mp start -n 2 --cpu").success
+    result = shell.run_cell("%mp start -n 2 --cpu")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "already running (2 engines on cpu)" in str(result.error_in_exec)
+    assert shell.run_cell("%%mp run\nprint(rank)").success
+
+
+def test_bad_ranks_name_the_valid_ones(shell):
+    assert shell.run_cell("%mp start -n 2 --cpu").success
+    result = shell.run_cell("%%mp run --ranks 3\nprint(rank)")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "ranks 0-1 (2 engines); rank 3 does not exist" in str(result.error_in_exec)
+
+
+def test_parse_distinguishes_line_and_cell_commands():
+    args = parse("start -n 3 --cpu --timeout 5", cell=False)
+    assert (args.command, args.n, args.cpu, args.timeout) == ("start", 3, True, 5.0)
+    assert parse("run --ranks 0,1", cell=True).ranks == "0,1"

@@ -1,0 +1,126 @@
+"""The workbench on real CPU engines: lifecycle, process group, running code, errors."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+
+import pytest
+
+from conftest import alive, process_tree
+from mpbook import MpbookError, RankError, Workbench
+from mpbook.workbench import StartPlan, parse_ranks
+
+
+def test_start_reports_engines_and_stop_leaves_no_process():
+    wb = Workbench.start(2, cpu=True)
+    try:
+        assert wb.world_size == 2
+        assert [e.rank for e in wb.engines] == [0, 1]
+        assert all(e.backend == "gloo" and e.device == "cpu" for e in wb.engines)
+        assert all(e.memory_free_bytes > 0 and e.memory_total_bytes >= e.memory_free_bytes for e in wb.engines)
+        assert len({e.pid for e in wb.engines}) == 2
+        # two cores shared by two engines: one intra-op thread each
+        assert all(e.threads == max(1, StartPlan.choose(2, cpu=True).threads) for e in wb.engines)
+        pids = process_tree(wb)
+        engine_pids = {e.pid for e in wb.engines}
+        assert engine_pids <= set(pids)
+        assert alive(pids) == pids
+    finally:
+        wb.stop()
+    assert alive(pids) == []
+
+
+def test_context_manager_and_restart_replace_every_process():
+    with Workbench.start(2, cpu=True) as wb:
+        before = process_tree(wb)
+        wb.restart()
+        after = process_tree(wb)
+        assert alive(before) == []
+        assert set(before).isdisjoint(after)
+        assert [e.rank for e in wb.status()] == [0, 1]
+        wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == world_size")
+    assert alive(after) == []
+
+
+def test_all_reduce_across_the_process_group(workbench):
+    def reduce(state):
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(state.rank + 1)])
+        dist.all_reduce(t)
+        return state.rank, dist.get_world_size(), t.item()
+
+    assert workbench.apply(reduce) == [(0, 2, 3.0), (1, 2, 3.0)]
+
+
+def test_run_streams_output_labelled_by_rank_while_running(workbench, capsys):
+    began = time.monotonic()
+    seen = []  # (seconds since start, text) for each tick of the wait loop
+
+    def tick():
+        seen.append((time.monotonic() - began, capsys.readouterr().out))
+
+    workbench.run("import time\nprint('early', rank, flush=True)\ntime.sleep(3)\nprint('late', rank)", on_tick=tick)
+    seen.append((time.monotonic() - began, capsys.readouterr().out))
+    early = [t for t, out in seen if "[rank 0] early 0" in out or "[rank 1] early 1" in out]
+    everything = "".join(out for _, out in seen)
+    assert everything.count("early") == 2 and everything.count("late") == 2
+    assert "[rank 0] late 0" in everything and "[rank 1] late 1" in everything
+    # the early lines showed up while the engines were still sleeping
+    assert early and early[0] < 3.0, seen
+
+
+def test_run_on_chosen_ranks(workbench, capsys):
+    workbench.run("print('here', rank)", ranks="1")
+    out = capsys.readouterr().out
+    assert "[rank 1] here 1" in out and "[rank 0]" not in out
+
+
+def test_error_on_one_rank_names_the_rank_and_keeps_the_cluster(workbench):
+    with pytest.raises(RankError) as info:
+        workbench.run("if rank == 1:\n    raise ValueError('bad shard')\n")
+    err = info.value
+    assert err.ranks == [1]
+    assert "rank 1" in str(err) and "ValueError: bad shard" in str(err)
+    rendered = "\n".join(err._render_traceback_())
+    assert "[rank 1] ValueError: bad shard" in rendered
+    # the cluster is still usable
+    assert workbench.apply(lambda s: s.rank) == [0, 1]
+
+
+def test_keyboard_interrupt_reaches_the_engines(workbench):
+    timer = threading.Timer(1.0, _thread.interrupt_main)
+    timer.start()
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        workbench.run("import time\ntime.sleep(60)")
+    assert time.monotonic() - began < 10
+    # the engines stopped sleeping: the next cell runs at once
+    began = time.monotonic()
+    assert workbench.apply(lambda s: s.rank) == [0, 1]
+    assert time.monotonic() - began < 5
+
+
+def test_bad_start_arguments_fail_before_anything_starts():
+    with pytest.raises(MpbookError, match="at least one engine"):
+        Workbench.start(0, cpu=True)
+    with pytest.raises(MpbookError, match=r"-n 4: one engine per GPU and 2 GPUs are visible; use -n 2 or fewer"):
+        StartPlan.choose(4, gpus=2)
+    with pytest.raises(MpbookError, match="no CUDA GPU is visible"):
+        StartPlan.choose(2, gpu=True, gpus=0)
+    assert StartPlan.choose(None, gpus=3) == StartPlan(n=3, use_gpu=True, threads=StartPlan.choose(None, gpus=3).threads)
+    assert StartPlan.choose(3, cpu=True, gpus=8).use_gpu is False
+
+
+def test_parse_ranks():
+    assert parse_ranks(None, 4) == [0, 1, 2, 3]
+    assert parse_ranks("all", 4) == [0, 1, 2, 3]
+    assert parse_ranks("0,2", 4) == [0, 2]
+    assert parse_ranks("1-3", 4) == [1, 2, 3]
+    with pytest.raises(MpbookError, match="rank 5 does not exist"):
+        parse_ranks("5", 4)
+    with pytest.raises(MpbookError, match="write ranks as numbers"):
+        parse_ranks("one", 4)
