@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .mesh import Layout, Mesh
+from .telemetry import Telemetry
 
 STATE_NAME = "_mpbook"
 
@@ -64,6 +65,7 @@ class EngineState:
     rendezvous: Rendezvous | None = None
     mesh: Mesh | None = None
     cache: dict[str, Any] = field(default_factory=dict)  # models and other per-engine state kept between cells
+    telemetry: Any = None  # mpbook.telemetry.Telemetry
     _tcp_store: Any = None
 
 
@@ -199,6 +201,7 @@ def setup(
         timeout_s=timeout_s,
         rendezvous=rendezvous,
         mesh=Mesh(Layout(dp=world_size), rank, device.type),
+        telemetry=Telemetry(rank, device),
     )
     ns[STATE_NAME] = state
     # The names a `%%mp run` cell can use directly.

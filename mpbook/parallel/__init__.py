@@ -1,0 +1,1 @@
+"""The three ways to cut a model: one module each, each with its plan as data."""
