@@ -33,7 +33,8 @@ from .errors import MpbookError, NoClusterError
 from .workbench import Workbench
 
 LINE_COMMANDS = ("start", "status", "stop", "restart")
-CELL_COMMANDS = ("run",)
+STRATEGY_COMMANDS = ("data", "pipeline", "tensor")
+CELL_COMMANDS = ("run", *STRATEGY_COMMANDS)
 
 
 def build_parser() -> MagicArgumentParser:
@@ -56,6 +57,22 @@ def build_parser() -> MagicArgumentParser:
 
     run = commands.add_parser("run", help="(cell) run the cell's Python on every rank")
     run.add_argument("--ranks", default=None, help="ranks to run on: 'all' (default), '0', '0,2' or '1-3'")
+
+    for strategy, what in (
+        ("data", "replicas; the prompts are split across them"),
+        ("pipeline", "consecutive layers per engine; micro-batches flow through"),
+        ("tensor", "every weight matrix split across engines"),
+    ):
+        cmd = commands.add_parser(strategy, help=f"(cell) generate with {strategy} parallelism: {what}")
+        cmd.add_argument("--model", default="tiny", help="hub id, save_pretrained folder, or 'tiny' (default)")
+        for dim in ("dp", "pp", "tp"):
+            cmd.add_argument(f"--{dim}", type=int, default=None, help=f"{dim} degree (default: what the others leave)")
+        cmd.add_argument("--microbatches", type=int, default=1, help="micro-batches per replica (default 1)")
+        cmd.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate; 0: a forward pass")
+        cmd.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+        cmd.add_argument("--stages", default=None, help="layers per pipeline stage, e.g. 4,2 (default: balanced)")
+        cmd.add_argument("--prompts", default=None, help="take the prompts from this variable (a list of str)")
+        cmd.add_argument("-o", "--out", default="_mp", help="name for the result object (default _mp)")
     return parser
 
 
@@ -71,8 +88,13 @@ def parse(line: str, *, cell: bool) -> argparse.Namespace:
         raise UsageError(f"%mp {line.strip()}: {exc}") from None
     if cell and args.command in LINE_COMMANDS:
         raise UsageError(f"`%mp {args.command}` is a line command: write it as `%mp {args.command}`, without a cell body")
+    if not cell and args.command in STRATEGY_COMMANDS and args.prompts is not None:
+        return args  # `%mp tensor --prompts questions`: the prompts come from a variable
     if not cell and args.command not in LINE_COMMANDS:
-        raise UsageError(f"`%mp {args.command}` needs a cell: write `%%mp {args.command}` as the first line of a cell")
+        extra = " (one prompt per line), or pass --prompts VARIABLE" if args.command in STRATEGY_COMMANDS else ""
+        raise UsageError(
+            f"`%mp {args.command}` needs a cell: write `%%mp {args.command}` as the first line of a cell{extra}"
+        )
     return args
 
 
@@ -144,6 +166,50 @@ class MpMagics(Magics):
     def _run(self, args, cell):
         wb = self._require("running a cell")
         wb.run(cell, ranks=args.ranks)
+
+    def _strategy(self, args, cell):
+        wb = self._require(f"running `%%mp {args.command}`")
+        prompts = self._prompts(args, cell)
+        stages = None
+        if args.stages:
+            try:
+                stages = [int(x) for x in args.stages.split(",")]
+            except ValueError:
+                raise MpbookError(f"--stages {args.stages}: write layers per stage as numbers, e.g. 4,2") from None
+        result = wb.generate(
+            prompts,
+            strategy=args.command,
+            model=args.model,
+            dp=args.dp,
+            pp=args.pp,
+            tp=args.tp,
+            microbatches=args.microbatches,
+            max_new_tokens=args.max_new_tokens,
+            dtype=args.dtype,
+            stage_sizes=stages,
+        )
+        self.shell.user_ns[args.out] = result
+        for i, (prompt, text) in enumerate(zip(result.prompts, result.texts)):
+            print(f"[{i}] {prompt}\n    -> {text!r}")
+        print(result.summary())
+        print(f"(the result is in `{args.out}`)")
+
+    _data = _pipeline = _tensor = _strategy
+
+    def _prompts(self, args, cell: str) -> list[str]:
+        lines = [line.strip() for line in (cell or "").splitlines() if line.strip()]
+        if args.prompts is None:
+            return lines
+        if lines:
+            raise MpbookError("give the prompts either in the cell or with --prompts, not both")
+        if args.prompts not in self.shell.user_ns:
+            raise MpbookError(f"--prompts {args.prompts}: no variable of that name in the notebook")
+        value = self.shell.user_ns[args.prompts]
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+            raise MpbookError(f"--prompts {args.prompts}: expected a str or a list of str, got {type(value).__name__}")
+        return list(value)
 
     def close(self) -> None:
         if self.workbench is not None:

@@ -116,3 +116,130 @@ def load_config(model: str | os.PathLike):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(resolve(model))
+
+
+def load_tokenizer(model: str | os.PathLike):
+    """The model's tokenizer, padding on the left (generation appends on the right)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(model))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+SUPPORTED_ARCHITECTURES = {
+    # model_type -> strategies that work with it. Llama-family models share the module
+    # layout the stage and tensor-parallel code rely on: model.embed_tokens, model.layers
+    # (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj), model.norm, model.rotary_emb, lm_head.
+    "llama": ("data", "pipeline", "tensor"),
+    "mistral": ("data", "pipeline", "tensor"),
+    "qwen2": ("data", "pipeline", "tensor"),
+    "qwen3": ("data", "pipeline", "tensor"),
+}
+
+
+def supported_strategies(config) -> tuple[str, ...]:
+    """Every causal LM works with data parallel; Llama-family ones with all three."""
+    return SUPPORTED_ARCHITECTURES.get(config.model_type, ("data",))
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (single or sharded checkpoint)."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise MpbookError(
+            f"{folder}: no model.safetensors; mpbook loads safetensors only (never pickled weights). "
+            "Re-save the model with save_pretrained(safe_serialization=True)"
+        )
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_stage(model: str | os.PathLike, *, layers: range, first: bool, last: bool, dtype, device):
+    """Build the causal LM holding only ``layers`` (plus the embedding if ``first``, the final
+    norm and LM head if ``last``) and read just those tensors from the safetensors files.
+
+    The stage's layers are renumbered from 0 (with a config that says so), so the stage's
+    own KV cache and causal mask see exactly the layers it holds. With every layer, the
+    first and the last stage at once, this is the whole model.
+    """
+    import copy
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = resolve(model)
+    config = AutoConfig.from_pretrained(folder)
+    if "pipeline" not in supported_strategies(config) and not (first and last):
+        raise MpbookError(f"{config.model_type} models support {', '.join(supported_strategies(config))} only")
+    with torch.device("meta"):
+        # sdpa: the attention every torch device has, and one that accepts a 4-D mask.
+        full = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    body = full.model
+    stage_config = copy.deepcopy(full.config)
+    stage_config.num_hidden_layers = len(layers)
+    if getattr(stage_config, "layer_types", None):
+        stage_config.layer_types = [stage_config.layer_types[i] for i in layers]
+    body.layers = torch.nn.ModuleList(body.layers[i] for i in layers)
+    for local, layer in enumerate(body.layers):
+        layer.self_attn.layer_idx = local
+    full.config = body.config = stage_config
+
+    # Checkpoint name of each tensor this stage keeps.
+    wanted: dict[str, str] = {}
+    local_of = {str(g): str(i) for i, g in enumerate(layers)}
+    ckpt = _checkpoint_files(folder)
+    tied = getattr(config, "tie_word_embeddings", False)
+    if first:
+        wanted.update({f"model.embed_tokens.{n}": f"model.embed_tokens.{n}" for n, _ in body.embed_tokens.named_parameters()})
+    else:
+        body.embed_tokens = None
+    if last:
+        wanted.update({f"model.norm.{n}": f"model.norm.{n}" for n, _ in body.norm.named_parameters()})
+        head_source = "lm_head.weight" if "lm_head.weight" in ckpt else "model.embed_tokens.weight"
+        wanted["lm_head.weight"] = head_source
+    else:
+        body.norm = torch.nn.Identity()
+        full.lm_head = None
+    for local, layer in enumerate(body.layers):
+        glob = layers[local]
+        for n, _ in layer.named_parameters():
+            wanted[f"model.layers.{local}.{n}"] = f"model.layers.{glob}.{n}"
+    del local_of
+
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, source in wanted.items():
+        if source not in ckpt:
+            raise MpbookError(f"{folder}: the checkpoint has no tensor {source} (needed for {name})")
+        by_file.setdefault(ckpt[source], []).append((name, source))
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name, source in names:
+                state[name] = f.get_tensor(source).to(device=device, dtype=dtype)
+    if first and last and tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing = full.load_state_dict(state, strict=False, assign=True).missing_keys
+    if missing:
+        raise MpbookError(f"{folder}: the checkpoint lacks {', '.join(missing[:5])}")
+    if first and last and tied:
+        full.lm_head.weight = body.embed_tokens.weight  # keep the tie: one matrix, counted once
+    # Non-persistent buffers (RoPE frequencies) are not in the checkpoint: compute them.
+    body.rotary_emb = type(body.rotary_emb)(config=config).to(device)
+    leftover = [n for n, t in [*full.named_parameters(), *full.named_buffers()] if t.is_meta]
+    if leftover:
+        raise MpbookError(f"{folder}: no weights were found for {', '.join(leftover[:5])}")
+    full.eval()
+    full.requires_grad_(False)
+    return full

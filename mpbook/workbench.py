@@ -401,6 +401,18 @@ class Workbench:
             what=what,
         )
 
+    def generate(self, prompts, *, strategy: str, model: str = "tiny", **options):
+        """Generate with one strategy (``data``, ``pipeline`` or ``tensor``, degrees combinable
+        with ``dp=``, ``pp=``, ``tp=``); see :func:`mpbook.inference.run` for the options."""
+        from . import inference
+
+        self._check_running(f"running {strategy} parallel")
+        return inference.run(self, prompts, strategy=strategy, model=model, **options)
+
+    def forward(self, prompts, *, strategy: str, model: str = "tiny", **options):
+        """One forward pass: the result's ``logits`` hold a (prompt_len, vocab) tensor per prompt."""
+        return self.generate(prompts, strategy=strategy, model=model, max_new_tokens=0, **options)
+
     def interrupt(self, ranks: Sequence[int] | None = None) -> None:
         """Send SIGINT to the engines of ``ranks`` (all by default): a KeyboardInterrupt there."""
         self.client.send_signal(signal.SIGINT, targets=self.engine_ids(ranks), block=True)

@@ -9,6 +9,8 @@ import tempfile
 # set before anything imports IPython; engines and `ipcluster` inherit it.
 os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="mpbook-test-ipython-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The built-in tiny model is built into this folder (once per test session), not ~/.cache.
+os.environ["MPBOOK_CACHE"] = tempfile.mkdtemp(prefix="mpbook-test-cache-")
 # Functions that tests send to engines are pickled by reference to their test module, so
 # the engines (which inherit this environment) must be able to import it.
 _here = os.path.dirname(os.path.abspath(__file__))
@@ -66,3 +68,35 @@ def process_tree(wb: Workbench) -> list[int]:
     from mpbook.workbench import _process_trees
 
     return [p.pid for p in _process_trees(wb.pids())]
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The tiny Llama-family model (GQA, tied embeddings, RoPE), saved with save_pretrained."""
+    from mpbook.models import build_tiny
+
+    return str(build_tiny(tmp_path_factory.mktemp("tiny-llama"), seed=1))
+
+
+@pytest.fixture(scope="session")
+def qwen2_folder(tmp_path_factory):
+    """A tiny Qwen2: q/k/v biases, untied LM head, 2 KV heads; saved with save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from mpbook.models import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    config = Qwen2Config(
+        vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    )
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)

@@ -103,3 +103,46 @@ def test_parse_distinguishes_line_and_cell_commands():
     args = parse("start -n 3 --cpu --timeout 5", cell=False)
     assert (args.command, args.n, args.cpu, args.timeout) == ("start", 3, True, 5.0)
     assert parse("run --ranks 0,1", cell=True).ranks == "0,1"
+
+
+def test_strategy_cells_generate_and_store_the_result(shell, capsys, tiny_folder):
+    from mpbook.inference import reference
+
+    assert shell.run_cell("%mp start -n 2 --cpu").success
+    cell = f"%%mp tensor --model {tiny_folder} --max-new-tokens 5\nExplain pipeline parallelism.\nHi\n"
+    result = shell.run_cell(cell)
+    assert result.success, result.error_in_exec
+    out = capsys.readouterr().out
+    assert "[0] Explain pipeline parallelism." in out and "[1] Hi" in out
+    assert "tensor (dp=1 x pp=1 x tp=2) on 2 engines: prefill" in out
+    mp = shell.user_ns["_mp"]
+    _, tokens = reference(tiny_folder, ["Explain pipeline parallelism.", "Hi"], max_new_tokens=5)
+    assert [t[: len(w)] for t, w in zip(mp.token_ids, tokens)] == tokens
+    assert mp.collectives[0]["all_reduce"] > 0
+
+    shell.user_ns["questions"] = ["What is a micro-batch?", "Why a bubble?", "a", "b"]
+    result = shell.run_cell(f"%mp pipeline --model {tiny_folder} --prompts questions --microbatches 2 -o piped")
+    assert result.success, result.error_in_exec
+    piped = shell.user_ns["piped"]
+    assert piped.layout.pp == 2 and len(piped.texts) == 4
+    assert "(the result is in `piped`)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "cell, message",
+    [
+        ("%%mp tensor --tp 3\nhi", "but 2 engines are up"),
+        ("%%mp pipeline --microbatches 0\nhi", "use at least 1"),
+        ("%mp data --prompts nothing_here", "no variable of that name"),
+        ("%%mp data --prompts nothing_here\nhi", "either in the cell or with --prompts"),
+        ("%mp data", "needs a cell"),
+        ("%%mp pipeline --stages 4,x\nhi", "--stages 4,x"),
+        ("%%mp data --dtype float8\nhi", "choose one of float32, bfloat16, float16"),
+    ],
+)
+def test_bad_strategy_input_is_one_line(shell, cell, message):
+    assert shell.run_cell("%mp start -n 2 --cpu").success
+    result = shell.run_cell(cell)
+    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
+    assert message in str(result.error_in_exec)
+    assert "\n" not in str(result.error_in_exec)

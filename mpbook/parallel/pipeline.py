@@ -37,3 +37,70 @@ def split_layers(num_layers: int, pp: int, sizes: Sequence[int] | None = None) -
         stages.append(range(start, start + size))
         start += size
     return stages
+
+
+class StagePeers:
+    """Point-to-point transfers of one pipeline stage, counted in telemetry.
+
+    Ranks of the same (dp, tp) coordinates form one pipeline: stage s receives activations
+    from stage s-1 and sends to s+1. In generation the last stage also sends each
+    micro-batch's next tokens back to the first stage, which embeds them in the next step.
+    """
+
+    def __init__(self, pipeline_ranks: list[int], stage: int, telemetry):
+        self.ranks = pipeline_ranks
+        self.stage = stage
+        self.stages = len(pipeline_ranks)
+        self.telemetry = telemetry
+        self._pending: list = []
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.stages - 1
+
+    def recv_activation(self, shape, dtype, device):
+        return self._recv(self.ranks[self.stage - 1], shape, dtype, device, "recv")
+
+    def send_activation(self, tensor) -> None:
+        self._send(self.ranks[self.stage + 1], tensor, "send")
+
+    def recv_tokens(self, rows: int, device):
+        import torch
+
+        return self._recv(self.ranks[-1], (rows,), torch.long, device, "recv_tokens")
+
+    def send_tokens(self, tokens) -> None:
+        self._send(self.ranks[0], tokens, "send_tokens")
+
+    def _recv(self, src: int, shape, dtype, device, kind: str):
+        import torch
+        import torch.distributed as dist
+
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        with self.telemetry.timed_collective(kind):
+            dist.recv(buffer, src=src)
+        return buffer
+
+    def _send(self, dst: int, tensor, kind: str) -> None:
+        import torch.distributed as dist
+
+        # isend: the sender moves on to its next micro-batch while this one is in flight
+        # (GPipe's overlap); the handle is kept until flush() so the buffer stays alive.
+        with self.telemetry.timed_collective(kind):
+            self._pending.append((dist.isend(tensor.contiguous(), dst=dst), tensor))
+
+    def flush(self) -> None:
+        """Wait for every send in flight (end of a step); the wait is timed, not counted."""
+        import time
+
+        if not self._pending:
+            return
+        began = time.perf_counter()
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+        self.telemetry.collective("send", time.perf_counter() - began, n=0)

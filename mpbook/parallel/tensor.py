@@ -44,3 +44,37 @@ def validate_tp(config, tp: int) -> None:
                 f"tp={tp} does not divide the {n} {what} of this model "
                 f"({heads} attention heads, {kv_heads} KV heads); choose tp in {{{', '.join(map(str, valid))}}}"
             )
+
+
+def _styles(telemetry):
+    """ParallelStyles for LAYER_PLAN whose row-split output reduction is counted and timed."""
+    import time
+
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    class CountedRowwiseParallel(RowwiseParallel):
+        def _prepare_output_fn(self, output_layouts, use_local_output, mod, outputs, device_mesh):
+            # A row-split projection leaves each rank a partial sum of the output: the
+            # redistribution to Replicate is the all-reduce that adds them up. It runs
+            # synchronously here so that its time is the collective's, not the next op's.
+            if outputs.placements != tuple(output_layouts):
+                began = time.perf_counter()
+                outputs = outputs.redistribute(placements=output_layouts)
+                local = outputs.to_local() if use_local_output else outputs
+                telemetry.collective("all_reduce", time.perf_counter() - began)
+                return local
+            return outputs.to_local() if use_local_output else outputs
+
+    return {"colwise": ColwiseParallel, "rowwise": CountedRowwiseParallel}
+
+
+def parallelize(stage, tp_mesh, telemetry) -> None:
+    """Split every decoder layer of ``stage`` over ``tp_mesh`` by LAYER_PLAN, in place."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    styles = _styles(telemetry)
+    for layer in stage.model.layers:
+        # src_data_rank=None: every rank loaded the same full weights and keeps its own
+        # slice, so sharding needs no scatter from rank 0.
+        plan = {path: styles[style]() for path, style in LAYER_PLAN.items()}
+        parallelize_module(layer, tp_mesh, plan, src_data_rank=None)

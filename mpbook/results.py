@@ -1,0 +1,156 @@
+"""What a strategy run returns to the notebook: texts, token ids, speeds, memory, collectives,
+the pipeline timeline; merged from every rank's report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .mesh import Layout
+from .telemetry import Event
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+@dataclass
+class RunResult:
+    """One data/pipeline/tensor run, as seen from the notebook.
+
+    Per-rank lists are indexed by rank. Throughputs count real (unpadded) prompt tokens for
+    the prefill and generated tokens for the decode, over the longest rank's time in that
+    phase (ranks run concurrently, so that is the phase's wall time).
+    """
+
+    strategy: str
+    model: str
+    layout: Layout
+    dtype: str
+    microbatches: int
+    max_new_tokens: int
+    prompts: list[str]
+    prompt_tokens: list[int]  # per prompt
+    token_ids: list[list[int]]  # per prompt: the generated ids (padding after end-of-sequence)
+    texts: list[str]
+    logits: list[Any] | None  # forward pass: one (prompt_len, vocab) float32 tensor per prompt
+    prefill_seconds: float
+    decode_seconds: float
+    peak_memory_bytes: list[int]
+    weight_bytes: list[int]
+    kv_cache_bytes: list[int]
+    collectives: list[dict[str, int]]
+    collective_seconds: list[float]
+    timeline: list[Event]
+    load_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def engines(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return sum(self.prompt_tokens) / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first new token of each prompt comes out of the prefill; the decode makes the rest.
+        decoded = len(self.prompts) * max(self.max_new_tokens - 1, 0)
+        return decoded / self.decode_seconds if self.decode_seconds else 0.0
+
+    def total_collectives(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for per_rank in self.collectives:
+            for kind, n in per_rank.items():
+                if n:
+                    total[kind] = total.get(kind, 0) + n
+        return total
+
+    def summary(self) -> str:
+        peak = ", ".join(_gib(b) for b in self.peak_memory_bytes)
+        comm = ", ".join(f"{k} {v}" for k, v in sorted(self.total_collectives().items())) or "none"
+        return (
+            f"{self.strategy} ({self.layout}) on {self.engines} engine{'s' if self.engines != 1 else ''}: "
+            f"prefill {self.prefill_tokens_per_s:,.0f} tok/s, decode {self.decode_tokens_per_s:,.1f} tok/s; "
+            f"peak memory per rank [{peak}]; collectives: {comm}"
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The benchmark record of this run (JSON-ready)."""
+        return {
+            "strategy": self.strategy,
+            "dp": self.layout.dp,
+            "pp": self.layout.pp,
+            "tp": self.layout.tp,
+            "engines": self.engines,
+            "batch": len(self.prompts),
+            "microbatches": self.microbatches,
+            "dtype": self.dtype,
+            "prompt_tokens": sum(self.prompt_tokens),
+            "new_tokens": self.max_new_tokens,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "peak_memory_bytes": list(self.peak_memory_bytes),
+            "weight_bytes": list(self.weight_bytes),
+            "kv_cache_bytes": list(self.kv_cache_bytes),
+            "collectives": self.total_collectives(),
+        }
+
+    def __repr__(self) -> str:
+        return f"<RunResult {self.summary()}>"
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(self.summary())
+
+
+def merge(outputs, *, strategy: str, request, tokenizer, load_seconds: list[float]) -> RunResult:
+    """Combine the ranks' RankOutputs (in rank order) into one result, prompts in order."""
+    n = len(request.prompts)
+    token_ids: list[list[int] | None] = [None] * n
+    logits: list[Any] = [None] * n
+    prompt_tokens = [0] * n
+    for out in outputs:
+        if not out.reports_tokens:
+            continue
+        for offset, index in enumerate(out.rows):
+            if out.tokens is not None:
+                token_ids[index] = out.tokens[offset]
+            if out.logits is not None:
+                logits[index] = out.logits[offset]
+                prompt_tokens[index] = out.logits[offset].shape[0]
+    if request.max_new_tokens:
+        encoded = tokenizer(list(request.prompts))["input_ids"]
+        prompt_tokens = [len(e) for e in encoded]
+    origin = min(out.started for out in outputs)
+    timeline = sorted(
+        (
+            Event(e.rank, e.stage, e.microbatch, e.phase, e.start + out.started - origin, e.end + out.started - origin)
+            for out in outputs
+            for e in out.events
+        ),
+        key=lambda e: (e.start, e.rank),
+    )
+    ids = [t or [] for t in token_ids]
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids] if request.max_new_tokens else []
+    return RunResult(
+        strategy=strategy,
+        model=request.model,
+        layout=request.layout,
+        dtype=request.dtype,
+        microbatches=request.microbatches,
+        max_new_tokens=request.max_new_tokens,
+        prompts=list(request.prompts),
+        prompt_tokens=prompt_tokens,
+        token_ids=ids,
+        texts=texts,
+        logits=logits if not request.max_new_tokens else None,
+        prefill_seconds=max(out.phase_seconds.get("prefill", 0.0) for out in outputs),
+        decode_seconds=max(out.phase_seconds.get("decode", 0.0) for out in outputs),
+        peak_memory_bytes=[out.peak_memory_bytes for out in outputs],
+        weight_bytes=[out.weight_bytes for out in outputs],
+        kv_cache_bytes=[out.kv_cache_bytes for out in outputs],
+        collectives=[out.collectives for out in outputs],
+        collective_seconds=[out.collective_seconds for out in outputs],
+        timeline=timeline,
+        load_seconds=load_seconds,
+    )

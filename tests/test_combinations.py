@@ -1,0 +1,43 @@
+"""Combined layouts on one (dp, pp, tp) mesh of 4 engines, against one device."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpbook import Workbench
+from mpbook.inference import reference
+from test_strategies import NEW_TOKENS, PROMPTS, assert_matches_one_device
+
+
+@pytest.fixture(scope="module")
+def wb4():
+    with Workbench.start(4, cpu=True) as wb:
+        yield wb
+
+
+@pytest.mark.parametrize(
+    "strategy, degrees, microbatches",
+    [
+        ("tensor", {"pp": 2}, 2),  # tp=2 x pp=2
+        ("data", {"pp": 2}, 1),  # dp=2 x pp=2
+        ("data", {"tp": 2}, 1),  # dp=2 x tp=2
+        ("pipeline", {}, 2),  # pp=4
+    ],
+)
+def test_combined_layouts_match_one_device(wb4, tiny_folder, strategy, degrees, microbatches):
+    logits, tokens = reference(tiny_folder, PROMPTS, max_new_tokens=NEW_TOKENS)
+    forward = wb4.forward(PROMPTS, strategy=strategy, model=tiny_folder, microbatches=microbatches, **degrees)
+    assert_matches_one_device(forward, logits, None)
+    layout = forward.layout
+    counts = forward.total_collectives()
+    # tensor parallel: 2 all-reduces per decoder layer per micro-batch on each of the tp ranks
+    # that share the layer, in every replica (each stage holds only its own layers)
+    rows_per_replica = len(PROMPTS) // layout.dp
+    assert counts.get("all_reduce", 0) == (2 * 6 * microbatches * layout.tp * layout.dp if layout.tp > 1 else 0)
+    # pipeline: p-1 activation sends per micro-batch, in every (dp, tp) pipeline
+    assert counts.get("send", 0) == (layout.pp - 1) * microbatches * layout.dp * layout.tp
+    assert rows_per_replica >= microbatches
+    generated = wb4.generate(
+        PROMPTS, strategy=strategy, model=tiny_folder, microbatches=microbatches, max_new_tokens=NEW_TOKENS, **degrees
+    )
+    assert_matches_one_device(generated, None, tokens)

@@ -1,0 +1,159 @@
+"""Data, pipeline and tensor parallel inference on real engines, against one device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpbook import MpbookError, Workbench
+from mpbook.inference import reference
+
+# Different lengths on purpose: left padding and positions must be right for every row.
+PROMPTS = [
+    "Explain pipeline parallelism in one sentence.",
+    "Hi",
+    "What does an all-reduce do?",
+    "Tensor parallel splits every weight matrix",
+]
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def wb():
+    with Workbench.start(2, cpu=True) as wb:
+        yield wb
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_folder):
+    return reference(tiny_folder, PROMPTS, max_new_tokens=NEW_TOKENS)
+
+
+def assert_matches_one_device(result, expected_logits, expected_tokens):
+    if expected_logits is not None:
+        assert result.logits is not None and len(result.logits) == len(expected_logits)
+        for got, want in zip(result.logits, expected_logits):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if expected_tokens is not None:
+        for got, want in zip(result.token_ids, expected_tokens):
+            # transformers stops a batch early once every row has ended; finished rows pad.
+            assert got[: len(want)] == want
+            assert len(got) == NEW_TOKENS
+
+
+@pytest.mark.parametrize(
+    "strategy, options",
+    [
+        ("data", {}),
+        ("pipeline", {}),
+        ("pipeline", {"microbatches": 2}),
+        ("pipeline", {"microbatches": 2, "stage_sizes": [5, 1]}),
+        ("tensor", {}),
+    ],
+)
+def test_two_engines_match_one_device(wb, tiny_folder, expected, strategy, options):
+    logits, tokens = expected
+    forward = wb.forward(PROMPTS, strategy=strategy, model=tiny_folder, **options)
+    assert_matches_one_device(forward, logits, None)
+    generated = wb.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS, **options)
+    assert_matches_one_device(generated, None, tokens)
+    assert len(generated.texts) == len(PROMPTS)
+    assert generated.prefill_tokens_per_s > 0 and generated.decode_tokens_per_s > 0
+
+
+def test_collectives_per_forward_come_from_telemetry(wb, tiny_folder):
+    layers = 6  # the tiny preset
+    data = wb.forward(PROMPTS, strategy="data", model=tiny_folder)
+    assert data.total_collectives() == {}  # replicas never talk
+    tensor = wb.forward(PROMPTS, strategy="tensor", model=tiny_folder)
+    # 2 all-reduces per decoder layer (after attention, after the MLP), nothing else:
+    # embedding and LM head are replicated.
+    assert [c.get("all_reduce", 0) for c in tensor.collectives] == [2 * layers] * 2
+    assert tensor.total_collectives() == {"all_reduce": 2 * 2 * layers}
+    for m in (1, 2, 4):
+        pipe = wb.forward(PROMPTS, strategy="pipeline", model=tiny_folder, microbatches=m)
+        # p-1 = 1 activation send (and recv) per micro-batch
+        assert pipe.total_collectives() == {"send": m, "recv": m}
+
+
+def test_pipeline_stage_holds_only_its_layers(wb, tiny_folder):
+    full = wb.forward(PROMPTS[:2], strategy="data", model=tiny_folder).weight_bytes
+    split = wb.forward(PROMPTS[:2], strategy="pipeline", model=tiny_folder, stage_sizes=[3, 3]).weight_bytes
+    tensor = wb.forward(PROMPTS[:2], strategy="tensor", model=tiny_folder).weight_bytes
+    assert full[0] == full[1]
+    assert split[0] < full[0] and split[1] < full[0]
+    assert tensor[0] < full[0] and tensor[0] == tensor[1]
+
+
+def test_timeline_has_every_microbatch_on_every_stage_without_overlap(wb, tiny_folder):
+    m = 4
+    result = wb.forward(PROMPTS, strategy="pipeline", model=tiny_folder, microbatches=m)
+    prefill = [e for e in result.timeline if e.phase == "prefill"]
+    assert sorted((e.stage, e.microbatch) for e in prefill) == [(s, j) for s in range(2) for j in range(m)]
+    for stage in range(2):
+        bars = sorted((e.start, e.end) for e in prefill if e.stage == stage)
+        assert all(end <= next_start for (_, end), (next_start, _) in zip(bars, bars[1:]))
+    # a micro-batch reaches stage 1 only after stage 0 has finished it
+    for j in range(m):
+        s0 = next(e for e in prefill if e.stage == 0 and e.microbatch == j)
+        s1 = next(e for e in prefill if e.stage == 1 and e.microbatch == j)
+        assert s1.start >= s0.end
+
+
+def test_same_model_and_layout_reuse_the_loaded_model(wb, tiny_folder):
+    wb.forward(PROMPTS, strategy="tensor", model=tiny_folder)
+    again = wb.forward(PROMPTS, strategy="tensor", model=tiny_folder)
+    assert again.load_seconds == [0.0, 0.0]
+
+
+def test_qwen2_with_biases_and_untied_head(wb, qwen2_folder):
+    logits, tokens = reference(qwen2_folder, PROMPTS, max_new_tokens=NEW_TOKENS)
+    for strategy in ("data", "pipeline", "tensor"):
+        assert_matches_one_device(wb.forward(PROMPTS, strategy=strategy, model=qwen2_folder), logits, None)
+        result = wb.generate(PROMPTS, strategy=strategy, model=qwen2_folder, max_new_tokens=NEW_TOKENS)
+        assert_matches_one_device(result, None, tokens)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"strategy": "tensor", "tp": 3}, "dp=1 x pp=1 x tp=3 = 3, but 2 engines are up"),
+        ({"strategy": "data", "pp": 3}, "does not divide the 2 engines"),
+        ({"strategy": "pipeline", "stage_sizes": [2, 2]}, "add up to the 6 layers"),
+        ({"strategy": "pipeline", "microbatches": 0}, "--microbatches 0: use at least 1"),
+        ({"strategy": "pipeline", "microbatches": 5}, "choose microbatches in 1..4"),
+        ({"strategy": "data", "dtype": "float8"}, "choose one of float32, bfloat16, float16"),
+        ({"strategy": "data", "max_new_tokens": 600}, "beyond the model's context of 512"),
+        ({"strategy": "data", "model": "/no/such/folder"}, "no such folder"),
+        ({"strategy": "sideways"}, "unknown strategy 'sideways'"),
+    ],
+)
+def test_bad_input_fails_before_the_engines_work(wb, tiny_folder, options, message):
+    options = {"model": tiny_folder, **options}
+    before = [e.pid for e in wb.engines]
+    with pytest.raises(MpbookError, match=message):
+        wb.generate(PROMPTS, **options)
+    # the cluster is unharmed
+    assert [e.pid for e in wb.status()] == before
+    wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
+
+
+def test_tp_that_does_not_divide_the_heads_names_the_valid_choices(tiny_folder):
+    from mpbook.models import load_config
+    from mpbook.parallel.tensor import validate_tp
+
+    with pytest.raises(MpbookError, match=r"tp=3 does not divide the 8 attention heads .* choose tp in \{1, 2, 4\}"):
+        validate_tp(load_config(tiny_folder), 3)
+    # a model with 6 heads and 2 KV heads: only 1 and 2 divide both
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_attention_heads=6, num_key_value_heads=2, hidden_size=48, intermediate_size=96)
+    with pytest.raises(MpbookError, match=r"tp=3 does not divide the 2 KV heads .* choose tp in \{1, 2\}"):
+        validate_tp(config, 3)
+
+
+def test_more_stages_than_layers(tiny_folder):
+    from mpbook.parallel.pipeline import split_layers
+
+    with pytest.raises(MpbookError, match="pp=8: the model has 6 decoder layers"):
+        split_layers(6, 8)
