@@ -8,6 +8,7 @@ import time
 
 
 def demo(args: argparse.Namespace) -> int:
+    from .errors import MpbookError
     from .workbench import Workbench
 
     began = time.perf_counter()
@@ -16,7 +17,39 @@ def demo(args: argparse.Namespace) -> int:
         print(wb.table())
         print("\nall_reduce of each rank's (rank + 1) across the process group:")
         wb.run("t = torch.tensor([rank + 1.0], device=device)\ndist.all_reduce(t)\nprint(f'sum = {t.item():g}')")
+        prompts = ["Explain pipeline parallelism in one sentence.", "What does an all-reduce do?"]
+        print(f"\ngreedy generation with the built-in '{args.model}' model, each strategy over {wb.world_size} engines:")
+        results = {}
+        for strategy in ("data", "pipeline", "tensor"):
+            try:
+                results[strategy] = wb.generate(prompts, strategy=strategy, model=args.model,
+                                                max_new_tokens=args.max_new_tokens)
+            except MpbookError as exc:  # e.g. a tp that does not divide this model's heads
+                print(f"  {strategy}: skipped ({exc})")
+                continue
+            print("  " + results[strategy].summary())
+        first = next(iter(results.values()))
+        for i, prompt in enumerate(prompts):
+            print(f"  [{i}] {prompt!r} -> {first.texts[i]!r}")
+        same = all(r.token_ids == first.token_ids for r in results.values())
+        print(f"  every strategy generated the same tokens: {same}")
     print("stopped the cluster")
+    return 0 if same else 1
+
+
+def bench(args: argparse.Namespace) -> int:
+    from . import bench as benchmarks
+
+    if args.cluster:
+        payload = benchmarks.bench_cluster(engines=args.n or 2, cpu=True)
+    else:
+        payload = benchmarks.bench_strategies(
+            model=args.model, engines=args.n, cpu=args.cpu, batch=args.batch, new_tokens=args.new_tokens,
+            dtype=args.dtype, repeats=args.repeats, sweep=args.sweep,
+        )
+    if args.json:
+        benchmarks.write_json(args.json, payload)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -26,7 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     d = commands.add_parser("demo", help="start engines, run the strategies on a tiny model, stop")
     d.add_argument("-n", type=int, default=None, help="engines (default: one per GPU, else 2 CPU engines)")
     d.add_argument("--cpu", action="store_true", help="CPU engines even if GPUs are visible")
+    d.add_argument("--model", default="tiny", help="model for the generation part (default: the built-in tiny)")
+    d.add_argument("--max-new-tokens", type=int, default=12)
     d.set_defaults(func=demo)
+
+    b = commands.add_parser("bench", help="measure one device against each strategy, side by side")
+    b.add_argument("-n", type=int, default=None, help="engines (default: one per GPU, else 2 CPU engines)")
+    b.add_argument("--cpu", action="store_true", help="CPU engines even if GPUs are visible")
+    b.add_argument("--model", default="tiny")
+    b.add_argument("--batch", type=int, default=8, help="prompts per run (default 8)")
+    b.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt (default 16)")
+    b.add_argument("--dtype", default="float32")
+    b.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is kept (default 3)")
+    b.add_argument("--sweep", action="store_true", help="every layout that fits the engines, not one per strategy")
+    b.add_argument("--cluster", action="store_true", help="measure cluster start-up and the %%%%mp run round trip")
+    b.add_argument("--json", default=None, metavar="PATH", help="write the records to PATH")
+    b.set_defaults(func=bench)
     return parser
 
 

@@ -118,15 +118,8 @@ def torch_dtype(name: str):
 
 
 def param_bytes(module) -> int:
-    """Bytes of the parameters this rank holds (a DTensor counts its local shard)."""
-    seen, total = set(), 0
-    for p in module.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        local = p.to_local() if hasattr(p, "to_local") else p
-        total += local.numel() * local.element_size()
-    return total
+    """Bytes of the parameters this rank holds (a tied matrix counts once)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _build_runner(state, request: Request) -> Runner:
@@ -156,7 +149,7 @@ def _build_runner(state, request: Request) -> Runner:
         # collective step) and reused when a later run comes back to the same layout.
         meshes = state.cache.setdefault("meshes", {})
         mesh = meshes.get(layout) or meshes.setdefault(layout, Mesh(layout, state.rank, state.device.type))
-        tensor.parallelize(stage, mesh["tp"], state.telemetry)
+        tensor.parallelize(stage, mesh["tp"].get_group(), coords.tp, layout.tp, state.telemetry)
     tokenizer = models.load_tokenizer(request.model)
     eos = stage.generation_config.eos_token_id if stage.generation_config is not None else None
     if eos is None:

@@ -65,7 +65,9 @@ def build_tiny(folder: str | os.PathLike | None = None, *, seed: int = 0) -> Pat
     """Save the ``tiny`` preset (random weights from ``seed``) to ``folder``; return it."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     folder = Path(folder) if folder is not None else cache_dir() / f"tiny-seed{seed}"
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder

@@ -157,3 +157,62 @@ def test_more_stages_than_layers(tiny_folder):
 
     with pytest.raises(MpbookError, match="pp=8: the model has 6 decoder layers"):
         split_layers(6, 8)
+
+
+def _compare_with_dtensor(state, folder):
+    """On each rank: our shards of every planned projection == DTensor's local shards."""
+    import copy
+
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from mpbook.models import load_stage
+    from mpbook.parallel.tensor import LAYER_PLAN, shard_linear
+
+    stage = load_stage(folder, layers=range(6), first=True, last=True, dtype=torch.float32, device="cpu")
+    reference = copy.deepcopy(stage)
+    mesh = init_device_mesh("cpu", (state.world_size,))
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    compared = 0
+    for ours, theirs in zip(stage.model.layers, reference.model.layers):
+        parallelize_module(theirs, mesh, {path: styles[style]() for path, style in LAYER_PLAN.items()})
+        for path, style in LAYER_PLAN.items():
+            shard_linear(ours.get_submodule(path), style, state.rank, state.world_size)
+            torch.testing.assert_close(
+                ours.get_submodule(path).weight, theirs.get_submodule(path).weight.to_local(), rtol=0, atol=0
+            )
+            compared += 1
+    return compared
+
+
+def test_tensor_parallel_shards_are_dtensors_shards(wb, tiny_folder):
+    assert wb.apply(_compare_with_dtensor, tiny_folder) == [6 * 7, 6 * 7]
+
+
+@pytest.fixture(scope="module")
+def biased_folder(tmp_path_factory):
+    """A Llama with biases on every projection, o_proj and down_proj included."""
+    from transformers import AutoModelForCausalLM
+
+    from mpbook.models import tiny_config, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("llama-biases")
+    config = tiny_config()
+    config.attention_bias = True
+    config.mlp_bias = True
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_row_split_biases_are_added_once(wb, biased_folder):
+    logits, tokens = reference(biased_folder, PROMPTS, max_new_tokens=NEW_TOKENS)
+    assert_matches_one_device(wb.forward(PROMPTS, strategy="tensor", model=biased_folder), logits, None)
+    generated = wb.generate(PROMPTS, strategy="tensor", model=biased_folder, max_new_tokens=NEW_TOKENS)
+    assert_matches_one_device(generated, None, tokens)

@@ -1,0 +1,200 @@
+"""``python -m mpbook bench``: measure, side by side in one run.
+
+Strategies (default): the same model and prompts on one device (a one-engine cluster) and
+on every strategy over all engines; runs are interleaved over ``--repeats`` rounds and the
+median of each is kept, so that drift of a noisy machine hits every layout alike. Each
+record also says how far its logits are from the one-device run and whether its greedy
+tokens are identical.
+
+``--cluster``: the cluster's own costs: start to ready (median of 5) and an empty
+``%%mp run`` round trip next to ipyparallel's ``dv.execute('pass')``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .mesh import Layout
+
+BENCH_PROMPTS = [
+    "Explain pipeline parallelism in one sentence.",
+    "What does an all-reduce do?",
+    "Why do micro-batches shrink the pipeline bubble?",
+    "Tensor parallelism splits every weight matrix across devices, so",
+    "Data parallel replicas",
+    "The KV cache holds",
+    "A model too large for one GPU",
+    "Throughput is measured in tokens per second",
+]
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: str
+    layout: Layout
+    microbatches: int
+
+    def label(self) -> str:
+        return f"{self.strategy} {self.layout} m={self.microbatches}"
+
+
+def candidate_layouts(config, engines: int, batch: int, *, sweep: bool) -> list[Plan]:
+    """The layouts to measure: each strategy at full degree, or (sweep) every valid one."""
+    from .errors import MpbookError
+    from .parallel.tensor import validate_tp
+
+    def valid(layout: Layout) -> bool:
+        try:
+            validate_tp(config, layout.tp)
+        except MpbookError:
+            return False
+        return layout.pp <= config.num_hidden_layers and layout.dp <= batch
+
+    def microbatches(layout: Layout) -> int:
+        per_replica = batch // layout.dp
+        return min(layout.pp * 2, per_replica) if layout.pp > 1 else 1
+
+    def strategy_of(layout: Layout) -> str:
+        for name, dim in (("tensor", "tp"), ("pipeline", "pp"), ("data", "dp")):
+            if getattr(layout, dim) > 1:
+                return name
+        return "data"
+
+    if sweep:
+        layouts = [
+            Layout(dp, pp, engines // (dp * pp))
+            for dp in range(1, engines + 1)
+            for pp in range(1, engines + 1)
+            if engines % (dp * pp) == 0
+        ]
+    else:
+        layouts = [Layout(dp=engines), Layout(pp=engines), Layout(tp=engines)]
+    return [Plan(strategy_of(lay), lay, microbatches(lay)) for lay in layouts if valid(lay)]
+
+
+def bench_strategies(
+    *,
+    model: str = "tiny",
+    engines: int | None = None,
+    cpu: bool = False,
+    batch: int = 8,
+    new_tokens: int = 16,
+    dtype: str = "float32",
+    repeats: int = 3,
+    sweep: bool = False,
+    log=print,
+) -> list[dict[str, Any]]:
+    from . import models
+    from .workbench import Workbench
+
+    prompts = (BENCH_PROMPTS * (batch // len(BENCH_PROMPTS) + 1))[:batch]
+    config = models.load_config(model)
+    records: list[dict[str, Any]] = []
+    with Workbench.start(1, cpu=cpu) as single, Workbench.start(engines, cpu=cpu) as wb:
+        plans = candidate_layouts(config, wb.world_size, batch, sweep=sweep)
+        log(f"model {model}, {batch} prompts, {new_tokens} new tokens, {dtype}; "
+            f"one device vs {wb.world_size} engines ({wb.device_type}); {repeats} interleaved rounds")
+
+        def one_device(max_new_tokens):
+            return single.generate(prompts, strategy="data", model=model, max_new_tokens=max_new_tokens, dtype=dtype)
+
+        def layout_run(plan, max_new_tokens):
+            return wb.generate(
+                prompts, strategy=plan.strategy, model=model, max_new_tokens=max_new_tokens, dtype=dtype,
+                dp=plan.layout.dp, pp=plan.layout.pp, tp=plan.layout.tp, microbatches=plan.microbatches,
+            )
+
+        # Correctness first (a forward pass each), then the timed generations.
+        base_forward = one_device(0)
+        forward = {plan: layout_run(plan, 0) for plan in plans}
+        runs: dict[Any, list] = {"single": []}
+        runs.update({plan: [] for plan in plans})
+        one_device(new_tokens)  # warm-up: loads and first-touch
+        for plan in plans:
+            layout_run(plan, new_tokens)
+        for _ in range(repeats):
+            runs["single"].append(one_device(new_tokens))
+            for plan in plans:
+                runs[plan].append(layout_run(plan, new_tokens))
+
+        base_tokens = runs["single"][0].token_ids
+        for key, results in runs.items():
+            record = _median_record(results)
+            if key == "single":
+                record.update(strategy="single", max_abs_logit_diff=0.0, tokens_match=True)
+            else:
+                record["microbatches"] = key.microbatches
+                record["max_abs_logit_diff"] = max(
+                    float((a - b).abs().max()) for a, b in zip(forward[key].logits, base_forward.logits)
+                )
+                record["tokens_match"] = all(r.token_ids == base_tokens for r in results)
+            records.append(record)
+            log(_row(record, records[0]))
+    return records
+
+
+def _median_record(results) -> dict[str, Any]:
+    record = results[0].record()
+    record["prefill_tokens_per_s"] = statistics.median(r.prefill_tokens_per_s for r in results)
+    record["decode_tokens_per_s"] = statistics.median(r.decode_tokens_per_s for r in results)
+    record["peak_memory_bytes"] = [max(r.peak_memory_bytes[i] for r in results) for i in range(results[0].engines)]
+    record["repeats"] = len(results)
+    return record
+
+
+def _row(record: dict[str, Any], base: dict[str, Any]) -> str:
+    mib = 1024**2
+    ratio = record["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base["decode_tokens_per_s"] else 0.0
+    return (
+        f"  {record['strategy']:<8} dp={record['dp']} pp={record['pp']} tp={record['tp']}: "
+        f"prefill {record['prefill_tokens_per_s']:>9,.0f} tok/s, decode {record['decode_tokens_per_s']:>8,.1f} tok/s "
+        f"({ratio:.2f}x one device), weights/rank {max(record['weight_bytes']) / mib:.2f} MiB, "
+        f"max|dlogit| {record['max_abs_logit_diff']:.1e}, tokens {'match' if record['tokens_match'] else 'DIFFER'}"
+    )
+
+
+def bench_cluster(*, engines: int = 2, cpu: bool = True, starts: int = 5, round_trips: int = 50, log=print) -> dict:
+    """Start-to-ready and the empty-cell round trip, next to ipyparallel's own execute."""
+    from .workbench import Workbench
+
+    start_times = []
+    for _ in range(starts):
+        began = time.perf_counter()
+        wb = Workbench.start(engines, cpu=cpu)
+        start_times.append(time.perf_counter() - began)
+        wb.stop()
+    with Workbench.start(engines, cpu=cpu) as wb:
+        view = wb.client[wb.engine_ids()]
+        view.execute("pass", block=True)
+        ours, theirs = [], []
+        for _ in range(round_trips):  # interleaved, so both see the same machine
+            began = time.perf_counter()
+            view.execute("pass", block=True)
+            theirs.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            wb.run("pass")
+            ours.append(time.perf_counter() - began)
+    result = {
+        "engines": engines,
+        "start_seconds": start_times,
+        "start_median_s": statistics.median(start_times),
+        "mp_run_median_ms": 1000 * statistics.median(ours),
+        "ipyparallel_execute_median_ms": 1000 * statistics.median(theirs),
+    }
+    result["round_trip_ratio"] = result["mp_run_median_ms"] / result["ipyparallel_execute_median_ms"]
+    log(
+        f"cluster start to ready ({engines} {'CPU' if cpu else 'GPU'} engines, process group up): "
+        f"median {result['start_median_s']:.2f} s of {starts} ({', '.join(f'{t:.2f}' for t in start_times)})\n"
+        f"empty %%mp run round trip: median {result['mp_run_median_ms']:.2f} ms; ipyparallel dv.execute('pass'): "
+        f"{result['ipyparallel_execute_median_ms']:.2f} ms; ratio {result['round_trip_ratio']:.2f}x (of {round_trips})"
+    )
+    return result
+
+
+def write_json(path: str, payload) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
