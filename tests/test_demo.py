@@ -7,17 +7,27 @@ import sys
 
 import psutil
 
+from mpbook._launch import OWNER_ENV
+
 
 def test_demo_runs_and_stops_its_cluster():
-    proc = subprocess.run(
-        [sys.executable, "-m", "mpbook", "demo", "--cpu"], capture_output=True, text=True, timeout=300
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpbook", "demo", "--cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
     assert "started 2 engines" in out
     assert "[rank 0] sum = 3" in out and "[rank 1] sum = 3" in out
+    assert "every strategy generated the same tokens: True" in out
     assert "stopped the cluster" in out
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "mpbook._launch" in " ".join(p.info["cmdline"] or [])]
+    # every process the demo started carries its pid as owner
+    leftovers = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(OWNER_ENV) == str(proc.pid):
+                leftovers.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
     assert leftovers == []
 
 
