@@ -90,10 +90,15 @@ class Runner:
     weight_bytes: int
     load_seconds: float
     eos_ids: list[int] = field(default_factory=list)
+    whole: bool = False  # an architecture mpbook cannot cut: the whole model, data parallel only
 
     def forward(self, x, attention_mask, position_ids, cache, *, all_logits: bool):
         """One stage forward: token ids (first stage) or hidden states in; hidden states or
         logits (last stage) out."""
+        if self.whole:
+            out = self.stage(input_ids=x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                             use_cache=True, logits_to_keep=0 if all_logits else 1)
+            return out.logits
         body = self.stage.model
         inputs = {"input_ids": x} if self.peers.first else {"inputs_embeds": x}
         hidden = body(**inputs, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
@@ -134,15 +139,19 @@ def _build_runner(state, request: Request) -> Runner:
     layout = request.layout
     coords = layout.coords(state.rank)
     config = AutoConfig.from_pretrained(models.resolve(request.model))
-    stages = split_layers(config.num_hidden_layers, layout.pp, request.stage_sizes)
-    stage = models.load_stage(
-        request.model,
-        layers=stages[coords.pp],
-        first=coords.pp == 0,
-        last=coords.pp == layout.pp - 1,
-        dtype=torch_dtype(request.dtype),
-        device=state.device,
-    )
+    whole = "pipeline" not in models.supported_strategies(config)
+    if whole:
+        stage = models.load_whole(request.model, dtype=torch_dtype(request.dtype), device=state.device)
+    else:
+        stages = split_layers(config.num_hidden_layers, layout.pp, request.stage_sizes)
+        stage = models.load_stage(
+            request.model,
+            layers=stages[coords.pp],
+            first=coords.pp == 0,
+            last=coords.pp == layout.pp - 1,
+            dtype=torch_dtype(request.dtype),
+            device=state.device,
+        )
     mesh = None
     if layout.tp > 1:
         # One mesh per layout for the engine's lifetime: its subgroups are made once (a
@@ -167,6 +176,7 @@ def _build_runner(state, request: Request) -> Runner:
         weight_bytes=param_bytes(stage),
         load_seconds=time.perf_counter() - began,
         eos_ids=eos_ids,
+        whole=whole,
     )
 
 

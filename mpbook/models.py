@@ -167,6 +167,16 @@ def _checkpoint_files(folder: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+def load_whole(model: str | os.PathLike, *, dtype, device):
+    """The whole model, from safetensors only (for architectures run data parallel)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve(model)
+    _checkpoint_files(folder)  # a clear error when there is no safetensors checkpoint
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, attn_implementation="sdpa")
+    return lm.to(device).eval().requires_grad_(False)
+
+
 def load_stage(model: str | os.PathLike, *, layers: range, first: bool, last: bool, dtype, device):
     """Build the causal LM holding only ``layers`` (plus the embedding if ``first``, the final
     norm and LM head if ``last``) and read just those tensors from the safetensors files.

@@ -216,3 +216,30 @@ def test_row_split_biases_are_added_once(wb, biased_folder):
     assert_matches_one_device(wb.forward(PROMPTS, strategy="tensor", model=biased_folder), logits, None)
     generated = wb.generate(PROMPTS, strategy="tensor", model=biased_folder, max_new_tokens=NEW_TOKENS)
     assert_matches_one_device(generated, None, tokens)
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    """A tiny GPT-2: not Llama-family, so mpbook runs it data parallel only."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from mpbook.models import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    config = GPT2Config(vocab_size=259, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                        bos_token_id=257, eos_token_id=258, pad_token_id=256)
+    torch.manual_seed(4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_other_architectures_run_data_parallel(wb, gpt2_folder):
+    logits, tokens = reference(gpt2_folder, PROMPTS, max_new_tokens=NEW_TOKENS)
+    assert_matches_one_device(wb.forward(PROMPTS, strategy="data", model=gpt2_folder), logits, None)
+    assert_matches_one_device(
+        wb.generate(PROMPTS, strategy="data", model=gpt2_folder, max_new_tokens=NEW_TOKENS), None, tokens
+    )
+    for strategy in ("pipeline", "tensor"):
+        with pytest.raises(MpbookError, match=f"gpt2 models support data parallelism in mpbook, not {strategy}"):
+            wb.generate(PROMPTS, strategy=strategy, model=gpt2_folder)

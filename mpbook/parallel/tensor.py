@@ -43,6 +43,8 @@ def divisors(n: int) -> list[int]:
 
 def validate_tp(config, tp: int) -> None:
     """tp must divide the query heads, the KV heads and the MLP width; say which values do."""
+    if tp == 1:
+        return
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     width = config.intermediate_size
