@@ -427,7 +427,7 @@ def _tokens_text(cached: list[int], work: Workload) -> str:
 def _engine_count(engines) -> int | None:
     if engines is None:
         return None
-    if isinstance(engines, bool) or not isinstance(engines, int) and not hasattr(engines, "world_size"):
+    if isinstance(engines, bool) or not (isinstance(engines, int) or hasattr(engines, "world_size")):
         raise MpbookError(f"engines={engines!r}: give a number of engines or a Workbench")
     n = engines if isinstance(engines, int) else engines.world_size
     if n < 1:
