@@ -647,12 +647,12 @@ class MemoryPlan:
         return rows
 
     def arithmetic(self) -> list[str]:
-        """How each distinct rank's numbers are made (one per stage and tp rank of replica 0)."""
+        """How the numbers are made, once for each group of ranks that hold the same."""
         lines = []
         shown: set[tuple] = set()
         for r in self.ranks:
             sig = (r.pp, r.weights, r.kv_cache, r.activations)
-            if r.dp != 0 or sig in shown:
+            if sig in shown:
                 continue
             shown.add(sig)
             same = [x.rank for x in self.ranks if (x.pp, x.weights, x.kv_cache, x.activations) == sig]
