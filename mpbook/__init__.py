@@ -6,9 +6,10 @@ same from plain Python.
 
 from .errors import MpbookError, RankError
 from .mesh import Layout
+from .planner import MemoryPlan, plan
 from .workbench import Workbench
 
-__all__ = ["Layout", "MpbookError", "RankError", "Workbench", "load_ipython_extension"]
+__all__ = ["Layout", "MemoryPlan", "MpbookError", "RankError", "Workbench", "load_ipython_extension", "plan"]
 __version__ = "0.1.0"
 
 
