@@ -23,9 +23,12 @@ from .parallel.data import split_batch
 from .parallel.pipeline import StagePeers, split_layers
 from .telemetry import Event
 
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+# Names a person may type for a dtype -> torch's name for it.
 DTYPES = {
     "float32": "float32",
     "fp32": "float32",
+    "float": "float32",
     "float16": "float16",
     "fp16": "float16",
     "half": "float16",

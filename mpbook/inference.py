@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import generate as engine_side
 from .errors import MpbookError
-from .generate import DTYPES, Request
+from .generate import DTYPE_CHOICES, DTYPES, Request
 from .mesh import Layout
 from .parallel.data import split_batch
 from .parallel.pipeline import split_layers
@@ -71,7 +71,7 @@ def check(request: Request, *, strategy: str, config, tokenizer) -> None:
     validate_tp(config, layout.tp)
     split_layers(config.num_hidden_layers, layout.pp, request.stage_sizes)
     if request.dtype not in DTYPES:
-        raise MpbookError(f"--dtype {request.dtype}: choose one of float32, bfloat16, float16")
+        raise MpbookError(f"--dtype {request.dtype}: choose one of {', '.join(DTYPE_CHOICES)}")
     if request.max_new_tokens < 0:
         raise MpbookError(f"--max-new-tokens {request.max_new_tokens}: use 0 (a forward pass) or more")
     if request.microbatches < 1:

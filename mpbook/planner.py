@@ -22,19 +22,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import MpbookError
+from .generate import DTYPE_CHOICES, DTYPES
 from .mesh import Layout
+from .parallel.data import split_batch
 
-# Names a person may type for a dtype -> torch's name for it.
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-}
 # "sdpa" is what mpbook's loader asks transformers for; "eager" materializes the scores.
 ATTENTION = ("sdpa", "eager")
 LOGITS_BYTES = 4  # logits are counted in float32, the precision sampling reads them in
@@ -184,17 +175,6 @@ class Workload:
         return self.prompt_len + self.max_new_tokens
 
 
-def split_rows(rows: int, parts: int) -> list[range]:
-    """Contiguous, as even as possible, earlier parts taking the remainder (the data-parallel split)."""
-    base, extra = divmod(rows, parts)
-    out, start = [], 0
-    for part in range(parts):
-        size = base + (1 if part < extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
-
-
 def _dims(config) -> dict[str, int]:
     heads = config.num_attention_heads
     return {
@@ -338,7 +318,7 @@ def _rank_plans(s: _Structure, layout: Layout, work: Workload) -> list[RankPlan]
     from .parallel.pipeline import split_layers
 
     stages = split_layers(len(s.layers), layout.pp, work.stage_sizes)
-    replicas = split_rows(work.batch, layout.dp)
+    replicas = split_batch(work.batch, layout.dp)
     d = _dims(s.config)
     e = _element_size(work.dtype)
     out = []
@@ -347,7 +327,7 @@ def _rank_plans(s: _Structure, layout: Layout, work: Workload) -> list[RankPlan]
         layers = stages[c.pp]
         first, last = c.pp == 0, c.pp == layout.pp - 1
         rows = len(replicas[c.dp])
-        mb = max((len(r) for r in split_rows(rows, work.microbatches)), default=0)
+        mb = max((len(r) for r in split_batch(rows, work.microbatches)), default=0)
 
         seen: set[int] = set()
         parts: dict[str, int] = {}
@@ -736,7 +716,7 @@ def _dtype_name(dtype, model) -> str:
         return "float32"
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
-        raise MpbookError(f"dtype={dtype!r} is not one mpbook runs in; choose one of {', '.join(DTYPES)}")
+        raise MpbookError(f"dtype={dtype!r} is not one mpbook runs in; choose one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[name]
 
 

@@ -385,8 +385,7 @@ def test_text_and_html_show_the_arithmetic():
         (dict(prompt_len=500, max_new_tokens=32),
          "prompt_len=500 + max_new_tokens=32 = 532 tokens is beyond the model's 512 positions "
          "(max_position_embeddings); keep the sum <= 512"),
-        (dict(dtype="int8"), "dtype='int8' is not one mpbook runs in; choose one of float32, fp32, float, bfloat16, "
-                             "bf16, float16, fp16, half"),
+        (dict(dtype="int8"), "dtype='int8' is not one mpbook runs in; choose one of float32, bfloat16, float16"),
         (dict(attention="flash"), "attention='flash': choose one of sdpa, eager"),
         (dict(dp=2, engines=3), "dp=2 x pp=1 x tp=1 uses 2 engines but there are 3; choose a layout whose product "
                                 "is 3: dp=1 x pp=3 x tp=1; dp=3 x pp=1 x tp=1"),
