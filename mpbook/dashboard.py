@@ -244,9 +244,9 @@ def row_values(row: Row) -> tuple[str, ...]:
 class TextView:
     """Plain text: a line per engine at most every ``every_s``, and a summary at the end."""
 
-    def __init__(self, *, out: TextIO | None = None, every_s: float = TEXT_EVERY_S):
+    def __init__(self, *, out: TextIO | None = None, every_s: float | None = None):
         self.out = out
-        self.every_s = every_s
+        self.every_s = TEXT_EVERY_S if every_s is None else every_s
         self._last_print = 0.0
         self.printed_rows = False
 
@@ -297,7 +297,7 @@ class Dashboard:
         cuda: bool | None = None,
         mode: str = "auto",
         refresh_s: float = REFRESH_S,
-        text_every_s: float = TEXT_EVERY_S,
+        text_every_s: float | None = None,
         out: TextIO | None = None,
     ):
         if mode not in ("auto", "widget", "text"):
@@ -464,24 +464,10 @@ class Dashboard:
             rows = [row_of(self.tracks[r], finished=True, now=None) for r in self.ranks]
             self.view.summary(self.headline, rows)
 
-    @contextmanager
-    def following(self, result, ranks: Sequence[int]) -> Iterator[Callable[[], None]]:
-        """Follow one call: yields the tick for the wait loop; ends showing the outcome."""
-        self.show()
-        self.begin(ranks)
-
-        def tick() -> None:
-            self.update_from(result, ranks)
-            self.refresh()
-
-        try:
-            yield tick
-        except BaseException as exc:
-            tick()
-            self.finish(exc)
-            raise
-        tick()
-        self.finish()
+    def tick(self, result, ranks: Sequence[int]) -> None:
+        """One tick of the wait loop on ``result``: read the engines' snapshots, maybe redraw."""
+        self.update_from(result, ranks)
+        self.refresh()
 
 
 def _tokens_phrase(tokens: Mapping[str, int], seconds: float) -> str:
@@ -495,37 +481,37 @@ def _tokens_phrase(tokens: Mapping[str, int], seconds: float) -> str:
 
 @contextmanager
 def follow(workbench, result, ranks: Sequence[int], *, dashboard=None, on_tick=None) -> Iterator[Callable[[], None]]:
-    """What Workbench.run/apply wait under: this call's dashboard (``True``: a new one,
-    or a :class:`Dashboard`) and any standing dashboards follow ``result``."""
+    """What Workbench.run/apply wait under: this call's dashboard (``True``: a new one, or a
+    :class:`Dashboard`) and any standing dashboards follow ``result``; yields the wait loop's tick.
+
+    A display problem must not cost the user their call: a dashboard that raises is logged
+    once and left alone for the rest of the call.
+    """
     dashboards = [Dashboard(workbench) if dashboard is True else dashboard] if dashboard else []
     dashboards += [d for d in workbench.dashboards if d not in dashboards]
-    broken = False
-    with _following_all(dashboards, result, ranks) as ticks:
+    alive = list(dashboards)
 
-        def tick() -> None:
-            nonlocal broken
-            if not broken:
-                try:
-                    for t in ticks:
-                        t()
-                except Exception:
-                    # A display problem must not cost the user their call: log it, stop drawing.
-                    broken = True
-                    log.warning("the mpbook dashboard stopped updating", exc_info=True)
-            if on_tick is not None:
-                on_tick()
+    def each(action: Callable[[Dashboard], None]) -> None:
+        for d in list(alive):
+            try:
+                action(d)
+            except Exception:
+                alive.remove(d)
+                log.warning("the mpbook dashboard stopped updating", exc_info=True)
 
+    each(lambda d: (d.show(), d.begin(ranks)))
+
+    def tick() -> None:
+        each(lambda d: d.tick(result, ranks))
+        if on_tick is not None:
+            on_tick()
+
+    try:
         yield tick
-
-
-@contextmanager
-def _following_all(dashboards, result, ranks) -> Iterator[list]:
-    if not dashboards:
-        yield []
-        return
-    first, rest = dashboards[0], dashboards[1:]
-    with first.following(result, ranks) as tick, _following_all(rest, result, ranks) as others:
-        yield [tick, *others]
+    except BaseException as exc:
+        each(lambda d: (d.update_from(result, ranks), d.finish(exc)))
+        raise
+    each(lambda d: (d.update_from(result, ranks), d.finish()))
 
 
 # --------------------------------------------------------------------------- standing
@@ -541,6 +527,7 @@ class Standing:
         self.timeout_s = timeout_s
         self.polls = 0  # snapshots taken between calls (tests read it)
         self._task: asyncio.Task | None = None
+        self._stopped = False
 
     def start(self) -> Standing:
         try:
@@ -559,7 +546,8 @@ class Standing:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        # A cancelled task ends at the loop's next turn; stopped already means no more polls.
+        return self._task is not None and not self._task.done() and not self._stopped
 
     def poll_once(self, timeout_s: float | None = None) -> None:
         """Take one snapshot of every engine now (blocking; for terminals and scripts)."""
@@ -586,7 +574,7 @@ class Standing:
     async def _run(self) -> None:
         wb = self.workbench
         try:
-            while not wb._stopped:
+            while not wb._stopped and not self._stopped:
                 result = wb.client[wb.engine_ids()].apply_async(publish.snapshot)
                 deadline = time.monotonic() + self.timeout_s
                 # Poll rather than block: the kernel keeps serving cells and comms meanwhile.
@@ -614,6 +602,7 @@ class Standing:
         self.dashboard.refresh(force=True)
 
     def stop(self) -> None:
+        self._stopped = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._end()

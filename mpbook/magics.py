@@ -139,9 +139,11 @@ class MpMagics(Magics):
 
     def _stop(self, args, cell):
         wb = self._require("stopping it")
-        self._stop_dashboard()
         self.workbench = None
-        wb.stop()
+        try:
+            wb.stop()
+        finally:
+            self._stop_dashboard()  # after the stop, so that it shows "the cluster stopped"
         print("stopped the cluster" if wb.owned else "left the attached cluster (its engines keep running)")
 
     def _restart(self, args, cell):

@@ -104,23 +104,30 @@ def plot_throughput(records: Iterable[Mapping[str, Any]]) -> Figure:
 
 
 # --------------------------------------------------------------------------- timeline
+def _aligned(events: Iterable[Event]) -> list[tuple[Event, float, float]]:
+    """(event, start, end) on one clock for every rank, in seconds since the earliest start."""
+    spans = [(e, e.run_began + e.start, e.run_began + e.end) for e in events]
+    t0 = min((s for _, s, _ in spans), default=0.0)
+    return [(e, s - t0, t - t0) for e, s, t in spans]
+
+
 def bubble_fraction(events: Sequence[Event]) -> float:
     """Measured idle share of the stages between the first start and the last end."""
-    if not events:
+    spans = _aligned(events)
+    if not spans:
         return 0.0
-    span_start = min(e.start for e in events)
-    span = max(e.end for e in events) - span_start
-    stages = sorted({e.stage for e in events})
+    span = max(t for _, _, t in spans)
+    stages = sorted({e.stage for e, _, _ in spans})
     if span <= 0:
         return 0.0
     busy = 0.0
     for stage in stages:
         # Union of this stage's intervals: overlapping bars must not count twice.
-        end = span_start
-        for e in sorted((e for e in events if e.stage == stage), key=lambda e: e.start):
-            if e.end > end:
-                busy += e.end - max(e.start, end)
-                end = e.end
+        covered = 0.0
+        for _, s, t in sorted((x for x in spans if x[0].stage == stage), key=lambda x: x[1]):
+            if t > covered:
+                busy += t - max(s, covered)
+                covered = t
     return 1.0 - busy / (span * len(stages))
 
 
@@ -141,29 +148,29 @@ def plot_timeline(events: Iterable[Event]) -> Figure:
     stages = sorted({e.stage for e in events})
     microbatches = sorted({e.microbatch for e in events})
     p, m = len(stages), len(microbatches)
-    t0 = min(e.start for e in events)
+    spans = _aligned(events)
     fig = Figure(figsize=(9.0, 0.6 * p + 1.6), layout="constrained")
     ax = fig.add_subplot()
     cmap = _colours(m)
     for stage in stages:
-        row = sorted((e for e in events if e.stage == stage), key=lambda e: e.start)
-        lefts = [(e.start - t0) * 1000 for e in row]
-        widths = [(e.end - e.start) * 1000 for e in row]
+        row = sorted((x for x in spans if x[0].stage == stage), key=lambda x: x[1])
+        lefts = [s * 1000 for _, s, _ in row]
+        widths = [(t - s) * 1000 for _, s, t in row]
         # One rectangle per (stage, micro-batch) step, coloured by micro-batch.
         ax.barh(
             [stage] * len(row),
             widths,
             left=lefts,
             height=0.8,
-            color=[cmap[microbatches.index(e.microbatch)] for e in row],
+            color=[cmap[microbatches.index(e.microbatch)] for e, _, _ in row],
             edgecolor="white",
             linewidth=0.5,
         )
-        for e, x, w in zip(row, lefts, widths):
+        for (e, _, _), x, w in zip(row, lefts, widths):
             ax.text(x + w / 2, stage, str(e.microbatch), ha="center", va="center", fontsize="x-small", color="white")
     ax.set_yticks(stages, [f"stage {s}" for s in stages])
     ax.invert_yaxis()
-    ax.set_xlabel("ms since the run began")
+    ax.set_xlabel("ms since the first micro-batch began")
     measured = bubble_fraction(events)
     ax.set_title(
         f"pipeline timeline: p={p} stages, m={m} micro-batches · bubble {measured:.0%} measured, "

@@ -39,8 +39,11 @@ class Event:
     stage: int
     microbatch: int
     phase: str
-    start: float  # seconds since the run began
+    start: float  # seconds since the run began on this rank
     end: float
+    # time.time() when this rank's run began: ranks start their runs at slightly different
+    # moments, so bars of different ranks line up only on run_began + start.
+    run_began: float = 0.0
 
 
 @dataclass
@@ -48,6 +51,7 @@ class RunStats:
     """Counts of one run on one rank."""
 
     started: float = field(default_factory=time.perf_counter)
+    wall_started: float = field(default_factory=time.time)
     collectives: Counter = field(default_factory=Counter)
     collective_seconds: float = 0.0
     events: list[Event] = field(default_factory=list)
@@ -74,6 +78,7 @@ class Telemetry:
         self._run: RunStats | None = None
         self._phase_started = time.perf_counter()
         self._nvml = None  # NVML handle of this engine's GPU, opened on first use
+        self._process = None  # psutil.Process of this engine, made on first use
 
     # ---------------------------------------------------------------- reporting
     @contextmanager
@@ -135,7 +140,9 @@ class Telemetry:
         """Record a timeline bar; ``start``/``end`` are perf_counter readings."""
         if self._run is not None:
             t0 = self._run.started
-            self._run.events.append(Event(self.rank, stage, microbatch, phase, start - t0, end - t0))
+            self._run.events.append(
+                Event(self.rank, stage, microbatch, phase, start - t0, end - t0, self._run.wall_started)
+            )
 
     def note_memory(self, part: str, nbytes: int) -> None:
         """Say how many bytes of this rank's memory hold ``part`` (weights, kv_cache, activations)."""
@@ -150,11 +157,13 @@ class Telemetry:
             import torch
 
             return int(torch.cuda.memory_allocated(self.device))
-        import psutil
+        if self._process is None:
+            import psutil
 
-        return int(psutil.Process(os.getpid()).memory_info().rss)
+            self._process = psutil.Process(os.getpid())
+        return int(self._process.memory_info().rss)
 
-    def peak_memory_bytes(self) -> int:
+    def peak_memory_bytes(self, in_use: int | None = None) -> int:
         """CUDA: peak allocated since the current run began; CPU: the process's peak RSS."""
         if self.device.type == "cuda":
             import torch
@@ -164,7 +173,7 @@ class Telemetry:
 
         # ru_maxrss is in KiB on Linux, in bytes on macOS.
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return max(int(peak), self.memory_in_use_bytes())
+        return max(int(peak), self.memory_in_use_bytes() if in_use is None else in_use)
 
     def memory(self) -> dict[str, int | None]:
         """Memory figures for the dashboard; ``None`` where this device has no such figure.
@@ -172,9 +181,10 @@ class Telemetry:
         ``reserved``: held by torch's CUDA cache (allocated plus cached free blocks).
         ``device_used``/``device_total``: the whole GPU as NVML sees it, other processes included.
         """
+        in_use = self.memory_in_use_bytes()
         figures: dict[str, int | None] = {
-            "in_use": self.memory_in_use_bytes(),
-            "peak": self.peak_memory_bytes(),
+            "in_use": in_use,
+            "peak": self.peak_memory_bytes(in_use),
             "reserved": None,
             "device_used": None,
             "device_total": None,
