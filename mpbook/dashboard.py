@@ -77,6 +77,7 @@ class RankTrack:
     call_start: dict[str, Any] | None = None  # the snapshot as the current/last call began
     recent: deque = field(default_factory=lambda: deque(maxlen=64))  # (engine time, tokens, collective s)
     outcome: str = ""  # "", "failed"
+    received: float = 0.0  # time.monotonic() on the client when the latest snapshot came in
 
     def add(self, snapshot: Mapping[str, Any], *, start: Mapping[str, Any] | None = None) -> None:
         if start is not None and (self.call_start is None or start["time"] > self.call_start["time"]):
@@ -84,6 +85,7 @@ class RankTrack:
         if self.latest is not None and snapshot["time"] <= self.latest["time"]:
             return  # seen already (the same totals reread on the next tick)
         self.latest = dict(snapshot)
+        self.received = time.monotonic()
         self.host = snapshot.get("host", self.host)
         self.device = snapshot.get("device", self.device)
         t = snapshot["time"]
@@ -91,13 +93,15 @@ class RankTrack:
         while len(self.recent) > 2 and t - self.recent[1][0] >= RATE_WINDOW_S:
             self.recent.popleft()
 
-    def rate(self, now: float | None = None) -> float:
-        """Tokens/s over the last second of snapshots (0 when the rank has gone quiet)."""
-        if len(self.recent) < 2:
+    def rate(self) -> float:
+        """Tokens/s over the last second of snapshots (0 once the rank has gone quiet).
+
+        Rates use the engine's own clock (differences only); staleness uses the client's,
+        as engine clocks on other hosts need not agree with it.
+        """
+        if len(self.recent) < 2 or time.monotonic() - self.received > 2 * RATE_WINDOW_S:
             return 0.0
         (t0, n0, _), (t1, n1, _) = self.recent[0], self.recent[-1]
-        if now is not None and now - t1 > 2 * RATE_WINDOW_S:
-            return 0.0
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def collective_share(self) -> float:
@@ -137,7 +141,7 @@ COLUMNS = ("rank", "host", "device", "memory", "peak", "phase", "tokens/s", "col
 CUDA_COLUMNS = ("reserved", "GPU used / total")
 
 
-def row_of(track: RankTrack, *, finished: bool, now: float | None) -> Row:
+def row_of(track: RankTrack, *, finished: bool) -> Row:
     snap = track.latest
     if snap is None:
         return Row(str(track.rank), track.host, track.device, "–", "–", track.outcome or "waiting", "–", "–")
@@ -146,7 +150,7 @@ def row_of(track: RankTrack, *, finished: bool, now: float | None) -> Row:
         tokens, seconds = track.call_totals()
         rate = sum(tokens.values()) / seconds if seconds > 0 else 0.0
     else:
-        rate = track.rate(now)
+        rate = track.rate()
     coll = snap.get("collective_seconds", 0.0)
     share = track.collective_share()
     gpu = "–"
@@ -286,7 +290,8 @@ class Dashboard:
     """Per-engine memory, phase, tokens/s and collective time, live.
 
     ``mode``: "widget", "text", or "auto" (widgets in a notebook, text elsewhere).
-    ``ranks``/``engines``: the rows (default: every rank of ``workbench``).
+    ``ranks``: the rows (default: every rank of ``workbench``). ``cuda``: add the columns of
+    torch's reserved memory and the GPU's use (default: when the workbench runs on GPUs).
     """
 
     def __init__(
@@ -378,14 +383,14 @@ class Dashboard:
                 starts[rank] = data[publish.START]
         self.update(latest, starts)
 
-    def aggregate_rate(self, now: float | None = None) -> float:
+    def aggregate_rate(self) -> float:
         """Tokens/s of the cluster: ranks of one replica work on the same tokens, so each
         replica counts once (its fastest rank); replicas add up."""
         best: dict[Any, float] = {}
         for track in self.tracks.values():
             if track.latest is not None:
                 replica = track.latest.get("replica", track.rank)
-                best[replica] = max(best.get(replica, 0.0), track.rate(now))
+                best[replica] = max(best.get(replica, 0.0), track.rate())
         return sum(best.values())
 
     def call_tokens(self) -> tuple[dict[str, int], float]:
@@ -412,14 +417,13 @@ class Dashboard:
         if not force and mono - self._last_refresh < self.refresh_s:
             return
         self._last_refresh = mono
-        now = time.time()
         finished = self.state in ("done", "failed", "interrupted")
         if not finished:
-            self.history.append(self.aggregate_rate(now))
+            self.history.append(self.aggregate_rate())
         elapsed = mono - self._began
         if self.state == "running":
             self.headline = f"running · {elapsed:.1f} s"
-        rows = [row_of(self.tracks[r], finished=finished, now=now) for r in self.ranks]
+        rows = [row_of(self.tracks[r], finished=finished) for r in self.ranks]
         self.refreshes += 1
         if isinstance(self.view, WidgetView):
             self.view.render(self._status_html(), rows, self.history)
@@ -461,7 +465,7 @@ class Dashboard:
         self.outcome = self.headline
         self.refresh(force=True)
         if isinstance(self.view, TextView) and (self.view.printed_rows or sum(tokens.values())):
-            rows = [row_of(self.tracks[r], finished=True, now=None) for r in self.ranks]
+            rows = [row_of(self.tracks[r], finished=True) for r in self.ranks]
             self.view.summary(self.headline, rows)
 
     def tick(self, result, ranks: Sequence[int]) -> None:
@@ -556,7 +560,7 @@ class Standing:
         result.wait(timeout_s or self.timeout_s)
         self._take(result)
         if isinstance(self.dashboard.view, TextView):
-            rows = [row_of(self.dashboard.tracks[r], finished=False, now=time.time()) for r in self.dashboard.ranks]
+            rows = [row_of(self.dashboard.tracks[r], finished=False) for r in self.dashboard.ranks]
             self.dashboard.view.summary("the engines now (a standing dashboard that refreshes needs a notebook)", rows)
         else:
             self.dashboard.show()
