@@ -15,6 +15,23 @@ from matplotlib.figure import Figure
 from .telemetry import MEMORY_PARTS, Event
 
 GIB = 1024**3
+
+
+class PlotFigure(Figure):
+    """A Figure that shows itself as a PNG in a notebook.
+
+    IPython renders a bare Figure as an image only once pyplot's inline backend has
+    registered its formatter; without pyplot it would show ``<Figure size ...>``.
+    """
+
+    def _repr_png_(self) -> bytes:
+        from io import BytesIO
+
+        buffer = BytesIO()
+        self.savefig(buffer, format="png", bbox_inches="tight")
+        return buffer.getvalue()
+
+
 PART_COLOURS = {"weights": "#1f77b4", "kv_cache": "#ff7f0e", "activations": "#2ca02c", "other": "#c7c7c7"}
 PHASE_COLOURS = {"prefill": "#1f77b4", "decode": "#2ca02c", "loading": "#b8860b", "idle": "#c7c7c7"}
 
@@ -38,7 +55,7 @@ def plot_memory(per_rank: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str
     ranks = _by_rank(per_rank)
     if not ranks:
         raise ValueError("plot_memory: no ranks given; pass {rank: {'weights': bytes, ...}} or snapshots")
-    fig = Figure(figsize=(max(4.0, 0.9 * len(ranks) + 2), 3.2), layout="constrained")
+    fig = PlotFigure(figsize=(max(4.0, 0.9 * len(ranks) + 2), 3.2), layout="constrained")
     ax = fig.add_subplot()
     order = sorted(ranks)
     bottoms = [0.0] * len(order)
@@ -87,7 +104,7 @@ def plot_throughput(records: Iterable[Mapping[str, Any]]) -> Figure:
     if not records:
         raise ValueError("plot_throughput: no records; pass dicts with strategy, dp, pp, tp and tokens/s")
     labels = [_layout_label(r) for r in records]
-    fig = Figure(figsize=(9.0, 0.45 * len(records) + 1.6), layout="constrained")
+    fig = PlotFigure(figsize=(9.0, 0.45 * len(records) + 1.6), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, key, title, colour in (
         (axes[0], "prefill_tokens_per_s", "prefill", PHASE_COLOURS["prefill"]),
@@ -149,7 +166,7 @@ def plot_timeline(events: Iterable[Event]) -> Figure:
     microbatches = sorted({e.microbatch for e in events})
     p, m = len(stages), len(microbatches)
     spans = _aligned(events)
-    fig = Figure(figsize=(9.0, 0.6 * p + 1.6), layout="constrained")
+    fig = PlotFigure(figsize=(9.0, 0.6 * p + 1.6), layout="constrained")
     ax = fig.add_subplot()
     cmap = _colours(m)
     for stage in stages:
@@ -209,7 +226,7 @@ def plot_collectives(
     counts_of = {r: (v.get("collectives", {}) if "collectives" in v else v) for r, v in by_rank.items()}
     order = sorted(counts_of)
     kinds = sorted({k for c in counts_of.values() for k in c})
-    fig = Figure(figsize=(9.0, 3.2), layout="constrained")
+    fig = PlotFigure(figsize=(9.0, 3.2), layout="constrained")
     ax_n, ax_s = fig.subplots(1, 2)
     colours = dict(zip(kinds, _colours(len(kinds))))
     bottom = [0] * len(order)

@@ -131,11 +131,16 @@ def test_collectives_from_engine_snapshots(workbench, events):
     )
 
 
-def test_figures_leave_pyplot_alone_and_empty_input_is_a_clear_error(events):
+def test_figures_leave_pyplot_alone_show_in_a_notebook_and_empty_input_is_a_clear_error(events):
+    from IPython.core.interactiveshell import InteractiveShell
+
     before = plt.get_fignums()
-    plot_timeline(events)
+    fig = plot_timeline(events)
     plot_memory({0: {"weights": 2**30, "total": 2**31}})
     assert plt.get_fignums() == before
+    # what IPython sends to a notebook for a figure that is a cell's value: a PNG
+    shown, _ = InteractiveShell.instance().display_formatter.format(fig)
+    assert shown["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
     for fn, arg, word in (
         (plot_timeline, [], "no events"),
         (plot_memory, {}, "no ranks"),
