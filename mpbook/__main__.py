@@ -16,7 +16,9 @@ def demo(args: argparse.Namespace) -> int:
         print(f"started {wb.world_size} engines in {time.perf_counter() - began:.1f} s")
         print(wb.table())
         print("\nall_reduce of each rank's (rank + 1) across the process group:")
-        wb.run("t = torch.tensor([rank + 1.0], device=device)\ndist.all_reduce(t)\nprint(f'sum = {t.item():g}')")
+        code = "t = torch.tensor([rank + 1.0], device=device)\ndist.all_reduce(t)\nprint(f'sum = {t.item():g}')"
+        # Outside a notebook the dashboard prints as text (quiet for a call this short).
+        wb.run(code, dashboard=True)
         prompts = ["Explain pipeline parallelism in one sentence.", "What does an all-reduce do?"]
         print(f"\ngreedy generation with the built-in '{args.model}' model, each strategy over {wb.world_size} engines:")
         results = {}
@@ -42,6 +44,17 @@ def bench(args: argparse.Namespace) -> int:
 
     if args.cluster:
         payload = benchmarks.bench_cluster(engines=args.n or 2, cpu=True)
+    elif args.dashboard_overhead:
+        from .workbench import Workbench
+
+        with Workbench.start(args.n, cpu=args.cpu) as wb:
+            print(f"{wb.world_size} engines on {wb.device_type}")
+            report = benchmarks.dashboard_overhead(
+                wb, rounds=args.repeats * 2, model=args.model, batch=min(args.batch, 4), new_tokens=args.new_tokens * 4
+            )
+            print(report.format())
+            payload = {"engine_ratio": report.engine_ratio, "engine_cpu_ratio": report.engine_cpu_ratio,
+                       "client_cpu_added": report.client_cpu_added}
     else:
         payload = benchmarks.bench_strategies(
             model=args.model, engines=args.n, cpu=args.cpu, batch=args.batch, new_tokens=args.new_tokens,
@@ -73,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is kept (default 3)")
     b.add_argument("--sweep", action="store_true", help="every layout that fits the engines, not one per strategy")
     b.add_argument("--cluster", action="store_true", help="measure cluster start-up and the %%%%mp run round trip")
+    b.add_argument("--dashboard-overhead", action="store_true", help="generation with the dashboard on and off")
     b.add_argument("--json", default=None, metavar="PATH", help="write the records to PATH")
     b.set_defaults(func=bench)
     return parser

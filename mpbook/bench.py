@@ -8,6 +8,11 @@ tokens are identical.
 
 ``--cluster``: the cluster's own costs: start to ready (median of 5) and an empty
 ``%%mp run`` round trip next to ipyparallel's ``dv.execute('pass')``.
+
+``--dashboard-overhead``: what watching costs. The same generation runs with the dashboard
+on (engines publish snapshots, the client refreshes a widget dashboard) and off (no
+publishing, no dashboard), interleaved A B B A; the report is the median ratio of their
+times, and of the engines' CPU time, which other processes' load does not blur.
 """
 
 from __future__ import annotations
@@ -198,3 +203,128 @@ def bench_cluster(*, engines: int = 2, cpu: bool = True, starts: int = 5, round_
 def write_json(path: str, payload) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
+
+
+def _set_publishing(state, on: bool) -> None:
+    state.publisher.enabled = on
+
+
+def _published(state) -> int:
+    return state.publisher.published
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One run of the workload."""
+
+    engine_s: float  # prefill + decode, wall time on the engines
+    engine_cpu_s: float  # CPU time of the engine processes during the call, all ranks
+    wall_s: float  # the client's wall time of the call
+    client_cpu_s: float  # the client's CPU time during the call (the dashboard's drawing included)
+
+
+def _median_ratio(on: list[float], off: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(on, off))
+
+
+@dataclass(frozen=True)
+class OverheadReport:
+    rounds: int
+    steps: int
+    on: list[Sample]  # dashboard on: engines publish, the client refreshes a widget dashboard
+    off: list[Sample]
+    snapshots_per_s: float  # published per engine per second, dashboard on
+    refreshes_per_s: float  # dashboard view refreshes per second
+
+    def ratio(self, field: str) -> float:
+        """Median over the A/B pairs of on/off for one field of :class:`Sample`."""
+        return _median_ratio([getattr(s, field) for s in self.on], [getattr(s, field) for s in self.off])
+
+    @property
+    def engine_ratio(self) -> float:
+        """The slowdown of the engines' work (wall time; noisy when the machine is shared)."""
+        return self.ratio("engine_s")
+
+    @property
+    def engine_cpu_ratio(self) -> float:
+        """The engines' CPU time on/off: the publisher's cost, robust to other processes' load."""
+        return self.ratio("engine_cpu_s")
+
+    @property
+    def client_cpu_added(self) -> float:
+        """CPU seconds the client spends on the dashboard per second of the call."""
+        on = statistics.median(s.client_cpu_s / s.wall_s for s in self.on)
+        off = statistics.median(s.client_cpu_s / s.wall_s for s in self.off)
+        return on - off
+
+    def format(self) -> str:
+        med = statistics.median
+
+        def line(name: str, field: str) -> str:
+            a, b, r = med(getattr(s, field) for s in self.on), med(getattr(s, field) for s in self.off), self.ratio(field)
+            return f"  {name:<18} on {a:.3f} s  off {b:.3f} s  ratio {r:.4f} ({(r - 1) * 100:+.2f}%)"
+
+        return "\n".join(
+            [
+                f"dashboard overhead: {self.rounds} rounds A B B A, {self.steps} generated tokens per prompt per run "
+                "(median of on/off pairs)",
+                line("generation, wall", "engine_s"),
+                line("engines, CPU", "engine_cpu_s"),
+                line("client call, wall", "wall_s"),
+                f"  client CPU added by the dashboard: {self.client_cpu_added * 100:.2f}% of a core",
+                f"  while on: {self.snapshots_per_s:.1f} snapshots/s per engine, "
+                f"{self.refreshes_per_s:.1f} dashboard refreshes/s",
+            ]
+        )
+
+
+def _engine_cpu_seconds(state) -> float:
+    return time.process_time()
+
+
+def dashboard_overhead(
+    wb, *, rounds: int = 6, model: str = "tiny", strategy: str = "pipeline", batch: int = 4, new_tokens: int = 64
+) -> OverheadReport:
+    """Generate with the dashboard on and off, interleaved, on every rank of ``wb``."""
+    from .dashboard import Dashboard
+
+    if rounds < 1 or new_tokens < 2:
+        raise ValueError(f"rounds={rounds}, new_tokens={new_tokens}: need at least one round of 2 or more tokens")
+    prompts = (BENCH_PROMPTS * batch)[:batch]
+    steps = new_tokens
+
+    def run(steps: int, on: bool) -> tuple[Sample, Dashboard | None]:
+        wb.apply(_set_publishing, on, stream=False, what="switching the publisher")
+        dash = Dashboard(wb, mode="widget") if on else None
+        cpu_before = wb.apply(_engine_cpu_seconds, stream=False)
+        began, cpu0 = time.perf_counter(), time.process_time()
+        result = wb.generate(prompts, strategy=strategy, model=model, max_new_tokens=steps, dashboard=dash or False)
+        wall, client_cpu = time.perf_counter() - began, time.process_time() - cpu0
+        cpu_after = wb.apply(_engine_cpu_seconds, stream=False)
+        engine_cpu = sum(b - a for a, b in zip(cpu_before, cpu_after))
+        return Sample(result.prefill_seconds + result.decode_seconds, engine_cpu, wall, client_cpu), dash
+
+    try:
+        run(steps, False)  # warm-up: loads the model
+        on: list[Sample] = []
+        off: list[Sample] = []
+        published_before = sum(wb.apply(_published, stream=False))
+        refreshes = 0
+        for i in range(rounds):
+            for publishing in (True, False) if i % 2 == 0 else (False, True):
+                sample, dash = run(steps, publishing)
+                (on if publishing else off).append(sample)
+                if dash is not None:
+                    refreshes += dash.refreshes
+        published = sum(wb.apply(_published, stream=False)) - published_before
+    finally:
+        wb.apply(_set_publishing, True, stream=False, what="switching the publisher back on")
+    on_time = sum(s.wall_s for s in on)
+    return OverheadReport(
+        rounds=rounds,
+        steps=steps,
+        on=on,
+        off=off,
+        snapshots_per_s=published / wb.world_size / on_time,
+        refreshes_per_s=refreshes / on_time,
+    )

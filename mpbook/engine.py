@@ -66,6 +66,7 @@ class EngineState:
     mesh: Mesh | None = None
     cache: dict[str, Any] = field(default_factory=dict)  # models and other per-engine state kept between cells
     telemetry: Any = None  # mpbook.telemetry.Telemetry
+    publisher: Any = None  # mpbook.publish.Publisher: sends telemetry to the client while a task runs
     _tcp_store: Any = None
 
 
@@ -98,7 +99,9 @@ def state() -> EngineState:
 
 def call(fn, /, *args, **kwargs):
     """Run ``fn(state, *args, **kwargs)`` on this engine (the workbench sends this via apply)."""
-    return fn(state(), *args, **kwargs)
+    found = state()
+    with found.publisher.task():
+        return fn(found, *args, **kwargs)
 
 
 def hostname() -> str:
@@ -157,7 +160,12 @@ def setup(
     import torch
     import torch.distributed as dist
 
+    from . import publish
+
     ns = _namespace()
+    previous = ns.get(STATE_NAME)
+    if previous is not None:  # set up again on the same engine (a restart of an attached cluster)
+        publish.uninstall(previous.publisher)
     if threads:
         torch.set_num_threads(threads)
     if use_gpu:
@@ -203,9 +211,12 @@ def setup(
         mesh=Mesh(Layout(dp=world_size), rank, device.type),
         telemetry=Telemetry(rank, device),
     )
+    state.publisher = publish.install(state)
     ns[STATE_NAME] = state
     # The names a `%%mp run` cell can use directly.
-    ns.update(rank=rank, world_size=world_size, device=device, mesh=state.mesh, torch=torch, dist=dist)
+    ns.update(
+        rank=rank, world_size=world_size, device=device, mesh=state.mesh, telemetry=state.telemetry, torch=torch, dist=dist
+    )
     return describe(state)
 
 
@@ -240,10 +251,15 @@ def teardown(state: EngineState | None = None) -> None:
 
     import torch.distributed as dist
 
+    from . import publish
+
     if dist.is_initialized():
         dist.destroy_process_group()
     ns = _namespace()
     ns.pop("_mpbook_tcp_store", None)
+    current = ns.get(STATE_NAME)
+    if current is not None:
+        publish.uninstall(current.publisher)
     if state is not None:
         state.cache.clear()
         rdzv = state.rendezvous

@@ -192,6 +192,10 @@ def prepare(state, request: Request) -> dict:
         state.cache.pop("runner").close()  # free the old layout's memory before loading
     with state.telemetry.phase_scope("loading"):
         runner = state.cache["runner"] = _build_runner(state, request)
+    # The ranks of one replica (its stages and shards) work on the same tokens: the
+    # dashboard counts each replica's tokens once.
+    state.telemetry.replica = runner.coords.dp
+    state.telemetry.note_memory("weights", runner.weight_bytes)
     return {"weight_bytes": runner.weight_bytes, "load_seconds": runner.load_seconds, "reused": False}
 
 
@@ -302,6 +306,7 @@ def run(state, request: Request) -> RankOutput:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
         if t is not None
     )
+    tel.note_memory("kv_cache", kv_bytes)
     return RankOutput(
         **empty,
         tokens=tokens,

@@ -118,8 +118,12 @@ def run(
     dtype: str = "float32",
     stage_sizes: Sequence[int] | None = None,
     on_tick: Callable[[], None] | None = None,
+    dashboard=None,
 ) -> RunResult:
-    """Generate (or, with ``max_new_tokens=0``, run a forward pass) with one layout."""
+    """Generate (or, with ``max_new_tokens=0``, run a forward pass) with one layout.
+
+    ``dashboard``: True for a live dashboard of the loading and the run (one dashboard for
+    both), or a :class:`mpbook.dashboard.Dashboard` to feed."""
     from . import models
 
     if isinstance(prompts, str):
@@ -141,11 +145,16 @@ def run(
         supported = wb.apply(_bf16_supported, ranks=[0], stream=False, what="checking the dtype")[0]
         if not supported:
             raise MpbookError("--dtype bfloat16: these GPUs do not support it; use float16 or float32")
-    loads = wb.apply(engine_side.prepare, request, on_tick=on_tick, what=f"loading {model}")
-    outputs = wb.apply(engine_side.run, request, on_tick=on_tick, what=f"the {strategy} run")
+    if dashboard is True:
+        from .dashboard import Dashboard
+
+        dashboard = Dashboard(wb)
+    watch = dict(on_tick=on_tick, dashboard=dashboard or None)
+    loads = wb.apply(engine_side.prepare, request, what=f"loading {model}", **watch)
+    outputs = wb.apply(engine_side.run, request, what=f"the {strategy} run", **watch)
     return merge(
         outputs, strategy=strategy, request=request, tokenizer=tokenizer,
-        load_seconds=[load["load_seconds"] for load in loads],
+        load_seconds=[load["load_seconds"] for load in loads], device_type=wb.device_type,
     )
 
 

@@ -10,13 +10,21 @@ Line commands::
     1     vm    41027  cpu     gloo     1        22.6 / 23.5 GiB
     In [3]: %mp status
     In [4]: %mp restart
-    In [5]: %mp stop
+    In [5]: %mp dashboard        # a standing dashboard: follows every cell, refreshes between them
+    In [6]: %mp stop
 
 Cell commands::
 
-    In [6]: %%mp run --ranks 0
+    In [7]: %%mp run --ranks 0
        ...: print(rank, world_size, device)
     [rank 0] 0 2 cpu
+
+    In [8]: %%mp tensor --model tiny --max-new-tokens 16
+       ...: Explain pipeline parallelism in one sentence.
+       ...: What does an all-reduce do?
+
+A cell shows a live dashboard while it runs (``--no-dashboard`` leaves it out): widgets in
+a notebook, a few lines of text in a terminal.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from IPython.utils.text import dedent
 from .errors import MpbookError, NoClusterError
 from .workbench import Workbench
 
-LINE_COMMANDS = ("start", "status", "stop", "restart")
+LINE_COMMANDS = ("start", "status", "stop", "restart", "dashboard")
 STRATEGY_COMMANDS = ("data", "pipeline", "tensor")
 CELL_COMMANDS = ("run", *STRATEGY_COMMANDS)
 
@@ -54,9 +62,13 @@ def build_parser() -> MagicArgumentParser:
     commands.add_parser("status", help="show the engines table")
     commands.add_parser("stop", help="stop the engines mpbook started (leave an attached cluster running)")
     commands.add_parser("restart", help="restart the cluster with the same layout")
+    dash = commands.add_parser("dashboard", help="show a dashboard that follows every cell and refreshes between them")
+    dash.add_argument("--period", type=float, default=1.0, help="seconds between refreshes while idle (default 1)")
+    dash.add_argument("--off", action="store_true", help="stop the standing dashboard")
 
     run = commands.add_parser("run", help="(cell) run the cell's Python on every rank")
     run.add_argument("--ranks", default=None, help="ranks to run on: 'all' (default), '0', '0,2' or '1-3'")
+    run.add_argument("--no-dashboard", action="store_true", help="no live dashboard for this cell")
 
     for strategy, what in (
         ("data", "replicas; the prompts are split across them"),
@@ -73,6 +85,7 @@ def build_parser() -> MagicArgumentParser:
         cmd.add_argument("--stages", default=None, help="layers per pipeline stage, e.g. 4,2 (default: balanced)")
         cmd.add_argument("--prompts", default=None, help="take the prompts from this variable (a list of str)")
         cmd.add_argument("-o", "--out", default="_mp", help="name for the result object (default _mp)")
+        cmd.add_argument("--no-dashboard", action="store_true", help="no live dashboard for this cell")
     return parser
 
 
@@ -105,6 +118,7 @@ class MpMagics(Magics):
     def __init__(self, shell):
         super().__init__(shell)
         self.workbench: Workbench | None = None
+        self.standing = None  # mpbook.dashboard.Standing of `%mp dashboard`
 
     @line_cell_magic
     def mp(self, line: str, cell: str | None = None):
@@ -153,7 +167,10 @@ class MpMagics(Magics):
     def _stop(self, args, cell):
         wb = self._require("stopping it")
         self.workbench = None
-        wb.stop()
+        try:
+            wb.stop()
+        finally:
+            self._stop_dashboard()  # after the stop, so that it shows "the cluster stopped"
         print("stopped the cluster" if wb.owned else "left the attached cluster (its engines keep running)")
 
     def _restart(self, args, cell):
@@ -165,7 +182,22 @@ class MpMagics(Magics):
 
     def _run(self, args, cell):
         wb = self._require("running a cell")
-        wb.run(cell, ranks=args.ranks)
+        wb.run(cell, ranks=args.ranks, dashboard=not args.no_dashboard)
+
+    def _dashboard(self, args, cell):
+        if args.period <= 0:
+            raise MpbookError(f"--period {args.period:g}: refresh every so many seconds; use a number above 0, e.g. 1")
+        self._stop_dashboard()
+        if args.off:
+            return
+        from .dashboard import stand
+
+        self.standing = stand(self._require("showing a dashboard"), period_s=args.period)
+
+    def _stop_dashboard(self) -> None:
+        if self.standing is not None:
+            self.standing.stop()
+            self.standing = None
 
     def _strategy(self, args, cell):
         wb = self._require(f"running `%%mp {args.command}`")
@@ -187,6 +219,7 @@ class MpMagics(Magics):
             max_new_tokens=args.max_new_tokens,
             dtype=args.dtype,
             stage_sizes=stages,
+            dashboard=not args.no_dashboard,
         )
         self.shell.user_ns[args.out] = result
         for i, (prompt, text) in enumerate(zip(result.prompts, result.texts)):
@@ -212,6 +245,7 @@ class MpMagics(Magics):
         return list(value)
 
     def close(self) -> None:
+        self._stop_dashboard()
         if self.workbench is not None:
             self.workbench.stop()
             self.workbench = None

@@ -89,10 +89,11 @@ def wait(
         if streams is not None:
             streams.flush(final=True)
         raise
-    if streams is not None:
-        # Output messages may trail the reply by a moment; ipyparallel tracks when the
-        # engine went idle, which comes after its last output.
+    if streams is not None or on_tick is not None:
+        # Output and telemetry messages may trail the reply by a moment; ipyparallel tracks
+        # when the engine went idle, which comes after its last output.
         result.wait_for_output(timeout=1.0)
+    if streams is not None:
         streams.flush(final=True)
     if on_tick is not None:
         on_tick()

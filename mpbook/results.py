@@ -43,6 +43,7 @@ class RunResult:
     collective_seconds: list[float]
     timeline: list[Event]
     load_seconds: list[float] = field(default_factory=list)
+    device_type: str = "cpu"
 
     @property
     def engines(self) -> int:
@@ -96,6 +97,31 @@ class RunResult:
             "collectives": self.total_collectives(),
         }
 
+    # ------------------------------------------------------------------ plots
+    def plot_timeline(self, phase: str = "prefill"):
+        """The pipeline timeline of one phase ("prefill" or "decode") as a Gantt chart."""
+        from .plots import plot_timeline
+
+        return plot_timeline([e for e in self.timeline if e.phase == phase])
+
+    def plot_memory(self):
+        """Per-rank memory: weights and KV cache, and the rest of the peak above them
+        (activations on a GPU; on a CPU engine the peak is the process's, runtime included)."""
+        from .plots import plot_memory
+
+        per_rank = {}
+        for rank, (weights, kv, peak) in enumerate(zip(self.weight_bytes, self.kv_cache_bytes, self.peak_memory_bytes)):
+            parts = {"weights": weights, "kv_cache": kv, "total": peak, "peak": peak}
+            if self.device_type == "cuda":
+                parts["activations"] = max(0, peak - weights - kv)
+            per_rank[rank] = parts
+        return plot_memory(per_rank)
+
+    def plot_collectives(self):
+        from .plots import plot_collectives
+
+        return plot_collectives(dict(enumerate(self.collectives)), dict(enumerate(self.collective_seconds)))
+
     def __repr__(self) -> str:
         return f"<RunResult {self.summary()}>"
 
@@ -103,7 +129,7 @@ class RunResult:
         printer.text(self.summary())
 
 
-def merge(outputs, *, strategy: str, request, tokenizer, load_seconds: list[float]) -> RunResult:
+def merge(outputs, *, strategy: str, request, tokenizer, load_seconds: list[float], device_type: str) -> RunResult:
     """Combine the ranks' RankOutputs (in rank order) into one result, prompts in order."""
     n = len(request.prompts)
     token_ids: list[list[int] | None] = [None] * n
@@ -153,4 +179,5 @@ def merge(outputs, *, strategy: str, request, tokenizer, load_seconds: list[floa
         collective_seconds=[out.collective_seconds for out in outputs],
         timeline=timeline,
         load_seconds=load_seconds,
+        device_type=device_type,
     )

@@ -7,12 +7,18 @@ ipyparallel's client merges each published snapshot into the last one by key
 
 A run (one generate or forward call) is bracketed by :meth:`Telemetry.run`, which yields
 a :class:`RunStats` with that run's own counts for the result object.
+
+Strategies only report; they never publish. While a task runs on the engine,
+:mod:`mpbook.publish` sends :meth:`Telemetry.snapshot` to the client a few times a second
+from a background thread, so everything here must be cheap and safe to read from that thread
+(reads copy dicts whole, which the GIL makes atomic).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PHASES = ("idle", "loading", "prefill", "decode")
+# What a rank's memory holds, where a strategy knows it (see Telemetry.note_memory).
+MEMORY_PARTS = ("weights", "kv_cache", "activations")
 
 
 @dataclass(frozen=True)
@@ -31,8 +39,11 @@ class Event:
     stage: int
     microbatch: int
     phase: str
-    start: float  # seconds since the run began
+    start: float  # seconds since the run began on this rank
     end: float
+    # time.time() when this rank's run began: ranks start their runs at slightly different
+    # moments, so bars of different ranks line up only on run_began + start.
+    run_began: float = 0.0
 
 
 @dataclass
@@ -40,6 +51,7 @@ class RunStats:
     """Counts of one run on one rank."""
 
     started: float = field(default_factory=time.perf_counter)
+    wall_started: float = field(default_factory=time.time)
     collectives: Counter = field(default_factory=Counter)
     collective_seconds: float = 0.0
     events: list[Event] = field(default_factory=list)
@@ -57,8 +69,16 @@ class Telemetry:
         self.phase_seconds: Counter = Counter()  # phase -> seconds spent (running total)
         self.collectives: Counter = Counter()  # kind -> count (running total)
         self.collective_seconds = 0.0
+        self.collective_seconds_by_kind: Counter = Counter()  # kind -> seconds (running total)
+        self.memory_parts: dict[str, int] = {}  # part -> bytes, as last noted by a strategy
+        # Ranks with the same replica work on the same tokens (one data-parallel replica:
+        # its pipeline stages and tensor shards); the dashboard counts their tokens once.
+        # Each rank is its own replica until a strategy says otherwise.
+        self.replica = rank
         self._run: RunStats | None = None
         self._phase_started = time.perf_counter()
+        self._nvml = None  # NVML handle of this engine's GPU, opened on first use
+        self._process = None  # psutil.Process of this engine, made on first use
 
     # ---------------------------------------------------------------- reporting
     @contextmanager
@@ -103,6 +123,7 @@ class Telemetry:
         """Count ``n`` collectives of ``kind`` (all_reduce, all_gather, send, recv, ...)."""
         self.collectives[kind] += n
         self.collective_seconds += seconds
+        self.collective_seconds_by_kind[kind] += seconds
         if self._run is not None:
             self._run.collectives[kind] += n
             self._run.collective_seconds += seconds
@@ -119,24 +140,76 @@ class Telemetry:
         """Record a timeline bar; ``start``/``end`` are perf_counter readings."""
         if self._run is not None:
             t0 = self._run.started
-            self._run.events.append(Event(self.rank, stage, microbatch, phase, start - t0, end - t0))
+            self._run.events.append(
+                Event(self.rank, stage, microbatch, phase, start - t0, end - t0, self._run.wall_started)
+            )
+
+    def note_memory(self, part: str, nbytes: int) -> None:
+        """Say how many bytes of this rank's memory hold ``part`` (weights, kv_cache, activations)."""
+        if part not in MEMORY_PARTS:
+            raise ValueError(f"unknown memory part {part!r}; one of {MEMORY_PARTS}")
+        self.memory_parts = {**self.memory_parts, part: int(nbytes)}  # replaced whole: the publisher reads it
 
     # ---------------------------------------------------------------- memory
     def memory_in_use_bytes(self) -> int:
+        """CUDA: bytes allocated by torch's caching allocator; CPU: the process's RSS."""
         if self.device.type == "cuda":
             import torch
 
             return int(torch.cuda.memory_allocated(self.device))
-        import psutil
+        if self._process is None:
+            import psutil
 
-        return int(psutil.Process(os.getpid()).memory_info().rss)
+            self._process = psutil.Process(os.getpid())
+        return int(self._process.memory_info().rss)
 
-    def peak_memory_bytes(self) -> int:
+    def peak_memory_bytes(self, in_use: int | None = None) -> int:
+        """CUDA: peak allocated since the current run began; CPU: the process's peak RSS."""
         if self.device.type == "cuda":
             import torch
 
             return int(torch.cuda.max_memory_allocated(self.device))
-        return self.memory_in_use_bytes()
+        import resource
+
+        # ru_maxrss is in KiB on Linux, in bytes on macOS.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return max(int(peak), self.memory_in_use_bytes() if in_use is None else in_use)
+
+    def memory(self) -> dict[str, int | None]:
+        """Memory figures for the dashboard; ``None`` where this device has no such figure.
+
+        ``reserved``: held by torch's CUDA cache (allocated plus cached free blocks).
+        ``device_used``/``device_total``: the whole GPU as NVML sees it, other processes included.
+        """
+        in_use = self.memory_in_use_bytes()
+        figures: dict[str, int | None] = {
+            "in_use": in_use,
+            "peak": self.peak_memory_bytes(in_use),
+            "reserved": None,
+            "device_used": None,
+            "device_total": None,
+        }
+        if self.device.type == "cuda":
+            import torch
+
+            figures["reserved"] = int(torch.cuda.memory_reserved(self.device))
+            info = self._nvml_memory()
+            if info is not None:
+                figures["device_used"], figures["device_total"] = int(info.used), int(info.total)
+        return figures
+
+    def _nvml_memory(self):
+        """NVML's memory info for this engine's GPU, or None when NVML cannot say."""
+        if self._nvml is None:
+            self._nvml = _nvml_handle(self.device) or False
+        if self._nvml is False:
+            return None
+        import pynvml
+
+        try:
+            return pynvml.nvmlDeviceGetMemoryInfo(self._nvml)
+        except pynvml.NVMLError:
+            return None
 
     # ---------------------------------------------------------------- snapshot
     def snapshot(self) -> dict[str, Any]:
@@ -144,6 +217,7 @@ class Telemetry:
         now = time.perf_counter()
         phase_seconds = Counter(self.phase_seconds)
         phase_seconds[self.phase] += now - self._phase_started
+        memory = self.memory()
         return {
             "rank": self.rank,
             "host": self.host,
@@ -154,6 +228,27 @@ class Telemetry:
             "phase_seconds": dict(phase_seconds),
             "collectives": dict(self.collectives),
             "collective_seconds": self.collective_seconds,
-            "memory_in_use_bytes": self.memory_in_use_bytes(),
-            "peak_memory_bytes": self.peak_memory_bytes(),
+            "collective_seconds_by_kind": dict(self.collective_seconds_by_kind),
+            "memory": memory,
+            "memory_parts": self.memory_parts,
+            "memory_in_use_bytes": memory["in_use"],
+            "peak_memory_bytes": memory["peak"],
+            "replica": self.replica,
         }
+
+
+def _nvml_handle(device: Any):
+    """The NVML handle of a torch CUDA device, matched by UUID.
+
+    NVML numbers GPUs physically and ignores CUDA_VISIBLE_DEVICES, so ``cuda:0`` is not
+    NVML's device 0 in general; the UUID names the same GPU in both.
+    """
+    try:
+        import pynvml
+        import torch
+
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    except Exception:
+        return None

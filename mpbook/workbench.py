@@ -15,6 +15,7 @@ process group it formed there.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import os
@@ -154,6 +155,7 @@ class Workbench:
         self._engine_ids: list[int] = []
         self._generation = 0
         self._stopped = False
+        self.dashboards: list = []  # standing dashboards (mpbook.dashboard.stand) that follow every call
         self._arm_exit_hook()
 
     def _arm_exit_hook(self) -> None:
@@ -359,20 +361,34 @@ class Workbench:
         *,
         stream: bool = True,
         on_tick: Callable[[], None] | None = None,
+        dashboard: Any = None,
     ) -> None:
         """Execute ``code`` on every rank (or ``ranks``), with ``rank``, ``world_size``,
-        ``device``, ``mesh``, ``torch`` and ``dist`` bound; stream output labelled by rank."""
+        ``device``, ``mesh``, ``telemetry``, ``torch`` and ``dist`` bound; stream output
+        labelled by rank. ``dashboard``: True for a live dashboard of this call, or a
+        :class:`mpbook.dashboard.Dashboard` to feed."""
         self._check_running("running a cell")
         chosen = parse_ranks(ranks, self.world_size)
         targets = self.engine_ids(chosen)
         result = self.client[targets].execute(code, silent=False, block=False)
-        remote.wait(
-            result,
-            chosen,
-            stream=stream,
-            on_tick=on_tick,
-            on_interrupt=lambda: self.interrupt(chosen),
-        )
+        self._wait(result, chosen, stream=stream, on_tick=on_tick, dashboard=dashboard, what="the cell")
+
+    def _wait(self, result, chosen, *, stream, on_tick, dashboard, what) -> list[Any]:
+        """remote.wait, with this call's dashboard and any standing ones following it."""
+        follow = contextlib.nullcontext(on_tick)
+        if dashboard or self.dashboards:
+            from .dashboard import follow as _follow  # ipywidgets only when a dashboard is wanted
+
+            follow = _follow(self, result, chosen, dashboard=dashboard, on_tick=on_tick)
+        with follow as tick:
+            return remote.wait(
+                result,
+                chosen,
+                stream=stream,
+                on_tick=tick,
+                on_interrupt=lambda: self.interrupt(chosen),
+                what=what,
+            )
 
     def apply(
         self,
@@ -382,6 +398,7 @@ class Workbench:
         stream: bool = True,
         on_tick: Callable[[], None] | None = None,
         what: str = "the call",
+        dashboard: Any = None,
         **kwargs: Any,
     ) -> list[Any]:
         """Call ``fn(state, *args, **kwargs)`` on each rank; return the values in rank order.
@@ -392,14 +409,7 @@ class Workbench:
         self._check_running(what)
         chosen = parse_ranks(ranks, self.world_size)
         result = self.client[self.engine_ids(chosen)].apply_async(engine.call, fn, *args, **kwargs)
-        return remote.wait(
-            result,
-            chosen,
-            stream=stream,
-            on_tick=on_tick,
-            on_interrupt=lambda: self.interrupt(chosen),
-            what=what,
-        )
+        return self._wait(result, chosen, stream=stream, on_tick=on_tick, dashboard=dashboard, what=what)
 
     def generate(self, prompts, *, strategy: str, model: str = "tiny", **options):
         """Generate with one strategy (``data``, ``pipeline`` or ``tensor``, degrees combinable

@@ -243,3 +243,18 @@ def test_other_architectures_run_data_parallel(wb, gpt2_folder):
     for strategy in ("pipeline", "tensor"):
         with pytest.raises(MpbookError, match=f"gpt2 models support data parallelism in mpbook, not {strategy}"):
             wb.generate(PROMPTS, strategy=strategy, model=gpt2_folder)
+
+
+def test_result_plots_come_from_the_run(wb, tiny_folder):
+    m = 3
+    result = wb.generate(PROMPTS[:3], strategy="pipeline", model=tiny_folder, microbatches=m, max_new_tokens=3)
+    timeline = result.plot_timeline()
+    bars = [p for p in timeline.axes[0].patches]
+    assert len(bars) == m * 2  # m micro-batches on each of 2 stages
+    decode = result.plot_timeline("decode")
+    assert len(decode.axes[0].patches) == m * 2 * 2  # two decode steps
+    memory = result.plot_memory()
+    labels = memory.axes[0].get_legend_handles_labels()[1]
+    assert {"weights", "kv cache", "peak"} <= set(labels)
+    collectives = result.plot_collectives()
+    assert collectives.axes

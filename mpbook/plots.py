@@ -1,0 +1,253 @@
+"""Figures of a run: memory per rank, throughput per layout, the pipeline timeline, collectives.
+
+Each function returns a :class:`matplotlib.figure.Figure` made without pyplot, so nothing is
+left in pyplot's global list of figures (no leak, no duplicate display); a notebook shows the
+returned figure, a script saves it with ``fig.savefig(path)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from .telemetry import MEMORY_PARTS, Event
+
+GIB = 1024**3
+
+
+class PlotFigure(Figure):
+    """A Figure that shows itself as a PNG in a notebook.
+
+    IPython renders a bare Figure as an image only once pyplot's inline backend has
+    registered its formatter; without pyplot it would show ``<Figure size ...>``.
+    """
+
+    def _repr_png_(self) -> bytes:
+        from io import BytesIO
+
+        buffer = BytesIO()
+        self.savefig(buffer, format="png", bbox_inches="tight")
+        return buffer.getvalue()
+
+
+PART_COLOURS = {"weights": "#1f77b4", "kv_cache": "#ff7f0e", "activations": "#2ca02c", "other": "#c7c7c7"}
+PHASE_COLOURS = {"prefill": "#1f77b4", "decode": "#2ca02c", "loading": "#b8860b", "idle": "#c7c7c7"}
+
+
+def _by_rank(per_rank: Mapping[int, Any] | Sequence[Mapping[str, Any]]) -> dict[int, Any]:
+    """Accept {rank: value} or a list of dicts that carry "rank" (e.g. telemetry snapshots)."""
+    if isinstance(per_rank, Mapping):
+        return {int(r): v for r, v in per_rank.items()}
+    return {int(item["rank"]): item for item in per_rank}
+
+
+# --------------------------------------------------------------------------- memory
+def plot_memory(per_rank: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]]) -> Figure:
+    """Memory per rank, stacked into weights, KV cache and activations where known.
+
+    ``per_rank``: {rank: figures} or a list of telemetry snapshots. Figures in bytes:
+    ``weights``, ``kv_cache``, ``activations`` (or a snapshot's ``memory_parts``), ``total``
+    (or a snapshot's ``memory_in_use_bytes``) and ``peak`` (``peak_memory_bytes``). What the
+    total holds beyond the known parts is drawn as "other"; the peak as a tick above the bar.
+    """
+    ranks = _by_rank(per_rank)
+    if not ranks:
+        raise ValueError("plot_memory: no ranks given; pass {rank: {'weights': bytes, ...}} or snapshots")
+    fig = PlotFigure(figsize=(max(4.0, 0.9 * len(ranks) + 2), 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    order = sorted(ranks)
+    bottoms = [0.0] * len(order)
+    drawn = set()
+    parts_of = {r: {**ranks[r].get("memory_parts", {}), **{p: ranks[r][p] for p in MEMORY_PARTS if p in ranks[r]}} for r in order}
+    totals = {r: ranks[r].get("total", ranks[r].get("memory_in_use_bytes")) for r in order}
+    for part in (*MEMORY_PARTS, "other"):
+        heights = []
+        for r in order:
+            if part == "other":
+                known = sum(parts_of[r].values())
+                total = totals[r]
+                heights.append(max(0.0, (total or 0) - known) / GIB)
+            else:
+                heights.append(parts_of[r].get(part, 0) / GIB)
+        if any(heights):
+            ax.bar(order, heights, bottom=bottoms, label=part.replace("_", " "), color=PART_COLOURS[part], width=0.6)
+            bottoms = [b + h for b, h in zip(bottoms, heights)]
+            drawn.add(part)
+    peaks = [(r, ranks[r].get("peak", ranks[r].get("peak_memory_bytes"))) for r in order]
+    peaks = [(r, p / GIB) for r, p in peaks if p]
+    if peaks:
+        ax.scatter([r for r, _ in peaks], [p for _, p in peaks], marker="_", s=400, color="#d62728", label="peak", zorder=3)
+    ax.set_xticks(order, [f"rank {r}" for r in order])
+    ax.set_ylabel("GiB")
+    ax.set_title("memory per rank")
+    if drawn or peaks:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+# --------------------------------------------------------------------------- throughput
+def _layout_label(rec: Mapping[str, Any]) -> str:
+    dims = [f"{d}{rec[d]}" for d in ("dp", "pp", "tp") if rec.get(d, 1) != 1] or ["1 device"]
+    return f"{rec.get('strategy', '?')} ({' '.join(dims)})"
+
+
+def plot_throughput(records: Iterable[Mapping[str, Any]]) -> Figure:
+    """Prefill and decode tokens/s per strategy and layout, from benchmark records.
+
+    Each record: ``strategy``, ``dp``, ``pp``, ``tp``, ``prefill_tokens_per_s``,
+    ``decode_tokens_per_s``. Prefill runs orders of magnitude faster than decode, so each
+    gets its own panel (and scale).
+    """
+    records = list(records)
+    if not records:
+        raise ValueError("plot_throughput: no records; pass dicts with strategy, dp, pp, tp and tokens/s")
+    labels = [_layout_label(r) for r in records]
+    fig = PlotFigure(figsize=(9.0, 0.45 * len(records) + 1.6), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, title, colour in (
+        (axes[0], "prefill_tokens_per_s", "prefill", PHASE_COLOURS["prefill"]),
+        (axes[1], "decode_tokens_per_s", "decode", PHASE_COLOURS["decode"]),
+    ):
+        values = [float(r.get(key) or 0.0) for r in records]
+        bars = ax.barh(range(len(records)), values, color=colour)
+        ax.bar_label(bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:.1f}" for v in values], padding=3, fontsize="small")
+        ax.set_title(f"{title} tokens/s")
+        ax.margins(x=0.2)
+    axes[0].set_yticks(range(len(records)), labels)
+    axes[0].invert_yaxis()
+    return fig
+
+
+# --------------------------------------------------------------------------- timeline
+def _aligned(events: Iterable[Event]) -> list[tuple[Event, float, float]]:
+    """(event, start, end) on one clock for every rank, in seconds since the earliest start."""
+    spans = [(e, e.run_began + e.start, e.run_began + e.end) for e in events]
+    t0 = min((s for _, s, _ in spans), default=0.0)
+    return [(e, s - t0, t - t0) for e, s, t in spans]
+
+
+def bubble_fraction(events: Sequence[Event]) -> float:
+    """Measured idle share of the stages between the first start and the last end."""
+    spans = _aligned(events)
+    if not spans:
+        return 0.0
+    span = max(t for _, _, t in spans)
+    stages = sorted({e.stage for e, _, _ in spans})
+    if span <= 0:
+        return 0.0
+    busy = 0.0
+    for stage in stages:
+        # Union of this stage's intervals: overlapping bars must not count twice.
+        covered = 0.0
+        for _, s, t in sorted((x for x in spans if x[0].stage == stage), key=lambda x: x[1]):
+            if t > covered:
+                busy += t - max(s, covered)
+                covered = t
+    return 1.0 - busy / (span * len(stages))
+
+
+def gpipe_bubble(p: int, m: int) -> float:
+    """GPipe's idle share for ``p`` stages and ``m`` micro-batches of equal cost: (p-1)/(m+p-1)."""
+    return (p - 1) / (m + p - 1)
+
+
+def plot_timeline(events: Iterable[Event]) -> Figure:
+    """The pipeline as a Gantt chart: one row per stage, one bar per micro-batch.
+
+    The gaps are the bubble; its measured share is annotated next to GPipe's
+    (p-1)/(m+p-1) for the p stages and m micro-batches of the run.
+    """
+    events = list(events)
+    if not events:
+        raise ValueError("plot_timeline: no events; a pipeline run records them with telemetry.event(...)")
+    stages = sorted({e.stage for e in events})
+    microbatches = sorted({e.microbatch for e in events})
+    p, m = len(stages), len(microbatches)
+    spans = _aligned(events)
+    fig = PlotFigure(figsize=(9.0, 0.6 * p + 1.6), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = _colours(m)
+    for stage in stages:
+        row = sorted((x for x in spans if x[0].stage == stage), key=lambda x: x[1])
+        lefts = [s * 1000 for _, s, _ in row]
+        widths = [(t - s) * 1000 for _, s, t in row]
+        # One rectangle per (stage, micro-batch) step, coloured by micro-batch.
+        ax.barh(
+            [stage] * len(row),
+            widths,
+            left=lefts,
+            height=0.8,
+            color=[cmap[microbatches.index(e.microbatch)] for e, _, _ in row],
+            edgecolor="white",
+            linewidth=0.5,
+        )
+        for (e, _, _), x, w in zip(row, lefts, widths):
+            ax.text(x + w / 2, stage, str(e.microbatch), ha="center", va="center", fontsize="x-small", color="white")
+    ax.set_yticks(stages, [f"stage {s}" for s in stages])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms since the first micro-batch began")
+    measured = bubble_fraction(events)
+    ax.set_title(
+        f"pipeline timeline: p={p} stages, m={m} micro-batches · bubble {measured:.0%} measured, "
+        f"(p-1)/(m+p-1) = {gpipe_bubble(p, m):.0%} for GPipe",
+        fontsize="medium",
+    )
+    return fig
+
+
+def _colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "viridis"]
+    return [cmap(i if n <= 10 else i / max(1, n - 1)) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- collectives
+def plot_collectives(
+    counts: Mapping[int, Mapping[str, int]] | Sequence[Mapping[str, Any]],
+    seconds: Mapping[int, float | Mapping[str, float]] | None = None,
+) -> Figure:
+    """Collectives per rank: how many of each kind, and the seconds spent in them.
+
+    ``counts``: {rank: {kind: count}} or telemetry snapshots (which also give the seconds).
+    ``seconds``: {rank: seconds} or {rank: {kind: seconds}}.
+    """
+    by_rank = _by_rank(counts)
+    if not by_rank:
+        raise ValueError("plot_collectives: no ranks given; pass {rank: {'all_reduce': n, ...}} or snapshots")
+    if seconds is None:
+        seconds = {
+            r: v.get("collective_seconds_by_kind") or v.get("collective_seconds", 0.0)
+            for r, v in by_rank.items()
+            if isinstance(v, Mapping) and "collectives" in v
+        }
+    counts_of = {r: (v.get("collectives", {}) if "collectives" in v else v) for r, v in by_rank.items()}
+    order = sorted(counts_of)
+    kinds = sorted({k for c in counts_of.values() for k in c})
+    fig = PlotFigure(figsize=(9.0, 3.2), layout="constrained")
+    ax_n, ax_s = fig.subplots(1, 2)
+    colours = dict(zip(kinds, _colours(len(kinds))))
+    bottom = [0] * len(order)
+    for kind in kinds:
+        heights = [counts_of[r].get(kind, 0) for r in order]
+        ax_n.bar(order, heights, bottom=bottom, label=kind, color=colours[kind], width=0.6)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax_n.set_title("collectives (count)")
+    ax_n.set_xticks(order, [f"rank {r}" for r in order])
+    if kinds:
+        ax_n.legend(fontsize="small")
+    seconds = seconds or {}
+    bottom_s = [0.0] * len(order)
+    per_kind = any(isinstance(v, Mapping) for v in seconds.values())
+    for kind in kinds if per_kind else [None]:
+        if kind is None:
+            heights = [float(seconds.get(r, 0.0)) for r in order]
+        else:
+            heights = [float(seconds.get(r, {}).get(kind, 0.0)) for r in order]
+        ax_s.bar(order, heights, bottom=bottom_s, color=colours.get(kind, "#555555"), width=0.6, label=kind or "all")
+        bottom_s = [b + h for b, h in zip(bottom_s, heights)]
+    ax_s.set_title("time in collectives (s)")
+    ax_s.set_xticks(order, [f"rank {r}" for r in order])
+    return fig

@@ -1,0 +1,151 @@
+"""The plots, drawn from what real engines recorded."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pytest
+from matplotlib.patches import Rectangle
+
+from mpbook import publish
+from mpbook.plots import bubble_fraction, gpipe_bubble, plot_collectives, plot_memory, plot_throughput, plot_timeline
+
+MICROBATCHES = 4
+
+
+def _pipeline(state, m):
+    """A two-stage pipeline, GPipe order: stage 0 computes micro-batch i and sends it on;
+    stage 1 receives it and computes. Each step is recorded with telemetry.event."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    w = torch.randn(256, 256)
+    stage = state.rank
+    with state.telemetry.run() as stats:
+        for mb in range(m):
+            x = torch.randn(64, 256) if stage == 0 else torch.empty(64, 256)
+            if stage == 1:
+                with state.telemetry.timed_collective("recv"):
+                    dist.recv(x, src=0)
+            began = time.perf_counter()
+            for _ in range(40):  # enough work that a bar is wider than the dispatch skew
+                x = torch.tanh(x @ w)
+            state.telemetry.event(stage, mb, "prefill", began, time.perf_counter())
+            if stage == 0:
+                with state.telemetry.timed_collective("send"):
+                    dist.send(x, dst=1)
+    return stats.events
+
+
+@pytest.fixture(scope="module")
+def events(workbench):
+    per_rank = workbench.apply(_pipeline, MICROBATCHES, stream=False)
+    return [e for rank_events in per_rank for e in rank_events]
+
+
+def _bars(ax) -> list[Rectangle]:
+    return [p for p in ax.patches if isinstance(p, Rectangle)]
+
+
+def _bars_at(bars, y):
+    return [b for b in bars if b.get_y() == y]
+
+
+def test_timeline_has_a_bar_per_microbatch_and_stage_and_shows_the_bubble(events):
+    fig = plot_timeline(events)
+    ax = fig.axes[0]
+    bars = _bars(ax)
+    assert len(bars) == MICROBATCHES * 2
+    # bars of one stage never overlap, and they sit on that stage's row
+    for stage in (0, 1):
+        row = sorted((b for b in bars if abs(b.get_y() + b.get_height() / 2 - stage) < 1e-9), key=lambda b: b.get_x())
+        assert len(row) == MICROBATCHES
+        for a, b in zip(row, row[1:]):
+            assert a.get_x() + a.get_width() <= b.get_x() + 1e-9
+    # one clock for both ranks: stage 1 works on a micro-batch only after stage 0 sent it
+    rows = {round(b.get_y() + b.get_height() / 2): sorted(_bars_at(bars, b.get_y()), key=lambda r: r.get_x()) for b in bars}
+    for first, second in zip(rows[0], rows[1]):
+        assert second.get_x() >= first.get_x() + first.get_width() - 1.0  # ms; 1 ms for clock reading jitter
+    title = ax.get_title()
+    assert "p=2 stages, m=4 micro-batches" in title
+    assert "(p-1)/(m+p-1) = 20% for GPipe" in title
+    measured = bubble_fraction(events)
+    assert f"bubble {measured:.0%} measured" in title
+    # stage 1 waits for the first micro-batch and stage 0 is done before the last: a real bubble
+    assert 0.05 < measured < 0.9
+
+
+def test_bubble_arithmetic():
+    assert gpipe_bubble(4, 8) == pytest.approx(3 / 11)
+    assert gpipe_bubble(1, 5) == 0
+
+
+def test_memory_from_engine_snapshots_stacks_the_known_parts(workbench):
+    def load(state):
+        import torch
+
+        layer = torch.nn.Linear(1024, 1024)
+        state.cache["layer"] = layer
+        state.telemetry.note_memory("weights", sum(p.numel() * p.element_size() for p in layer.parameters()))
+        state.telemetry.note_memory("kv_cache", 2 * 2**20)
+
+    workbench.apply(load, stream=False)
+    snapshots = workbench.client[workbench.engine_ids()].apply_sync(publish.snapshot)
+    fig = plot_memory(snapshots)
+    ax = fig.axes[0]
+    # weights, KV cache and the rest of the process ("other") for each of the two ranks
+    assert len(_bars(ax)) == 3 * 2
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["kv cache", "other", "peak", "weights"]
+    tops = {round(b.get_x() + b.get_width() / 2): 0.0 for b in _bars(ax)}
+    for b in _bars(ax):
+        tops[round(b.get_x() + b.get_width() / 2)] = max(tops[round(b.get_x() + b.get_width() / 2)], b.get_y() + b.get_height())
+    for snap in snapshots:
+        assert tops[snap["rank"]] == pytest.approx(snap["memory_in_use_bytes"] / 2**30)
+
+
+def test_throughput_per_layout():
+    records = [
+        dict(strategy="data", dp=2, pp=1, tp=1, prefill_tokens_per_s=5000.0, decode_tokens_per_s=80.0),
+        dict(strategy="pipeline", dp=1, pp=2, tp=1, prefill_tokens_per_s=3000.0, decode_tokens_per_s=30.0),
+        dict(strategy="tensor", dp=1, pp=1, tp=2, prefill_tokens_per_s=4000.0, decode_tokens_per_s=55.5),
+    ]
+    fig = plot_throughput(records)
+    prefill, decode = fig.axes
+    assert [b.get_width() for b in _bars(prefill)] == [5000.0, 3000.0, 4000.0]
+    assert [b.get_width() for b in _bars(decode)] == [80.0, 30.0, 55.5]
+    assert [t.get_text() for t in prefill.get_yticklabels()] == ["data (dp2)", "pipeline (pp2)", "tensor (tp2)"]
+
+
+def test_collectives_from_engine_snapshots(workbench, events):
+    snapshots = workbench.client[workbench.engine_ids()].apply_sync(publish.snapshot)
+    fig = plot_collectives(snapshots)
+    counts, seconds = fig.axes
+    # the pipeline's sends (rank 0) and receives (rank 1), stacked by kind
+    heights = {(round(b.get_x() + b.get_width() / 2), round(b.get_height())) for b in _bars(counts) if b.get_height()}
+    assert (0, MICROBATCHES) in heights and (1, MICROBATCHES) in heights
+    assert all(b.get_height() >= 0 for b in _bars(seconds))
+    assert sum(b.get_height() for b in _bars(seconds)) == pytest.approx(
+        sum(s["collective_seconds"] for s in snapshots)
+    )
+
+
+def test_figures_leave_pyplot_alone_show_in_a_notebook_and_empty_input_is_a_clear_error(events):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    before = plt.get_fignums()
+    fig = plot_timeline(events)
+    plot_memory({0: {"weights": 2**30, "total": 2**31}})
+    assert plt.get_fignums() == before
+    # what IPython sends to a notebook for a figure that is a cell's value: a PNG
+    shown, _ = InteractiveShell.instance().display_formatter.format(fig)
+    assert shown["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
+    for fn, arg, word in (
+        (plot_timeline, [], "no events"),
+        (plot_memory, {}, "no ranks"),
+        (plot_throughput, [], "no records"),
+        (plot_collectives, {}, "no ranks"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            fn(arg)

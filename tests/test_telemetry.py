@@ -1,0 +1,210 @@
+"""Telemetry on real engines: snapshots published while a task runs, running totals, phases."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from mpbook import engine, publish, remote
+from mpbook.telemetry import Telemetry
+
+# A cell that walks through the phases a generation goes through, reporting as a strategy would.
+PHASES_CELL = """
+import time
+with telemetry.phase_scope("loading"):
+    time.sleep(0.6)
+with telemetry.phase_scope("prefill"):
+    time.sleep(0.6)
+    telemetry.add_tokens("prefill", 32)
+with telemetry.phase_scope("decode"):
+    for _ in range(12):
+        time.sleep(0.1)
+        telemetry.add_tokens("decode", 2)
+        with telemetry.timed_collective("all_reduce"):
+            t = torch.ones(1)
+            dist.all_reduce(t)
+"""
+
+
+def _collect(result, ranks):
+    """Wait on ``result`` and keep every distinct snapshot each rank published meanwhile."""
+    seen: dict[int, list[dict]] = {r: [] for r in ranks}
+
+    def tick():
+        for rank, md in zip(ranks, result._metadata):
+            snap = (md.get("data") or {}).get(publish.LATEST)
+            if snap and (not seen[rank] or snap["time"] > seen[rank][-1]["time"]):
+                seen[rank].append(snap)
+
+    began = time.monotonic()
+    remote.wait(result, ranks, stream=False, on_tick=tick)
+    return seen, time.monotonic() - began
+
+
+def test_a_cell_publishes_increasing_totals_and_its_phases(workbench):
+    before = workbench.apply(lambda s: s.telemetry.snapshot(), stream=False)
+    result = workbench.client[workbench.engine_ids()].execute(PHASES_CELL, silent=False, block=False)
+    seen, seconds = _collect(result, workbench.ranks)
+    for rank in workbench.ranks:
+        snaps = seen[rank]
+        # at least twice a second while the cell ran (four are sent; a loaded machine may lose some ticks)
+        assert len(snaps) >= 2 * int(seconds), (rank, len(snaps), seconds)
+        totals = [sum(s["tokens"].values()) for s in snaps]
+        assert totals == sorted(totals) and totals[-1] > totals[0]
+        coll = [s["collective_seconds"] for s in snaps]
+        assert coll == sorted(coll)
+        # the phases show up in the order the cell went through them, and it ends idle
+        phases = [s["phase"] for s in snaps]
+        order = [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]]
+        assert [p for p in order if p != "idle"] == ["loading", "prefill", "decode"], phases
+        last = snaps[-1]
+        assert last["phase"] == "idle"
+        # running totals: exactly what the cell added on top of what was there before
+        assert last["tokens"]["prefill"] - before[rank]["tokens"].get("prefill", 0) == 32
+        assert last["tokens"]["decode"] - before[rank]["tokens"].get("decode", 0) == 24
+        assert last["collectives"]["all_reduce"] - before[rank]["collectives"].get("all_reduce", 0) == 12
+        assert last["collective_seconds"] > before[rank]["collective_seconds"]
+        assert last["phase_seconds"]["loading"] >= 0.6 and last["phase_seconds"]["prefill"] >= 0.6
+        # CPU engines: memory is the process's RSS, peak at least that
+        memory = last["memory"]
+        assert memory["in_use"] > 50 * 2**20 and memory["peak"] >= memory["in_use"]
+        assert memory["reserved"] is None and memory["device_total"] is None
+        assert (last["rank"], last["device"]) == (rank, "cpu")
+        # the baseline snapshot taken as the cell began is kept under its own key
+        start = result._metadata[rank]["data"][publish.START]
+        assert sum(start["tokens"].values()) == sum(before[rank]["tokens"].values())
+
+
+def _phases_via_state(state, steps):
+    import time
+
+    tel = state.telemetry
+    with tel.phase_scope("prefill"):
+        time.sleep(0.4)
+        tel.add_tokens("prefill", 8)
+    with tel.phase_scope("decode"):
+        for _ in range(steps):
+            time.sleep(0.1)
+            tel.add_tokens("decode", 1)
+    tel.note_memory("weights", 1234)
+    return state.publisher.published
+
+
+def test_an_apply_publishes_through_state_telemetry(workbench):
+    result = workbench.client[workbench.engine_ids()].apply_async(engine.call, _phases_via_state, 10)
+    seen, seconds = _collect(result, workbench.ranks)
+    for rank in workbench.ranks:
+        phases = {s["phase"] for s in seen[rank]}
+        assert {"prefill", "decode"} <= phases
+        decode = [s["tokens"].get("decode", 0) for s in seen[rank]]
+        assert decode == sorted(decode) and len(set(decode)) >= 3
+        assert seen[rank][-1]["memory_parts"] == {"weights": 1234}
+
+
+def test_nothing_is_published_between_tasks(workbench):
+    def published(state):
+        return state.publisher.published
+
+    workbench.run("import time; time.sleep(0.6)", stream=False)
+    first = workbench.apply(published, stream=False)
+    time.sleep(1.0)
+    second = workbench.apply(published, stream=False)
+    # each apply is itself a task: its start and final snapshot, no more
+    assert [b - a for a, b in zip(first, second)] == [2, 2]
+
+
+def test_an_error_in_the_cell_still_ends_the_task_with_a_final_snapshot(workbench):
+    result = workbench.client[workbench.engine_ids()].execute(
+        "with telemetry.phase_scope('decode'):\n    telemetry.add_tokens('decode', 5)\n    1 / 0", silent=False, block=False
+    )
+    with pytest.raises(Exception, match="ZeroDivisionError"):
+        _collect(result, workbench.ranks)
+    for md in result._metadata:
+        assert md["data"][publish.LATEST]["phase"] == "idle"
+    # the failed cell's task is closed: inside the next call, that call is the only task
+    assert workbench.apply(lambda s: s.publisher._depth, stream=False) == [1, 1]
+
+
+# ----------------------------------------------------------------- the publisher's thread
+def test_publisher_sends_while_a_task_runs_and_stops_at_its_end():
+    sent: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def send(key, snap):
+        with lock:
+            sent.append((key, snap["t"]))
+
+    pub = publish.Publisher(lambda: {"t": time.monotonic()}, period_s=0.05, send=send)
+    try:
+        with pub.task():
+            with pub.task():  # nested: one task
+                time.sleep(0.5)
+        ended = time.monotonic()
+        time.sleep(0.3)
+        keys = [k for k, _ in sent]
+        assert keys[0] == publish.START and keys.count(publish.START) == 1
+        assert keys.count(publish.LATEST) >= 5
+        # the final snapshot is the last one, and nothing left after the task ended
+        assert all(t <= ended for _, t in sent)
+        n = len(sent)
+        pub.enabled = False
+        with pub.task():
+            time.sleep(0.2)
+        assert len(sent) == n
+    finally:
+        pub.close()
+    assert not pub._thread.is_alive()
+
+
+def test_a_failing_snapshot_never_hurts_the_task(caplog):
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("no NVML here")
+
+    pub = publish.Publisher(broken, period_s=0.02, send=lambda k, s: None)
+    try:
+        with caplog.at_level("WARNING", logger="mpbook.publish"):
+            with pub.task():
+                time.sleep(0.2)
+    finally:
+        pub.close()
+    assert len(calls) >= 3
+    assert [r.message for r in caplog.records].count("mpbook could not publish a telemetry snapshot") == 1
+
+
+def test_note_memory_and_collective_time_by_kind():
+    import torch
+
+    tel = Telemetry(0, torch.device("cpu"))
+    tel.note_memory("kv_cache", 10)
+    tel.collective("all_gather", 0.25)
+    tel.collective("all_gather", 0.25)
+    snap = tel.snapshot()
+    assert snap["memory_parts"] == {"kv_cache": 10}
+    assert snap["collective_seconds_by_kind"] == {"all_gather": 0.5}
+    assert snap["replica"] == 0
+    with pytest.raises(ValueError, match="unknown memory part 'kv'"):
+        tel.note_memory("kv", 1)
+
+
+@pytest.mark.gpu
+def test_cuda_snapshot_has_allocator_and_nvml_memory():
+    from mpbook import Workbench
+
+    def allocate(state):
+        import torch
+
+        state.cache["x"] = torch.empty(256 * 2**20, dtype=torch.uint8, device=state.device)
+        snap = state.telemetry.snapshot()
+        return snap, int(torch.cuda.memory_allocated(state.device))
+
+    with Workbench.start(1, gpu=True) as wb:
+        [(snap, allocated)] = wb.apply(allocate, stream=False)
+    memory = snap["memory"]
+    assert memory["in_use"] == allocated >= 256 * 2**20
+    assert memory["reserved"] >= memory["in_use"] and memory["peak"] >= memory["in_use"]
+    assert memory["device_total"] > memory["device_used"] >= memory["reserved"]
