@@ -14,6 +14,7 @@ one more message per step; a fixed length also keeps throughput comparable acros
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from .mesh import Coords, Layout, Mesh
 from .parallel.data import split_batch
 from .parallel.pipeline import StagePeers, split_layers
-from .telemetry import Event
+from .telemetry import Event, TensorBytes
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 # Names a person may type for a dtype -> torch's name for it.
@@ -48,6 +49,10 @@ class Request:
     microbatches: int = 1
     dtype: str = "float32"
     stage_sizes: tuple[int, ...] | None = None
+    # Track every tensor's bytes through the run (torch's MemTracker): the peak of weights,
+    # KV cache and activations alone, comparable with the planner on CPU engines too, where
+    # the process peak includes the Python runtime. Slows the run; off by default.
+    track_tensors: bool = False
 
     @property
     def model_key(self) -> tuple:
@@ -76,6 +81,7 @@ class RankOutput:
     peak_memory_bytes: int
     weight_bytes: int
     kv_cache_bytes: int
+    tensor_peak_bytes: int | None = None
 
 
 @dataclass
@@ -257,7 +263,11 @@ def run(state, request: Request) -> RankOutput:
         generated[j].append(token)
         next_tokens[j] = token
 
-    with torch.inference_mode(), tel.run() as stats:
+    tracker = contextlib.nullcontext()
+    if request.track_tensors:
+        tracker = TensorBytes()
+        tracker.track(runner.stage, ids, masks_all)  # what exists before the run
+    with torch.inference_mode(), tel.run() as stats, tracker:
         tel.set_phase("prefill")
         for j, mb in enumerate(microbatches):
             x = ids[mb.start:mb.stop] if peers.first else peers.recv_activation(
@@ -307,6 +317,9 @@ def run(state, request: Request) -> RankOutput:
         if t is not None
     )
     tel.note_memory("kv_cache", kv_bytes)
+    tensor_peak = None
+    if request.track_tensors:
+        tensor_peak = tracker.peak
     return RankOutput(
         **empty,
         tokens=tokens,
@@ -320,4 +333,5 @@ def run(state, request: Request) -> RankOutput:
         events=list(stats.events),
         peak_memory_bytes=stats.peak_memory_bytes,
         kv_cache_bytes=kv_bytes,
+        tensor_peak_bytes=tensor_peak,
     )

@@ -119,6 +119,7 @@ def run(
     stage_sizes: Sequence[int] | None = None,
     on_tick: Callable[[], None] | None = None,
     dashboard=None,
+    track_tensors: bool = False,
 ) -> RunResult:
     """Generate (or, with ``max_new_tokens=0``, run a forward pass) with one layout.
 
@@ -139,6 +140,7 @@ def run(
         microbatches=microbatches,
         dtype=dtype,
         stage_sizes=tuple(stage_sizes) if stage_sizes else None,
+        track_tensors=track_tensors,
     )
     check(request, strategy=strategy, config=config, tokenizer=tokenizer)
     if wb.device_type == "cuda" and DTYPES[dtype] == "bfloat16":

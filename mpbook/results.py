@@ -44,6 +44,7 @@ class RunResult:
     timeline: list[Event]
     load_seconds: list[float] = field(default_factory=list)
     device_type: str = "cpu"
+    tensor_peak_bytes: list[int | None] = field(default_factory=list)  # with track_tensors=True
 
     @property
     def engines(self) -> int:
@@ -180,4 +181,5 @@ def merge(outputs, *, strategy: str, request, tokenizer, load_seconds: list[floa
         timeline=timeline,
         load_seconds=load_seconds,
         device_type=device_type,
+        tensor_peak_bytes=[out.tensor_peak_bytes for out in outputs],
     )

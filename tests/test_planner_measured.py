@@ -1,0 +1,45 @@
+"""The planner's prediction against what real engines hold, on CPU engines."""
+
+from __future__ import annotations
+
+import pytest
+
+import mpbook
+from mpbook import Workbench
+
+# Equal lengths, so that every replica pads to the same prompt length the plan is given.
+PROMPTS = [
+    "Explain pipeline parallelism in one sentence, today",
+    "What does an all-reduce do when four ranks join it?",
+    "Why do more micro-batches shrink a pipeline bubble?",
+    "How is a KV cache split when tensor parallel is on?",
+]
+
+
+@pytest.fixture(scope="module")
+def wb():
+    with Workbench.start(2, cpu=True) as wb:
+        yield wb
+
+
+@pytest.mark.parametrize("strategy, microbatches", [("data", 1), ("pipeline", 2), ("tensor", 1)])
+@pytest.mark.parametrize("new_tokens", [0, 16])
+def test_prediction_matches_the_engines(wb, tiny_folder, strategy, microbatches, new_tokens):
+    from mpbook.models import load_tokenizer
+
+    lengths = {len(ids) for ids in load_tokenizer(tiny_folder)(PROMPTS)["input_ids"]}
+    assert len(lengths) == 1
+    result = wb.generate(
+        PROMPTS, strategy=strategy, model=tiny_folder, microbatches=microbatches, max_new_tokens=new_tokens,
+        track_tensors=True,
+    )
+    layout = result.layout
+    plan = mpbook.plan(
+        tiny_folder, dp=layout.dp, pp=layout.pp, tp=layout.tp, batch=len(PROMPTS), prompt_len=lengths.pop(),
+        max_new_tokens=new_tokens, microbatches=microbatches, device_memory_bytes=1 << 40,
+    )
+    for rank, predicted in enumerate(plan.ranks):
+        measured_weights = result.weight_bytes[rank]
+        assert abs(predicted.parameters - measured_weights) <= 0.05 * measured_weights
+        measured_peak = result.tensor_peak_bytes[rank]
+        assert abs(predicted.total - measured_peak) <= 0.2 * measured_peak, (rank, predicted.total, measured_peak)
