@@ -60,9 +60,16 @@ def bench(args: argparse.Namespace) -> int:
             model=args.model, engines=args.n, cpu=args.cpu, batch=args.batch, new_tokens=args.new_tokens,
             dtype=args.dtype, repeats=args.repeats, sweep=args.sweep,
         )
-    if args.json:
-        benchmarks.write_json(args.json, payload)
-        print(f"wrote {args.json}")
+    path = args.json or ("bench-sweep.json" if args.sweep else None)
+    if path:
+        benchmarks.write_json(path, payload)
+        print(f"wrote {path}")
+    if args.sweep:
+        from .plots import plot_throughput
+
+        png = path.removesuffix(".json") + ".png"
+        plot_throughput(payload).savefig(png, dpi=120)
+        print(f"wrote {png}")
     return 0
 
 
@@ -84,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt (default 16)")
     b.add_argument("--dtype", default="float32")
     b.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is kept (default 3)")
-    b.add_argument("--sweep", action="store_true", help="every layout that fits the engines, not one per strategy")
+    b.add_argument("--sweep", action="store_true",
+                   help="every layout that fits the engines, not one per strategy; writes JSON and a PNG plot")
     b.add_argument("--cluster", action="store_true", help="measure cluster start-up and the %%%%mp run round trip")
     b.add_argument("--dashboard-overhead", action="store_true", help="generation with the dashboard on and off")
     b.add_argument("--json", default=None, metavar="PATH", help="write the records to PATH")

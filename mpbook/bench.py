@@ -99,8 +99,12 @@ def bench_strategies(
     prompts = (BENCH_PROMPTS * (batch // len(BENCH_PROMPTS) + 1))[:batch]
     config = models.load_config(model)
     records: list[dict[str, Any]] = []
-    with Workbench.start(1, cpu=cpu) as single, Workbench.start(engines, cpu=cpu) as wb:
+    with Workbench.start(engines, cpu=cpu) as wb, Workbench.start(1, cpu=cpu, threads=wb.plan.threads) as single:
+        # "One device" is one engine with the same share of the machine as each of the
+        # others: one GPU, or on a CPU the same number of threads.
         plans = candidate_layouts(config, wb.world_size, batch, sweep=sweep)
+        if sweep:
+            plans = _that_fit(plans, model=model, wb=wb, batch=batch, new_tokens=new_tokens, dtype=dtype, log=log)
         log(f"model {model}, {batch} prompts, {new_tokens} new tokens, {dtype}; "
             f"one device vs {wb.world_size} engines ({wb.device_type}); {repeats} interleaved rounds")
 
@@ -140,6 +144,28 @@ def bench_strategies(
             records.append(record)
             log(_row(record, records[0]))
     return records
+
+
+def _that_fit(plans, *, model, wb, batch, new_tokens, dtype, log) -> list[Plan]:
+    """The layouts whose predicted per-rank memory fits the engines' free memory."""
+    from . import models
+    from .planner import plan as memory_plan
+
+    tokenizer = models.load_tokenizer(model)
+    prompt_len = max(len(ids) for ids in tokenizer(BENCH_PROMPTS)["input_ids"])
+    free = [e.memory_free_bytes for e in wb.status()]
+    kept = []
+    for p in plans:
+        predicted = memory_plan(
+            model, dp=p.layout.dp, pp=p.layout.pp, tp=p.layout.tp, batch=batch, prompt_len=prompt_len,
+            max_new_tokens=new_tokens, dtype=dtype, microbatches=p.microbatches, device_memory_bytes=free,
+        )
+        if predicted.fits:
+            kept.append(p)
+        else:
+            log(f"  skipped {p.label()}: predicted peak {max(r.total for r in predicted.ranks) / 2**30:.2f} GiB "
+                "does not fit")
+    return kept
 
 
 def _median_record(results) -> dict[str, Any]:

@@ -15,6 +15,7 @@ process group it formed there.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import contextlib
 import functools
 import logging
@@ -172,9 +173,16 @@ class Workbench:
         cpu: bool = False,
         gpu: bool = False,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        threads: int | None = None,
     ) -> Workbench:
-        """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines (gloo)."""
+        """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines (gloo).
+
+        ``threads``: intra-op threads per engine (default: the cores divided among engines)."""
         plan = StartPlan.choose(n, cpu=cpu, gpu=gpu)
+        if threads is not None:
+            if threads < 1:
+                raise MpbookError(f"threads={threads}: each engine needs at least one thread")
+            plan = dataclasses.replace(plan, threads=threads)
         wb = cls(owned=True, plan=plan, timeout_s=timeout_s, rendezvous="file")
         wb._launch()
         return wb
