@@ -51,6 +51,7 @@ class EngineInfo:
     memory_free_bytes: int
     memory_total_bytes: int
     threads: int
+    model_bytes: int = 0  # weights of the model loaded on this engine (freed when another loads)
 
 
 @dataclass
@@ -242,6 +243,7 @@ def describe(state: EngineState) -> EngineInfo:
         memory_free_bytes=int(free),
         memory_total_bytes=int(total),
         threads=torch.get_num_threads(),
+        model_bytes=getattr(state.cache.get("runner"), "weight_bytes", 0),
     )
 
 

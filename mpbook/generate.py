@@ -328,7 +328,7 @@ def run(state, request: Request) -> RankOutput:
         new_tokens=len(rows) * request.max_new_tokens,
         started=stats.started,
         phase_seconds=dict(stats.phase_seconds),
-        collectives=dict(stats.collectives),
+        collectives={kind: n for kind, n in stats.collectives.items() if n},
         collective_seconds=stats.collective_seconds,
         events=list(stats.events),
         peak_memory_bytes=stats.peak_memory_bytes,

@@ -143,6 +143,7 @@ def run(
         track_tensors=track_tensors,
     )
     check(request, strategy=strategy, config=config, tokenizer=tokenizer)
+    check_memory(wb, request, config=config, tokenizer=tokenizer)
     if wb.device_type == "cuda" and DTYPES[dtype] == "bfloat16":
         supported = wb.apply(_bf16_supported, ranks=[0], stream=False, what="checking the dtype")[0]
         if not supported:
@@ -157,6 +158,46 @@ def run(
     return merge(
         outputs, strategy=strategy, request=request, tokenizer=tokenizer,
         load_seconds=[load["load_seconds"] for load in loads], device_type=wb.device_type,
+    )
+
+
+def check_memory(wb: Workbench, request: Request, *, config, tokenizer) -> None:
+    """Ask the planner whether every rank fits its device before anything loads; if not,
+    name the rank, the bytes it needs and has, and the layouts that would fit."""
+    from .planner import plan
+
+    prompt_len = max(len(ids) for ids in tokenizer(list(request.prompts))["input_ids"])
+    engines = wb.status()
+    if wb.device_type == "cuda":
+        # A model already loaded on an engine is freed before another loads (or reused as is).
+        free = [e.memory_free_bytes + e.model_bytes for e in engines]
+    else:
+        # CPU engines on one host share its memory (each reports the host's available
+        # memory): each may count on an equal share of it, and of what its models free.
+        hosts = [e.host for e in engines]
+        pool = {h: next(e.memory_free_bytes for e in engines if e.host == h)
+                + sum(e.model_bytes for e in engines if e.host == h) for h in set(hosts)}
+        free = [pool[h] // hosts.count(h) for h in hosts]
+    layout = request.layout
+    predicted = plan(
+        config, dp=layout.dp, pp=layout.pp, tp=layout.tp, batch=len(request.prompts), prompt_len=prompt_len,
+        max_new_tokens=request.max_new_tokens, dtype=DTYPES[request.dtype], microbatches=request.microbatches,
+        stage_sizes=request.stage_sizes, device_memory_bytes=free,
+    )
+    if predicted.fits:
+        return
+    worst = max((r for r in predicted.ranks if not r.fits), key=lambda r: r.total)
+    fitting = [str(s.layout) for s in predicted.suggestions if s.fits]
+    gib = 1024**3
+    where = "shared by the engines on this host" if wb.device_type == "cpu" else "free on its device"
+    advice = (
+        f"layouts that fit on {wb.world_size} engines: {'; '.join(fitting)}" if fitting
+        else f"no layout of {wb.world_size} engines fits: use more devices, a smaller dtype, fewer prompts or fewer new tokens"
+    )
+    raise MpbookError(
+        f"out of memory (predicted): rank {worst.rank} needs {worst.total / gib:.2f} GiB (weights {worst.weights / gib:.2f} "
+        f"+ KV cache {worst.kv_cache / gib:.2f} + activations {worst.activations / gib:.2f}) but has "
+        f"{free[worst.rank] / gib:.2f} GiB {where}; {advice}"
     )
 
 

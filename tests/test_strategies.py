@@ -258,3 +258,33 @@ def test_result_plots_come_from_the_run(wb, tiny_folder):
     assert {"weights", "kv cache", "peak"} <= set(labels)
     collectives = result.plot_collectives()
     assert collectives.axes
+
+
+@pytest.fixture(scope="module")
+def huge_config_folder(tmp_path_factory):
+    """A 70B-class Llama config (no weights: the planner stops it before anything loads)."""
+    from transformers import LlamaConfig
+
+    from mpbook.models import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("huge-config")
+    LlamaConfig(
+        vocab_size=259, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, max_position_embeddings=4096,
+    ).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_predicted_out_of_memory_names_rank_bytes_and_layouts(wb, huge_config_folder):
+    loaded = [e.model_bytes for e in wb.status()]
+    with pytest.raises(MpbookError) as info:
+        wb.generate(PROMPTS, strategy="tensor", model=huge_config_folder, max_new_tokens=4)
+    message = str(info.value)
+    assert message.startswith("out of memory (predicted): rank ")
+    assert "GiB (weights " in message and "GiB shared by the engines on this host" in message
+    assert "no layout of 2 engines fits" in message
+    assert "\n" not in message
+    # nothing was loaded (what the engines held is still there), the cluster is fine
+    assert [e.model_bytes for e in wb.status()] == loaded
+    wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
