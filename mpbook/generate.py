@@ -15,7 +15,9 @@ one more message per step; a fixed length also keeps throughput comparable acros
 from __future__ import annotations
 
 import contextlib
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,8 +191,38 @@ def _build_runner(state, request: Request) -> Runner:
     )
 
 
+class DeviceOutOfMemory(RuntimeError):
+    """A device ran out of memory on this rank; the engine freed what it could and stays up."""
+
+
+@contextlib.contextmanager
+def _out_of_memory_reported(state) -> Iterator[None]:
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(exc))
+        runner = state.cache.pop("runner", None)
+        if runner is not None:
+            runner.close()  # free this rank's model: the next run reloads it
+        del exc  # its traceback holds the frames, and they hold the tensors
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(state.device)
+        gib = 1024**3
+        raise DeviceOutOfMemory(
+            f"out of memory on rank {state.rank} ({state.device}): asked for {asked.group(1) if asked else 'more'}, "
+            f"{free / gib:.2f} GiB free of {total / gib:.2f} GiB"
+        ) from None
+
+
 def prepare(state, request: Request) -> dict:
     """Load this rank's part of the model for ``request``'s layout, unless already loaded."""
+    with _out_of_memory_reported(state):
+        return _prepare(state, request)
+
+
+def _prepare(state, request: Request) -> dict:
     runner = state.cache.get("runner")
     if runner is not None and runner.key == request.model_key:
         return {"weight_bytes": runner.weight_bytes, "load_seconds": 0.0, "reused": True}
@@ -207,10 +239,15 @@ def prepare(state, request: Request) -> dict:
 
 def run(state, request: Request) -> RankOutput:
     """Prefill (and decode, unless ``max_new_tokens`` is 0) this rank's share of the prompts."""
+    with _out_of_memory_reported(state):
+        return _run(state, request)
+
+
+def _run(state, request: Request) -> RankOutput:
     import torch
     from transformers import DynamicCache
 
-    prepare(state, request)
+    _prepare(state, request)
     runner: Runner = state.cache["runner"]
     tel = state.telemetry
     layout, coords, peers = request.layout, runner.coords, runner.peers

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import generate as engine_side
-from .errors import MpbookError
+from .errors import MpbookError, RankError
 from .generate import DTYPE_CHOICES, DTYPES, Request
 from .mesh import Layout
 from .parallel.data import split_batch
@@ -153,8 +153,14 @@ def run(
 
         dashboard = Dashboard(wb)
     watch = dict(on_tick=on_tick, dashboard=dashboard or None)
-    loads = wb.apply(engine_side.prepare, request, what=f"loading {model}", **watch)
-    outputs = wb.apply(engine_side.run, request, what=f"the {strategy} run", **watch)
+    try:
+        loads = wb.apply(engine_side.prepare, request, what=f"loading {model}", **watch)
+        outputs = wb.apply(engine_side.run, request, what=f"the {strategy} run", **watch)
+    except RankError as exc:
+        oom = [f for f in exc.failures if f.ename == "DeviceOutOfMemory"]
+        if not oom:
+            raise
+        raise MpbookError(f"{oom[0].evalue}; {_layouts_that_fit(wb, request, config, tokenizer)}") from None
     return merge(
         outputs, strategy=strategy, request=request, tokenizer=tokenizer,
         load_seconds=[load["load_seconds"] for load in loads], device_type=wb.device_type,
@@ -164,8 +170,13 @@ def run(
 def check_memory(wb: Workbench, request: Request, *, config, tokenizer) -> None:
     """Ask the planner whether every rank fits its device before anything loads; if not,
     name the rank, the bytes it needs and has, and the layouts that would fit."""
+    from . import models
     from .planner import plan
 
+    if "pipeline" not in models.supported_strategies(config):
+        # The planner reads Llama-family module trees; other architectures are not predicted
+        # (a device out-of-memory on an engine is still reported with its rank and bytes).
+        return
     prompt_len = max(len(ids) for ids in tokenizer(list(request.prompts))["input_ids"])
     engines = wb.status()
     if wb.device_type == "cuda":
@@ -199,6 +210,14 @@ def check_memory(wb: Workbench, request: Request, *, config, tokenizer) -> None:
         f"+ KV cache {worst.kv_cache / gib:.2f} + activations {worst.activations / gib:.2f}) but has "
         f"{free[worst.rank] / gib:.2f} GiB {where}; {advice}"
     )
+
+
+def _layouts_that_fit(wb: Workbench, request: Request, config, tokenizer) -> str:
+    try:
+        check_memory(wb, request, config=config, tokenizer=tokenizer)
+    except MpbookError as exc:  # the planner agrees it does not fit: its advice
+        return str(exc).rsplit("; ", 1)[-1]
+    return "fewer prompts or new tokens per run, or more engines, need less memory per device"
 
 
 def _bf16_supported(state) -> bool:
