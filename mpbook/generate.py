@@ -162,6 +162,8 @@ def _build_runner(state, request: Request) -> Runner:
             last=coords.pp == layout.pp - 1,
             dtype=torch_dtype(request.dtype),
             device=state.device,
+            tp_rank=coords.tp,
+            tp=layout.tp,
         )
     mesh = None
     if layout.tp > 1:
@@ -169,7 +171,7 @@ def _build_runner(state, request: Request) -> Runner:
         # collective step) and reused when a later run comes back to the same layout.
         meshes = state.cache.setdefault("meshes", {})
         mesh = meshes.get(layout) or meshes.setdefault(layout, Mesh(layout, state.rank, state.device.type))
-        tensor.parallelize(stage, mesh["tp"].get_group(), coords.tp, layout.tp, state.telemetry)
+        tensor.connect(stage, mesh["tp"].get_group(), state.telemetry)
     tokenizer = models.load_tokenizer(request.model)
     eos = stage.generation_config.eos_token_id if stage.generation_config is not None else None
     if eos is None:

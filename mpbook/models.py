@@ -177,14 +177,18 @@ def load_whole(model: str | os.PathLike, *, dtype, device):
     return lm.to(device).eval().requires_grad_(False)
 
 
-def load_stage(model: str | os.PathLike, *, layers: range, first: bool, last: bool, dtype, device):
+def load_stage(
+    model: str | os.PathLike, *, layers: range, first: bool, last: bool, dtype, device, tp_rank: int = 0, tp: int = 1
+):
     """Build the causal LM holding only ``layers`` (plus the embedding if ``first``, the final
-    norm and LM head if ``last``) and read just those tensors from the safetensors files.
+    norm and LM head if ``last``) and read just those tensors from the safetensors files;
+    with ``tp`` > 1, just this rank's slice of each projection that LAYER_PLAN splits.
 
     The stage's layers are renumbered from 0 (with a config that says so), so the stage's
     own KV cache and causal mask see exactly the layers it holds. With every layer, the
     first and the last stage at once, this is the whole model.
     """
+    from .parallel.tensor import LAYER_PLAN, shard_linear
     import copy
 
     import torch
@@ -206,11 +210,13 @@ def load_stage(model: str | os.PathLike, *, layers: range, first: bool, last: bo
     body.layers = torch.nn.ModuleList(body.layers[i] for i in layers)
     for local, layer in enumerate(body.layers):
         layer.self_attn.layer_idx = local
+        if tp > 1:  # shard the (meta) modules first, so each reads only its slice below
+            for path, style in LAYER_PLAN.items():
+                shard_linear(layer.get_submodule(path), style, tp_rank, tp)
     full.config = body.config = stage_config
 
     # Checkpoint name of each tensor this stage keeps.
     wanted: dict[str, str] = {}
-    local_of = {str(g): str(i) for i, g in enumerate(layers)}
     ckpt = _checkpoint_files(folder)
     tied = getattr(config, "tie_word_embeddings", False)
     if first:
@@ -224,11 +230,19 @@ def load_stage(model: str | os.PathLike, *, layers: range, first: bool, last: bo
     else:
         body.norm = torch.nn.Identity()
         full.lm_head = None
+    # Which dimension of a checkpoint tensor to slice for this tp rank.
+    split_dim: dict[str, int] = {}
     for local, layer in enumerate(body.layers):
         glob = layers[local]
         for n, _ in layer.named_parameters():
-            wanted[f"model.layers.{local}.{n}"] = f"model.layers.{glob}.{n}"
-    del local_of
+            source = f"model.layers.{glob}.{n}".replace(".bias_after_reduce", ".bias")
+            wanted[f"model.layers.{local}.{n}"] = source
+            path, _, kind = n.rpartition(".")
+            style = LAYER_PLAN.get(path) if tp > 1 else None
+            if style == "colwise":
+                split_dim[source] = 0  # weight rows and bias: this rank's output features
+            elif style == "rowwise" and kind == "weight":
+                split_dim[source] = 1  # weight columns: this rank's input features
 
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[tuple[str, str]]] = {}
@@ -239,7 +253,14 @@ def load_stage(model: str | os.PathLike, *, layers: range, first: bool, last: bo
     for file, names in by_file.items():
         with safe_open(file, framework="pt", device="cpu") as f:
             for name, source in names:
-                state[name] = f.get_tensor(source).to(device=device, dtype=dtype)
+                if source in split_dim:
+                    whole = f.get_slice(source)
+                    size = whole.get_shape()[split_dim[source]] // tp
+                    part = slice(tp_rank * size, (tp_rank + 1) * size)
+                    tensor = whole[part] if split_dim[source] == 0 else whole[:, part]
+                else:
+                    tensor = f.get_tensor(source)
+                state[name] = tensor.to(device=device, dtype=dtype)
     if first and last and tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing = full.load_state_dict(state, strict=False, assign=True).missing_keys

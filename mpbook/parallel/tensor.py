@@ -11,7 +11,8 @@ forward pass performs exactly 2 all-reduces per decoder layer and nothing else.
 
 The plan is applied by slicing each weight into a plain local tensor (exactly the shards
 DTensor's ColwiseParallel/RowwiseParallel make: Shard(0) / Shard(1), checked against it in
-the tests), and the all-reduce is an explicit ``dist.all_reduce`` in a forward hook. DTensor's
+the tests) as the stage loads, so a rank reads only its slices from the checkpoint and holds
+only its shard; the all-reduce is an explicit ``dist.all_reduce`` in a forward hook. DTensor's
 ``parallelize_module`` gives the same numbers, but its eager dispatch costs ~0.2 ms per sharded
 linear (measured here on CPU; 10x more under inference_mode), more than a decode step's
 compute in small and medium models: a decode step would pay it 4 times per layer.
@@ -64,7 +65,7 @@ def shard_linear(linear, style: str, tp_rank: int, tp: int):
     it moves to the parameter ``bias_after_reduce`` (every rank holds it) that the hook adds."""
     import torch
 
-    weight = linear.weight
+    weight = linear.weight  # real, or on the meta device before loading
     dim = 0 if style == "colwise" else 1  # nn.Linear weight is (out_features, in_features)
     local = weight.chunk(tp, dim=dim)[tp_rank].clone()
     linear.weight = torch.nn.Parameter(local, requires_grad=False)
@@ -92,11 +93,10 @@ def _all_reduce_after(group, telemetry):
     return hook
 
 
-def parallelize(stage, tp_group, tp_rank: int, tp: int, telemetry) -> None:
-    """Split every decoder layer of ``stage`` over the ``tp_group`` by LAYER_PLAN, in place."""
+def connect(stage, tp_group, telemetry) -> None:
+    """Add the all-reduce after every row-split projection of ``stage``, whose layers were
+    loaded already sharded (``models.load_stage(..., tp_rank=, tp=)``, by :func:`shard_linear`)."""
     for layer in stage.model.layers:
         for path, style in LAYER_PLAN.items():
-            linear = layer.get_submodule(path)
-            shard_linear(linear, style, tp_rank, tp)
             if style == "rowwise":
-                linear.register_forward_hook(_all_reduce_after(tp_group, telemetry))
+                layer.get_submodule(path).register_forward_hook(_all_reduce_after(tp_group, telemetry))
