@@ -63,8 +63,6 @@ def cache_dir() -> Path:
 
 def build_tiny(folder: str | os.PathLike | None = None, *, seed: int = 0) -> Path:
     """Save the ``tiny`` preset (random weights from ``seed``) to ``folder``; return it."""
-    import torch
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -72,20 +70,30 @@ def build_tiny(folder: str | os.PathLike | None = None, *, seed: int = 0) -> Pat
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(), dtype=torch.float32)
-    # Random init, scaled up a little so that greedy decoding does not collapse to one token.
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.2)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)  # safetensors
-    tiny_tokenizer().save_pretrained(tmp)
+    save_random(tiny_config(), tmp, seed=seed)
     for item in tmp.iterdir():
         os.replace(item, folder / item.name)
     tmp.rmdir()
     return folder
+
+
+def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
+    """A random-weight model of ``config`` and the tiny tokenizer, saved with save_pretrained
+    (safetensors). Weights and biases are drawn wider than transformers' init so that greedy
+    decoding wanders instead of repeating one token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1 or name.endswith(".bias"):  # norms keep their ones
+                param.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return Path(folder)
 
 
 def resolve(model: str | os.PathLike) -> Path:

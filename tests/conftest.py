@@ -80,23 +80,14 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen2_folder(tmp_path_factory):
-    """A tiny Qwen2: q/k/v biases, untied LM head, 2 KV heads; saved with save_pretrained."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    """A tiny Qwen2: q/k/v biases (drawn random too), untied LM head, 2 KV heads."""
+    from transformers import Qwen2Config
 
-    from mpbook.models import tiny_tokenizer
+    from mpbook.models import save_random
 
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
     config = Qwen2Config(
         vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
         pad_token_id=256, bos_token_id=257, eos_token_id=258,
     )
-    torch.manual_seed(2)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return str(save_random(config, tmp_path_factory.mktemp("tiny-qwen2"), seed=2))

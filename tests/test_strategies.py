@@ -193,22 +193,12 @@ def test_tensor_parallel_shards_are_dtensors_shards(wb, tiny_folder):
 @pytest.fixture(scope="module")
 def biased_folder(tmp_path_factory):
     """A Llama with biases on every projection, o_proj and down_proj included."""
-    from transformers import AutoModelForCausalLM
+    from mpbook.models import save_random, tiny_config
 
-    from mpbook.models import tiny_config, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("llama-biases")
     config = tiny_config()
     config.attention_bias = True
     config.mlp_bias = True
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return str(save_random(config, tmp_path_factory.mktemp("llama-biases"), seed=3))
 
 
 def test_row_split_biases_are_added_once(wb, biased_folder):
@@ -221,17 +211,13 @@ def test_row_split_biases_are_added_once(wb, biased_folder):
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
     """A tiny GPT-2: not Llama-family, so mpbook runs it data parallel only."""
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers import GPT2Config
 
-    from mpbook.models import tiny_tokenizer
+    from mpbook.models import save_random
 
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
     config = GPT2Config(vocab_size=259, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                         bos_token_id=257, eos_token_id=258, pad_token_id=256)
-    torch.manual_seed(4)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return str(save_random(config, tmp_path_factory.mktemp("tiny-gpt2"), seed=4))
 
 
 def test_other_architectures_run_data_parallel(wb, gpt2_folder):
