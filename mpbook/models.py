@@ -265,7 +265,8 @@ def load_stage(
                     whole = f.get_slice(source)
                     size = whole.get_shape()[split_dim[source]] // tp
                     part = slice(tp_rank * size, (tp_rank + 1) * size)
-                    tensor = whole[part] if split_dim[source] == 0 else whole[:, part]
+                    # clone: a slice may be a view that keeps the whole tensor's storage alive
+                    tensor = (whole[part] if split_dim[source] == 0 else whole[:, part]).clone()
                 else:
                     tensor = f.get_tensor(source)
                 state[name] = tensor.to(device=device, dtype=dtype)

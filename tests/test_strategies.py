@@ -274,3 +274,15 @@ def test_predicted_out_of_memory_names_rank_bytes_and_layouts(wb, huge_config_fo
     # nothing was loaded (what the engines held is still there), the cluster is fine
     assert [e.model_bytes for e in wb.status()] == loaded
     wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
+
+
+def test_a_tensor_parallel_rank_holds_only_its_shards(tiny_folder):
+    from mpbook.models import load_stage
+
+    whole = load_stage(tiny_folder, layers=range(6), first=True, last=True, dtype=torch.float32, device="cpu")
+    shard = load_stage(tiny_folder, layers=range(6), first=True, last=True, dtype=torch.float32, device="cpu",
+                       tp_rank=1, tp=2)
+    layer_bytes = sum(p.numel() * 4 for p in whole.model.layers.parameters())
+    held = sum(p.untyped_storage().nbytes() for p in shard.model.layers.parameters())
+    norms = sum(p.numel() * 4 for n, p in whole.model.layers.named_parameters() if "norm" in n)
+    assert held == (layer_bytes - norms) // 2 + norms  # storage, not just views of whole tensors
