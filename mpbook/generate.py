@@ -127,6 +127,46 @@ class Runner:
             torch.cuda.empty_cache()
 
 
+class StepClock:
+    """When each (stage, micro-batch) step ran, for the pipeline timeline.
+
+    On a CPU the host clock is the device's. A GPU runs behind the host, so host readings
+    would time kernel launches: CUDA events time the device's work instead, read once the
+    run has synchronized, and are placed on the host clock from a first event recorded at start.
+    """
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.steps: list[tuple] = []
+        if self.cuda:
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+            self.origin_host = time.perf_counter()
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def record(self, stage: int, microbatch: int, phase: str, began) -> None:
+        self.steps.append((stage, microbatch, phase, began, self.now()))
+
+    def report(self, telemetry) -> None:
+        """Into telemetry's timeline (on a GPU, after the device has synchronized)."""
+        for stage, microbatch, phase, began, ended in self.steps:
+            if self.cuda:
+                began = self.origin_host + self.origin.elapsed_time(began) / 1000
+                ended = self.origin_host + self.origin.elapsed_time(ended) / 1000
+            telemetry.event(stage, microbatch, phase, began, ended)
+        self.steps.clear()
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -286,13 +326,15 @@ def _run(state, request: Request) -> RankOutput:
     logits_out: list = []
     prompt_tokens = int(masks_all.sum())
 
+    clock = StepClock(device)
+
     def step(j: int, x, phase: str, all_logits: bool = False):
         """Run micro-batch j through this stage; returns the last stage's logits."""
-        began = time.perf_counter()
+        began = clock.now()
         out = runner.forward(x, masks[j], positions[j], caches[j], all_logits=all_logits)
         if not peers.last:
             peers.send_activation(out)
-        tel.event(coords.pp, j, phase, began, time.perf_counter())
+        clock.record(coords.pp, j, phase, began)
         return out
 
     def take_tokens(j: int, logits) -> None:
@@ -323,6 +365,8 @@ def _run(state, request: Request) -> RankOutput:
                         out[r, -int(masks[j][r].sum()):].float().cpu() for r in range(len(mb))
                     )
         peers.flush()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the prefill's time is the device's, not the launches'
 
         if generate:
             tel.set_phase("decode")
@@ -344,6 +388,7 @@ def _run(state, request: Request) -> RankOutput:
             peers.flush()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        clock.report(tel)
 
     tokens = None
     if reports and generate:
