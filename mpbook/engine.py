@@ -240,9 +240,11 @@ def teardown(state: EngineState | None = None) -> None:
 
     import torch.distributed as dist
 
+    ns = _namespace()
+    if state is None:
+        state = ns.get(STATE_NAME)
     if dist.is_initialized():
         dist.destroy_process_group()
-    ns = _namespace()
     ns.pop("_mpbook_tcp_store", None)
     if state is not None:
         state.cache.clear()

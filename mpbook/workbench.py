@@ -28,10 +28,14 @@ from typing import Any
 from . import engine, remote
 from ._launch import OWNER_ENV
 from .engine import EngineInfo, Rendezvous
-from .errors import MpbookError, NoClusterError
+from .errors import CollectiveError, EngineDiedError, MpbookError, NoClusterError, RankError
+from .health import EngineWatch, is_collective_failure
 
 DEFAULT_CPU_ENGINES = 2
 DEFAULT_TIMEOUT_S = 60.0
+# A collective that only some ranks enter waits this long before gloo/NCCL give up; longer
+# would leave a notebook user staring at a cell that can never finish.
+MAX_TIMEOUT_S = 60.0
 ENGINE_TIMEOUT_S = 60.0  # for engines to register after they are launched
 # ipyparallel's default heartbeat (3 s) makes engine registration take ~6.5 s for two
 # engines here; 250 ms brings it to ~2 s and still notices a dead engine within seconds.
@@ -127,6 +131,20 @@ class StartPlan:
         return cls(n=n, use_gpu=False, threads=max(1, usable_cores() // n))
 
 
+def check_timeout(timeout_s: float) -> float:
+    """The collective timeout, checked: more than 0 and at most MAX_TIMEOUT_S seconds."""
+    try:
+        value = float(timeout_s)
+    except (TypeError, ValueError):
+        raise MpbookError(f"--timeout {timeout_s!r}: give the seconds a collective may wait as a number, e.g. 30") from None
+    if not 0 < value <= MAX_TIMEOUT_S:  # also false for nan
+        raise MpbookError(
+            f"--timeout {timeout_s!r}: a collective may wait more than 0 and at most {MAX_TIMEOUT_S:g} s; "
+            f"choose e.g. --timeout {DEFAULT_TIMEOUT_S:g}"
+        )
+    return value
+
+
 def format_engines(infos: Sequence[EngineInfo]) -> str:
     """The engines table, as text."""
     gib = 1024**3
@@ -146,12 +164,13 @@ class Workbench:
         # Use Workbench.start() or Workbench.attach().
         self.owned = owned
         self.plan = plan
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
         self.rendezvous_kind = rendezvous
         self.client = client
         self.cluster = None
         self.engines: list[EngineInfo] = []
         self._engine_ids: list[int] = []
+        self._hosts: list[str] | None = None  # by rank, for an attached cluster
         self._generation = 0
         self._stopped = False
         self._arm_exit_hook()
@@ -172,6 +191,7 @@ class Workbench:
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> Workbench:
         """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines (gloo)."""
+        check_timeout(timeout_s)
         plan = StartPlan.choose(n, cpu=cpu, gpu=gpu)
         wb = cls(owned=True, plan=plan, timeout_s=timeout_s, rendezvous="file")
         wb._launch()
@@ -245,6 +265,7 @@ class Workbench:
 
         if n is not None and n < 1:
             raise MpbookError(f"-n {n}: wait for at least one engine; use -n 1 or more")
+        check_timeout(timeout_s)
         if profile is not None:
             from IPython.core.profiledir import ProfileDir, ProfileDirError
 
@@ -301,6 +322,7 @@ class Workbench:
             self._engine_ids = sorted(self.client.ids)[: self.plan.n]
         ids = self._engine_ids
         hosts = hosts or [""] * len(ids)
+        self._hosts = hosts
         self._generation += 1
         rdzv: Rendezvous = self.client[ids[0]].apply_sync(engine.make_rendezvous, self.rendezvous_kind, self._generation)
         table = {}
@@ -347,10 +369,55 @@ class Workbench:
         ]
         return {"controller": [controller.pid] if controller and controller.pid else [], "engines": engines}
 
+    def _watch(self) -> EngineWatch:
+        """Engine deaths are noticed by the controller; for engines mpbook started on this
+        host, also by their pids (and the controller's own death by its pid)."""
+        by_rank = {info.rank: info.pid for info in self.engines}
+        pids = [by_rank.get(rank) if self.owned else None for rank in self.ranks]
+        controller = self.pids()["controller"]
+        return EngineWatch(self.client, self._engine_ids, pids, controller[0] if controller else None)
+
     # ----------------------------------------------------------------- running work
     def _check_running(self, what: str) -> None:
         if self._stopped:
             raise NoClusterError(what)
+        watch = self._watch()
+        if watch.controller_dead():
+            raise MpbookError(
+                f"the cluster's controller (pid {watch.controller_pid}) has died; run `%mp restart` "
+                f"(or Workbench.restart()) before {what}"
+            )
+        dead = watch.dead(self.ranks)
+        if dead:
+            raise EngineDiedError(dead, what=what, earlier=True)
+
+    def _wait(self, result, chosen: list[int], what: str, **kwargs: Any) -> list[Any]:
+        """Wait for work on ``chosen`` ranks; after a failed collective, rebuild the group."""
+        try:
+            return remote.wait(
+                result, chosen, on_interrupt=lambda: self.interrupt(chosen), what=what, watch=self._watch(), **kwargs
+            )
+        except EngineDiedError:
+            raise
+        except RankError as err:
+            collective = [f.rank for f in err.failures if is_collective_failure(f)]
+            if not collective:
+                raise
+            # The group is now broken on every rank, also on those whose cell succeeded.
+            try:
+                self._rebuild_group()
+                why = None
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            raise CollectiveError(
+                err.failures, collective=collective, ranks=chosen, what=what, rebuilt=why, timeout_s=self.timeout_s
+            ) from None
+
+    def _rebuild_group(self) -> None:
+        """Destroy the process group on every rank and form it again at a fresh rendezvous."""
+        ids = self._engine_ids
+        self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s)
+        self._form_group(hosts=self._hosts)
 
     def run(
         self,
@@ -366,13 +433,7 @@ class Workbench:
         chosen = parse_ranks(ranks, self.world_size)
         targets = self.engine_ids(chosen)
         result = self.client[targets].execute(code, silent=False, block=False)
-        remote.wait(
-            result,
-            chosen,
-            stream=stream,
-            on_tick=on_tick,
-            on_interrupt=lambda: self.interrupt(chosen),
-        )
+        self._wait(result, chosen, "the cell", stream=stream, on_tick=on_tick)
 
     def apply(
         self,
@@ -392,14 +453,7 @@ class Workbench:
         self._check_running(what)
         chosen = parse_ranks(ranks, self.world_size)
         result = self.client[self.engine_ids(chosen)].apply_async(engine.call, fn, *args, **kwargs)
-        return remote.wait(
-            result,
-            chosen,
-            stream=stream,
-            on_tick=on_tick,
-            on_interrupt=lambda: self.interrupt(chosen),
-            what=what,
-        )
+        return self._wait(result, chosen, what, stream=stream, on_tick=on_tick)
 
     def interrupt(self, ranks: Sequence[int] | None = None) -> None:
         """Send SIGINT to the engines of ``ranks`` (all by default): a KeyboardInterrupt there."""
@@ -426,7 +480,7 @@ class Workbench:
             self._launch()
             return self
         ids = self._engine_ids
-        _quiet(lambda: self.client[ids].apply_sync(engine.teardown))
+        _quiet(lambda: self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s))
         hosts = self.client[ids].apply_sync(engine.hostname)
         self._form_group(hosts=hosts)
         return self
@@ -439,8 +493,13 @@ class Workbench:
         atexit.unregister(self._cleanup)
         client, cluster = self.client, self.cluster
         if client is not None and self._engine_ids:
+            live = [eid for eid in self._engine_ids if eid in set(client.ids)]
+            if live and client.outstanding:
+                # A cell still running would hold up the teardown, and an engine ignores
+                # SIGTERM until its cell ends: interrupt it first.
+                _quiet(lambda: client.send_signal(signal.SIGINT, targets=live, block=True))
             # Destroying the group on every rank lets NCCL/gloo close their sockets cleanly.
-            _quiet(lambda: client[self._engine_ids].apply_async(engine.teardown).get(timeout=5))
+            _quiet(lambda: client[live].apply_async(engine.teardown).get(timeout=5))
         if self.owned and cluster is not None:
             procs = _process_trees(self.pids())
             if client is not None:
