@@ -71,7 +71,7 @@ class EngineWatch:
         """SIGINT to the engines of ``ranks``: a KeyboardInterrupt in the cell they run."""
         import signal
 
-        self.client.send_signal(signal.SIGINT, targets=[self.engine_ids[r] for r in ranks], block=True)
+        signal_engines(self.client, signal.SIGINT, [self.engine_ids[r] for r in ranks])
 
     def controller_dead(self) -> bool:
         return not process_running(self.controller_pid)
@@ -87,3 +87,22 @@ def process_running(pid: int | None) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def signal_engines(client, sig: int, engine_ids: Sequence[int], timeout_s: float = 5.0) -> bool:
+    """Send ``sig`` to engines through their nannies; False if they did not confirm in time.
+
+    ipyparallel's blocking form waits without a limit, which never ends when the controller
+    or a nanny has died: exactly when a person reaches for an interrupt or a stop.
+    """
+    import concurrent.futures
+
+    if not engine_ids:
+        return True
+    try:
+        client.send_signal(sig, targets=list(engine_ids), block=False).result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        return False
+    except Exception:  # an engine already gone, a closed client
+        return False
+    return True

@@ -29,7 +29,7 @@ from . import engine, remote
 from ._launch import OWNER_ENV
 from .engine import EngineInfo, Rendezvous
 from .errors import CollectiveError, EngineDiedError, MpbookError, NoClusterError, RankError
-from .health import EngineWatch, is_collective_failure
+from .health import EngineWatch, is_collective_failure, process_running, signal_engines
 
 DEFAULT_CPU_ENGINES = 2
 DEFAULT_TIMEOUT_S = 60.0
@@ -457,7 +457,7 @@ class Workbench:
 
     def interrupt(self, ranks: Sequence[int] | None = None) -> None:
         """Send SIGINT to the engines of ``ranks`` (all by default): a KeyboardInterrupt there."""
-        self.client.send_signal(signal.SIGINT, targets=self.engine_ids(ranks), block=True)
+        signal_engines(self.client, signal.SIGINT, self.engine_ids(ranks))
 
     def status(self) -> list[EngineInfo]:
         """Ask every engine afresh for its row of the engines table."""
@@ -492,14 +492,19 @@ class Workbench:
         self._stopped = True
         atexit.unregister(self._cleanup)
         client, cluster = self.client, self.cluster
-        if client is not None and self._engine_ids:
+        controller = self.pids()["controller"]
+        if client is not None and self._engine_ids and process_running(controller[0] if controller else None):
             live = [eid for eid in self._engine_ids if eid in set(client.ids)]
             if live and client.outstanding:
                 # A cell still running would hold up the teardown, and an engine ignores
                 # SIGTERM until its cell ends: interrupt it first.
-                _quiet(lambda: client.send_signal(signal.SIGINT, targets=live, block=True))
+                signal_engines(client, signal.SIGINT, live)
             # Destroying the group on every rank lets NCCL/gloo close their sockets cleanly.
             _quiet(lambda: client[live].apply_async(engine.teardown).get(timeout=5))
+        elif self.owned:
+            # No controller to reach the engines through; they are ours and on this host.
+            for pid in self.pids()["engines"]:
+                _quiet(lambda: os.kill(pid, signal.SIGINT) if process_running(pid) else None)
         if self.owned and cluster is not None:
             procs = _process_trees(self.pids())
             if client is not None:
