@@ -173,6 +173,7 @@ class Workbench:
         self._hosts: list[str] | None = None  # by rank, for an attached cluster
         self._generation = 0
         self._stopped = False
+        self._started_procs: list = []  # psutil.Process of everything launched, for the last reap
         self._arm_exit_hook()
 
     def _arm_exit_hook(self) -> None:
@@ -230,10 +231,18 @@ class Workbench:
         )
         try:
             cluster.start_cluster_sync()
+            # ipyparallel has just registered its own exit hook, which stops the processes
+            # without leaving the process group (the rendezvous folder would stay behind).
+            # atexit runs hooks last-in first-out: register ours again so that it runs first.
+            atexit.unregister(self._cleanup)
+            atexit.register(self._cleanup)
             self.client = cluster.connect_client_sync()
             # interactive=False: no progress bar in the notebook for a two-second wait.
             self.client.wait_for_engines(plan.n, timeout=ENGINE_TIMEOUT_S, interactive=False)
             self._form_group(hosts=None)
+            # Children (the controller's heart monitor, the nannies) can no longer be found
+            # from a parent that was killed; remember them now to reap them at stop.
+            self._started_procs = _process_trees(self.pids())
         except BaseException as exc:
             self.stop()
             if isinstance(exc, (KeyboardInterrupt, MpbookError)):
@@ -506,7 +515,7 @@ class Workbench:
             for pid in self.pids()["engines"]:
                 _quiet(lambda: os.kill(pid, signal.SIGINT) if process_running(pid) else None)
         if self.owned and cluster is not None:
-            procs = _process_trees(self.pids())
+            procs = list({p.pid: p for p in [*self._started_procs, *_process_trees(self.pids())]}.values())
             if client is not None:
                 _quiet(client.close)
             # Engines first: each engine's nanny tells the controller it is leaving, and would

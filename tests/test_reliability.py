@@ -121,6 +121,7 @@ def test_engine_killed_during_apply_names_its_rank(tmp_path):
 
 def test_controller_killed_mid_cell_is_an_error_and_restart_recovers(tmp_path):
     with Workbench.start(2, cpu=True) as wb:
+        before = snapshot(wb)
         controller = wb.pids()["controller"][0]
         killer = KillWhenStarted(controller, tmp_path / "started-0")
         killer.start()
@@ -128,6 +129,8 @@ def test_controller_killed_mid_cell_is_an_error_and_restart_recovers(tmp_path):
             wb.run(sleeping_cell(tmp_path))
         assert time.monotonic() - killer.killed_at < 30
         wb.restart()
+        # the killed controller's own child (its heart monitor) went too, and the engines
+        assert gone_within(before, 0) == ([], [])
         wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
 
 
