@@ -72,6 +72,7 @@ def parse_ranks(spec: str | int | Iterable[int] | None, world_size: int) -> list
     """``None``/"all" -> every rank; "0,2" or "1-3" or [0, 2] -> those ranks, checked."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
         return list(range(world_size))
+    have = f"the cluster has ranks 0-{world_size - 1} ({world_size} engines)"
     if isinstance(spec, int):
         ranks = [spec]
     elif isinstance(spec, str):
@@ -80,18 +81,26 @@ def parse_ranks(spec: str | int | Iterable[int] | None, world_size: int) -> list
             part = part.strip()
             lo, sep, hi = part.partition("-")
             try:
-                ranks.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
+                first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
             except ValueError:
                 raise MpbookError(
                     f"--ranks {spec!r}: write ranks as numbers, ranges or 'all', e.g. 0,2 or 0-{world_size - 1}"
                 ) from None
+            if first > last:
+                raise MpbookError(f"--ranks {spec!r}: {part} is an empty range; write ranges low-high, e.g. 0-{world_size - 1}")
+            # Checked before expanding: a typo such as 0-99999999999 must not build a huge list.
+            if first < 0 or last >= world_size:
+                lo, hi = (max(first, world_size), last) if last >= world_size else (first, min(last, -1))
+                which = f"rank {lo} does" if lo == hi else f"ranks {lo}-{hi} do"
+                raise MpbookError(f"--ranks {spec!r}: {have}; {which} not exist")
+            ranks.extend(range(first, last + 1))
     else:
         ranks = [int(r) for r in spec]
     bad = [r for r in ranks if not 0 <= r < world_size]
     if bad or not ranks:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
         raise MpbookError(
-            f"--ranks {spec!r}: the cluster has ranks 0-{world_size - 1} ({world_size} engines); "
-            f"{'rank ' + ', '.join(map(str, bad)) + ' does not exist' if bad else 'no rank chosen'}"
+            f"--ranks {spec!r}: {have}; {'rank ' + shown + ' does not exist' if bad else 'no rank chosen'}"
         )
     return sorted(set(ranks))
 

@@ -157,3 +157,35 @@ def test_the_walk_finds_every_command_and_option():
     flags = {flag for a in options(COMMANDS["start"]) for flag in a.option_strings}
     assert {"-n", "--cpu", "--gpu", "--timeout", "--profile", "--cluster-id"} <= flags
     assert "--ranks" in {flag for a in options(COMMANDS["run"]) for flag in a.option_strings}
+
+
+# --ranks is parsed again once the cluster size is known.
+rank_specs = st.one_of(
+    st.text(max_size=30),
+    st.lists(
+        st.one_of(
+            st.integers(-3, 12).map(str),
+            st.tuples(st.integers(-3, 10**12), st.integers(-3, 10**12)).map(lambda t: f"{t[0]}-{t[1]}"),
+            st.sampled_from(["all", "ALL", " ", "", "-", "1-", "-1", "0--1", "1_0", "+1", "٣"]),
+        ),
+        min_size=1,
+        max_size=5,
+    ).map(",".join),
+)
+
+
+@SETTINGS
+@given(spec=rank_specs, world_size=st.integers(1, 8))
+@example(spec="0-99999999999", world_size=2)  # found by this test: it built a list of 10^11 ranks
+def test_any_ranks_spec_gives_valid_ranks_or_a_short_one_line_error(spec, world_size):
+    from mpbook import MpbookError
+    from mpbook.workbench import parse_ranks
+
+    try:
+        ranks = parse_ranks(spec, world_size)
+    except MpbookError as exc:
+        message = str(exc)
+        assert "\n" not in message and len(message) < 200 + len(repr(spec)), message
+        return
+    assert ranks and ranks == sorted(set(ranks))
+    assert all(0 <= r < world_size for r in ranks)
