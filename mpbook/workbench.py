@@ -576,10 +576,28 @@ def _process_trees(pids: dict[str, list[int]]):
 
 
 def _reap(procs, timeout_s: float = 5.0) -> None:
-    """Wait for our processes to end; kill any that outlived ipyparallel's own stop."""
-    import psutil
-
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    """End what outlived ipyparallel's own stop: kill any process that ignores SIGTERM."""
+    # The nannies would end by themselves once they see their engine gone and have told the
+    # controller, a second later; with the whole cluster going, that message has no reader.
+    for proc in procs:
+        _quiet(proc.terminate)
+    alive = _wait_gone(procs, timeout_s)
     for proc in alive:
         _quiet(proc.kill)
-    psutil.wait_procs(alive, timeout=timeout_s)
+    _wait_gone(alive, timeout_s)
+
+
+def _wait_gone(procs, timeout_s: float) -> list:
+    """Wait until ``procs`` have ended; return those still running at the deadline.
+
+    A zombie has ended: the nannies, orphaned when their engine exits, wait for PID 1 to
+    reap them, which can take seconds in a container (psutil.wait_procs would wait for it).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [proc for proc in procs if process_running(proc.pid)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
