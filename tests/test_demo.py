@@ -9,16 +9,27 @@ import psutil
 
 
 def test_demo_runs_and_stops_its_cluster():
-    proc = subprocess.run(
-        [sys.executable, "-m", "mpbook", "demo", "--cpu"], capture_output=True, text=True, timeout=300
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpbook", "demo", "--cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
     assert "started 2 engines" in out
     assert "[rank 0] sum = 3" in out and "[rank 1] sum = 3" in out
     assert "stopped the cluster" in out
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "mpbook._launch" in " ".join(p.info["cmdline"] or [])]
+    # Every process a cluster starts carries its owner's pid (for the owner watch); other
+    # clusters running on this machine at the same time are not the demo's.
+    leftovers = [p for p in psutil.process_iter() if _owner(p) == str(proc.pid)]
     assert leftovers == []
+
+
+def _owner(proc: psutil.Process) -> str | None:
+    from mpbook._launch import OWNER_ENV
+
+    try:
+        return proc.environ().get(OWNER_ENV)
+    except (psutil.Error, OSError):
+        return None
 
 
 def test_demo_rejects_a_bad_engine_count_in_one_line():
