@@ -7,6 +7,7 @@ prints new output every ``poll_s`` and calls ``on_tick`` (the dashboard's hook).
 
 from __future__ import annotations
 
+import concurrent.futures
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -107,11 +108,19 @@ def wait(
     return list(values)
 
 
-def _settle(result, streams: RankStreams | None, timeout_s: float = 2.0) -> None:
-    """Give the engines a moment to report what an interrupt did to them, and show it."""
-    deadline = time.monotonic() + timeout_s
-    while not result.ready() and time.monotonic() < deadline:
-        result.wait(0.05)
+def _settle(result, streams: RankStreams | None, timeout_s: float = 2.0, only: Sequence[int] | None = None) -> None:
+    """Give the engines a moment to report what an interrupt did to them, and show it.
+
+    ``only``: positions (in rank order) worth waiting for; a dead engine's reply comes
+    when the controller notices, which may be seconds later.
+    """
+    children = getattr(result, "_children", None)  # one future per target, in order
+    if only is not None and children and len(children) > max(only, default=-1):
+        concurrent.futures.wait([children[i] for i in only], timeout=timeout_s)
+    else:
+        deadline = time.monotonic() + timeout_s
+        while not result.ready() and time.monotonic() < deadline:
+            result.wait(0.05)
     if streams is not None:
         streams.flush(final=True)
 
@@ -133,7 +142,7 @@ def _raise_if_dead(watch: EngineWatch, result, ranks: Sequence[int], streams: Ra
             watch.interrupt(survivors)
         except Exception:
             pass
-        _settle(result, streams)
+        _settle(result, streams, only=[i for i, rank in enumerate(ranks) if rank not in dead])
     elif streams is not None:
         streams.flush(final=True)
     raise EngineDiedError(dead, what=what)

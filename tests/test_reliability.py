@@ -106,6 +106,11 @@ def test_engine_killed_during_apply_names_its_rank(tmp_path):
 
     with Workbench.start(2, cpu=True) as wb:
         pid = wb.engines[0].pid
+        eid = wb.engine_ids([0])[0]
+        # The engine's nanny would tell the controller at once; kill it first, so that only
+        # the heartbeat (and mpbook's own check of the pid) can notice.
+        for nanny in psutil.Process(pid).children():
+            nanny.kill()
         killer = KillWhenStarted(pid, tmp_path / "started-0")
         killer.start()
         with pytest.raises(EngineDiedError) as info:
@@ -114,7 +119,14 @@ def test_engine_killed_during_apply_names_its_rank(tmp_path):
         assert info.value.ranks == [0]
         assert f"rank 0 (pid {pid}) died while running the sleep" in str(info.value)
         assert took < 30
-        print(f"\nSIGKILL of rank 0 mid-apply -> EngineDiedError in {took:.3f} s")
+        print(f"\nSIGKILL of rank 0 (and its nanny) mid-apply -> EngineDiedError in {took:.3f} s")
+        # ipyparallel's heartbeat unregisters the engine too, which is what an attached
+        # cluster (whose pids mpbook does not watch) relies on
+        deadline = time.monotonic() + 30
+        while eid in wb.client.ids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert eid not in wb.client.ids
+        print(f"controller unregistered it {time.monotonic() - killer.killed_at:.2f} s after the kill")
         wb.restart()
         assert wb.apply(lambda s: s.rank, stream=False) == [0, 1]
 
