@@ -497,8 +497,23 @@ class Workbench:
             self._arm_exit_hook()
             self._launch()
             return self
-        ids = self._engine_ids
-        _quiet(lambda: self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s))
+        registered = sorted(self.client.ids)
+        ids = [eid for eid in self._engine_ids if eid in registered]
+        if len(ids) < len(self._engine_ids):
+            # An engine died. mpbook cannot start engines in a cluster it did not start,
+            # but engines started there since can take the dead ones' places.
+            spare = [eid for eid in registered if eid not in self._engine_ids]
+            if len(ids) + len(spare) < self.world_size:
+                raise MpbookError(
+                    f"the attached cluster has {len(registered)} engine{'s' if len(registered) != 1 else ''} left, "
+                    f"{self.world_size} wanted: start engines there (e.g. `ipengine` or `ipcluster engines`), "
+                    "then `%mp restart` again"
+                )
+            _quiet(lambda: self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s))
+            ids = sorted(ids + spare[: self.world_size - len(ids)])
+            self._engine_ids = ids
+        else:
+            _quiet(lambda: self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s))
         hosts = self.client[ids].apply_sync(engine.hostname)
         self._form_group(hosts=hosts)
         return self
