@@ -92,7 +92,7 @@ class CollectiveError(RankError):
             parts.append(f"{_ranks([f.rank for f in others])} raised {others[0].ename}: {_short(others[0].evalue)}")
         finished = [r for r in ranks if r not in by_rank]
         if finished:
-            parts.append(f"{_ranks(finished)} finished the cell without error, so the ranks did not meet in the same collectives")
+            parts.append(f"{_ranks(finished)} finished {what} without error, so the ranks did not meet in the same collectives")
         if rebuilt is None:
             parts.append("the process group was rebuilt on every rank, so the next cell can use it (models reload on demand)")
         else:
