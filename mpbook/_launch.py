@@ -6,8 +6,12 @@ engine or controller, with two additions:
 - an owner watch: when the process that started the cluster (a notebook kernel) dies without
   stopping it, for example killed by the OS, the controller and engines end themselves
   instead of holding GPUs as orphans;
+- a parent watch in forked children: the controller forks its heart monitor, which has
+  no watch of its own (threads do not survive a fork) and would outlive a controller that
+  was killed;
 - on engines, ``import torch`` starts in a background thread at once, so its second of
-  import time overlaps the engine's registration with the controller.
+  import time overlaps the engine's registration with the controller; and an engine that
+  has stopped exits without interpreter finalization, which costs a second with torch loaded.
 """
 
 from __future__ import annotations
@@ -17,23 +21,42 @@ import signal
 import sys
 import threading
 import time
+import traceback
 
 OWNER_ENV = "MPBOOK_OWNER_PID"
 
 
-def _watch_owner(owner_pid: int, period_s: float = 1.0) -> None:
+def _watch_owner(owner_pid: int, role: str, period_s: float = 0.5, grace_s: float = 3.0) -> None:
     import psutil
 
     try:
         owner = psutil.Process(owner_pid)
     except psutil.NoSuchProcess:
         owner = None
-    while owner is not None and owner.is_running() and owner.status() != psutil.STATUS_ZOMBIE:
-        time.sleep(period_s)
+    try:
+        while owner is not None and owner.is_running() and owner.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(period_s)
+    except psutil.NoSuchProcess:
+        pass
+    if role == "engine":
+        # An engine runs ipyparallel's stop only between cells: interrupt a running one first.
+        os.kill(os.getpid(), signal.SIGINT)
     # SIGTERM runs ipyparallel's own shutdown path (the engine stops its nanny).
     os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(10)
+    # A cell stuck in C code (a collective waiting for its timeout) ignores both.
+    time.sleep(grace_s)
     os._exit(1)
+
+
+def _watch_parent(parent_pid: int, period_s: float = 0.5) -> None:
+    """In a forked child: end when the parent is gone (the child is then re-parented)."""
+    while os.getppid() == parent_pid:
+        time.sleep(period_s)
+    os._exit(0)
+
+
+def _after_fork_in_child(parent_pid: int) -> None:
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="mpbook-parent-watch").start()
 
 
 def _warm_import() -> None:
@@ -45,7 +68,10 @@ def main(argv: list[str]) -> None:
     role, rest = argv[0], argv[1:]
     owner = os.environ.get(OWNER_ENV)
     if owner:
-        threading.Thread(target=_watch_owner, args=(int(owner),), daemon=True, name="mpbook-owner-watch").start()
+        threading.Thread(target=_watch_owner, args=(int(owner), role), daemon=True, name="mpbook-owner-watch").start()
+    if hasattr(os, "register_at_fork"):
+        parent = os.getpid()
+        os.register_at_fork(after_in_child=lambda: _after_fork_in_child(parent))
     sys.argv = [f"mpbook-{role}", *rest]
     if role == "engine":
         threading.Thread(target=_warm_import, daemon=True, name="mpbook-warm-import").start()
@@ -54,7 +80,28 @@ def main(argv: list[str]) -> None:
         from ipyparallel.controller.app import main as run
     else:
         raise SystemExit(f"usage: python -m mpbook._launch engine|controller [args]; got {role!r}")
-    run()
+    if role != "engine":
+        run()
+        return
+    code = 0
+    try:
+        run()
+    except BaseException:
+        # ipyparallel ends a stopped engine with "Event loop stopped before Future completed"
+        traceback.print_exc()
+        code = 1
+    try:
+        from mpbook.engine import remove_rendezvous
+
+        remove_rendezvous()
+    except Exception:
+        traceback.print_exc()
+    # With torch loaded, interpreter finalization costs a second of CPU per engine and does
+    # nothing that a process about to end needs: the engine has stopped its kernel, and its
+    # nanny tells the controller. Skipping it makes stop and restart that much faster.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -255,16 +255,33 @@ def teardown(state: EngineState | None = None) -> None:
 
     from . import publish
 
+    ns = _namespace()
+    if state is None:
+        state = ns.get(STATE_NAME)
     if dist.is_initialized():
         dist.destroy_process_group()
-    ns = _namespace()
     ns.pop("_mpbook_tcp_store", None)
-    current = ns.get(STATE_NAME)
-    if current is not None:
-        publish.uninstall(current.publisher)
     if state is not None:
+        publish.uninstall(state.publisher)
         state.cache.clear()
         rdzv = state.rendezvous
         if state.rank == 0 and rdzv is not None and rdzv.kind == "file":
             shutil.rmtree(os.path.dirname(rdzv.path), ignore_errors=True)
     ns.pop(STATE_NAME, None)
+
+
+def remove_rendezvous() -> None:
+    """On an engine's way out (however the cluster ended): remove the rendezvous folder it made.
+
+    Only rank 0 of a file rendezvous made one; ``teardown`` removes it on a clean stop, this
+    covers an engine stopped from outside (its notebook kernel killed, for example).
+    """
+    import shutil
+
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    state = shell.user_ns.get(STATE_NAME) if shell is not None else None
+    rdzv = state.rendezvous if state is not None else None
+    if state is not None and state.rank == 0 and rdzv is not None and rdzv.kind == "file":
+        shutil.rmtree(os.path.dirname(rdzv.path), ignore_errors=True)

@@ -34,15 +34,13 @@ class RankFailure:
 class RankError(MpbookError):
     """One or more ranks raised while running a cell or a strategy."""
 
-    def __init__(self, failures: list[RankFailure], *, what: str = "the cell"):
+    def __init__(self, failures: list[RankFailure], *, what: str = "the cell", message: str | None = None):
         self.failures = sorted(failures, key=lambda f: f.rank)
-        ranks = ", ".join(str(f.rank) for f in self.failures)
-        first = self.failures[0]
-        more = f" (and {len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
-        super().__init__(
-            f"{what} failed on rank{'s' if len(self.failures) > 1 else ''} {ranks}: "
-            f"{first.ename}: {first.evalue}{more}"
-        )
+        if message is None:
+            first = self.failures[0]
+            more = f" (and {len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
+            message = f"{what} failed on {_ranks(self.ranks)}: {first.ename}: {first.evalue}{more}"
+        super().__init__(message)
 
     @property
     def ranks(self) -> list[int]:
@@ -57,3 +55,61 @@ class RankError(MpbookError):
             lines.extend(failure.traceback)
         lines.append(f"{type(self).__name__}: {self}")
         return lines
+
+
+class EngineDiedError(RankError):
+    """An engine process ended (killed, crashed, out of memory) while it had work to do."""
+
+    def __init__(self, dead: dict[int, int | None], *, what: str = "the cell", earlier: bool = False):
+        # dead: rank -> pid of its engine (None where mpbook does not know it); earlier: it
+        # died before this call (found when checking the cluster), not while running it.
+        failures = [
+            RankFailure(rank, "EngineDied", f"the engine{f' (pid {pid})' if pid else ''} died", [])
+            for rank, pid in dead.items()
+        ]
+        who = ", ".join(f"rank {rank}{f' (pid {pid})' if pid else ''}" for rank, pid in sorted(dead.items()))
+        restart = "run `%mp restart` (or Workbench.restart()) to bring the cluster back"
+        if earlier:
+            message = f"{who} {'has' if len(dead) == 1 else 'have'} died; {restart} before {what}"
+        else:
+            message = f"{who} died while running {what}; {restart}"
+        super().__init__(failures, what=what, message=message)
+
+
+class CollectiveError(RankError):
+    """A collective did not complete on every rank; the process group was rebuilt (or could not be)."""
+
+    def __init__(self, failures: list[RankFailure], *, collective: list[int], ranks: list[int], what: str = "the cell",
+                 rebuilt: str | None = None, timeout_s: float | None = None):
+        # collective: the ranks whose error came from inside torch.distributed; ranks: those that ran the cell;
+        # rebuilt: None when the group was rebuilt, else why rebuilding it failed.
+        by_rank = {f.rank: f for f in failures}
+        first = by_rank[collective[0]]
+        waited = f" (it timed out after {timeout_s:g} s)" if timeout_s and "timed out" in first.evalue.lower() else ""
+        parts = [f"{what} failed in a collective on {_ranks(collective)}{waited}: {first.ename}: {_short(first.evalue)}"]
+        others = [f for f in failures if f.rank not in collective]
+        if others:
+            parts.append(f"{_ranks([f.rank for f in others])} raised {others[0].ename}: {_short(others[0].evalue)}")
+        finished = [r for r in ranks if r not in by_rank]
+        if finished:
+            parts.append(f"{_ranks(finished)} finished {what} without error, so the ranks did not meet in the same collectives")
+        if rebuilt is None:
+            parts.append("the process group was rebuilt on every rank, so the next cell can use it (models reload on demand)")
+        else:
+            parts.append(f"rebuilding the process group failed ({rebuilt}); run `%mp restart` (or Workbench.restart())")
+        super().__init__(failures, what=what, message="; ".join(parts))
+        self.collective_ranks = list(collective)
+        self.rebuilt = rebuilt is None
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(str(r) for r in ranks)}"
+
+
+def _short(text: str, limit: int = 160) -> str:
+    """The gist of an error message on one line: gloo prefixes its messages with a source location."""
+    import re
+
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text.strip())
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -38,11 +38,40 @@ from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.utils.text import dedent
 
 from .errors import MpbookError, NoClusterError
-from .workbench import Workbench
+from .workbench import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, Workbench
 
 LINE_COMMANDS = ("start", "status", "stop", "restart", "dashboard")
 STRATEGY_COMMANDS = ("data", "pipeline", "tensor")
 CELL_COMMANDS = ("run", *STRATEGY_COMMANDS)
+
+
+def engine_count(text: str) -> int:
+    """``-n``: a whole number of engines, at least one."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}; give a whole number of engines, e.g. -n 2") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: a cluster needs at least one engine; use -n 1 or more")
+    return n
+
+
+def timeout_seconds(text: str) -> float:
+    """``--timeout``: seconds a collective may wait, more than 0 and at most MAX_TIMEOUT_S."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}; give seconds as a number, e.g. --timeout 30") from None
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"{text}: a collective may wait more than 0 and at most {MAX_TIMEOUT_S:g} s; e.g. --timeout 30"
+        )
+    return seconds
+
+
+def one_line(message: str) -> str:
+    """A usage message on one line, whatever odd characters the input carried into it."""
+    return " ".join(message.split()) or "invalid %mp arguments; see `%mp?`"
 
 
 def build_parser() -> MagicArgumentParser:
@@ -51,13 +80,18 @@ def build_parser() -> MagicArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     start = commands.add_parser("start", help="start engines (or attach to a running cluster)")
-    start.add_argument("-n", type=int, default=None, help="number of engines (default: one per GPU, else 2)")
+    start.add_argument("-n", type=engine_count, default=None, help="number of engines (default: one per GPU, else 2)")
     devices = start.add_mutually_exclusive_group()
     devices.add_argument("--cpu", action="store_true", help="CPU engines (gloo) even if GPUs are visible")
     devices.add_argument("--gpu", action="store_true", help="GPU engines (NCCL); an error when none is visible")
     start.add_argument("--profile", default=None, help="attach to the running cluster of this IPython profile")
     start.add_argument("--cluster-id", default=None, help="attach to the running cluster with this id")
-    start.add_argument("--timeout", type=float, default=60.0, help="seconds a collective may wait (default 60)")
+    start.add_argument(
+        "--timeout",
+        type=timeout_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds a collective may wait before every rank gets an error (default {DEFAULT_TIMEOUT_S:g}, at most {MAX_TIMEOUT_S:g})",
+    )
 
     commands.add_parser("status", help="show the engines table")
     commands.add_parser("stop", help="stop the engines mpbook started (leave an attached cluster running)")
@@ -97,8 +131,11 @@ def parse(line: str, *, cell: bool) -> argparse.Namespace:
     parser = build_parser()
     try:
         args = parser.parse_argstring(line)
+    except UsageError as exc:  # argparse's message may quote the input, newlines and all
+        raise UsageError(one_line(str(exc))) from None
     except ValueError as exc:  # e.g. an unbalanced quote
-        raise UsageError(f"%mp {line.strip()}: {exc}") from None
+        raise UsageError(one_line(f"%mp {line.strip()}: {exc}")) from None
+    _check_single_values(parser, args)
     if cell and args.command in LINE_COMMANDS:
         raise UsageError(f"`%mp {args.command}` is a line command: write it as `%mp {args.command}`, without a cell body")
     if not cell and args.command in STRATEGY_COMMANDS and args.prompts is not None:
@@ -109,6 +146,21 @@ def parse(line: str, *, cell: bool) -> argparse.Namespace:
             f"`%mp {args.command}` needs a cell: write `%%mp {args.command}` as the first line of a cell{extra}"
         )
     return args
+
+
+def _check_single_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    # argparse (3.11) turns a value of exactly "--" written as `--opt=--` or `-n--` into an
+    # empty list instead of an error; an option that takes one value must hold one.
+    for action in _command_parser(parser, args.command)._actions:
+        if action.option_strings and action.nargs is None and isinstance(getattr(args, action.dest, None), list):
+            raise UsageError(f"argument {'/'.join(action.option_strings)}: expected one argument, got '--'")
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    return parser
 
 
 @magics_class
@@ -126,11 +178,11 @@ class MpMagics(Magics):
         try:
             return getattr(self, f"_{args.command}")(args, cell)
         except NoClusterError as exc:
-            raise UsageError(str(exc)) from None
+            raise UsageError(one_line(str(exc))) from None
         except MpbookError as exc:
             if hasattr(exc, "failures"):  # a rank's error: keep its traceback
                 raise
-            raise UsageError(str(exc)) from None
+            raise UsageError(one_line(str(exc))) from None
 
     mp.__doc__ = dedent(build_parser().format_help())
 

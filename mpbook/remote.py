@@ -7,12 +7,14 @@ prints new output every ``poll_s`` and calls ``on_tick`` (the dashboard's hook).
 
 from __future__ import annotations
 
+import concurrent.futures
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .errors import RankError, RankFailure
+from .errors import EngineDiedError, MpbookError, RankError, RankFailure
+from .health import EngineWatch
 
 
 class RankStreams:
@@ -65,11 +67,15 @@ def wait(
     on_interrupt: Callable[[], None] | None = None,
     poll_s: float = 0.05,
     what: str = "the cell",
+    watch: EngineWatch | None = None,
 ) -> list[Any]:
     """Wait for ``result`` (one target per rank, in rank order) and return its values.
 
     Raises :class:`RankError` naming every rank that raised. On KeyboardInterrupt,
     ``on_interrupt`` (which signals the engines) runs before the interrupt propagates.
+    With a ``watch``, an engine that dies ends the wait at once with
+    :class:`EngineDiedError` (the other ranks are interrupted), instead of after every
+    other rank has finished its cell.
     """
     streams = RankStreams(result, ranks) if stream else None
     try:
@@ -79,15 +85,12 @@ def wait(
                 streams.flush()
             if on_tick is not None:
                 on_tick()
+            if watch is not None:
+                _raise_if_dead(watch, result, ranks, streams, what)
     except KeyboardInterrupt:
         if on_interrupt is not None:
             on_interrupt()
-        # Give the engines a moment to report what the interrupt did to them.
-        deadline = time.monotonic() + 2.0
-        while not result.ready() and time.monotonic() < deadline:
-            result.wait(0.05)
-        if streams is not None:
-            streams.flush(final=True)
+        _settle(result, streams)
         raise
     if streams is not None or on_tick is not None:
         # Output and telemetry messages may trail the reply by a moment; ipyparallel tracks
@@ -104,3 +107,43 @@ def wait(
     if failures:
         raise RankError(failures, what=what)
     return list(values)
+
+
+def _settle(result, streams: RankStreams | None, timeout_s: float = 2.0, only: Sequence[int] | None = None) -> None:
+    """Give the engines a moment to report what an interrupt did to them, and show it.
+
+    ``only``: positions (in rank order) worth waiting for; a dead engine's reply comes
+    when the controller notices, which may be seconds later.
+    """
+    children = getattr(result, "_children", None)  # one future per target, in order
+    if only is not None and children and len(children) > max(only, default=-1):
+        concurrent.futures.wait([children[i] for i in only], timeout=timeout_s)
+    else:
+        deadline = time.monotonic() + timeout_s
+        while not result.ready() and time.monotonic() < deadline:
+            result.wait(0.05)
+    if streams is not None:
+        streams.flush(final=True)
+
+
+def _raise_if_dead(watch: EngineWatch, result, ranks: Sequence[int], streams: RankStreams | None, what: str) -> None:
+    if watch.controller_dead():
+        raise MpbookError(
+            f"the cluster's controller (pid {watch.controller_pid}) died while running {what}; "
+            "run `%mp restart` (or Workbench.restart()) to bring the cluster back"
+        )
+    dead = watch.dead(ranks)
+    if not dead:
+        return
+    survivors = [r for r in ranks if r not in dead]
+    if survivors:
+        # Their work cannot complete (a collective would wait for the dead rank) and would
+        # hold up the next cell; a restart replaces them anyway.
+        try:
+            watch.interrupt(survivors)
+        except Exception:
+            pass
+        _settle(result, streams, only=[i for i, rank in enumerate(ranks) if rank not in dead])
+    elif streams is not None:
+        streams.flush(final=True)
+    raise EngineDiedError(dead, what=what)

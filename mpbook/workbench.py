@@ -15,8 +15,8 @@ process group it formed there.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -30,10 +30,14 @@ from typing import Any
 from . import engine, remote
 from ._launch import OWNER_ENV
 from .engine import EngineInfo, Rendezvous
-from .errors import MpbookError, NoClusterError
+from .errors import CollectiveError, EngineDiedError, MpbookError, NoClusterError, RankError
+from .health import EngineWatch, is_collective_failure, process_running, signal_engines
 
 DEFAULT_CPU_ENGINES = 2
 DEFAULT_TIMEOUT_S = 60.0
+# A collective that only some ranks enter waits this long before gloo/NCCL give up; longer
+# would leave a notebook user staring at a cell that can never finish.
+MAX_TIMEOUT_S = 60.0
 ENGINE_TIMEOUT_S = 60.0  # for engines to register after they are launched
 # ipyparallel's default heartbeat (3 s) makes engine registration take ~6.5 s for two
 # engines here; 250 ms brings it to ~2 s and still notices a dead engine within seconds.
@@ -70,6 +74,7 @@ def parse_ranks(spec: str | int | Iterable[int] | None, world_size: int) -> list
     """``None``/"all" -> every rank; "0,2" or "1-3" or [0, 2] -> those ranks, checked."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
         return list(range(world_size))
+    have = f"the cluster has ranks 0-{world_size - 1} ({world_size} engines)"
     if isinstance(spec, int):
         ranks = [spec]
     elif isinstance(spec, str):
@@ -78,18 +83,26 @@ def parse_ranks(spec: str | int | Iterable[int] | None, world_size: int) -> list
             part = part.strip()
             lo, sep, hi = part.partition("-")
             try:
-                ranks.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
+                first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
             except ValueError:
                 raise MpbookError(
                     f"--ranks {spec!r}: write ranks as numbers, ranges or 'all', e.g. 0,2 or 0-{world_size - 1}"
                 ) from None
+            if first > last:
+                raise MpbookError(f"--ranks {spec!r}: {part} is an empty range; write ranges low-high, e.g. 0-{world_size - 1}")
+            # Checked before expanding: a typo such as 0-99999999999 must not build a huge list.
+            if first < 0 or last >= world_size:
+                lo, hi = (max(first, world_size), last) if last >= world_size else (first, min(last, -1))
+                which = f"rank {lo} does" if lo == hi else f"ranks {lo}-{hi} do"
+                raise MpbookError(f"--ranks {spec!r}: {have}; {which} not exist")
+            ranks.extend(range(first, last + 1))
     else:
         ranks = [int(r) for r in spec]
     bad = [r for r in ranks if not 0 <= r < world_size]
     if bad or not ranks:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
         raise MpbookError(
-            f"--ranks {spec!r}: the cluster has ranks 0-{world_size - 1} ({world_size} engines); "
-            f"{'rank ' + ', '.join(map(str, bad)) + ' does not exist' if bad else 'no rank chosen'}"
+            f"--ranks {spec!r}: {have}; {'rank ' + shown + ' does not exist' if bad else 'no rank chosen'}"
         )
     return sorted(set(ranks))
 
@@ -124,9 +137,29 @@ class StartPlan:
                 )
             return cls(n=n, use_gpu=True, threads=max(1, usable_cores() // n))
         n = DEFAULT_CPU_ENGINES if n is None else n
+        most = max(8, 4 * usable_cores())
+        if n > most:
+            raise MpbookError(
+                f"-n {n}: {usable_cores()} cores cannot run that many CPU engines (each a process holding its "
+                f"own part of the model); use -n {most} or fewer"
+            )
         # Engines inherit the kernel's environment; without a share each would start one
         # thread per core and together they would oversubscribe the CPU.
         return cls(n=n, use_gpu=False, threads=max(1, usable_cores() // n))
+
+
+def check_timeout(timeout_s: float) -> float:
+    """The collective timeout, checked: more than 0 and at most MAX_TIMEOUT_S seconds."""
+    try:
+        value = float(timeout_s)
+    except (TypeError, ValueError):
+        raise MpbookError(f"--timeout {timeout_s!r}: give the seconds a collective may wait as a number, e.g. 30") from None
+    if not 0 < value <= MAX_TIMEOUT_S:  # also false for nan
+        raise MpbookError(
+            f"--timeout {timeout_s!r}: a collective may wait more than 0 and at most {MAX_TIMEOUT_S:g} s; "
+            f"choose e.g. --timeout {DEFAULT_TIMEOUT_S:g}"
+        )
+    return value
 
 
 def format_engines(infos: Sequence[EngineInfo]) -> str:
@@ -148,15 +181,17 @@ class Workbench:
         # Use Workbench.start() or Workbench.attach().
         self.owned = owned
         self.plan = plan
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
         self.rendezvous_kind = rendezvous
         self.client = client
         self.cluster = None
         self.engines: list[EngineInfo] = []
         self._engine_ids: list[int] = []
+        self._hosts: list[str] | None = None  # by rank, for an attached cluster
         self._generation = 0
         self._stopped = False
         self.dashboards: list = []  # standing dashboards (mpbook.dashboard.stand) that follow every call
+        self._started_procs: list = []  # psutil.Process of everything launched, for the last reap
         self._arm_exit_hook()
 
     def _arm_exit_hook(self) -> None:
@@ -178,6 +213,7 @@ class Workbench:
         """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines (gloo).
 
         ``threads``: intra-op threads per engine (default: the cores divided among engines)."""
+        check_timeout(timeout_s)
         plan = StartPlan.choose(n, cpu=cpu, gpu=gpu)
         if threads is not None:
             if threads < 1:
@@ -220,10 +256,18 @@ class Workbench:
         )
         try:
             cluster.start_cluster_sync()
+            # ipyparallel has just registered its own exit hook, which stops the processes
+            # without leaving the process group (the rendezvous folder would stay behind).
+            # atexit runs hooks last-in first-out: register ours again so that it runs first.
+            atexit.unregister(self._cleanup)
+            atexit.register(self._cleanup)
             self.client = cluster.connect_client_sync()
             # interactive=False: no progress bar in the notebook for a two-second wait.
             self.client.wait_for_engines(plan.n, timeout=ENGINE_TIMEOUT_S, interactive=False)
             self._form_group(hosts=None)
+            # Children (the controller's heart monitor, the nannies) can no longer be found
+            # from a parent that was killed; remember them now to reap them at stop.
+            self._started_procs = _process_trees(self.pids())
         except BaseException as exc:
             self.stop()
             if isinstance(exc, (KeyboardInterrupt, MpbookError)):
@@ -255,6 +299,7 @@ class Workbench:
 
         if n is not None and n < 1:
             raise MpbookError(f"-n {n}: wait for at least one engine; use -n 1 or more")
+        check_timeout(timeout_s)
         if profile is not None:
             from IPython.core.profiledir import ProfileDir, ProfileDirError
 
@@ -311,6 +356,7 @@ class Workbench:
             self._engine_ids = sorted(self.client.ids)[: self.plan.n]
         ids = self._engine_ids
         hosts = hosts or [""] * len(ids)
+        self._hosts = hosts
         self._generation += 1
         rdzv: Rendezvous = self.client[ids[0]].apply_sync(engine.make_rendezvous, self.rendezvous_kind, self._generation)
         table = {}
@@ -357,10 +403,65 @@ class Workbench:
         ]
         return {"controller": [controller.pid] if controller and controller.pid else [], "engines": engines}
 
+    def _watch(self) -> EngineWatch:
+        """Engine deaths are noticed by the controller; for engines mpbook started on this
+        host, also by their pids (and the controller's own death by its pid)."""
+        by_rank = {info.rank: info.pid for info in self.engines}
+        pids = [by_rank.get(rank) if self.owned else None for rank in self.ranks]
+        controller = self.pids()["controller"]
+        return EngineWatch(self.client, self._engine_ids, pids, controller[0] if controller else None)
+
     # ----------------------------------------------------------------- running work
     def _check_running(self, what: str) -> None:
         if self._stopped:
             raise NoClusterError(what)
+        watch = self._watch()
+        if watch.controller_dead():
+            raise MpbookError(
+                f"the cluster's controller (pid {watch.controller_pid}) has died; run `%mp restart` "
+                f"(or Workbench.restart()) before {what}"
+            )
+        dead = watch.dead(self.ranks)
+        if dead:
+            raise EngineDiedError(dead, what=what, earlier=True)
+
+    def _wait(
+        self, result, chosen: list[int], what: str, *, stream: bool, on_tick=None, dashboard: Any = None
+    ) -> list[Any]:
+        """Wait for work on ``chosen`` ranks, with this call's dashboard and any standing ones
+        following it; after a failed collective, rebuild the group."""
+        follow = contextlib.nullcontext(on_tick)
+        if dashboard or self.dashboards:
+            from .dashboard import follow as _follow  # ipywidgets only when a dashboard is wanted
+
+            follow = _follow(self, result, chosen, dashboard=dashboard, on_tick=on_tick)
+        try:
+            with follow as tick:
+                return remote.wait(
+                    result, chosen, stream=stream, on_tick=tick, on_interrupt=lambda: self.interrupt(chosen),
+                    what=what, watch=self._watch(),
+                )
+        except EngineDiedError:
+            raise
+        except RankError as err:
+            collective = [f.rank for f in err.failures if is_collective_failure(f)]
+            if not collective:
+                raise
+            # The group is now broken on every rank, also on those whose cell succeeded.
+            try:
+                self._rebuild_group()
+                why = None
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            raise CollectiveError(
+                err.failures, collective=collective, ranks=chosen, what=what, rebuilt=why, timeout_s=self.timeout_s
+            ) from None
+
+    def _rebuild_group(self) -> None:
+        """Destroy the process group on every rank and form it again at a fresh rendezvous."""
+        ids = self._engine_ids
+        self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s)
+        self._form_group(hosts=self._hosts)
 
     def run(
         self,
@@ -379,24 +480,7 @@ class Workbench:
         chosen = parse_ranks(ranks, self.world_size)
         targets = self.engine_ids(chosen)
         result = self.client[targets].execute(code, silent=False, block=False)
-        self._wait(result, chosen, stream=stream, on_tick=on_tick, dashboard=dashboard, what="the cell")
-
-    def _wait(self, result, chosen, *, stream, on_tick, dashboard, what) -> list[Any]:
-        """remote.wait, with this call's dashboard and any standing ones following it."""
-        follow = contextlib.nullcontext(on_tick)
-        if dashboard or self.dashboards:
-            from .dashboard import follow as _follow  # ipywidgets only when a dashboard is wanted
-
-            follow = _follow(self, result, chosen, dashboard=dashboard, on_tick=on_tick)
-        with follow as tick:
-            return remote.wait(
-                result,
-                chosen,
-                stream=stream,
-                on_tick=tick,
-                on_interrupt=lambda: self.interrupt(chosen),
-                what=what,
-            )
+        self._wait(result, chosen, "the cell", stream=stream, on_tick=on_tick, dashboard=dashboard)
 
     def apply(
         self,
@@ -417,7 +501,7 @@ class Workbench:
         self._check_running(what)
         chosen = parse_ranks(ranks, self.world_size)
         result = self.client[self.engine_ids(chosen)].apply_async(engine.call, fn, *args, **kwargs)
-        return self._wait(result, chosen, stream=stream, on_tick=on_tick, dashboard=dashboard, what=what)
+        return self._wait(result, chosen, what, stream=stream, on_tick=on_tick, dashboard=dashboard)
 
     def generate(self, prompts, *, strategy: str, model: str = "tiny", **options):
         """Generate with one strategy (``data``, ``pipeline`` or ``tensor``, degrees combinable
@@ -433,7 +517,7 @@ class Workbench:
 
     def interrupt(self, ranks: Sequence[int] | None = None) -> None:
         """Send SIGINT to the engines of ``ranks`` (all by default): a KeyboardInterrupt there."""
-        self.client.send_signal(signal.SIGINT, targets=self.engine_ids(ranks), block=True)
+        signal_engines(self.client, signal.SIGINT, self.engine_ids(ranks))
 
     def status(self) -> list[EngineInfo]:
         """Ask every engine afresh for its row of the engines table."""
@@ -455,8 +539,23 @@ class Workbench:
             self._arm_exit_hook()
             self._launch()
             return self
-        ids = self._engine_ids
-        _quiet(lambda: self.client[ids].apply_sync(engine.teardown))
+        registered = sorted(self.client.ids)
+        ids = [eid for eid in self._engine_ids if eid in registered]
+        if len(ids) < len(self._engine_ids):
+            # An engine died. mpbook cannot start engines in a cluster it did not start,
+            # but engines started there since can take the dead ones' places.
+            spare = [eid for eid in registered if eid not in self._engine_ids]
+            if len(ids) + len(spare) < self.world_size:
+                raise MpbookError(
+                    f"the attached cluster has {len(registered)} engine{'s' if len(registered) != 1 else ''} left, "
+                    f"{self.world_size} wanted: start engines there (e.g. `ipengine` or `ipcluster engines`), "
+                    "then `%mp restart` again"
+                )
+            _quiet(lambda: self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s))
+            ids = sorted(ids + spare[: self.world_size - len(ids)])
+            self._engine_ids = ids
+        else:
+            _quiet(lambda: self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s))
         hosts = self.client[ids].apply_sync(engine.hostname)
         self._form_group(hosts=hosts)
         return self
@@ -468,11 +567,21 @@ class Workbench:
         self._stopped = True
         atexit.unregister(self._cleanup)
         client, cluster = self.client, self.cluster
-        if client is not None and self._engine_ids:
+        controller = self.pids()["controller"]
+        if client is not None and self._engine_ids and process_running(controller[0] if controller else None):
+            live = [eid for eid in self._engine_ids if eid in set(client.ids)]
+            if live and client.outstanding:
+                # A cell still running would hold up the teardown, and an engine ignores
+                # SIGTERM until its cell ends: interrupt it first.
+                signal_engines(client, signal.SIGINT, live)
             # Destroying the group on every rank lets NCCL/gloo close their sockets cleanly.
-            _quiet(lambda: client[self._engine_ids].apply_async(engine.teardown).get(timeout=5))
+            _quiet(lambda: client[live].apply_async(engine.teardown).get(timeout=5))
+        elif self.owned:
+            # No controller to reach the engines through; they are ours and on this host.
+            for pid in self.pids()["engines"]:
+                _quiet(lambda: os.kill(pid, signal.SIGINT) if process_running(pid) else None)
         if self.owned and cluster is not None:
-            procs = _process_trees(self.pids())
+            procs = list({p.pid: p for p in [*self._started_procs, *_process_trees(self.pids())]}.values())
             if client is not None:
                 _quiet(client.close)
             # Engines first: each engine's nanny tells the controller it is leaving, and would
@@ -524,10 +633,28 @@ def _process_trees(pids: dict[str, list[int]]):
 
 
 def _reap(procs, timeout_s: float = 5.0) -> None:
-    """Wait for our processes to end; kill any that outlived ipyparallel's own stop."""
-    import psutil
-
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    """End what outlived ipyparallel's own stop: kill any process that ignores SIGTERM."""
+    # The nannies would end by themselves once they see their engine gone and have told the
+    # controller, a second later; with the whole cluster going, that message has no reader.
+    for proc in procs:
+        _quiet(proc.terminate)
+    alive = _wait_gone(procs, timeout_s)
     for proc in alive:
         _quiet(proc.kill)
-    psutil.wait_procs(alive, timeout=timeout_s)
+    _wait_gone(alive, timeout_s)
+
+
+def _wait_gone(procs, timeout_s: float) -> list:
+    """Wait until ``procs`` have ended; return those still running at the deadline.
+
+    A zombie has ended: the nannies, orphaned when their engine exits, wait for PID 1 to
+    reap them, which can take seconds in a container (psutil.wait_procs would wait for it).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [proc for proc in procs if process_running(proc.pid)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)

@@ -1,0 +1,90 @@
+"""What a running cluster holds on this host: its processes, their sockets, its rendezvous.
+
+Used by the reliability, security and kernel tests, and importable inside a Jupyter kernel
+that a test drives (the tests folder is on PYTHONPATH), so the kernel can report its own
+cluster and the test can check, after the kernel is gone, that all of it is gone too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+
+def processes(wb) -> list[psutil.Process]:
+    """Every process the workbench started: controller (and its forks), engines, nannies."""
+    from mpbook.workbench import _process_trees
+
+    return _process_trees(wb.pids())
+
+
+def sockets(procs, *, status: str | None = None) -> list[tuple[int, str, int, str]]:
+    """(pid, local ip, local port, remote ip or "") of each inet socket of ``procs``."""
+    found = []
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        for c in conns:
+            if status is None or c.status == status:
+                found.append((proc.pid, c.laddr.ip, c.laddr.port, c.raddr.ip if c.raddr else ""))
+    return found
+
+
+def rendezvous_path(wb) -> str:
+    """Rank 0's rendezvous file (a FileStore) for a local cluster."""
+
+    def where(state):
+        return state.rendezvous.path if state.rendezvous and state.rendezvous.kind == "file" else ""
+
+    return wb.apply(where, ranks=[0], stream=False)[0]
+
+
+def snapshot(wb) -> dict:
+    """A JSON-able record of the cluster, for a test to check once the cluster should be gone."""
+    procs = processes(wb)
+    return {
+        "pids": [p.pid for p in procs],
+        "engine_pids": [e.pid for e in wb.engines],
+        "listening": sorted({port for _, _, port, _ in sockets(procs, status=psutil.CONN_LISTEN)}),
+        "rendezvous_dir": os.path.dirname(rendezvous_path(wb)),
+    }
+
+
+def alive(pids) -> list[int]:
+    """PIDs that still run (zombies, dead but not yet reaped, do not count)."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def still_listening(ports, pids) -> list[tuple[int | None, int]]:
+    """(pid, port) of LISTEN sockets on ``ports`` held by one of ``pids`` or by a process we may not see."""
+    ports, pids = set(ports), set(pids)
+    return [
+        (c.pid, c.laddr.port)
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port in ports and (c.pid is None or c.pid in pids)
+    ]
+
+
+def gone_within(snap: dict, timeout_s: float) -> tuple[list[int], list]:
+    """Wait (polling, with a deadline) for every process and listening port of ``snap`` to go.
+
+    Returns what is left: (pids alive, (pid, port) still listening); both empty on success.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = alive(snap["pids"]), still_listening(snap["listening"], snap["pids"])
+        if not any(left) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)

@@ -1,0 +1,309 @@
+"""Reliability on real CPU engines: a killed engine, a mismatched collective, clean stops, a soak.
+
+Timings that a person would want to know are printed (run with ``-s`` to see them); the
+assertions on time are generous bounds, because other work shares these cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from IPython.core.error import UsageError
+
+from cluster_probe import alive, gone_within, snapshot
+from mpbook import MpbookError, RankError, Workbench
+from mpbook.errors import CollectiveError, EngineDiedError
+from mpbook.soak import soak
+
+COLLECTIVE_TIMEOUT_S = 5.0
+ALL_REDUCE = "t = torch.tensor([rank + 1.0])\ndist.all_reduce(t)\nprint('sum', t.item())"
+
+
+class KillWhenStarted(threading.Thread):
+    """SIGKILL ``pid`` as soon as its cell has started (it touches ``marker``), not after a guess."""
+
+    def __init__(self, pid: int, marker, timeout_s: float = 30.0):
+        super().__init__(daemon=True)
+        self.pid, self.marker, self.timeout_s = pid, marker, timeout_s
+        self.killed_at: float | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not self.marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.marker.exists():
+            os.kill(self.pid, signal.SIGKILL)
+            self.killed_at = time.monotonic()
+
+
+def sleeping_cell(folder) -> str:
+    """A long cell that first says, through a file, that it has started on this rank."""
+    return (
+        "import pathlib, time\n"
+        f"pathlib.Path({str(folder)!r}, f'started-{{rank}}').touch()\n"
+        "time.sleep(60)\n"
+    )
+
+
+def magics_of(shell):
+    return shell.magics_manager.registry["MpMagics"]
+
+
+# ------------------------------------------------------------------------ a killed engine
+def test_engine_killed_mid_cell_names_its_rank_at_once_and_restart_brings_it_back(shell, tmp_path, capsys):
+    assert shell.run_cell("%mp start -n 2 --cpu").success
+    wb = magics_of(shell).workbench
+    pid = wb.engines[1].pid
+    killer = KillWhenStarted(pid, tmp_path / "started-1")
+    killer.start()
+
+    result = shell.run_cell("%%mp run\n" + sleeping_cell(tmp_path))
+    noticed = time.monotonic()
+    killer.join()
+    assert killer.killed_at is not None, "the cell never started on rank 1"
+    err = result.error_in_exec
+    assert isinstance(err, EngineDiedError) and isinstance(err, RankError)
+    assert err.ranks == [1]
+    assert f"rank 1 (pid {pid}) died while running the cell" in str(err)
+    assert "%mp restart" in str(err)
+    took = noticed - killer.killed_at
+    assert took < 30, f"the death of rank 1 took {took:.1f} s to show"
+    with capsys.disabled():
+        print(f"\nSIGKILL of rank 1 mid-cell -> EngineDiedError in {took:.3f} s")
+
+    # rank 0 was interrupted, not left sleeping: it answers at once
+    began = time.monotonic()
+    assert wb.client[wb.engine_ids([0])[0]].apply_sync(os.getpid) == wb.engines[0].pid
+    assert time.monotonic() - began < 5
+
+    # the next cell says so before it runs anything
+    result = shell.run_cell("%%mp run\nprint(rank)")
+    assert isinstance(result.error_in_exec, EngineDiedError)
+    assert f"rank 1 (pid {pid}) has died; run `%mp restart`" in str(result.error_in_exec)
+    capsys.readouterr()
+
+    assert shell.run_cell("%mp restart").success
+    assert wb.world_size == 2 and [e.rank for e in wb.engines] == [0, 1]
+    assert pid not in {e.pid for e in wb.engines}
+    assert shell.run_cell("%%mp run\n" + ALL_REDUCE).success
+    out = capsys.readouterr().out
+    assert "[rank 0] sum 3.0" in out and "[rank 1] sum 3.0" in out
+
+
+def test_engine_killed_during_apply_names_its_rank(tmp_path):
+    def sleep(state, folder):
+        import pathlib
+        import time
+
+        pathlib.Path(folder, f"started-{state.rank}").touch()
+        time.sleep(60)
+
+    with Workbench.start(2, cpu=True) as wb:
+        pid = wb.engines[0].pid
+        eid = wb.engine_ids([0])[0]
+        # The engine's nanny would tell the controller at once; kill it first, so that only
+        # the heartbeat (and mpbook's own check of the pid) can notice.
+        for nanny in psutil.Process(pid).children():
+            nanny.kill()
+        killer = KillWhenStarted(pid, tmp_path / "started-0")
+        killer.start()
+        with pytest.raises(EngineDiedError) as info:
+            wb.apply(sleep, str(tmp_path), what="the sleep")
+        took = time.monotonic() - killer.killed_at
+        assert info.value.ranks == [0]
+        assert f"rank 0 (pid {pid}) died while running the sleep" in str(info.value)
+        assert took < 30
+        print(f"\nSIGKILL of rank 0 (and its nanny) mid-apply -> EngineDiedError in {took:.3f} s")
+        # ipyparallel's heartbeat unregisters the engine too, which is what an attached
+        # cluster (whose pids mpbook does not watch) relies on
+        deadline = time.monotonic() + 30
+        while eid in wb.client.ids and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert eid not in wb.client.ids
+        print(f"controller unregistered it {time.monotonic() - killer.killed_at:.2f} s after the kill")
+        wb.restart()
+        assert wb.apply(lambda s: s.rank, stream=False) == [0, 1]
+
+
+def test_controller_killed_mid_cell_is_an_error_and_restart_recovers(tmp_path):
+    with Workbench.start(2, cpu=True) as wb:
+        before = snapshot(wb)
+        controller = wb.pids()["controller"][0]
+        killer = KillWhenStarted(controller, tmp_path / "started-0")
+        killer.start()
+        with pytest.raises(MpbookError, match=rf"controller \(pid {controller}\) died while running the cell; run `%mp restart`"):
+            wb.run(sleeping_cell(tmp_path))
+        assert time.monotonic() - killer.killed_at < 30
+        wb.restart()
+        # the killed controller's own child (its heart monitor) went too, and the engines
+        assert gone_within(before, 0) == ([], [])
+        wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
+
+
+# ------------------------------------------------------------------------ mismatched collectives
+@pytest.fixture(scope="module")
+def wb_short():
+    """Two engines whose collectives give up after COLLECTIVE_TIMEOUT_S."""
+    with Workbench.start(2, cpu=True, timeout_s=COLLECTIVE_TIMEOUT_S) as wb:
+        yield wb
+
+
+def generation(wb) -> list[int]:
+    return wb.apply(lambda s: s.rendezvous.generation, stream=False)
+
+
+def reduce_sum(state):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([state.rank + 1.0])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def test_collective_entered_by_one_rank_errors_within_the_timeout_and_the_group_is_rebuilt(wb_short, capsys):
+    before = generation(wb_short)[0]
+    began = time.monotonic()
+    with pytest.raises(CollectiveError) as info:
+        wb_short.run("t = torch.ones(1)\nif rank == 0:\n    dist.all_reduce(t)\nprint('done', rank)")
+    took = time.monotonic() - began
+    err = info.value
+    with capsys.disabled():
+        print(f"\nmismatched collective (timeout {COLLECTIVE_TIMEOUT_S:g} s) -> CollectiveError in {took:.2f} s")
+    assert isinstance(err, RankError) and err.ranks == [0] and err.collective_ranks == [0] and err.rebuilt
+    message = str(err)
+    assert "\n" not in message
+    assert message.startswith("the cell failed in a collective on rank 0 (it timed out after 5 s)")
+    assert "rank 1 finished the cell without error" in message
+    assert "the process group was rebuilt on every rank" in message
+    # the error came with the timeout, not long after it (rebuilding takes well under a second)
+    assert COLLECTIVE_TIMEOUT_S - 0.5 < took < COLLECTIVE_TIMEOUT_S + 10
+    assert generation(wb_short) == [before + 1] * 2
+    capsys.readouterr()
+    wb_short.run(ALL_REDUCE)
+    out = capsys.readouterr().out
+    assert "[rank 0] sum 3.0" in out and "[rank 1] sum 3.0" in out
+
+
+def test_rank_raising_instead_of_joining_a_collective_names_both_ranks(wb_short):
+    with pytest.raises(CollectiveError) as info:
+        wb_short.run("t = torch.ones(1)\nif rank == 1:\n    raise ValueError('bad shard')\ndist.all_reduce(t)")
+    err = info.value
+    assert err.ranks == [0, 1] and err.collective_ranks == [0]
+    assert "rank 1 raised ValueError: bad shard" in str(err)
+    assert "rebuilt" in str(err)
+    assert wb_short.apply(reduce_sum, stream=False) == [3.0, 3.0]
+
+
+def test_collective_raising_inside_on_every_rank_through_apply(wb_short):
+    def mismatched(state):
+        import torch
+        import torch.distributed as dist
+
+        t = torch.ones(state.rank + 1)  # different sizes: the ranks cannot agree
+        dist.all_reduce(t)
+
+    with pytest.raises(CollectiveError) as info:
+        wb_short.apply(mismatched, what="the mismatched all_reduce")
+    assert info.value.collective_ranks == [0, 1]
+    assert str(info.value).startswith("the mismatched all_reduce failed in a collective on ranks 0, 1")
+    assert wb_short.apply(reduce_sum, stream=False) == [3.0, 3.0]
+
+
+def test_an_error_outside_collectives_keeps_the_group_and_the_models(wb_short):
+    def remember(state):
+        state.cache["model"] = "loaded"
+
+    wb_short.apply(remember, stream=False)
+    before = generation(wb_short)
+    with pytest.raises(RankError) as info:
+        wb_short.run("if rank == 1:\n    raise KeyError('no such layer')")
+    assert type(info.value) is RankError and info.value.ranks == [1]
+    assert generation(wb_short) == before
+    assert wb_short.apply(lambda s: s.cache.get("model"), stream=False) == ["loaded", "loaded"]
+    # whereas a failed collective forgets them (they reload on demand)
+    with pytest.raises(CollectiveError):
+        wb_short.run("if rank == 0:\n    dist.barrier()")
+    assert wb_short.apply(lambda s: s.cache.get("model"), stream=False) == [None, None]
+
+
+@pytest.mark.parametrize("timeout", [0, -1, 61, 3600, math.nan, math.inf])
+def test_collective_timeout_is_checked_before_anything_starts(timeout):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(MpbookError, match="at most 60 s"):
+        Workbench.start(2, cpu=True, timeout_s=timeout)
+    assert alive({p.pid for p in psutil.Process().children(recursive=True)} - before) == []
+
+
+@pytest.mark.parametrize("value", ["0", "61", "nan", "inf", "1e400"])
+def test_mp_start_timeout_is_checked_by_the_magic(shell, value):
+    result = shell.run_cell(f"%mp start --cpu --timeout {value}")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "at most 60 s" in str(result.error_in_exec)
+    assert magics_of(shell).workbench is None
+
+
+# ------------------------------------------------------------------------ clean stops
+def test_stop_leaves_no_process_port_or_rendezvous_behind():
+    wb = Workbench.start(2, cpu=True)
+    try:
+        wb.run(ALL_REDUCE)
+        snap = snapshot(wb)
+        assert len(snap["pids"]) >= 5  # controller, 2 engines, 2 nannies
+        assert snap["listening"] and os.path.isdir(snap["rendezvous_dir"])
+    finally:
+        began = time.monotonic()
+        wb.stop()
+        took = time.monotonic() - began
+    print(f"\nWorkbench.stop() took {took:.2f} s")
+    assert gone_within(snap, 0) == ([], [])  # stop returns once everything is gone
+    assert not os.path.exists(snap["rendezvous_dir"])
+
+
+def test_stop_while_a_cell_runs_is_prompt_and_complete(tmp_path):
+    wb = Workbench.start(2, cpu=True)
+    try:
+        snap = snapshot(wb)
+        wb.client[wb.engine_ids()].execute(sleeping_cell(tmp_path), block=False)
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(list(tmp_path.iterdir())) == 2, "the cell did not start"
+    finally:
+        began = time.monotonic()
+        wb.stop()
+        took = time.monotonic() - began
+    # engines ignore SIGTERM while a cell runs; without the interrupt first this took 5 s more
+    assert took < 10, f"stopping a busy cluster took {took:.1f} s"
+    assert gone_within(snap, 0) == ([], [])
+
+
+def test_mp_stop_leaves_no_process_or_port_behind(shell):
+    assert shell.run_cell("%mp start -n 2 --cpu").success
+    assert shell.run_cell("%%mp run\n" + ALL_REDUCE).success
+    snap = snapshot(magics_of(shell).workbench)
+    assert shell.run_cell("%mp stop").success
+    assert gone_within(snap, 0) == ([], [])
+    assert not os.path.exists(snap["rendezvous_dir"])
+
+
+# ------------------------------------------------------------------------ soak
+def test_soak_50_all_reduce_cells_no_failure_no_memory_creep(shell):
+    assert shell.run_cell("%mp start -n 2 --cpu").success
+    wb = magics_of(shell).workbench
+    engines = [e.pid for e in wb.engines]
+    cell = "%%mp run\nt = torch.tensor([rank + 1.0])\ndist.all_reduce(t)\nassert t.item() == 3.0"
+    report = soak(shell, cell, engines + wb.pids()["controller"] + [os.getpid()], cells=50, warmup=10)
+    print("\nsoak:", report.summary())
+    assert report.failure is None, report.failure
+    assert len(report.seconds) == 50
+    growth = report.growth()
+    assert set(engines) <= set(growth)
+    for pid in engines:
+        assert growth[pid] < 0.05, report.summary()
