@@ -9,6 +9,9 @@ tokens are identical.
 ``--cluster``: the cluster's own costs: start to ready (median of 5) and an empty
 ``%%mp run`` round trip next to ipyparallel's ``dv.execute('pass')``.
 
+``--soak N``: N consecutive generation cells through a real IPython shell (the magic, the
+dashboard and all), counting failures and the engines' memory growth after warm-up.
+
 ``--dashboard-overhead``: what watching costs. The same generation runs with the dashboard
 on (engines publish snapshots, the client refreshes a widget dashboard) and off (no
 publishing, no dashboard), interleaved A B B A; the report is the median ratio of their
@@ -354,3 +357,35 @@ def dashboard_overhead(
         snapshots_per_s=published / wb.world_size / on_time,
         refreshes_per_s=refreshes / on_time,
     )
+
+
+SOAK_CELL = "%%mp pipeline --model {model} --microbatches 2 --max-new-tokens 16\n" + "\n".join(BENCH_PROMPTS[:4])
+
+
+def bench_soak(*, cells: int = 200, warmup: int = 20, model: str = "tiny", engines: int | None = None,
+               cpu: bool = True, log=print) -> dict:
+    """``cells`` generation cells in a row on one cluster; failures and per-engine memory growth."""
+    import contextlib
+    import io
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from .soak import soak
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "mpbook")
+    magics = shell.magics_manager.registry["MpMagics"]
+    shell.run_line_magic("mp", f"start {'-n ' + str(engines) if engines else ''} {'--cpu' if cpu else ''}")
+    try:
+        wb = magics.workbench
+        pids = [e.pid for e in wb.engines]
+        with contextlib.redirect_stdout(io.StringIO()):  # 200 cells of generations and summaries
+            report = soak(shell, SOAK_CELL.format(model=model), pids, cells=cells, warmup=warmup)
+    finally:
+        magics.close()
+    log(f"soak: {report.summary()}")
+    return {
+        "cells": report.cells, "completed": len(report.seconds), "failure": report.failure,
+        "median_cell_s": sorted(report.seconds)[len(report.seconds) // 2],
+        "rss_growth": {str(pid): g for pid, g in report.growth().items()}, "max_rss_growth": report.max_growth(),
+    }

@@ -307,3 +307,15 @@ def test_soak_50_all_reduce_cells_no_failure_no_memory_creep(shell):
     assert set(engines) <= set(growth)
     for pid in engines:
         assert growth[pid] < 0.05, report.summary()
+
+
+def test_soak_of_generation_cells_no_failure_no_memory_creep(shell, tiny_folder):
+    from mpbook.bench import SOAK_CELL
+
+    assert shell.run_cell("%mp start -n 2 --cpu").success
+    wb = shell.magics_manager.registry["MpMagics"].workbench
+    engines = [e.pid for e in wb.engines]
+    report = soak(shell, SOAK_CELL.format(model=tiny_folder), engines, cells=25, warmup=5)
+    print("\nsoak:", report.summary())
+    assert report.failure is None and len(report.seconds) == 25
+    assert report.max_growth() < 0.05, report.summary()
