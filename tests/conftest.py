@@ -19,6 +19,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PY
 import psutil  # noqa: E402
 import pytest  # noqa: E402
 
+from cluster_probe import alive  # noqa: E402,F401  (tests import it from here)
 from mpbook import Workbench  # noqa: E402
 
 
@@ -49,18 +50,6 @@ def shell():
     yield sh
     magics = sh.magics_manager.registry["MpMagics"]
     magics.close()
-
-
-def alive(pids) -> list[int]:
-    """PIDs that still run (zombies, already dead but not reaped, do not count)."""
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def process_tree(wb: Workbench) -> list[int]:
