@@ -16,7 +16,6 @@ os.environ["MPBOOK_CACHE"] = tempfile.mkdtemp(prefix="mpbook-test-cache-")
 _here = os.path.dirname(os.path.abspath(__file__))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PYTHONPATH")) if p)
 
-import psutil  # noqa: E402
 import pytest  # noqa: E402
 
 from cluster_probe import alive  # noqa: E402,F401  (tests import it from here)
