@@ -44,19 +44,28 @@ def _by_rank(per_rank: Mapping[int, Any] | Sequence[Mapping[str, Any]]) -> dict[
 
 
 # --------------------------------------------------------------------------- memory
-def plot_memory(per_rank: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]]) -> Figure:
+def plot_memory(
+    per_rank: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+    *,
+    ax=None,
+    title: str = "memory per rank",
+) -> Figure:
     """Memory per rank, stacked into weights, KV cache and activations where known.
 
     ``per_rank``: {rank: figures} or a list of telemetry snapshots. Figures in bytes:
     ``weights``, ``kv_cache``, ``activations`` (or a snapshot's ``memory_parts``), ``total``
     (or a snapshot's ``memory_in_use_bytes``) and ``peak`` (``peak_memory_bytes``). What the
     total holds beyond the known parts is drawn as "other"; the peak as a tick above the bar.
+    ``ax``: draw into this Axes (e.g. one panel per layout of a comparison) and return its figure.
     """
     ranks = _by_rank(per_rank)
     if not ranks:
         raise ValueError("plot_memory: no ranks given; pass {rank: {'weights': bytes, ...}} or snapshots")
-    fig = PlotFigure(figsize=(max(4.0, 0.9 * len(ranks) + 2), 3.2), layout="constrained")
-    ax = fig.add_subplot()
+    if ax is None:
+        fig = PlotFigure(figsize=(max(4.0, 0.9 * len(ranks) + 2), 3.2), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
     order = sorted(ranks)
     bottoms = [0.0] * len(order)
     drawn = set()
@@ -81,7 +90,7 @@ def plot_memory(per_rank: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str
         ax.scatter([r for r, _ in peaks], [p for _, p in peaks], marker="_", s=400, color="#d62728", label="peak", zorder=3)
     ax.set_xticks(order, [f"rank {r}" for r in order])
     ax.set_ylabel("GiB")
-    ax.set_title("memory per rank")
+    ax.set_title(title)
     if drawn or peaks:
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig

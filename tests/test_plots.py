@@ -104,6 +104,13 @@ def test_memory_from_engine_snapshots_stacks_the_known_parts(workbench):
     for snap in snapshots:
         assert tops[snap["rank"]] == pytest.approx(snap["memory_in_use_bytes"] / 2**30)
 
+    # one panel per layout of a comparison: drawn into the Axes given, titled as asked
+    from mpbook.plots import PlotFigure
+
+    panels = PlotFigure().subplots(1, 2)
+    assert plot_memory(snapshots, ax=panels[1], title="tensor (tp2)") is panels[1].figure
+    assert panels[1].get_title() == "tensor (tp2)" and len(_bars(panels[1])) == 3 * 2 and not _bars(panels[0])
+
 
 def test_throughput_per_layout():
     records = [
