@@ -45,6 +45,16 @@ STRATEGY_COMMANDS = ("data", "pipeline", "tensor")
 CELL_COMMANDS = ("run", *STRATEGY_COMMANDS)
 
 
+PREVIEW_CHARS = 160  # of each generated text a strategy cell prints; the result keeps all of it
+
+
+def preview(text: str, where: str) -> str:
+    """``text`` as a repr, cut to PREVIEW_CHARS characters with a note of where the rest is."""
+    if len(text) <= PREVIEW_CHARS:
+        return repr(text)
+    return f"{text[:PREVIEW_CHARS]!r} ... ({len(text) - PREVIEW_CHARS} more characters in `{where}`)"
+
+
 def build_parser() -> MagicArgumentParser:
     """One parser for ``%mp`` and ``%%mp``; each command is a sub-parser."""
     parser = MagicArgumentParser(prog="%mp", description="Run cells on a cluster of engines, one per device.")
@@ -223,7 +233,7 @@ class MpMagics(Magics):
         )
         self.shell.user_ns[args.out] = result
         for i, (prompt, text) in enumerate(zip(result.prompts, result.texts)):
-            print(f"[{i}] {prompt}\n    -> {text!r}")
+            print(f"[{i}] {prompt}\n    -> {preview(text, f'{args.out}.texts[{i}]')}")
         print(result.summary())
         print(f"(the result is in `{args.out}`)")
 
