@@ -50,6 +50,7 @@ def plot_memory(
     *,
     ax=None,
     title: str = "memory per rank",
+    unit: str | None = None,
 ) -> Figure:
     """Memory per rank, stacked into weights, KV cache and activations where known.
 
@@ -58,6 +59,8 @@ def plot_memory(
     (or a snapshot's ``memory_in_use_bytes``) and ``peak`` (``peak_memory_bytes``). What the
     total holds beyond the known parts is drawn as "other"; the peak as a tick above the bar.
     ``ax``: draw into this Axes (e.g. one panel per layout of a comparison) and return its figure.
+    ``unit``: "GiB", "MiB", "KiB" or "bytes" (default: the largest that the largest bar reaches;
+    give one to panels that share an axis).
     """
     ranks = _by_rank(per_rank)
     if not ranks:
@@ -77,7 +80,12 @@ def plot_memory(
         max(sum(parts_of[r].values()), totals[r] or 0, ranks[r].get("peak", ranks[r].get("peak_memory_bytes")) or 0)
         for r in order
     )
-    unit, scale = next(((u, b) for u, b in UNITS if largest >= b), UNITS[-1])
+    if unit is None:
+        unit, scale = next(((u, b) for u, b in UNITS if largest >= b), UNITS[-1])
+    elif unit in dict(UNITS):
+        scale = dict(UNITS)[unit]
+    else:
+        raise ValueError(f"plot_memory: unit={unit!r}; use one of {', '.join(u for u, _ in UNITS)}")
     for part in (*MEMORY_PARTS, "other"):
         heights = []
         for r in order:

@@ -115,6 +115,10 @@ def test_memory_from_engine_snapshots_stacks_the_known_parts(workbench):
     fig = plot_memory({0: {"weights": 300 * 1024, "kv_cache": 100 * 1024}, 1: {"weights": 200 * 1024}})
     assert fig.axes[0].get_ylabel() == "KiB"
     assert max(b.get_y() + b.get_height() for b in _bars(fig.axes[0])) == pytest.approx(400)
+    fig = plot_memory({0: {"weights": 3 * 2**20}}, unit="KiB")  # panels that share an axis share a unit
+    assert fig.axes[0].get_ylabel() == "KiB" and _bars(fig.axes[0])[0].get_height() == pytest.approx(3072)
+    with pytest.raises(ValueError, match="unit='kB'; use one of GiB, MiB, KiB, bytes"):
+        plot_memory({0: {"weights": 1}}, unit="kB")
 
 
 def test_throughput_per_layout():
