@@ -58,12 +58,14 @@ def test_committed_without_outputs_with_a_parameters_cell(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_a_kernel_and_stops_its_cluster(path):
+def test_notebook_runs_in_a_kernel_and_stops_its_cluster(path, monkeypatch):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
     # The kernel inherits this environment (the test IPYTHONDIR and MPBOOK_CACHE of conftest)
-    # and runs in the notebooks' folder, as it would when opened there from a checkout.
+    # and runs in the notebooks' folder, as it would when opened there from a checkout. No GPU
+    # is visible to it, so the defaults (2 engines) mean CPU engines on any machine.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     client = NotebookClient(
         nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS_DIR)}}
     )
