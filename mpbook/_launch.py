@@ -49,21 +49,19 @@ def main(argv: list[str]) -> None:
     sys.argv = [f"mpbook-{role}", *rest]
     if role == "engine":
         threading.Thread(target=_warm_import, daemon=True, name="mpbook-warm-import").start()
-        _run_engine()
+        run = run_engine
     elif role == "controller":
         from ipyparallel.controller.app import main as run
-
-        run()
     else:
         raise SystemExit(f"usage: python -m mpbook._launch engine|controller [args]; got {role!r}")
+    run()
 
 
-def _run_engine() -> None:
+def run_engine() -> None:
+    """ipyparallel's engine; returns normally when it was asked to stop (SIGTERM)."""
     from ipyparallel.engine.app import IPEngine
 
     class Engine(IPEngine):
-        """ipyparallel's engine, remembering that it was asked to stop."""
-
         stopping = False
 
         def _signal_stop(self, sig, frame):
@@ -75,12 +73,11 @@ def _run_engine() -> None:
     except RuntimeError:
         # With ipykernel 7, a SIGTERM'd engine (ipyparallel 9.2) stops its event loop before
         # its start future completes, and tornado raises "Event loop stopped before Future
-        # completed". The exit status 1 makes ipyparallel's Cluster log the engine's whole
-        # output as a warning, which lands in the notebook on every `%mp stop`. A stop that
-        # was asked for is a clean exit.
-        if Engine.stopping:
-            raise SystemExit(0) from None
-        raise
+        # completed". Exiting with status 1 for it makes ipyparallel's Cluster log the
+        # engine's whole output as a warning, which lands in the notebook on every `%mp stop`.
+        # A stop that was asked for is a clean exit.
+        if not Engine.stopping:
+            raise
 
 
 if __name__ == "__main__":

@@ -45,16 +45,6 @@ STRATEGY_COMMANDS = ("data", "pipeline", "tensor")
 CELL_COMMANDS = ("run", *STRATEGY_COMMANDS)
 
 
-PREVIEW_CHARS = 160  # of each generated text a strategy cell prints; the result keeps all of it
-
-
-def preview(text: str, where: str) -> str:
-    """``text`` as a repr, cut to PREVIEW_CHARS characters with a note of where the rest is."""
-    if len(text) <= PREVIEW_CHARS:
-        return repr(text)
-    return f"{text[:PREVIEW_CHARS]!r} ... ({len(text) - PREVIEW_CHARS} more characters in `{where}`)"
-
-
 def build_parser() -> MagicArgumentParser:
     """One parser for ``%mp`` and ``%%mp``; each command is a sub-parser."""
     parser = MagicArgumentParser(prog="%mp", description="Run cells on a cluster of engines, one per device.")
@@ -259,3 +249,13 @@ class MpMagics(Magics):
         if self.workbench is not None:
             self.workbench.stop()
             self.workbench = None
+
+
+PREVIEW_CHARS = 160  # of each generated text a strategy cell prints; the result keeps all of it
+
+
+def preview(text: str, where: str) -> str:
+    """``text`` as a repr, cut to PREVIEW_CHARS characters with a note of where the rest is."""
+    if len(text) <= PREVIEW_CHARS:
+        return repr(text)
+    return f"{text[:PREVIEW_CHARS]!r} ... ({len(text) - PREVIEW_CHARS} more characters in `{where}`)"
