@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
     sys.argv = [f"mpbook-{role}", *rest]
     if role == "engine":
         threading.Thread(target=_warm_import, daemon=True, name="mpbook-warm-import").start()
-        from ipyparallel.engine.app import main as run
+        run = run_engine
     elif role == "controller":
         from ipyparallel.controller.app import main as run
     else:
@@ -102,6 +102,29 @@ def main(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_engine() -> None:
+    """ipyparallel's engine; returns normally when it was asked to stop (SIGTERM)."""
+    from ipyparallel.engine.app import IPEngine
+
+    class Engine(IPEngine):
+        stopping = False
+
+        def _signal_stop(self, sig, frame):
+            Engine.stopping = True
+            super()._signal_stop(sig, frame)
+
+    try:
+        Engine.launch_instance()
+    except RuntimeError:
+        # With ipykernel 7, a SIGTERM'd engine (ipyparallel 9.2) stops its event loop before
+        # its start future completes, and tornado raises "Event loop stopped before Future
+        # completed". Exiting with status 1 for it makes ipyparallel's Cluster log the
+        # engine's whole output as a warning, which lands in the notebook on every `%mp stop`.
+        # A stop that was asked for is a clean exit.
+        if not Engine.stopping:
+            raise
 
 
 if __name__ == "__main__":

@@ -216,6 +216,16 @@ class WidgetView:
         )
         self.plot = w.HTML()
         self.widget = w.VBox([self.status, grid, self.plot])
+        # CSS classes name the parts in the page, for styling and for tools that read it
+        # (the browser test): .mpbook-dashboard, .mpbook-status, .mpbook-rank-0.mpbook-col-tokens-s ...
+        self.widget.add_class("mpbook-dashboard")
+        self.status.add_class("mpbook-status")
+        grid.add_class("mpbook-grid")
+        self.plot.add_class("mpbook-throughput")
+        for r, cells in self.cells.items():
+            for name, label in cells.items():
+                label.add_class(f"mpbook-rank-{r}")
+                label.add_class(f"mpbook-col-{css_name(name)}")
 
     def show(self) -> None:
         # Elsewhere (a script driving widgets, a test) display() would print the widget's repr.
@@ -239,6 +249,11 @@ class WidgetView:
     def values(self) -> dict[int, dict[str, str]]:
         """What the grid shows now, rank -> column -> text (for tests and tools)."""
         return {r: {c: lab.value for c, lab in cells.items()} for r, cells in self.cells.items()}
+
+
+def css_name(column: str) -> str:
+    """A column's name as a CSS class suffix: "tokens/s" -> "tokens-s"."""
+    return "-".join("".join(c if c.isalnum() else " " for c in column.lower()).split())
 
 
 def row_values(row: Row) -> tuple[str, ...]:

@@ -275,7 +275,7 @@ class MpMagics(Magics):
         )
         self.shell.user_ns[args.out] = result
         for i, (prompt, text) in enumerate(zip(result.prompts, result.texts)):
-            print(f"[{i}] {prompt}\n    -> {text!r}")
+            print(f"[{i}] {prompt}\n    -> {preview(text, f'{args.out}.texts[{i}]')}")
         print(result.summary())
         print(f"(the result is in `{args.out}`)")
 
@@ -301,3 +301,13 @@ class MpMagics(Magics):
         if self.workbench is not None:
             self.workbench.stop()
             self.workbench = None
+
+
+PREVIEW_CHARS = 160  # of each generated text a strategy cell prints; the result keeps all of it
+
+
+def preview(text: str, where: str) -> str:
+    """``text`` as a repr, cut to PREVIEW_CHARS characters with a note of where the rest is."""
+    if len(text) <= PREVIEW_CHARS:
+        return repr(text)
+    return f"{text[:PREVIEW_CHARS]!r} ... ({len(text) - PREVIEW_CHARS} more characters in `{where}`)"

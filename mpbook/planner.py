@@ -171,8 +171,9 @@ class Workload:
 
     @property
     def tokens(self) -> int:
-        """Positions a row's KV cache may hold: the prompt and every new token."""
-        return self.prompt_len + self.max_new_tokens
+        """Positions a row's KV cache holds at the end: the prompt and every new token but
+        the last, which is returned and never fed back (``max_new_tokens - 1`` decode steps)."""
+        return self.prompt_len + max(self.max_new_tokens - 1, 0)
 
 
 def _dims(config) -> dict[str, int]:
@@ -395,8 +396,8 @@ def _tokens_text(cached: list[int], work: Workload) -> str:
     pieces = []
     for n, k in counts.items():
         what = f"{n} tokens"
-        if n == work.tokens and work.max_new_tokens:
-            what = f"{n} tokens ({work.prompt_len} prompt + {work.max_new_tokens} new)"
+        if n == work.tokens and work.max_new_tokens > 1:
+            what = f"{n} tokens ({work.prompt_len} prompt + {work.max_new_tokens - 1} of the {work.max_new_tokens} new)"
         elif n != work.tokens:
             what = f"{n} tokens (sliding window)"
         pieces.append(f"{k} layer{'s' if k != 1 else ''} x {what}")
@@ -568,8 +569,8 @@ def fmt_bytes(n: int | float | None) -> str:
 class MemoryPlan:
     """Predicted per-rank memory of one layout, whether it fits, and other layouts that would.
 
-    Each rank's ``total`` is its predicted peak: weights + KV cache (at the full length,
-    prompt + new tokens) + activations (the largest forward of one micro-batch). Weights and
+    Each rank's ``total`` is its predicted peak: weights + KV cache (at the full length:
+    the prompt and every new token but the last) + activations (the largest forward of one micro-batch). Weights and
     KV cache are exact for the module tree and DynamicCache; activations are an estimate.
     """
 
@@ -779,9 +780,10 @@ def plan(
     and the MLP width divided by tp:
 
     - weights: the rank's own parameters and buffers of the meta-built model (exact);
-    - KV cache: 2 x layers of the stage x rows of the replica x (prompt + new tokens, or the
-      sliding window) x KV heads/tp x head_dim x e (exact for transformers' DynamicCache;
-      it is the end-of-generation size, so the prefill's peak is over-counted a little);
+    - KV cache: 2 x layers of the stage x rows of the replica x (prompt + new tokens - 1: the
+      last new token is never fed back; or the sliding window) x KV heads/tp x head_dim x e
+      (exact for transformers' DynamicCache; it is the end-of-generation size, so the
+      prefill's peak is over-counted a little);
     - activations, an estimate of the largest live set in one forward of one micro-batch:
       hidden states 3·b·q·hidden·e + mask b·q·k·(e eager, 1 sdpa) + rotary 2·b·q·head_dim·e
       + max(attention, MLP), where attention = b·q·heads·head_dim·e (query) + repeated k/v

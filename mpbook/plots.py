@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from .telemetry import MEMORY_PARTS, Event
 
 GIB = 1024**3
+UNITS = (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024), ("bytes", 1))
 
 
 class PlotFigure(Figure):
@@ -44,44 +45,67 @@ def _by_rank(per_rank: Mapping[int, Any] | Sequence[Mapping[str, Any]]) -> dict[
 
 
 # --------------------------------------------------------------------------- memory
-def plot_memory(per_rank: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]]) -> Figure:
+def plot_memory(
+    per_rank: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+    *,
+    ax=None,
+    title: str = "memory per rank",
+    unit: str | None = None,
+) -> Figure:
     """Memory per rank, stacked into weights, KV cache and activations where known.
 
     ``per_rank``: {rank: figures} or a list of telemetry snapshots. Figures in bytes:
     ``weights``, ``kv_cache``, ``activations`` (or a snapshot's ``memory_parts``), ``total``
     (or a snapshot's ``memory_in_use_bytes``) and ``peak`` (``peak_memory_bytes``). What the
     total holds beyond the known parts is drawn as "other"; the peak as a tick above the bar.
+    ``ax``: draw into this Axes (e.g. one panel per layout of a comparison) and return its figure.
+    ``unit``: "GiB", "MiB", "KiB" or "bytes" (default: the largest that the largest bar reaches;
+    give one to panels that share an axis).
     """
     ranks = _by_rank(per_rank)
     if not ranks:
         raise ValueError("plot_memory: no ranks given; pass {rank: {'weights': bytes, ...}} or snapshots")
-    fig = PlotFigure(figsize=(max(4.0, 0.9 * len(ranks) + 2), 3.2), layout="constrained")
-    ax = fig.add_subplot()
+    if ax is None:
+        fig = PlotFigure(figsize=(max(4.0, 0.9 * len(ranks) + 2), 3.2), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
     order = sorted(ranks)
     bottoms = [0.0] * len(order)
     drawn = set()
     parts_of = {r: {**ranks[r].get("memory_parts", {}), **{p: ranks[r][p] for p in MEMORY_PARTS if p in ranks[r]}} for r in order}
     totals = {r: ranks[r].get("total", ranks[r].get("memory_in_use_bytes")) for r in order}
+    # The unit follows the largest bar: a small model's weights are KiB, a process's peak GiB.
+    largest = max(
+        max(sum(parts_of[r].values()), totals[r] or 0, ranks[r].get("peak", ranks[r].get("peak_memory_bytes")) or 0)
+        for r in order
+    )
+    if unit is None:
+        unit, scale = next(((u, b) for u, b in UNITS if largest >= b), UNITS[-1])
+    elif unit in dict(UNITS):
+        scale = dict(UNITS)[unit]
+    else:
+        raise ValueError(f"plot_memory: unit={unit!r}; use one of {', '.join(u for u, _ in UNITS)}")
     for part in (*MEMORY_PARTS, "other"):
         heights = []
         for r in order:
             if part == "other":
                 known = sum(parts_of[r].values())
                 total = totals[r]
-                heights.append(max(0.0, (total or 0) - known) / GIB)
+                heights.append(max(0.0, (total or 0) - known) / scale)
             else:
-                heights.append(parts_of[r].get(part, 0) / GIB)
+                heights.append(parts_of[r].get(part, 0) / scale)
         if any(heights):
             ax.bar(order, heights, bottom=bottoms, label=part.replace("_", " "), color=PART_COLOURS[part], width=0.6)
             bottoms = [b + h for b, h in zip(bottoms, heights)]
             drawn.add(part)
     peaks = [(r, ranks[r].get("peak", ranks[r].get("peak_memory_bytes"))) for r in order]
-    peaks = [(r, p / GIB) for r, p in peaks if p]
+    peaks = [(r, p / scale) for r, p in peaks if p]
     if peaks:
         ax.scatter([r for r, _ in peaks], [p for _, p in peaks], marker="_", s=400, color="#d62728", label="peak", zorder=3)
     ax.set_xticks(order, [f"rank {r}" for r in order])
-    ax.set_ylabel("GiB")
-    ax.set_title("memory per rank")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
     if drawn or peaks:
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig

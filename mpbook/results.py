@@ -105,9 +105,10 @@ class RunResult:
 
         return plot_timeline([e for e in self.timeline if e.phase == phase])
 
-    def plot_memory(self):
+    def plot_memory(self, *, ax=None, title: str = "memory per rank"):
         """Per-rank memory: weights and KV cache, and the rest of the peak above them
-        (activations on a GPU; on a CPU engine the peak is the process's, runtime included)."""
+        (activations on a GPU; on a CPU engine the peak is the process's, runtime included).
+        ``ax``/``title``: as :func:`mpbook.plots.plot_memory`."""
         from .plots import plot_memory
 
         per_rank = {}
@@ -116,7 +117,7 @@ class RunResult:
             if self.device_type == "cuda":
                 parts["activations"] = max(0, peak - weights - kv)
             per_rank[rank] = parts
-        return plot_memory(per_rank)
+        return plot_memory(per_rank, ax=ax, title=title)
 
     def plot_collectives(self):
         from .plots import plot_collectives

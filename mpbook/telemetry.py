@@ -120,12 +120,16 @@ class Telemetry:
         self.tokens[phase] += n
 
     def collective(self, kind: str, seconds: float = 0.0, n: int = 1) -> None:
-        """Count ``n`` collectives of ``kind`` (all_reduce, all_gather, send, recv, ...)."""
-        self.collectives[kind] += n
+        """Count ``n`` collectives of ``kind`` (all_reduce, all_gather, send, recv, ...).
+
+        ``n=0`` adds time alone (waiting for sends already counted) and no count of 0."""
+        if n:
+            self.collectives[kind] += n
         self.collective_seconds += seconds
         self.collective_seconds_by_kind[kind] += seconds
         if self._run is not None:
-            self._run.collectives[kind] += n
+            if n:
+                self._run.collectives[kind] += n
             self._run.collective_seconds += seconds
 
     @contextmanager

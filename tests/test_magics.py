@@ -127,6 +127,19 @@ def test_strategy_cells_generate_and_store_the_result(shell, capsys, tiny_folder
     assert piped.layout.pp == 2 and len(piped.texts) == 4
     assert "(the result is in `piped`)" in capsys.readouterr().out
 
+    # a long generation prints a preview of each text; the result keeps all of it
+    result = shell.run_cell(f"%mp data --model {tiny_folder} --prompts questions --max-new-tokens 200 -o long")
+    assert result.success, result.error_in_exec
+    out = capsys.readouterr().out
+    long = shell.user_ns["long"]
+    cut = [i for i, text in enumerate(long.texts) if len(text) > 160]
+    assert cut  # (a row that ends early is shorter: after end-of-sequence it pads)
+    for i, text in enumerate(long.texts):
+        if i in cut:
+            assert f"{text[:160]!r} ... ({len(text) - 160} more characters in `long.texts[{i}]`)" in out
+        else:
+            assert f"-> {text!r}\n" in out
+
 
 @pytest.mark.parametrize(
     "cell, message",

@@ -176,7 +176,8 @@ def run_cache(model, rows: int, prompt_len: int, steps: int) -> int:
 )
 def test_kv_cache_equals_dynamic_cache(folders, name, rows, prompt_len, new):
     model = load(folders[name])
-    real = run_cache(model, rows, prompt_len, new)
+    # Generating `new` tokens feeds all but the last back through the model: new - 1 steps.
+    real = run_cache(model, rows, prompt_len, max(new - 1, 0))
     predicted = plan(folders[name], batch=rows, prompt_len=prompt_len, max_new_tokens=new, device_memory_bytes=1 << 40)
     assert predicted.ranks[0].kv_cache == real
     # the same cache cut into pipeline stages adds up to the whole
@@ -230,7 +231,7 @@ def test_tensor_parallel_prediction_equals_dtensor_shards_on_engines(workbench, 
     assert [r["kv_heads"] for r in real] == [2, 2]  # 4 KV heads over 2 ranks
     prefill = plan("tiny", tp=2, batch=rows, prompt_len=prompt_len, max_new_tokens=0, engines=2,
                    device_memory_bytes=1 << 40)
-    step = plan("tiny", tp=2, batch=rows, prompt_len=prompt_len, max_new_tokens=1, engines=2,
+    step = plan("tiny", tp=2, batch=rows, prompt_len=prompt_len, max_new_tokens=2, engines=2,
                 device_memory_bytes=1 << 40)
     single = run_cache(load(folders["tiny"]), rows, prompt_len, 0)
     for r, got in zip(prefill.ranks, real):
@@ -359,8 +360,8 @@ def test_text_and_html_show_the_arithmetic():
     p = plan("tiny", pp=2, tp=2, batch=4, prompt_len=32, max_new_tokens=16, device_memory_bytes=1 << 30)
     text = str(p)
     assert text.startswith("mpbook.plan: tiny (LlamaForCausalLM), dp=1 x pp=2 x tp=2, float32")
-    assert "KV cache    = 2 (k, v) x 4 rows x 3 layers x 48 tokens (32 prompt + 16 new) x 2 KV heads (4/2) " \
-           "x 8 head dim x 4 B = 72.0 KiB" in text
+    assert "KV cache    = 2 (k, v) x 4 rows x 3 layers x 47 tokens (32 prompt + 15 of the 16 new) x 2 KV heads (4/2) " \
+           "x 8 head dim x 4 B = 70.5 KiB" in text
     assert "layers 0-2 (3 x 72.5 KiB, q/k/v/o/gate/up/down at 1/2) 217.5 KiB" in text
     assert "Fits: at most" in text and "Layouts over 4 engines:" in text
     for r in p.ranks:
@@ -409,3 +410,19 @@ def test_bad_model_and_qwen2_tp_choices():
         plan(qwen2_config(), tp=3)
     with pytest.raises(MpbookError, match="no such folder"):
         plan("./no-such-model")
+
+
+# --------------------------------------------------------------------------- against a real run
+@pytest.mark.parametrize("degrees", [dict(dp=2), dict(pp=2), dict(tp=2)])
+def test_weights_and_kv_cache_equal_what_a_generation_holds(workbench, degrees):
+    """What mpbook's own generation reports per rank (parameters held, the KV cache at the
+    end) is what the planner predicts for the same workload."""
+    prompts = ["Rows of one length: 1", "Rows of one length: 2", "Rows of one length: 3", "Rows of one length: 4"]
+    strategy = {"dp": "data", "pp": "pipeline", "tp": "tensor"}[next(iter(degrees))]
+    result = workbench.generate(prompts, strategy=strategy, max_new_tokens=5, microbatches=2 if "pp" in degrees else 1)
+    prompt_len = max(result.prompt_tokens)
+    assert set(result.prompt_tokens) == {prompt_len}  # every row padded to the length the planner assumes
+    p = plan("tiny", **degrees, batch=len(prompts), prompt_len=prompt_len, max_new_tokens=5,
+             microbatches=2 if "pp" in degrees else 1, engines=workbench)
+    assert result.weight_bytes == [r.parameters for r in p.ranks]
+    assert result.kv_cache_bytes == [r.kv_cache for r in p.ranks]

@@ -101,8 +101,24 @@ def test_memory_from_engine_snapshots_stacks_the_known_parts(workbench):
     tops = {round(b.get_x() + b.get_width() / 2): 0.0 for b in _bars(ax)}
     for b in _bars(ax):
         tops[round(b.get_x() + b.get_width() / 2)] = max(tops[round(b.get_x() + b.get_width() / 2)], b.get_y() + b.get_height())
+    unit = {"GiB": 2**30, "MiB": 2**20}[ax.get_ylabel()]  # the unit follows the largest bar
     for snap in snapshots:
-        assert tops[snap["rank"]] == pytest.approx(snap["memory_in_use_bytes"] / 2**30)
+        assert tops[snap["rank"]] == pytest.approx(snap["memory_in_use_bytes"] / unit)
+
+    # one panel per layout of a comparison: drawn into the Axes given, titled as asked
+    from mpbook.plots import PlotFigure
+
+    panels = PlotFigure().subplots(1, 2)
+    assert plot_memory(snapshots, ax=panels[1], title="tensor (tp2)") is panels[1].figure
+    assert panels[1].get_title() == "tensor (tp2)" and len(_bars(panels[1])) == 3 * 2 and not _bars(panels[0])
+    # a small model's weights in KiB, not a sliver of a GiB
+    fig = plot_memory({0: {"weights": 300 * 1024, "kv_cache": 100 * 1024}, 1: {"weights": 200 * 1024}})
+    assert fig.axes[0].get_ylabel() == "KiB"
+    assert max(b.get_y() + b.get_height() for b in _bars(fig.axes[0])) == pytest.approx(400)
+    fig = plot_memory({0: {"weights": 3 * 2**20}}, unit="KiB")  # panels that share an axis share a unit
+    assert fig.axes[0].get_ylabel() == "KiB" and _bars(fig.axes[0])[0].get_height() == pytest.approx(3072)
+    with pytest.raises(ValueError, match="unit='kB'; use one of GiB, MiB, KiB, bytes"):
+        plot_memory({0: {"weights": 1}}, unit="kB")
 
 
 def test_throughput_per_layout():

@@ -187,6 +187,12 @@ def test_note_memory_and_collective_time_by_kind():
     assert snap["memory_parts"] == {"kv_cache": 10}
     assert snap["collective_seconds_by_kind"] == {"all_gather": 0.5}
     assert snap["replica"] == 0
+    # time alone (waiting on sends counted already) adds no count of 0
+    with tel.run() as stats:
+        tel.collective("send", 0.5, n=0)
+    snap = tel.snapshot()
+    assert snap["collectives"] == {"all_gather": 2} and dict(stats.collectives) == {}
+    assert snap["collective_seconds"] == 1.0 and stats.collective_seconds == 0.5
     with pytest.raises(ValueError, match="unknown memory part 'kv'"):
         tel.note_memory("kv", 1)
 
