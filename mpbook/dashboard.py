@@ -235,7 +235,8 @@ class WidgetView:
             display(self.widget)
 
     def render(self, status: str, rows: Sequence[Row], history: Sequence[float]) -> None:
-        self.status.value = status
+        # The status goes last: each value is its own message to the front end, applied in
+        # order, so once it says "done" the rows above it already show the final figures.
         for row in rows:
             cells = self.cells.get(int(row.rank))
             if cells is None:
@@ -245,6 +246,7 @@ class WidgetView:
                 cells[name].value = value
             cells["phase"].style.text_color = PHASE_COLOURS.get(row.phase, "#000000")
         self.plot.value = sparkline_svg(list(history))
+        self.status.value = status
 
     def values(self) -> dict[int, dict[str, str]]:
         """What the grid shows now, rank -> column -> text (for tests and tools)."""

@@ -17,12 +17,12 @@ import mpbook.dashboard
 from mpbook import RankError
 from mpbook.dashboard import Dashboard
 
-# Prefill, then decode at about 20 tokens/s per rank for ~2 s: 56 tokens a rank, and each
+# Prefill for 1 s, then decode at about 20 tokens/s per rank for ~2 s: 56 tokens a rank, and each
 # rank is its own replica here, so 112 for the cluster.
 GENERATE_CELL = """
 import time
 with telemetry.phase_scope("prefill"):
-    time.sleep(0.5)
+    time.sleep(1.0)  # four snapshot periods, so that some refresh surely shows it
     telemetry.add_tokens("prefill", 16)
 with telemetry.phase_scope("decode"):
     for _ in range(20):
