@@ -110,7 +110,7 @@ def build_parser() -> MagicArgumentParser:
         ("tensor", "every weight matrix split across engines"),
     ):
         cmd = commands.add_parser(strategy, help=f"(cell) generate with {strategy} parallelism: {what}")
-        cmd.add_argument("--model", default="tiny", help="hub id, save_pretrained folder, or 'tiny' (default)")
+        cmd.add_argument("--model", default="tiny", help="hub id, save_pretrained folder, or a preset: 'tiny' (default) or 'small'")
         for dim in ("dp", "pp", "tp"):
             cmd.add_argument(f"--{dim}", type=int, default=None, help=f"{dim} degree (default: what the others leave)")
         cmd.add_argument("--microbatches", type=int, default=1, help="micro-batches per replica (default 1)")

@@ -1,9 +1,10 @@
 """Models: where a model comes from, and loading just the part a rank needs.
 
-A model is named by a Hugging Face hub id, a local ``save_pretrained`` folder, or the
-built-in preset ``tiny``: a random-weight Llama-family model (grouped-query attention,
-tied embeddings, RoPE) with a byte-level tokenizer, built from a config and saved to a
-folder once, so that the demo, the notebooks and the tests need no download.
+A model is named by a Hugging Face hub id, a local ``save_pretrained`` folder, or a
+built-in preset: ``tiny`` (0.2 M parameters, for the demo, the notebooks and the tests) or
+``small`` (25 M, for benchmarks where compute, not overhead, decides). Both are random-weight
+Llama-family models (grouped-query attention, tied embeddings, RoPE) with a byte-level
+tokenizer, built from a config and saved to a folder once, so that nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ def tiny_config():
     )
 
 
+def small_config():
+    """The ``small`` preset: 8 layers of width 512, 8 query heads over 4 KV heads (25 M
+    parameters): big enough that a CPU engine spends its time in matrix products."""
+    config = tiny_config()
+    config.update(dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, max_position_embeddings=1024))
+    return config
+
+
+PRESETS = {"tiny": tiny_config, "small": small_config}
+
+
 def tiny_tokenizer():
     """Byte-level tokenizer: one token per byte plus <pad>, <s>, </s>; pads on the left."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers
@@ -63,15 +75,20 @@ def cache_dir() -> Path:
 
 def build_tiny(folder: str | os.PathLike | None = None, *, seed: int = 0) -> Path:
     """Save the ``tiny`` preset (random weights from ``seed``) to ``folder``; return it."""
+    return build_preset(TINY, folder, seed=seed)
+
+
+def build_preset(name: str, folder: str | os.PathLike | None = None, *, seed: int = 0) -> Path:
+    """Save a preset (random weights from ``seed``) to ``folder`` (default: the cache), once."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    folder = Path(folder) if folder is not None else cache_dir() / f"tiny-seed{seed}"
+    folder = Path(folder) if folder is not None else cache_dir() / f"{name}-seed{seed}"
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    save_random(tiny_config(), tmp, seed=seed)
+    save_random(PRESETS[name](), tmp, seed=seed)
     for item in tmp.iterdir():
         os.replace(item, folder / item.name)
     tmp.rmdir()
@@ -80,8 +97,9 @@ def build_tiny(folder: str | os.PathLike | None = None, *, seed: int = 0) -> Pat
 
 def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
     """A random-weight model of ``config`` and the tiny tokenizer, saved with save_pretrained
-    (safetensors). Weights and biases are drawn wider than transformers' init so that greedy
-    decoding wanders instead of repeating one token."""
+    (safetensors). Weights and biases are drawn wider than transformers' init (std 0.2 at
+    width 64, shrinking as 1/sqrt(width)) so that greedy decoding wanders instead of
+    repeating one token."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -90,7 +108,7 @@ def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() > 1 or name.endswith(".bias"):  # norms keep their ones
-                param.normal_(0.0, 0.2)
+                param.normal_(0.0, 0.2 * (64 / config.hidden_size) ** 0.5)
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return Path(folder)
@@ -99,8 +117,8 @@ def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
 def resolve(model: str | os.PathLike) -> Path:
     """A local folder holding config.json (and weights) for ``model``."""
     name = str(model)
-    if name == TINY:
-        return build_tiny()
+    if name in PRESETS:
+        return build_preset(name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

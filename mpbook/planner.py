@@ -734,7 +734,7 @@ def _resolve(model) -> tuple[Any, Any, str]:
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
         # The preset needs no files: plan before anything is built or downloaded.
-        config = models.tiny_config() if name == models.TINY else models.load_config(name)
+        config = models.PRESETS[name]() if name in models.PRESETS else models.load_config(name)
         return config, None, name
     raise MpbookError(
         f"plan() got a {type(model).__name__}; give a transformers config, a model name or folder, or a loaded model"
