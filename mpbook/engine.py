@@ -33,9 +33,6 @@ class Rendezvous:
     port: int = 0
     generation: int = 0
 
-    def describe(self) -> str:
-        return f"file {self.path}" if self.kind == "file" else f"tcp {self.host}:{self.port}"
-
 
 @dataclass(frozen=True)
 class EngineInfo:

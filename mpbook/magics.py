@@ -42,7 +42,6 @@ from .workbench import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, Workbench
 
 LINE_COMMANDS = ("start", "status", "stop", "restart", "dashboard")
 STRATEGY_COMMANDS = ("data", "pipeline", "tensor")
-CELL_COMMANDS = ("run", *STRATEGY_COMMANDS)
 
 
 def engine_count(text: str) -> int:

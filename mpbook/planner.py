@@ -68,7 +68,7 @@ class _Structure:
     tied: bool
 
 
-def _tensors(module, prefix: str = "", split: dict[str, int | None] | None = None) -> list[_Tensor]:
+def _tensors(module, split: dict[str, int | None] | None = None) -> list[_Tensor]:
     out = []
     for kind, items in (("param", module.named_parameters()), ("buffer", module.named_buffers())):
         for name, t in items:
