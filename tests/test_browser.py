@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cluster_probe import alive
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
@@ -148,17 +150,6 @@ class JupyterLab:
             _end(children)
         self.proc.wait(timeout=10)
         self._log.close()
-
-
-def _alive(pids) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 @pytest.fixture
@@ -320,8 +311,8 @@ def test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves(page, jupyterlab,
     page.context.browser.close()
     jupyterlab.stop()
     deadline = time.monotonic() + 10
-    while _alive(chromium) and time.monotonic() < deadline:
+    while alive(chromium) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _alive(chromium) == []
+    assert alive(chromium) == []
     assert len(jupyterlab.started) >= 4  # the server, the kernel, the controller and engines it started
-    assert _alive(jupyterlab.started) == []
+    assert alive(jupyterlab.started) == []
