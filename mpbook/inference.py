@@ -56,8 +56,19 @@ def choose_layout(
     return layout
 
 
-def check(request: Request, *, strategy: str, config, tokenizer) -> None:
-    """Everything that can be known to fail before the engines start work."""
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Something to tokenize: at least one prompt, none of them empty."""
+    if not prompts:
+        raise MpbookError("no prompts: write one prompt per line in the cell, or pass --prompts VARIABLE")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise MpbookError(f"prompt {i} is empty; every prompt needs at least one token")
+
+
+def check(request: Request, *, strategy: str, config, prompt_tokens: list[int]) -> None:
+    """Everything that can be known to fail before the engines start work.
+
+    ``prompt_tokens``: each prompt's length in tokens."""
     from . import models
 
     layout = request.layout
@@ -77,11 +88,6 @@ def check(request: Request, *, strategy: str, config, tokenizer) -> None:
     if request.microbatches < 1:
         raise MpbookError(f"--microbatches {request.microbatches}: use at least 1")
     prompts = request.prompts
-    if not prompts:
-        raise MpbookError("no prompts: write one prompt per line in the cell, or pass --prompts VARIABLE")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise MpbookError(f"prompt {i} is empty; every prompt needs at least one token")
     if len(prompts) < layout.dp:
         raise MpbookError(
             f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} for dp={layout.dp} replicas: "
@@ -95,11 +101,11 @@ def check(request: Request, *, strategy: str, config, tokenizer) -> None:
         )
     context = getattr(config, "max_position_embeddings", None)
     if context:
-        for i, ids in enumerate(tokenizer(list(prompts))["input_ids"]):
-            if len(ids) + request.max_new_tokens > context:
+        for i, length in enumerate(prompt_tokens):
+            if length + request.max_new_tokens > context:
                 raise MpbookError(
-                    f"prompt {i} has {len(ids)} tokens + {request.max_new_tokens} new = "
-                    f"{len(ids) + request.max_new_tokens}, beyond the model's context of {context}; "
+                    f"prompt {i} has {length} tokens + {request.max_new_tokens} new = "
+                    f"{length + request.max_new_tokens}, beyond the model's context of {context}; "
                     f"shorten it or lower --max-new-tokens"
                 )
 
@@ -142,8 +148,11 @@ def run(
         stage_sizes=tuple(stage_sizes) if stage_sizes else None,
         track_tensors=track_tensors,
     )
-    check(request, strategy=strategy, config=config, tokenizer=tokenizer)
-    check_memory(wb, request, config=config, tokenizer=tokenizer)
+    check_prompts(request.prompts)
+    # Tokenized once here: the checks, the memory plan and the result all need the lengths.
+    prompt_tokens = [len(ids) for ids in tokenizer(list(request.prompts))["input_ids"]]
+    check(request, strategy=strategy, config=config, prompt_tokens=prompt_tokens)
+    check_memory(wb, request, config=config, prompt_len=max(prompt_tokens))
     if wb.device_type == "cuda" and DTYPES[dtype] == "bfloat16":
         supported = wb.apply(_bf16_supported, ranks=[0], stream=False, what="checking the dtype")[0]
         if not supported:
@@ -160,14 +169,14 @@ def run(
         oom = [f for f in exc.failures if f.ename == "DeviceOutOfMemory"]
         if not oom:
             raise
-        raise MpbookError(f"{oom[0].evalue}; {_layouts_that_fit(wb, request, config, tokenizer)}") from None
+        raise MpbookError(f"{oom[0].evalue}; {_layouts_that_fit(wb, request, config, max(prompt_tokens))}") from None
     return merge(
-        outputs, strategy=strategy, request=request, tokenizer=tokenizer,
+        outputs, strategy=strategy, request=request, tokenizer=tokenizer, prompt_tokens=prompt_tokens,
         load_seconds=[load["load_seconds"] for load in loads], device_type=wb.device_type,
     )
 
 
-def check_memory(wb: Workbench, request: Request, *, config, tokenizer) -> None:
+def check_memory(wb: Workbench, request: Request, *, config, prompt_len: int) -> None:
     """Ask the planner whether every rank fits its device before anything loads; if not,
     name the rank, the bytes it needs and has, and the layouts that would fit."""
     from . import models
@@ -177,7 +186,6 @@ def check_memory(wb: Workbench, request: Request, *, config, tokenizer) -> None:
         # The planner reads Llama-family module trees; other architectures are not predicted
         # (a device out-of-memory on an engine is still reported with its rank and bytes).
         return
-    prompt_len = max(len(ids) for ids in tokenizer(list(request.prompts))["input_ids"])
     engines = wb.status()
     if wb.device_type == "cuda":
         # A model already loaded on an engine is freed before another loads (or reused as is).
@@ -212,9 +220,9 @@ def check_memory(wb: Workbench, request: Request, *, config, tokenizer) -> None:
     )
 
 
-def _layouts_that_fit(wb: Workbench, request: Request, config, tokenizer) -> str:
+def _layouts_that_fit(wb: Workbench, request: Request, config, prompt_len: int) -> str:
     try:
-        check_memory(wb, request, config=config, tokenizer=tokenizer)
+        check_memory(wb, request, config=config, prompt_len=prompt_len)
     except MpbookError as exc:  # the planner agrees it does not fit: its advice
         return str(exc).rsplit("; ", 1)[-1]
     return "fewer prompts or new tokens per run, or more engines, need less memory per device"

@@ -131,12 +131,16 @@ class RunResult:
         printer.text(self.summary())
 
 
-def merge(outputs, *, strategy: str, request, tokenizer, load_seconds: list[float], device_type: str) -> RunResult:
-    """Combine the ranks' RankOutputs (in rank order) into one result, prompts in order."""
+def merge(
+    outputs, *, strategy: str, request, tokenizer, prompt_tokens: list[int], load_seconds: list[float],
+    device_type: str,
+) -> RunResult:
+    """Combine the ranks' RankOutputs (in rank order) into one result, prompts in order.
+
+    ``prompt_tokens``: each prompt's length in tokens (unpadded), as the client counted them."""
     n = len(request.prompts)
     token_ids: list[list[int] | None] = [None] * n
     logits: list[Any] = [None] * n
-    prompt_tokens = [0] * n
     for out in outputs:
         if not out.reports_tokens:
             continue
@@ -145,10 +149,6 @@ def merge(outputs, *, strategy: str, request, tokenizer, load_seconds: list[floa
                 token_ids[index] = out.tokens[offset]
             if out.logits is not None:
                 logits[index] = out.logits[offset]
-                prompt_tokens[index] = out.logits[offset].shape[0]
-    if request.max_new_tokens:
-        encoded = tokenizer(list(request.prompts))["input_ids"]
-        prompt_tokens = [len(e) for e in encoded]
     origin = min(out.started for out in outputs)
     timeline = sorted(
         (
@@ -168,7 +168,7 @@ def merge(outputs, *, strategy: str, request, tokenizer, load_seconds: list[floa
         microbatches=request.microbatches,
         max_new_tokens=request.max_new_tokens,
         prompts=list(request.prompts),
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=list(prompt_tokens),
         token_ids=ids,
         texts=texts,
         logits=logits if not request.max_new_tokens else None,

@@ -286,3 +286,10 @@ def test_a_tensor_parallel_rank_holds_only_its_shards(tiny_folder):
     held = sum(p.untyped_storage().nbytes() for p in shard.model.layers.parameters())
     norms = sum(p.numel() * 4 for n, p in whole.model.layers.named_parameters() if "norm" in n)
     assert held == (layer_bytes - norms) // 2 + norms  # storage, not just views of whole tensors
+
+
+@pytest.mark.parametrize("prompts, message", [([], "no prompts"), (["fine", ""], "prompt 1 is empty"),
+                                              (["fine", None], "prompt 1 is empty")])
+def test_missing_or_empty_prompts_fail_before_tokenizing(wb, tiny_folder, prompts, message):
+    with pytest.raises(MpbookError, match=message):
+        wb.generate(prompts, strategy="data", model=tiny_folder)
