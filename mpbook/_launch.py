@@ -1,7 +1,7 @@
 """Entry point for the controller and engine processes of a cluster that mpbook starts.
 
 ``python -m mpbook._launch engine|controller [ipyparallel args...]`` runs ipyparallel's own
-engine or controller, with two additions:
+engine or controller, with these additions:
 
 - an owner watch: when the process that started the cluster (a notebook kernel) dies without
   stopping it, for example killed by the OS, the controller and engines end themselves
