@@ -5,7 +5,7 @@ same from plain Python.
 """
 
 from .errors import MpbookError, RankError
-from .mesh import Layout
+from .layout import Layout
 from .planner import MemoryPlan, plan
 from .workbench import Workbench
 

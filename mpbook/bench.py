@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .mesh import Layout
+from .layout import Layout
 
 BENCH_PROMPTS = [
     "Explain pipeline parallelism in one sentence.",

@@ -26,7 +26,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from . import publish
+from .compat import ipyparallel as ipp_compat
+from .engine import state as engine_state
+from .protocol import TELEMETRY_LATEST, TELEMETRY_START
 
 REFRESH_S = 0.25  # view refreshes: four a second while a call runs
 RATE_WINDOW_S = 1.0  # tokens/s is measured over the last second of snapshots
@@ -389,15 +391,14 @@ class Dashboard:
 
     def update_from(self, result, ranks: Sequence[int]) -> None:
         """Read what the engines published to ``result`` (an AsyncResult, one target per rank)."""
-        # _metadata: one dict per target, filled in by the client's IO thread; reading it
-        # directly skips AsyncResult.data's wait/parse work on every tick.
+        # one metadata dict per target, filled in by the client's IO thread
         latest, starts = {}, {}
-        for rank, md in zip(ranks, result._metadata):
+        for rank, md in zip(ranks, ipp_compat.target_metadata(result)):
             data = md.get("data") or {}
-            if publish.LATEST in data:
-                latest[rank] = data[publish.LATEST]
-            if publish.START in data:
-                starts[rank] = data[publish.START]
+            if TELEMETRY_LATEST in data:
+                latest[rank] = data[TELEMETRY_LATEST]
+            if TELEMETRY_START in data:
+                starts[rank] = data[TELEMETRY_START]
         self.update(latest, starts)
 
     def aggregate_rate(self) -> float:
@@ -501,15 +502,13 @@ def _tokens_phrase(tokens: Mapping[str, int], seconds: float) -> str:
 
 
 @contextmanager
-def follow(workbench, result, ranks: Sequence[int], *, dashboard=None, on_tick=None) -> Iterator[Callable[[], None]]:
-    """What Workbench.run/apply wait under: this call's dashboard (``True``: a new one, or a
-    :class:`Dashboard`) and any standing dashboards follow ``result``; yields the wait loop's tick.
+def follow(dashboards: Sequence[Dashboard], result, ranks: Sequence[int], *, on_tick=None) -> Iterator[Callable[[], None]]:
+    """What a call to the engines waits under: ``dashboards`` follow ``result``; yields the
+    wait loop's tick.
 
     A display problem must not cost the user their call: a dashboard that raises is logged
     once and left alone for the rest of the call.
     """
-    dashboards = [Dashboard(workbench) if dashboard is True else dashboard] if dashboard else []
-    dashboards += [d for d in workbench.dashboards if d not in dashboards]
     alive = list(dashboards)
 
     def each(action: Callable[[Dashboard], None]) -> None:
@@ -560,7 +559,7 @@ class Standing:
             # already prints during calls: show the engines' state once.
             self.poll_once()
             return self
-        self.workbench.dashboards.append(self.dashboard)
+        self.workbench.follow_always(self.dashboard)
         self.dashboard.show()
         self._task = loop.create_task(self._run())
         return self
@@ -573,7 +572,7 @@ class Standing:
     def poll_once(self, timeout_s: float | None = None) -> None:
         """Take one snapshot of every engine now (blocking; for terminals and scripts)."""
         wb = self.workbench
-        result = wb.client[wb.engine_ids()].apply_async(publish.snapshot)
+        result = wb.client[wb.engine_ids()].apply_async(engine_state.telemetry_snapshot)
         result.wait(timeout_s or self.timeout_s)
         self._take(result)
         if isinstance(self.dashboard.view, TextView):
@@ -595,11 +594,11 @@ class Standing:
     async def _run(self) -> None:
         wb = self.workbench
         try:
-            while not wb._stopped and not self._stopped:
-                result = wb.client[wb.engine_ids()].apply_async(publish.snapshot)
+            while not wb.stopped and not self._stopped:
+                result = wb.client[wb.engine_ids()].apply_async(engine_state.telemetry_snapshot)
                 deadline = time.monotonic() + self.timeout_s
                 # Poll rather than block: the kernel keeps serving cells and comms meanwhile.
-                while not result.ready() and time.monotonic() < deadline and not wb._stopped:
+                while not result.ready() and time.monotonic() < deadline and not wb.stopped:
                     await asyncio.sleep(0.02)
                 self._take(result)
                 await asyncio.sleep(self.period_s)
@@ -612,12 +611,11 @@ class Standing:
             self._end()
 
     def _end(self) -> None:
-        if self.dashboard in self.workbench.dashboards:
-            self.workbench.dashboards.remove(self.dashboard)
+        self.workbench.unfollow(self.dashboard)
         if self.dashboard.state == "stopped":
             return
         self.dashboard.state = "stopped"
-        why = "the cluster stopped" if self.workbench._stopped else "stopped refreshing"
+        why = "the cluster stopped" if self.workbench.stopped else "stopped refreshing"
         if not self.dashboard.headline.startswith("stopped refreshing:"):
             self.dashboard.headline = why + (f" · last call {self.dashboard.outcome}" if self.dashboard.outcome else "")
         self.dashboard.refresh(force=True)

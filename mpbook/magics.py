@@ -37,35 +37,15 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.utils.text import dedent
 
+from .compat import argparse as argparse_compat
 from .errors import MpbookError, NoClusterError
-from .workbench import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, Workbench
+from .options import (
+    DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, argtype, check_engine_count, check_period, check_timeout,
+)
+from .workbench import Workbench
 
 LINE_COMMANDS = ("start", "status", "stop", "restart", "dashboard")
 STRATEGY_COMMANDS = ("data", "pipeline", "tensor")
-
-
-def engine_count(text: str) -> int:
-    """``-n``: a whole number of engines, at least one."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}; give a whole number of engines, e.g. -n 2") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: a cluster needs at least one engine; use -n 1 or more")
-    return n
-
-
-def timeout_seconds(text: str) -> float:
-    """``--timeout``: seconds a collective may wait, more than 0 and at most MAX_TIMEOUT_S."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}; give seconds as a number, e.g. --timeout 30") from None
-    if not 0 < seconds <= MAX_TIMEOUT_S:  # also false for nan
-        raise argparse.ArgumentTypeError(
-            f"{text}: a collective may wait more than 0 and at most {MAX_TIMEOUT_S:g} s; e.g. --timeout 30"
-        )
-    return seconds
 
 
 def one_line(message: str) -> str:
@@ -79,7 +59,7 @@ def build_parser() -> MagicArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     start = commands.add_parser("start", help="start engines (or attach to a running cluster)")
-    start.add_argument("-n", type=engine_count, default=None, help="number of engines (default: one per GPU, else 2)")
+    start.add_argument("-n", type=argtype(check_engine_count, "int", "-n"), default=None, help="number of engines (default: one per GPU, else 2)")
     devices = start.add_mutually_exclusive_group()
     devices.add_argument("--cpu", action="store_true", help="CPU engines (gloo) even if GPUs are visible")
     devices.add_argument("--gpu", action="store_true", help="GPU engines (NCCL); an error when none is visible")
@@ -87,7 +67,7 @@ def build_parser() -> MagicArgumentParser:
     start.add_argument("--cluster-id", default=None, help="attach to the running cluster with this id")
     start.add_argument(
         "--timeout",
-        type=timeout_seconds,
+        type=argtype(check_timeout, "float", "--timeout"),
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds a collective may wait before every rank gets an error (default {DEFAULT_TIMEOUT_S:g}, at most {MAX_TIMEOUT_S:g})",
     )
@@ -96,7 +76,7 @@ def build_parser() -> MagicArgumentParser:
     commands.add_parser("stop", help="stop the engines mpbook started (leave an attached cluster running)")
     commands.add_parser("restart", help="restart the cluster with the same layout")
     dash = commands.add_parser("dashboard", help="show a dashboard that follows every cell and refreshes between them")
-    dash.add_argument("--period", type=float, default=1.0, help="seconds between refreshes while idle (default 1)")
+    dash.add_argument("--period", type=argtype(check_period, "float", "--period"), default=1.0, help="seconds between refreshes while idle (default 1)")
     dash.add_argument("--off", action="store_true", help="stop the standing dashboard")
 
     run = commands.add_parser("run", help="(cell) run the cell's Python on every rank")
@@ -150,16 +130,10 @@ def parse(line: str, *, cell: bool) -> argparse.Namespace:
 def _check_single_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     # argparse (3.11) turns a value of exactly "--" written as `--opt=--` or `-n--` into an
     # empty list instead of an error; an option that takes one value must hold one.
-    for action in _command_parser(parser, args.command)._actions:
+    command = argparse_compat.subcommands(parser).get(args.command, parser)
+    for action in argparse_compat.actions(command):
         if action.option_strings and action.nargs is None and isinstance(getattr(args, action.dest, None), list):
             raise UsageError(f"argument {'/'.join(action.option_strings)}: expected one argument, got '--'")
-
-
-def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices[command]
-    return parser
 
 
 @magics_class
@@ -236,8 +210,6 @@ class MpMagics(Magics):
         wb.run(cell, ranks=args.ranks, dashboard=not args.no_dashboard)
 
     def _dashboard(self, args, cell):
-        if args.period <= 0:
-            raise MpbookError(f"--period {args.period:g}: refresh every so many seconds; use a number above 0, e.g. 1")
         self._stop_dashboard()
         if args.off:
             return
@@ -253,12 +225,6 @@ class MpMagics(Magics):
     def _strategy(self, args, cell):
         wb = self._require(f"running `%%mp {args.command}`")
         prompts = self._prompts(args, cell)
-        stages = None
-        if args.stages:
-            try:
-                stages = [int(x) for x in args.stages.split(",")]
-            except ValueError:
-                raise MpbookError(f"--stages {args.stages}: write layers per stage as numbers, e.g. 4,2") from None
         result = wb.generate(
             prompts,
             strategy=args.command,
@@ -269,7 +235,7 @@ class MpMagics(Magics):
             microbatches=args.microbatches,
             max_new_tokens=args.max_new_tokens,
             dtype=args.dtype,
-            stage_sizes=stages,
+            stage_sizes=args.stages,
             dashboard=not args.no_dashboard,
         )
         self.shell.user_ns[args.out] = result

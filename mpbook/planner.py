@@ -22,9 +22,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import MpbookError
-from .generate import DTYPE_CHOICES, DTYPES
-from .mesh import Layout
-from .parallel.data import split_batch
+from .layout import Layout
+from .protocol import DTYPE_CHOICES, DTYPES
+from .units import split_evenly as split_batch
 
 # "sdpa" is what mpbook's loader asks transformers for; "eager" materializes the scores.
 ATTENTION = ("sdpa", "eager")
@@ -441,7 +441,7 @@ def _devices(engines, device_memory_bytes, world: int) -> tuple[list[Device], st
 def _local_devices(world: int) -> tuple[list[Device], str]:
     import socket
 
-    from .workbench import visible_gpu_count
+    from .devices import visible_gpu_count
 
     host = socket.gethostname()
     gpus = visible_gpu_count()

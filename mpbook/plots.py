@@ -12,7 +12,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from .telemetry import MEMORY_PARTS, Event
+from .protocol import MEMORY_PARTS, Event
 
 GIB = 1024**3
 UNITS = (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024), ("bytes", 1))

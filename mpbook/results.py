@@ -6,12 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .mesh import Layout
-from .telemetry import Event
-
-
-def _gib(n: float) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+from .layout import Layout
+from .protocol import Event
+from .units import format_bytes
 
 
 @dataclass
@@ -69,7 +66,7 @@ class RunResult:
         return total
 
     def summary(self) -> str:
-        peak = ", ".join(_gib(b) for b in self.peak_memory_bytes)
+        peak = ", ".join(format_bytes(b) for b in self.peak_memory_bytes)
         comm = ", ".join(f"{k} {v}" for k, v in sorted(self.total_collectives().items())) or "none"
         return (
             f"{self.strategy} ({self.layout}) on {self.engines} engine{'s' if self.engines != 1 else ''}: "
@@ -132,13 +129,12 @@ class RunResult:
 
 
 def merge(
-    outputs, *, strategy: str, request, tokenizer, prompt_tokens: list[int], load_seconds: list[float],
-    device_type: str,
+    outputs, *, strategy: str, request, prompts: list[str], tokenizer, prompt_tokens: list[int], device_type: str,
 ) -> RunResult:
     """Combine the ranks' RankOutputs (in rank order) into one result, prompts in order.
 
     ``prompt_tokens``: each prompt's length in tokens (unpadded), as the client counted them."""
-    n = len(request.prompts)
+    n = len(prompts)
     token_ids: list[list[int] | None] = [None] * n
     logits: list[Any] = [None] * n
     for out in outputs:
@@ -167,7 +163,7 @@ def merge(
         dtype=request.dtype,
         microbatches=request.microbatches,
         max_new_tokens=request.max_new_tokens,
-        prompts=list(request.prompts),
+        prompts=list(prompts),
         prompt_tokens=list(prompt_tokens),
         token_ids=ids,
         texts=texts,
@@ -180,7 +176,7 @@ def merge(
         collectives=[out.collectives for out in outputs],
         collective_seconds=[out.collective_seconds for out in outputs],
         timeline=timeline,
-        load_seconds=load_seconds,
+        load_seconds=[out.load_seconds for out in outputs],
         device_type=device_type,
         tensor_peak_bytes=[out.tensor_peak_bytes for out in outputs],
     )

@@ -14,7 +14,7 @@ import psutil
 
 def processes(wb) -> list[psutil.Process]:
     """Every process the workbench started: controller (and its forks), engines, nannies."""
-    from mpbook.workbench import _process_trees
+    from mpbook.cluster.lifecycle import _process_trees
 
     return _process_trees(wb.pids())
 

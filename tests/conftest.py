@@ -23,7 +23,7 @@ from mpbook import Workbench  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    from mpbook.workbench import visible_gpu_count
+    from mpbook.devices import visible_gpu_count
 
     if visible_gpu_count() == 0:
         skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine")
@@ -53,7 +53,7 @@ def shell():
 
 def process_tree(wb: Workbench) -> list[int]:
     """Every process the workbench started, children (nannies) included."""
-    from mpbook.workbench import _process_trees
+    from mpbook.cluster.lifecycle import _process_trees
 
     return [p.pid for p in _process_trees(wb.pids())]
 

@@ -33,7 +33,7 @@ def test_attach_forms_a_group_and_leaves_the_cluster_running(ipcluster, rendezvo
     wb = Workbench.attach(profile=profile, cluster_id=cluster_id, n=2, cpu=True, wait_s=60, rendezvous=rendezvous)
     try:
         assert not wb.owned and wb.world_size == 2
-        assert wb.rendezvous_kind == (rendezvous or "file")  # one host: a file store, nothing listening
+        assert wb.cluster.rendezvous_kind == (rendezvous or "file")  # one host: a file store, nothing listening
         engine_pids = [e.pid for e in wb.engines]
 
         def reduce(state):

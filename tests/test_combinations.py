@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mpbook import Workbench
-from mpbook.inference import reference
+from mpbook.reference import reference
 from test_strategies import NEW_TOKENS, PROMPTS, assert_matches_one_device
 
 

@@ -112,7 +112,7 @@ def test_text_fallback_in_a_terminal_shell(shell, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "the engines now" in out and "rank 1 cpu" in out and "idle" in out
     result = shell.run_cell("%mp dashboard --period 0")
-    assert isinstance(result.error_in_exec, UsageError) and "--period 0: " in str(result.error_in_exec)
+    assert isinstance(result.error_in_exec, UsageError) and "argument --period: '0': refresh every" in str(result.error_in_exec)
     assert shell.run_cell("%mp stop").success
 
 

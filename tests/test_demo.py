@@ -25,7 +25,7 @@ def test_demo_runs_and_stops_its_cluster():
 
 
 def _owner(proc: psutil.Process) -> str | None:
-    from mpbook._launch import OWNER_ENV
+    from mpbook.cluster.launch import OWNER_ENV
 
     try:
         return proc.environ().get(OWNER_ENV)

@@ -18,27 +18,22 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
+from mpbook.compat.argparse import actions, subcommands
 from mpbook.magics import build_parser, parse
 
 SETTINGS = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    raise AssertionError("%mp has no sub-commands")
-
-
 COMMANDS = subcommands(build_parser())
+assert COMMANDS, "%mp has no sub-commands"
 
 
 def options(sub: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [a for a in sub._actions if a.option_strings]
+    return [a for a in actions(sub) if a.option_strings]
 
 
 def positionals(sub: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [a for a in sub._actions if not a.option_strings]
+    return [a for a in actions(sub) if not a.option_strings]
 
 
 # Values that probe the edges of what an option's type accepts.
@@ -97,7 +92,7 @@ def check_namespace(args: argparse.Namespace) -> None:
     """Every value is what its option declares: a known command, a listed choice, or the
     result of the option's own type (which re-reads its printed form to the same value)."""
     assert args.command in COMMANDS
-    for action in COMMANDS[args.command]._actions:
+    for action in actions(COMMANDS[args.command]):
         assert hasattr(args, action.dest), action.dest
         value = getattr(args, action.dest)
         if value is None or value == action.default:
@@ -179,7 +174,7 @@ rank_specs = st.one_of(
 @example(spec="0-99999999999", world_size=2)  # found by this test: it built a list of 10^11 ranks
 def test_any_ranks_spec_gives_valid_ranks_or_a_short_one_line_error(spec, world_size):
     from mpbook import MpbookError
-    from mpbook.workbench import parse_ranks
+    from mpbook.options import parse_ranks
 
     try:
         ranks = parse_ranks(spec, world_size)

@@ -6,7 +6,7 @@ import pytest
 
 import mpbook
 from mpbook import MpbookError, Workbench
-from mpbook.inference import reference
+from mpbook.reference import reference
 from test_strategies import NEW_TOKENS, PROMPTS, assert_matches_one_device
 
 pytestmark = pytest.mark.gpu

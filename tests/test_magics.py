@@ -29,7 +29,7 @@ def test_start_run_status_restart_stop(shell, capsys):
 
     result = shell.run_cell("%%mp run --ranks 0\nprint(rank, world_size, device, mesh.coords)")
     assert result.success, result.error_in_exec
-    assert "[rank 0] 0 2 cpu Coords(dp=0, pp=0, tp=0)" in capsys.readouterr().out
+    assert "[rank 0] 0 2 cpu Coords(dp=0, pp=0, ep=0, tp=0)" in capsys.readouterr().out
 
     assert shell.run_cell("%mp status").success
     assert capsys.readouterr().out.count("gloo") == 2
@@ -63,7 +63,7 @@ def test_error_on_one_rank_is_raised_in_the_notebook_with_its_rank(shell, capsys
     [
         ("%mp start -n 0", "at least one engine"),
         ("%mp start --frob", "unrecognized arguments: --frob"),
-        ("%mp start -n two", "invalid int value"),
+        ("%mp start -n two", "argument -n: 'two': give a whole number, e.g. -n 2"),
         ("%mp start --cpu --gpu", "not allowed with argument"),
         ("%mp start --profile no-such-profile", "no IPython profile of that name"),
         ("%mp launch", "invalid choice: 'launch'"),
@@ -106,7 +106,7 @@ def test_parse_distinguishes_line_and_cell_commands():
 
 
 def test_strategy_cells_generate_and_store_the_result(shell, capsys, tiny_folder):
-    from mpbook.inference import reference
+    from mpbook.reference import reference
 
     assert shell.run_cell("%mp start -n 2 --cpu").success
     cell = f"%%mp tensor --model {tiny_folder} --max-new-tokens 5\nExplain pipeline parallelism.\nHi\n"

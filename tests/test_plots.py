@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.patches import Rectangle
 
-from mpbook import publish
+from mpbook.engine.state import telemetry_snapshot
 from mpbook.plots import bubble_fraction, gpipe_bubble, plot_collectives, plot_memory, plot_throughput, plot_timeline
 
 MICROBATCHES = 4
@@ -92,7 +92,7 @@ def test_memory_from_engine_snapshots_stacks_the_known_parts(workbench):
         state.telemetry.note_memory("kv_cache", 2 * 2**20)
 
     workbench.apply(load, stream=False)
-    snapshots = workbench.client[workbench.engine_ids()].apply_sync(publish.snapshot)
+    snapshots = workbench.client[workbench.engine_ids()].apply_sync(telemetry_snapshot)
     fig = plot_memory(snapshots)
     ax = fig.axes[0]
     # weights, KV cache and the rest of the process ("other") for each of the two ranks
@@ -135,7 +135,7 @@ def test_throughput_per_layout():
 
 
 def test_collectives_from_engine_snapshots(workbench, events):
-    snapshots = workbench.client[workbench.engine_ids()].apply_sync(publish.snapshot)
+    snapshots = workbench.client[workbench.engine_ids()].apply_sync(telemetry_snapshot)
     fig = plot_collectives(snapshots)
     counts, seconds = fig.axes
     # the pipeline's sends (rank 0) and receives (rank 1), stacked by kind

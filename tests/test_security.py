@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 from cluster_probe import processes, rendezvous_path, sockets
-from mpbook import Workbench, engine
+from mpbook import Workbench
+from mpbook.engine import state as engine
 
 
 def reduce_sum(state):
@@ -95,7 +96,7 @@ def test_messages_are_signed_and_a_forged_key_gets_no_answer(workbench, tmp_path
 
     assert workbench.client[workbench.engine_ids()].apply_sync(engine_key) == [session.key] * 2
     # the files that hold the key are readable by this user only
-    security = os.path.join(workbench.cluster.profile_dir, "security")
+    security = os.path.join(workbench.cluster.ipp_cluster.profile_dir, "security")
     keyed = [f for f in glob.glob(os.path.join(security, "*.json")) if json.load(open(f)).get("key")]
     assert keyed
     for f in keyed:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mpbook import MpbookError, Workbench
-from mpbook.inference import reference
+from mpbook.reference import reference
 
 # Different lengths on purpose: left padding and positions must be right for every row.
 PROMPTS = [

@@ -7,8 +7,12 @@ import time
 
 import pytest
 
-from mpbook import engine, publish, remote
-from mpbook.telemetry import Telemetry
+from mpbook.cluster import calls as remote
+from mpbook.engine import publish
+from mpbook.engine import state as engine
+from mpbook.compat.ipyparallel import target_metadata
+from mpbook.protocol import TELEMETRY_LATEST, TELEMETRY_START
+from mpbook.engine.telemetry import Telemetry
 
 # A cell that walks through the phases a generation goes through, reporting as a strategy would.
 PHASES_CELL = """
@@ -33,8 +37,8 @@ def _collect(result, ranks):
     seen: dict[int, list[dict]] = {r: [] for r in ranks}
 
     def tick():
-        for rank, md in zip(ranks, result._metadata):
-            snap = (md.get("data") or {}).get(publish.LATEST)
+        for rank, md in zip(ranks, target_metadata(result)):
+            snap = (md.get("data") or {}).get(TELEMETRY_LATEST)
             if snap and (not seen[rank] or snap["time"] > seen[rank][-1]["time"]):
                 seen[rank].append(snap)
 
@@ -73,7 +77,7 @@ def test_a_cell_publishes_increasing_totals_and_its_phases(workbench):
         assert memory["reserved"] is None and memory["device_total"] is None
         assert (last["rank"], last["device"]) == (rank, "cpu")
         # the baseline snapshot taken as the cell began is kept under its own key
-        start = result._metadata[rank]["data"][publish.START]
+        start = target_metadata(result)[rank]["data"][TELEMETRY_START]
         assert sum(start["tokens"].values()) == sum(before[rank]["tokens"].values())
 
 
@@ -121,8 +125,8 @@ def test_an_error_in_the_cell_still_ends_the_task_with_a_final_snapshot(workbenc
     )
     with pytest.raises(Exception, match="ZeroDivisionError"):
         _collect(result, workbench.ranks)
-    for md in result._metadata:
-        assert md["data"][publish.LATEST]["phase"] == "idle"
+    for md in target_metadata(result):
+        assert md["data"][TELEMETRY_LATEST]["phase"] == "idle"
     # the failed cell's task is closed: inside the next call, that call is the only task
     assert workbench.apply(lambda s: s.publisher._depth, stream=False) == [1, 1]
 
@@ -144,8 +148,8 @@ def test_publisher_sends_while_a_task_runs_and_stops_at_its_end():
         ended = time.monotonic()
         time.sleep(0.3)
         keys = [k for k, _ in sent]
-        assert keys[0] == publish.START and keys.count(publish.START) == 1
-        assert keys.count(publish.LATEST) >= 5
+        assert keys[0] == TELEMETRY_START and keys.count(TELEMETRY_START) == 1
+        assert keys.count(TELEMETRY_LATEST) >= 5
         # the final snapshot is the last one, and nothing left after the task ended
         assert all(t <= ended for _, t in sent)
         n = len(sent)

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import alive, process_tree
 from mpbook import MpbookError, RankError, Workbench
-from mpbook.workbench import StartPlan, parse_ranks
+from mpbook.devices import StartPlan
+from mpbook.options import parse_ranks
 
 
 def test_start_reports_engines_and_stop_leaves_no_process():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import MpbookError
+from ..units import split_evenly
 
 
 def split_layers(num_layers: int, pp: int, sizes: Sequence[int] | None = None) -> list[range]:
@@ -23,15 +24,13 @@ def split_layers(num_layers: int, pp: int, sizes: Sequence[int] | None = None) -
             f"choose pp in 1..{num_layers}"
         )
     if sizes is None:
-        base, extra = divmod(num_layers, pp)
-        sizes = [base + (1 if s < extra else 0) for s in range(pp)]
-    else:
-        sizes = list(sizes)
-        if len(sizes) != pp or any(s < 1 for s in sizes) or sum(sizes) != num_layers:
-            raise MpbookError(
-                f"stage sizes {sizes}: need {pp} sizes of at least 1 layer that add up to the "
-                f"{num_layers} layers (they add up to {sum(sizes)})"
-            )
+        return split_evenly(num_layers, pp)
+    sizes = list(sizes)
+    if len(sizes) != pp or any(s < 1 for s in sizes) or sum(sizes) != num_layers:
+        raise MpbookError(
+            f"stage sizes {sizes}: need {pp} sizes of at least 1 layer that add up to the "
+            f"{num_layers} layers (they add up to {sum(sizes)})"
+        )
     stages, start = [], 0
     for size in sizes:
         stages.append(range(start, start + size))

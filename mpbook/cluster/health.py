@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .errors import RankFailure
+from ..errors import RankFailure
 
 # torch.distributed's own error types (all RuntimeError subclasses).
 _DIST_ERRORS = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}

@@ -18,7 +18,7 @@ Why this is safe from a thread (ipykernel 7, ipyparallel 9):
   could be filed under the next request).
 
 Tasks are bracketed in two places: ``execute`` requests (``%%mp run``) by the shell's
-``pre_execute``/``post_execute`` events, ``apply`` requests by :func:`mpbook.engine.call`.
+``pre_execute``/``post_execute`` events, ``apply`` requests by :func:`mpbook.engine.state.call`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ..protocol import TELEMETRY_LATEST, TELEMETRY_START
+
 PERIOD_S = 0.25  # four snapshots a second: the dashboard promises at least two
 
 log = logging.getLogger("mpbook.publish")
-
-
-START, LATEST = "telemetry_start", "telemetry"
 
 
 def send(key: str, snapshot: dict[str, Any]) -> None:
@@ -83,7 +82,7 @@ class Publisher:
                 self._thread = threading.Thread(target=self._loop, name="mpbook-publisher", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
-            self._publish(START)
+            self._publish(TELEMETRY_START)
 
     def end(self, *_: Any) -> None:
         """The task ends: one last snapshot, so the client sees the final totals."""
@@ -128,7 +127,7 @@ class Publisher:
                 if self._active():
                     self._publish()
 
-    def _publish(self, key: str = LATEST) -> None:
+    def _publish(self, key: str = TELEMETRY_LATEST) -> None:
         # Called with the lock held. A failing snapshot must never hurt the task: log it once.
         try:
             self._send(key, self.snapshot())
@@ -162,10 +161,3 @@ def uninstall(publisher: Publisher | None) -> None:
         except ValueError:  # already gone
             pass
     publisher.close()
-
-
-def snapshot() -> dict[str, Any]:
-    """This engine's snapshot, returned rather than published (a standing dashboard's poll)."""
-    from .engine import state
-
-    return state().telemetry.snapshot()

@@ -26,24 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-PHASES = ("idle", "loading", "prefill", "decode")
-# What a rank's memory holds, where a strategy knows it (see Telemetry.note_memory).
-MEMORY_PARTS = ("weights", "kv_cache", "activations")
-
-
-@dataclass(frozen=True)
-class Event:
-    """One stage working on one micro-batch: a bar of the pipeline timeline."""
-
-    rank: int
-    stage: int
-    microbatch: int
-    phase: str
-    start: float  # seconds since the run began on this rank
-    end: float
-    # time.time() when this rank's run began: ranks start their runs at slightly different
-    # moments, so bars of different ranks line up only on run_began + start.
-    run_began: float = 0.0
+from ..protocol import MEMORY_PARTS, PHASES, Event
 
 
 @dataclass
@@ -256,64 +239,3 @@ def _nvml_handle(device: Any):
         return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
     except Exception:
         return None
-
-
-class TensorBytes:
-    """Bytes held by live tensors, and their peak, counted op by op (on any device).
-
-    A CPU engine's process peak includes the Python runtime and the allocator's slack, so
-    it cannot be compared with what the planner predicts; this counts tensors alone: the
-    ``track``-ed weights plus every tensor an op creates, until its storage is freed.
-    Storages are keyed by their address, so views and in-place results count once. A
-    TorchDispatchMode sees every op, so it slows the run: use it to measure, not to serve.
-    """
-
-    def __init__(self):
-        import weakref
-
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
-
-        tracker = self
-        self.current = 0
-        self.peak = 0
-        self._live: dict[int, int] = {}
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for leaf in tree_leaves(out):
-                    tracker.track(leaf)
-                return out
-
-        self._mode = _Mode()
-        self._finalize = weakref.finalize
-
-    def track(self, *objects) -> None:
-        """Count tensors (or every parameter and buffer of modules) from now on."""
-        import torch
-
-        for obj in objects:
-            if isinstance(obj, torch.nn.Module):
-                self.track(*obj.parameters(), *obj.buffers())
-                continue
-            if not isinstance(obj, torch.Tensor) or obj.is_meta:
-                continue
-            storage = obj.untyped_storage()
-            key = storage.data_ptr()
-            if key in self._live or storage.nbytes() == 0:
-                continue
-            self._live[key] = storage.nbytes()
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-            self._finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
-
-    def __enter__(self) -> TensorBytes:
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)

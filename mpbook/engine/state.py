@@ -1,8 +1,8 @@
 """What lives on each engine: its rank, device, process group and mesh.
 
-The functions here run inside engine processes (sent by the workbench through ipyparallel's
+The functions here run inside engine processes (sent by the client through ipyparallel's
 ``apply``). An engine keeps one :class:`EngineState` in its user namespace, so it survives
-between cells; functions that need it receive it through ``ipyparallel.Reference``.
+between cells; :func:`call` hands it to the function the client sent.
 """
 
 from __future__ import annotations
@@ -12,43 +12,11 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from .mesh import Layout, Mesh
+from ..layout import Layout, Mesh
+from ..protocol import EngineInfo, Rendezvous
 from .telemetry import Telemetry
 
 STATE_NAME = "_mpbook"
-
-
-@dataclass(frozen=True)
-class Rendezvous:
-    """Where the ranks meet to form a process group.
-
-    ``file``: a FileStore in a private folder, for ranks on one host; nothing listens on
-    the network. ``tcp``: a TCPStore served by rank 0 at ``host:port``, for ranks on
-    several hosts.
-    """
-
-    kind: str
-    path: str = ""
-    host: str = ""
-    port: int = 0
-    generation: int = 0
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """One row of the engines table."""
-
-    rank: int
-    engine_id: int
-    host: str
-    pid: int
-    device: str
-    device_name: str
-    backend: str
-    memory_free_bytes: int
-    memory_total_bytes: int
-    threads: int
-    model_bytes: int = 0  # weights of the model loaded on this engine (freed when another loads)
 
 
 @dataclass
@@ -64,8 +32,7 @@ class EngineState:
     mesh: Mesh | None = None
     cache: dict[str, Any] = field(default_factory=dict)  # models and other per-engine state kept between cells
     telemetry: Any = None  # mpbook.telemetry.Telemetry
-    publisher: Any = None  # mpbook.publish.Publisher: sends telemetry to the client while a task runs
-    _tcp_store: Any = None
+    publisher: Any = None  # mpbook.engine.publish.Publisher: sends telemetry to the client while a task runs
 
 
 def _namespace() -> dict:
@@ -96,10 +63,24 @@ def state() -> EngineState:
 
 
 def call(fn, /, *args, **kwargs):
-    """Run ``fn(state, *args, **kwargs)`` on this engine (the workbench sends this via apply)."""
+    """Run ``fn(state, *args, **kwargs)`` on this engine (the client sends this via apply).
+
+    An interrupt leaves this rank's part of any collective unfinished: the group is aborted
+    at once, so that a peer waiting in a collective with this rank fails now rather than
+    after the timeout; the client then forms the group again.
+    """
     found = state()
     with found.publisher.task():
-        return fn(found, *args, **kwargs)
+        try:
+            return fn(found, *args, **kwargs)
+        except KeyboardInterrupt:
+            abort_group(found)
+            raise
+
+
+def telemetry_snapshot() -> dict[str, Any]:
+    """This engine's telemetry snapshot, returned rather than published (a standing dashboard's poll)."""
+    return state().telemetry.snapshot()
 
 
 def hostname() -> str:
@@ -114,14 +95,14 @@ def host_address() -> str:
         return socket.gethostname()
 
 
-def make_rendezvous(kind: str, generation: int) -> Rendezvous:
+def make_rendezvous(kind: str) -> Rendezvous:
     """Run on rank 0: make the meeting point that the other ranks will join."""
     import tempfile
 
     if kind == "file":
         # mkdtemp makes the folder readable by this user only.
         path = os.path.join(tempfile.mkdtemp(prefix="mpbook-rdzv-"), "store")
-        return Rendezvous("file", path=path, generation=generation)
+        return Rendezvous("file", path=path)
     if kind == "tcp":
         from datetime import timedelta
 
@@ -132,7 +113,7 @@ def make_rendezvous(kind: str, generation: int) -> Rendezvous:
         store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
         ns = _namespace()
         ns["_mpbook_tcp_store"] = store
-        return Rendezvous("tcp", host=host, port=store.port, generation=generation)
+        return Rendezvous("tcp", host=host, port=store.port)
     raise ValueError(f"unknown rendezvous kind {kind!r}; use 'file' or 'tcp'")
 
 
@@ -242,6 +223,20 @@ def describe(state: EngineState) -> EngineInfo:
         threads=torch.get_num_threads(),
         model_bytes=getattr(state.cache.get("runner"), "weight_bytes", 0),
     )
+
+
+def abort_group(state: EngineState | None = None) -> None:
+    """Drop this rank's process groups now (after an interrupt): peers blocked in a
+    collective with this rank see the connection close and fail at once."""
+    from ..compat import torch as torch_compat
+
+    state = state or _namespace().get(STATE_NAME)
+    if state is not None:
+        state.cache.pop("meshes", None)  # they hold subgroups of the group being dropped
+        runner = state.cache.pop("runner", None)
+        if runner is not None:
+            runner.close()
+    torch_compat.abort_process_groups()
 
 
 def teardown(state: EngineState | None = None) -> None:

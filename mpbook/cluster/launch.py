@@ -1,6 +1,6 @@
 """Entry point for the controller and engine processes of a cluster that mpbook starts.
 
-``python -m mpbook._launch engine|controller [ipyparallel args...]`` runs ipyparallel's own
+``python -m mpbook.cluster.launch engine|controller [ipyparallel args...]`` runs ipyparallel's own
 engine or controller, with these additions:
 
 - an owner watch: when the process that started the cluster (a notebook kernel) dies without
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
     elif role == "controller":
         from ipyparallel.controller.app import main as run
     else:
-        raise SystemExit(f"usage: python -m mpbook._launch engine|controller [args]; got {role!r}")
+        raise SystemExit(f"usage: python -m mpbook.cluster.launch engine|controller [args]; got {role!r}")
     if role != "engine":
         run()
         return
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
         traceback.print_exc()
         code = 1
     try:
-        from mpbook.engine import remove_rendezvous
+        from mpbook.engine.state import remove_rendezvous
 
         remove_rendezvous()
     except Exception:
@@ -106,15 +106,9 @@ def main(argv: list[str]) -> None:
 
 def run_engine() -> None:
     """ipyparallel's engine; returns normally when it was asked to stop (SIGTERM)."""
-    from ipyparallel.engine.app import IPEngine
+    from mpbook.compat.ipyparallel import engine_class
 
-    class Engine(IPEngine):
-        stopping = False
-
-        def _signal_stop(self, sig, frame):
-            Engine.stopping = True
-            super()._signal_stop(sig, frame)
-
+    Engine = engine_class()
     try:
         Engine.launch_instance()
     except RuntimeError:

@@ -1,0 +1,443 @@
+"""Cluster lifecycle: start or attach, form the process group, restart, stop, reap.
+
+Rank r is the engine at position r of the sorted engine ids. A cluster that mpbook starts
+lives on this host, listens on loopback only and is stopped by ``stop()``, by leaving the
+``with`` block, or at interpreter exit (a notebook kernel's shutdown included). A cluster
+that mpbook attaches to is left running: mpbook only leaves the process group it formed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..devices import StartPlan, visible_gpu_count
+from ..engine import state as engine
+from ..errors import EngineDiedError, MpbookError, NoClusterError
+from ..options import DEFAULT_TIMEOUT_S, check_timeout
+from ..protocol import EngineInfo, Rendezvous
+from . import calls
+from .health import EngineWatch, process_running, signal_engines
+from .launch import OWNER_ENV
+
+ENGINE_TIMEOUT_S = 60.0  # for engines to register after they are launched
+# ipyparallel's default heartbeat (3 s) makes engine registration take ~6.5 s for two
+# engines here; 250 ms brings it to ~2 s and still notices a dead engine within seconds.
+HEARTBEAT_MS = 250
+
+log = logging.getLogger("mpbook")
+
+
+class Cluster:
+    """Engines, one per device, joined in one torch.distributed process group."""
+
+    def __init__(self, *, owned: bool, plan: StartPlan, timeout_s: float, rendezvous: str, client=None):
+        # Use Cluster.start() or Cluster.attach().
+        self.owned = owned
+        self.plan = plan
+        self.timeout_s = check_timeout(timeout_s)
+        self.rendezvous_kind = rendezvous
+        self.client = client
+        self.ipp_cluster = None  # ipyparallel's Cluster, for one mpbook started
+        self.engines: list[EngineInfo] = []
+        self._engine_ids: list[int] = []
+        self._hosts: list[str] | None = None  # by rank, for an attached cluster
+        self.stopped = False
+        self._started_procs: list = []  # psutil.Process of everything launched, for the last reap
+        self._arm_exit_hook()
+
+    def _arm_exit_hook(self) -> None:
+        # A partial per cluster, so that unregistering one leaves the others armed.
+        self._cleanup = functools.partial(_stop_at_exit, weakref.ref(self))
+        atexit.register(self._cleanup)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def start(
+        cls,
+        n: int | None = None,
+        *,
+        cpu: bool = False,
+        gpu: bool = False,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        threads: int | None = None,
+    ) -> Cluster:
+        """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines (gloo).
+
+        ``threads``: intra-op threads per engine (default: the cores divided among engines)."""
+        check_timeout(timeout_s)
+        plan = StartPlan.choose(n, cpu=cpu, gpu=gpu)
+        if threads is not None:
+            if threads < 1:
+                raise MpbookError(f"threads={threads}: each engine needs at least one thread")
+            plan = dataclasses.replace(plan, threads=threads)
+        cluster = cls(owned=True, plan=plan, timeout_s=timeout_s, rendezvous="file")
+        cluster._launch()
+        return cluster
+
+    def _launch(self) -> None:
+        """Start the controller and engines of an owned cluster and form the process group."""
+        import ipyparallel as ipp
+        from traitlets.config import Config
+
+        plan = self.plan
+        config = Config()
+        launch = [sys.executable, "-m", "mpbook.cluster.launch"]
+        config.LocalControllerLauncher.controller_cmd = [*launch, "controller"]
+        config.LocalControllerLauncher.environment = {OWNER_ENV: str(os.getpid())}
+        config.LocalEngineLauncher.engine_cmd = [*launch, "engine"]
+        threads = str(plan.threads)
+        config.LocalEngineSetLauncher.environment = {
+            OWNER_ENV: str(os.getpid()),
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        self.ipp_cluster = ipp_cluster = ipp.Cluster(
+            n=plan.n,
+            config=config,
+            controller_ip="127.0.0.1",  # the controller listens on loopback only
+            # Schedulers in threads rather than 8 forked processes: a faster start, and
+            # fewer processes to compete for the cores with the engines.
+            controller_args=[f"--HeartMonitor.period={HEARTBEAT_MS}", "--IPController.use_threads=True"],
+            # Engines find the controller's connection file themselves, so they start
+            # (and import torch) while the controller is still coming up.
+            send_engines_connection_env=False,
+            delay=0,
+            log_level=logging.WARNING,
+        )
+        try:
+            ipp_cluster.start_cluster_sync()
+            # ipyparallel has just registered its own exit hook, which stops the processes
+            # without leaving the process group (the rendezvous folder would stay behind).
+            # atexit runs hooks last-in first-out: register ours again so that it runs first.
+            atexit.unregister(self._cleanup)
+            atexit.register(self._cleanup)
+            self.client = ipp_cluster.connect_client_sync()
+            # interactive=False: no progress bar in the notebook for a two-second wait.
+            self.client.wait_for_engines(plan.n, timeout=ENGINE_TIMEOUT_S, interactive=False)
+            self._form_group(hosts=None)
+            # Children (the controller's heart monitor, the nannies) can no longer be found
+            # from a parent that was killed; remember them now to reap them at stop.
+            self._started_procs = _process_trees(self.pids())
+        except BaseException as exc:
+            self.stop()
+            if isinstance(exc, (KeyboardInterrupt, MpbookError)):
+                raise
+            raise MpbookError(
+                f"the cluster did not come up ({type(exc).__name__}: {exc}); its logs are in {ipp_cluster.profile_dir}/log"
+            ) from exc
+
+    @classmethod
+    def attach(
+        cls,
+        *,
+        profile: str | None = None,
+        cluster_id: str | None = None,
+        cpu: bool = False,
+        n: int | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait_s: float = 30.0,
+        rendezvous: str | None = None,
+    ) -> Cluster:
+        """Join a cluster that is already running (``ipcluster start``, MPI, SSH, Slurm ...).
+
+        Waits up to ``wait_s`` for ``n`` engines (default: those registered, at least one).
+        The process group's rendezvous is a file when every engine is on one host, else a
+        TCP store served by rank 0 at its own address.
+        """
+        import ipyparallel as ipp
+        from IPython.paths import get_ipython_dir
+
+        from ..options import check_engine_count
+
+        if n is not None:
+            check_engine_count(n)
+        check_timeout(timeout_s)
+        if profile is not None:
+            from IPython.core.profiledir import ProfileDir, ProfileDirError
+
+            try:
+                ProfileDir.find_profile_dir_by_name(get_ipython_dir(), profile)
+            except ProfileDirError:
+                raise MpbookError(
+                    f"--profile {profile}: no IPython profile of that name in {get_ipython_dir()}; "
+                    f"start its cluster with `ipcluster start --profile {profile}`, or leave out --profile"
+                ) from None
+        where = f"profile {profile or 'default'}" + (f", cluster id {cluster_id}" if cluster_id else "")
+        try:
+            client = ipp.Client(profile=profile or "default", cluster_id=cluster_id or "", timeout=10)
+        except Exception as exc:
+            raise MpbookError(
+                f"no running cluster found for {where} ({exc}); start one with "
+                f"`ipcluster start{' --profile ' + profile if profile else ''}"
+                f"{' --cluster-id ' + cluster_id if cluster_id else ''}`, or use `%mp start`"
+            ) from None
+        try:
+            client.wait_for_engines(n or 1, timeout=wait_s, interactive=False)
+        except Exception:
+            have = len(client.ids)
+            client.close()
+            raise MpbookError(
+                f"the cluster at {where} has {have} engine{'s' if have != 1 else ''} after {wait_s:.0f} s, "
+                f"{n or 1} wanted; start more engines or ask for fewer with -n"
+            ) from None
+        ids = sorted(client.ids)[: n or None]
+        hosts = client[ids].apply_sync(engine.hostname)
+        kind = rendezvous or ("file" if len(set(hosts)) == 1 else "tcp")
+        plan = StartPlan(n=len(ids), use_gpu=False, threads=0)
+        cluster = cls(owned=False, plan=plan, timeout_s=timeout_s, rendezvous=kind, client=client)
+        cluster._engine_ids = ids
+        if not cpu:
+            cluster.plan = StartPlan(n=len(ids), use_gpu=cluster._engines_have_gpus(ids, hosts), threads=0)
+        try:
+            cluster._form_group(hosts=hosts)
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    def _engines_have_gpus(self, ids: list[int], hosts: list[str]) -> bool:
+        counts = self.client[ids].apply_sync(visible_gpu_count)
+        per_host: dict[str, int] = {}
+        for host in hosts:
+            per_host[host] = per_host.get(host, 0) + 1
+        return all(count >= per_host[host] for count, host in zip(counts, hosts))
+
+    def _form_group(self, hosts: list[str] | None) -> None:
+        """Rank the engines, make the rendezvous on rank 0, and init the process group on all."""
+        if not self._engine_ids:
+            self._engine_ids = sorted(self.client.ids)[: self.plan.n]
+        ids = self._engine_ids
+        hosts = hosts or [""] * len(ids)
+        self._hosts = hosts
+        rdzv: Rendezvous = self.client[ids[0]].apply_sync(engine.make_rendezvous, self.rendezvous_kind)
+        table = {}
+        for rank, (eid, host) in enumerate(zip(ids, hosts)):
+            table[eid] = dict(
+                rank=rank,
+                world_size=len(ids),
+                local_rank=hosts[:rank].count(host),
+                engine_id=eid,
+                use_gpu=self.plan.use_gpu,
+                threads=self.plan.threads or None,
+                rendezvous=rdzv,
+                timeout_s=self.timeout_s,
+            )
+        result = self.client[ids].apply_async(engine.setup_from_table, table)
+        self.engines = calls.wait(result, self.ranks, stream=False, what="forming the process group")
+
+    def rebuild_group(self) -> None:
+        """Destroy the process group on every rank and form it again at a fresh rendezvous."""
+        self.client[self._engine_ids].apply_async(engine.teardown).get(timeout=self.timeout_s)
+        self._form_group(hosts=self._hosts)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def world_size(self) -> int:
+        return len(self._engine_ids)
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(range(self.world_size))
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.plan.use_gpu else "cpu"
+
+    def engine_ids(self, ranks: Sequence[int] | None = None) -> list[int]:
+        return [self._engine_ids[r] for r in (self.ranks if ranks is None else ranks)]
+
+    def pids(self) -> dict[str, list[int]]:
+        """Processes this cluster's owner started (empty for an attached cluster)."""
+        if not self.owned or self.ipp_cluster is None:
+            return {"controller": [], "engines": []}
+        controller = self.ipp_cluster.controller
+        engines = [
+            launcher.pid
+            for engine_set in self.ipp_cluster.engines.values()
+            for launcher in engine_set.launchers.values()
+            if launcher.pid
+        ]
+        return {"controller": [controller.pid] if controller and controller.pid else [], "engines": engines}
+
+    def watch(self) -> EngineWatch:
+        """Engine deaths are noticed by the controller; for engines mpbook started on this
+        host, also by their pids (and the controller's own death by its pid)."""
+        by_rank = {info.rank: info.pid for info in self.engines}
+        pids = [by_rank.get(rank) if self.owned else None for rank in self.ranks]
+        controller = self.pids()["controller"]
+        return EngineWatch(self.client, self._engine_ids, pids, controller[0] if controller else None)
+
+    def check_running(self, what: str) -> None:
+        """Raise a clear error when the cluster cannot take work: stopped, or a process died."""
+        if self.stopped:
+            raise NoClusterError(what)
+        watch = self.watch()
+        if watch.controller_dead():
+            raise MpbookError(
+                f"the cluster's controller (pid {watch.controller_pid}) has died; run `%mp restart` "
+                f"(or Workbench.restart()) before {what}"
+            )
+        dead = watch.dead(self.ranks)
+        if dead:
+            raise EngineDiedError(dead, what=what, earlier=True)
+
+    def interrupt(self, ranks: Sequence[int] | None = None) -> None:
+        """Send SIGINT to the engines of ``ranks`` (all by default): a KeyboardInterrupt there."""
+        signal_engines(self.client, signal.SIGINT, self.engine_ids(ranks))
+
+    def table(self) -> str:
+        return format_engines(self.engines)
+
+    # ----------------------------------------------------------------- lifecycle
+    def restart(self) -> Cluster:
+        """Bring the cluster back with the same layout: new engines if mpbook started them,
+        else a fresh process group on the same engines. Models reload on demand."""
+        if self.owned:
+            self.stop()
+            self.stopped = False
+            self._engine_ids = []
+            self._arm_exit_hook()
+            self._launch()
+            return self
+        registered = sorted(self.client.ids)
+        ids = [eid for eid in self._engine_ids if eid in registered]
+        if len(ids) < len(self._engine_ids):
+            # An engine died. mpbook cannot start engines in a cluster it did not start,
+            # but engines started there since can take the dead ones' places.
+            spare = [eid for eid in registered if eid not in self._engine_ids]
+            if len(ids) + len(spare) < self.world_size:
+                raise MpbookError(
+                    f"the attached cluster has {len(registered)} engine{'s' if len(registered) != 1 else ''} left, "
+                    f"{self.world_size} wanted: start engines there (e.g. `ipengine` or `ipcluster engines`), "
+                    "then `%mp restart` again"
+                )
+            _quiet(lambda: self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s))
+            ids = sorted(ids + spare[: self.world_size - len(ids)])
+            self._engine_ids = ids
+        else:
+            _quiet(lambda: self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s))
+        hosts = self.client[ids].apply_sync(engine.hostname)
+        self._form_group(hosts=hosts)
+        return self
+
+    def stop(self) -> None:
+        """Leave the process group; stop the controller and engines if mpbook started them."""
+        if self.stopped:
+            return
+        self.stopped = True
+        atexit.unregister(self._cleanup)
+        client, ipp_cluster = self.client, self.ipp_cluster
+        controller = self.pids()["controller"]
+        if client is not None and self._engine_ids and process_running(controller[0] if controller else None):
+            live = [eid for eid in self._engine_ids if eid in set(client.ids)]
+            if live and client.outstanding:
+                # A cell still running would hold up the teardown, and an engine ignores
+                # SIGTERM until its cell ends: interrupt it first.
+                signal_engines(client, signal.SIGINT, live)
+            # Destroying the group on every rank lets NCCL/gloo close their sockets cleanly.
+            _quiet(lambda: client[live].apply_async(engine.teardown).get(timeout=5))
+        elif self.owned:
+            # No controller to reach the engines through; they are ours and on this host.
+            for pid in self.pids()["engines"]:
+                _quiet(lambda: os.kill(pid, signal.SIGINT) if process_running(pid) else None)
+        if self.owned and ipp_cluster is not None:
+            procs = list({p.pid: p for p in [*self._started_procs, *_process_trees(self.pids())]}.values())
+            if client is not None:
+                _quiet(client.close)
+            # Engines first: each engine's nanny tells the controller it is leaving, and would
+            # linger for seconds if the controller were already gone.
+            _quiet(ipp_cluster.stop_engines_sync)
+            _quiet(ipp_cluster.stop_controller_sync)
+            _reap(procs)
+        elif client is not None:
+            _quiet(client.close)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def format_engines(infos: Sequence[EngineInfo]) -> str:
+    """The engines table, as text."""
+    from ..units import format_bytes
+
+    rows = [("rank", "host", "pid", "device", "backend", "threads", "free / total memory")]
+    for i in infos:
+        device = i.device if i.device_name == "cpu" else f"{i.device} ({i.device_name})"
+        memory = f"{format_bytes(i.memory_free_bytes, unit='GiB')} / {format_bytes(i.memory_total_bytes, unit='GiB')}"
+        rows.append((str(i.rank), i.host, str(i.pid), device, i.backend, str(i.threads), memory))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _stop_at_exit(ref: weakref.ref) -> None:
+    cluster = ref()
+    if cluster is not None:
+        cluster.stop()
+
+
+def _quiet(fn: Callable[[], Any]) -> None:
+    """Run a best-effort clean-up step; a failure there must not hide the real error."""
+    try:
+        fn()
+    except Exception:
+        log.debug("clean-up step failed", exc_info=True)
+
+
+def _process_trees(pids: dict[str, list[int]]):
+    """The processes mpbook started, with their children (schedulers, nannies)."""
+    import psutil
+
+    found = []
+    for pid in [p for group in pids.values() for p in group]:
+        try:
+            proc = psutil.Process(pid)
+            found.append(proc)
+            found.extend(proc.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def process_tree(cluster: Cluster) -> list[int]:
+    """Every process the cluster's owner started, children (nannies) included."""
+    return [p.pid for p in _process_trees(cluster.pids())]
+
+
+def _reap(procs, timeout_s: float = 5.0) -> None:
+    """End what outlived ipyparallel's own stop: kill any process that ignores SIGTERM."""
+    # The nannies would end by themselves once they see their engine gone and have told the
+    # controller, a second later; with the whole cluster going, that message has no reader.
+    for proc in procs:
+        _quiet(proc.terminate)
+    alive = _wait_gone(procs, timeout_s)
+    for proc in alive:
+        _quiet(proc.kill)
+    _wait_gone(alive, timeout_s)
+
+
+def _wait_gone(procs, timeout_s: float) -> list:
+    """Wait until ``procs`` have ended; return those still running at the deadline.
+
+    A zombie has ended: the nannies, orphaned when their engine exits, wait for PID 1 to
+    reap them, which can take seconds in a container (psutil.wait_procs would wait for it).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [proc for proc in procs if process_running(proc.pid)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)

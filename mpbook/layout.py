@@ -1,0 +1,134 @@
+"""Topology: a (dp, pp, ep, tp) layout of ranks, and the mesh each engine builds from it.
+
+The layout is a tensor, ``arange(world).view(dp, pp, ep, tp)``: a rank's coordinates are
+where its number sits, and the ranks of one group are a line along one axis. tp is
+innermost so that a tensor-parallel group (a collective in every layer) is made of
+neighbouring ranks, which on one host are neighbouring GPUs; ep next, since an expert group
+holds the same tokens (attention replicated over it) and meets once per MoE layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # the client imports this module without paying for torch
+    import torch
+
+DIMS = ("dp", "pp", "ep", "tp")
+
+
+class Coords(NamedTuple):
+    dp: int
+    pp: int
+    ep: int
+    tp: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Degrees of data, pipeline, expert and tensor parallelism; their product is the world size."""
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name in DIMS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: every degree must be a whole number >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.ep * self.tp
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.dp, self.pp, self.ep, self.tp)
+
+    def grid(self) -> torch.Tensor:
+        import torch
+
+        return torch.arange(self.world_size).view(self.shape)
+
+    def coords(self, rank: int) -> Coords:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside a world of {self.world_size}")
+        return Coords(*(self.grid() == rank).nonzero()[0].tolist())
+
+    def group_ranks(self, dims: str | tuple[str, ...], rank: int) -> list[int]:
+        """The ranks that share every coordinate with ``rank`` except along ``dims``."""
+        return next(group for group in self.groups(dims) if rank in group)
+
+    def groups(self, dims: str | tuple[str, ...]) -> list[list[int]]:
+        """Every group along ``dims`` ("tp", or ("ep", "tp") for both), in a fixed order."""
+        dims = (dims,) if isinstance(dims, str) else tuple(dims)
+        grid = self.grid()
+        inner = [DIMS.index(d) for d in DIMS if d in dims]
+        outer = [i for i in range(len(DIMS)) if i not in inner]
+        lines = grid.permute(*outer, *inner).reshape(-1, _size(self, inner))
+        return [line.tolist() for line in lines]
+
+    def __str__(self) -> str:
+        text = f"dp={self.dp} x pp={self.pp} x tp={self.tp}"
+        return text + (f" x ep={self.ep}" if self.ep > 1 else "")
+
+
+def _size(layout: Layout, axes: list[int]) -> int:
+    size = 1
+    for axis in axes:
+        size *= layout.shape[axis]
+    return size
+
+
+class Mesh:
+    """One rank's view of a layout: its coordinates, and its process groups made on demand.
+
+    Making a group is a collective step every rank takes together (``dist.new_group`` for
+    every group along the same dims, in the same order), so groups are made on first use of
+    a set of dims, on every rank at the same point of the run, and kept.
+    """
+
+    def __init__(self, layout: Layout, rank: int, device_type: str):
+        self.layout = layout
+        self.rank = rank
+        self.device_type = device_type
+        self.coords = layout.coords(rank)
+        self._groups: dict[tuple[str, ...], object] = {}
+        self._device_mesh = None
+
+    def group(self, *dims: str):
+        """This rank's process group along ``dims`` (e.g. ``group("tp")``, ``group("ep", "tp")``)."""
+        key = tuple(d for d in DIMS if d in dims)
+        if key not in self._groups:
+            import torch.distributed as dist
+
+            mine = None
+            for ranks in self.layout.groups(key):
+                made = dist.new_group(ranks)  # every rank makes every group, in order
+                if self.rank in ranks:
+                    mine = made
+            self._groups[key] = mine
+        return self._groups[key]
+
+    def ranks(self, *dims: str) -> list[int]:
+        return self.layout.group_ranks(tuple(dims), self.rank)
+
+    @property
+    def device_mesh(self):
+        """torch's DeviceMesh over the whole layout (for DTensor code in a ``%%mp run`` cell)."""
+        if self._device_mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._device_mesh = init_device_mesh(self.device_type, self.layout.shape, mesh_dim_names=DIMS)
+        return self._device_mesh
+
+    def __getitem__(self, dim: str):
+        """The one-dimensional DeviceMesh along ``dim`` ("dp", "pp", "ep" or "tp") holding this rank."""
+        return self.device_mesh[dim]
+
+    def __repr__(self) -> str:
+        c = self.coords
+        return f"Mesh({self.layout}, rank={self.rank}: dp={c.dp} pp={c.pp} ep={c.ep} tp={c.tp})"

@@ -1,0 +1,112 @@
+"""Built-in presets: small random-weight models built from a config, so nothing is downloaded.
+
+``tiny`` (0.2 M parameters, for the demo, the notebooks and the tests) and ``small`` (25 M,
+for benchmarks where compute, not overhead, decides) are Llama-family models (grouped-query
+attention, tied embeddings, RoPE) saved once to a folder with their tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TINY = "tiny"
+
+
+def tiny_config():
+    """The ``tiny`` preset: 6 layers, 8 query heads over 4 KV heads, 259-token vocabulary.
+
+    Sized so that tp in {1, 2, 4} and pp up to 6 all apply, and a forward pass takes
+    milliseconds on a CPU.
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        pad_token_id=256,
+        bos_token_id=257,
+        eos_token_id=258,
+    )
+
+
+def small_config():
+    """The ``small`` preset: 8 layers of width 512, 8 query heads over 4 KV heads (25 M
+    parameters): big enough that a CPU engine spends its time in matrix products."""
+    config = tiny_config()
+    config.update(dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, max_position_embeddings=1024))
+    return config
+
+
+PRESETS = {"tiny": tiny_config, "small": small_config}
+
+
+def tiny_tokenizer():
+    """Byte-level tokenizer: one token per byte plus <pad>, <s>, </s>; pads on the left."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for special in ("<pad>", "<s>", "</s>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MPBOOK_CACHE", Path.home() / ".cache" / "mpbook"))
+
+
+def build_tiny(folder: str | os.PathLike | None = None, *, seed: int = 0) -> Path:
+    """Save the ``tiny`` preset (random weights from ``seed``) to ``folder``; return it."""
+    return build_preset(TINY, folder, seed=seed)
+
+
+def build_preset(name: str, folder: str | os.PathLike | None = None, *, seed: int = 0) -> Path:
+    """Save a preset (random weights from ``seed``) to ``folder`` (default: the cache), once."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder = Path(folder) if folder is not None else cache_dir() / f"{name}-seed{seed}"
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    save_random(PRESETS[name](), tmp, seed=seed)
+    for item in tmp.iterdir():
+        os.replace(item, folder / item.name)
+    tmp.rmdir()
+    return folder
+
+
+def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
+    """A random-weight model of ``config`` and the tiny tokenizer, saved with save_pretrained
+    (safetensors). Weights and biases are drawn wider than transformers' init (std 0.2 at
+    width 64, shrinking as 1/sqrt(width)) so that greedy decoding wanders instead of
+    repeating one token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1 or name.endswith(".bias"):  # norms keep their ones
+                param.normal_(0.0, 0.2 * (64 / config.hidden_size) ** 0.5)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return Path(folder)
+
+

@@ -1,0 +1,77 @@
+"""Where a model comes from: a hub id, a ``save_pretrained`` folder, or a preset.
+
+Weights are read from safetensors only (never a pickle).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import MpbookError
+from .presets import PRESETS, build_preset
+
+
+def resolve(model: str | os.PathLike) -> Path:
+    """A local folder holding config.json (and weights) for ``model``."""
+    name = str(model)
+    if name in PRESETS:
+        return build_preset(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise MpbookError(f"--model {name}: the folder has no config.json; point at a save_pretrained folder")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise MpbookError(
+            f"--model {name}: no such folder; give a save_pretrained folder, a hub id like "
+            f"HuggingFaceTB/SmolLM2-360M, or 'tiny'"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:
+        raise MpbookError(
+            f"--model {name}: not a local folder, and the hub could not provide it ({type(exc).__name__}); "
+            "download it where the hub is reachable and pass the folder, or use --model tiny"
+        ) from None
+
+
+def load_config(model: str | os.PathLike):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve(model))
+
+
+def load_tokenizer(model: str | os.PathLike):
+    """The model's tokenizer, padding on the left (generation appends on the right)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(model))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (single or sharded checkpoint)."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise MpbookError(
+            f"{folder}: no model.safetensors; mpbook loads safetensors only (never pickled weights). "
+            "Re-save the model with save_pretrained(safe_serialization=True)"
+        )
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
