@@ -138,6 +138,9 @@ class Request:
     dtype: str = "float32"
     stage_sizes: tuple[int, ...] | None = None
     attention: str | None = None  # None: the implementation transformers picks for the model
+    # Parallel plans given by the user for a family whose config has none, in transformers'
+    # format: {"tp": {pattern: style}, "pp": {module: (inputs, outputs)}, "ep": {...}}.
+    plans: dict | None = None
     sampling: Sampling = field(default_factory=Sampling)
     stopping: Stopping = field(default_factory=Stopping)
     # Track every tensor's bytes through the run (torch's MemTracker): the peak of weights,
@@ -150,7 +153,8 @@ class Request:
     @property
     def model_key(self) -> tuple:
         """Runs with the same key reuse the loaded model."""
-        return (self.model, self.layout, self.stage_sizes, self.dtype, self.attention)
+        plans = repr(sorted((self.plans or {}).items()))
+        return (self.model, self.layout, self.stage_sizes, self.dtype, self.attention, plans)
 
 
 @dataclass

@@ -19,6 +19,17 @@ from ..parallel.pipeline import StagePeers, split_layers
 from ..protocol import DTYPES, Request
 
 
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's slice [start, stop) of a vocabulary of ``total`` tokens, and the group
+    (the tp group of the last stage) whose ranks hold the other slices, in slice order."""
+
+    start: int
+    stop: int
+    total: int
+    group: Any
+
+
 @dataclass
 class Runner:
     """This rank's stage of a layout, kept on the engine between runs."""
@@ -33,6 +44,24 @@ class Runner:
     weight_bytes: int
     load_seconds: float
     whole: bool = False  # an architecture mpbook cannot cut: the whole model, data parallel only
+    # The vocabulary slice of this rank's logits when the LM head is split over tp
+    # (vocab-parallel); None when every rank of the last stage has the full logits.
+    vocab: VocabShard | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.stage.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        """The full width of the logits (the model config's vocab_size)."""
+        return self.stage.config.get_text_config().vocab_size
+
+    def new_cache(self):
+        """An empty KV cache for this stage's layers (one per micro-batch)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.stage.config)
 
     def forward(self, x, attention_mask, position_ids, cache, *, all_logits: bool):
         """One stage forward: token ids (first stage) or hidden states in; hidden states or
