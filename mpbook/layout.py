@@ -100,8 +100,10 @@ class Mesh:
         self._device_mesh = None
 
     def group(self, *dims: str):
-        """This rank's process group along ``dims`` (e.g. ``group("tp")``, ``group("ep", "tp")``)."""
-        key = tuple(d for d in DIMS if d in dims)
+        """This rank's process group along ``dims`` (e.g. ``group("tp")``, ``group("ep", "tp")``).
+
+        Dims of degree 1 add no rank, so ``group("ep", "tp")`` with ep=1 is ``group("tp")``."""
+        key = tuple(d for d in DIMS if d in dims and getattr(self.layout, d) > 1) or tuple(d for d in DIMS if d in dims)
         if key not in self._groups:
             import torch.distributed as dist
 

@@ -6,8 +6,8 @@ Line commands::
     In [2]: %mp start -n 2 --cpu
     started 2 engines in 2.4 s
     rank  host  pid    device  backend  threads  free / total memory
-    0     vm    41022  cpu     gloo     1        22.6 / 23.5 GiB
-    1     vm    41027  cpu     gloo     1        22.6 / 23.5 GiB
+    0     vm    41022  cpu     gloo     1        22.6 GiB / 23.5 GiB
+    1     vm    41027  cpu     gloo     1        22.6 GiB / 23.5 GiB
     In [3]: %mp status
     In [4]: %mp restart
     In [5]: %mp dashboard        # a standing dashboard: follows every cell, refreshes between them
@@ -19,12 +19,12 @@ Cell commands::
        ...: print(rank, world_size, device)
     [rank 0] 0 2 cpu
 
-    In [8]: %%mp tensor --model tiny --max-new-tokens 16
+    In [8]: %%mp tensor --model tiny --max-new-tokens 16 --temperature 0.7 --seed 1
        ...: Explain pipeline parallelism in one sentence.
        ...: What does an all-reduce do?
 
-A cell shows a live dashboard while it runs (``--no-dashboard`` leaves it out): widgets in
-a notebook, a few lines of text in a terminal.
+``%mp COMMAND --help`` prints a command's options. A cell shows a live dashboard while it
+runs (``--no-dashboard`` leaves it out): widgets in a notebook, lines of text in a terminal.
 """
 
 from __future__ import annotations
@@ -35,17 +35,24 @@ import time
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
-from IPython.utils.text import dedent
 
 from .compat import argparse as argparse_compat
 from .errors import MpbookError, NoClusterError
 from .options import (
-    DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, argtype, check_engine_count, check_period, check_timeout,
+    DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, argtype, check_degree, check_engine_count, check_max_new_tokens,
+    check_microbatches, check_period, check_repetition_penalty, check_seed, check_temperature, check_timeout,
+    check_top_k, check_top_p,
 )
 from .workbench import Workbench
 
 LINE_COMMANDS = ("start", "status", "stop", "restart", "dashboard")
-STRATEGY_COMMANDS = ("data", "pipeline", "tensor")
+STRATEGY_COMMANDS = ("data", "pipeline", "tensor", "expert")
+STRATEGY_HELP = {
+    "data": "replicas; the prompts are split across them",
+    "pipeline": "consecutive layers per engine; micro-batches flow through",
+    "tensor": "every weight matrix split across engines",
+    "expert": "a mixture-of-experts model's experts split across engines",
+}
 
 
 def one_line(message: str) -> str:
@@ -53,67 +60,121 @@ def one_line(message: str) -> str:
     return " ".join(message.split()) or "invalid %mp arguments; see `%mp?`"
 
 
+def _help_flag(parser: argparse.ArgumentParser) -> None:
+    # IPython's parser has no -h (argparse's would exit the kernel): a flag the magic answers.
+    parser.add_argument("-h", "--help", action="store_true", help="show this command's options and return")
+
+
 def build_parser() -> MagicArgumentParser:
     """One parser for ``%mp`` and ``%%mp``; each command is a sub-parser."""
     parser = MagicArgumentParser(prog="%mp", description="Run cells on a cluster of engines, one per device.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    start = commands.add_parser("start", help="start engines (or attach to a running cluster)")
-    start.add_argument("-n", type=argtype(check_engine_count, "int", "-n"), default=None, help="number of engines (default: one per GPU, else 2)")
+    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description or help, prog=f"%mp {name}",
+                                  formatter_class=argparse.HelpFormatter)
+        _help_flag(sub)
+        return sub
+
+    start = command("start", "start engines (or attach to a running cluster)")
+    start.add_argument("-n", type=argtype(check_engine_count, "int", "-n"), default=None,
+                       help="number of engines (default: one per GPU, else 2)")
     devices = start.add_mutually_exclusive_group()
     devices.add_argument("--cpu", action="store_true", help="CPU engines (gloo) even if GPUs are visible")
     devices.add_argument("--gpu", action="store_true", help="GPU engines (NCCL); an error when none is visible")
     start.add_argument("--profile", default=None, help="attach to the running cluster of this IPython profile")
     start.add_argument("--cluster-id", default=None, help="attach to the running cluster with this id")
     start.add_argument(
-        "--timeout",
-        type=argtype(check_timeout, "float", "--timeout"),
-        default=DEFAULT_TIMEOUT_S,
-        help=f"seconds a collective may wait before every rank gets an error (default {DEFAULT_TIMEOUT_S:g}, at most {MAX_TIMEOUT_S:g})",
+        "--timeout", type=argtype(check_timeout, "float", "--timeout"), default=DEFAULT_TIMEOUT_S,
+        help=f"seconds a collective may wait before every rank gets an error (default {DEFAULT_TIMEOUT_S:g}, "
+             f"at most {MAX_TIMEOUT_S:g})",
     )
 
-    commands.add_parser("status", help="show the engines table")
-    commands.add_parser("stop", help="stop the engines mpbook started (leave an attached cluster running)")
-    commands.add_parser("restart", help="restart the cluster with the same layout")
-    dash = commands.add_parser("dashboard", help="show a dashboard that follows every cell and refreshes between them")
-    dash.add_argument("--period", type=argtype(check_period, "float", "--period"), default=1.0, help="seconds between refreshes while idle (default 1)")
+    command("status", "show the engines table")
+    command("stop", "stop the engines mpbook started (leave an attached cluster running)")
+    command("restart", "restart the cluster with the same layout")
+    dash = command("dashboard", "show a dashboard that follows every cell and refreshes between them")
+    dash.add_argument("--period", type=argtype(check_period, "float", "--period"), default=1.0,
+                      help="seconds between refreshes while idle (default 1)")
     dash.add_argument("--off", action="store_true", help="stop the standing dashboard")
 
-    run = commands.add_parser("run", help="(cell) run the cell's Python on every rank")
+    run = command("run", "(cell) run the cell's Python on every rank")
     run.add_argument("--ranks", default=None, help="ranks to run on: 'all' (default), '0', '0,2' or '1-3'")
     run.add_argument("--no-dashboard", action="store_true", help="no live dashboard for this cell")
 
-    for strategy, what in (
-        ("data", "replicas; the prompts are split across them"),
-        ("pipeline", "consecutive layers per engine; micro-batches flow through"),
-        ("tensor", "every weight matrix split across engines"),
-    ):
-        cmd = commands.add_parser(strategy, help=f"(cell) generate with {strategy} parallelism: {what}")
-        cmd.add_argument("--model", default="tiny", help="hub id, save_pretrained folder, or a preset: 'tiny' (default) or 'small'")
-        for dim in ("dp", "pp", "tp"):
-            cmd.add_argument(f"--{dim}", type=int, default=None, help=f"{dim} degree (default: what the others leave)")
-        cmd.add_argument("--microbatches", type=int, default=1, help="micro-batches per replica (default 1)")
-        cmd.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate; 0: a forward pass")
+    for strategy, what in STRATEGY_HELP.items():
+        cmd = command(strategy, f"(cell) generate with {strategy} parallelism: {what}",
+                      f"Generate with {strategy} parallelism ({what}); one prompt per line of the cell.")
+        cmd.add_argument("--model", default="tiny",
+                         help="hub id, save_pretrained folder, or a preset: 'tiny' (default) or 'small'")
+        for dim in ("dp", "pp", "tp", "ep"):
+            cmd.add_argument(f"--{dim}", type=argtype(lambda v, d=dim: check_degree(d, v), "int", f"--{dim}"),
+                             default=None, help=f"{dim} degree (default: what the others leave)")
+        cmd.add_argument("--microbatches", type=argtype(check_microbatches, "int", "--microbatches"), default=1,
+                         help="micro-batches per replica (default 1)")
+        cmd.add_argument("--max-new-tokens", type=argtype(check_max_new_tokens, "int", "--max-new-tokens"),
+                         default=32, help="at most this many new tokens (default 32); 0: a forward pass")
         cmd.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
         cmd.add_argument("--stages", default=None, help="layers per pipeline stage, e.g. 4,2 (default: balanced)")
-        cmd.add_argument("--prompts", default=None, help="take the prompts from this variable (a list of str)")
+        cmd.add_argument("--attn", default=None,
+                         help="attention implementation (default: the one transformers picks), e.g. sdpa, eager")
+        cmd.add_argument("--plan", default=None,
+                         help="a variable holding parallel plans for a family without its own "
+                              "({'tp': {...}, 'pp': {...}} in transformers' format)")
+        chat = cmd.add_mutually_exclusive_group()
+        chat.add_argument("--chat", action="store_true", default=None,
+                          help="each line is a user message through the chat template (default when the model has one)")
+        chat.add_argument("--no-chat", dest="chat", action="store_false", help="send each line as plain text")
+        cmd.add_argument("--system", default=None, help="a system message before each prompt (chat)")
+        cmd.add_argument("--temperature", type=argtype(check_temperature, "float", "--temperature"), default=None,
+                         help="sample at this temperature (default: greedy; 0 is greedy)")
+        cmd.add_argument("--top-k", type=argtype(check_top_k, "int", "--top-k"), default=None,
+                         help="sample from the k likeliest tokens")
+        cmd.add_argument("--top-p", type=argtype(check_top_p, "float", "--top-p"), default=None,
+                         help="sample from the likeliest tokens holding this probability mass")
+        cmd.add_argument("--repetition-penalty", type=argtype(check_repetition_penalty, "float", "--repetition-penalty"),
+                         default=None, help="penalize tokens already in the text (1: off)")
+        cmd.add_argument("--seed", type=argtype(check_seed, "int", "--seed"), default=None,
+                         help="seed of the sampling: the same seed gives the same texts on every layout")
+        cmd.add_argument("--stop", action="append", default=None, help="stop a prompt at this text (repeatable)")
+        cmd.add_argument("--ignore-eos", action="store_true",
+                         help="run every prompt to --max-new-tokens (benchmarks)")
+        cmd.add_argument("--prompts", default=None,
+                         help="take the prompts from this variable (a str, a list of str, or of chat message lists)")
         cmd.add_argument("-o", "--out", default="_mp", help="name for the result object (default _mp)")
         cmd.add_argument("--no-dashboard", action="store_true", help="no live dashboard for this cell")
     return parser
 
 
+def usage() -> str:
+    """``%mp?``: the commands, one line each, and where to find each one's options."""
+    lines = ["%mp COMMAND [options]  (line)  |  %%mp COMMAND [options]  (cell)", "", "Commands:"]
+    for name, help in argparse_compat.subcommand_help(build_parser()).items():
+        lines.append(f"  {name:<10} {help}")
+    lines += ["", "`%mp COMMAND --help` lists a command's options.", "", __doc__.split("\n\n", 1)[1]]
+    return "\n".join(lines)
+
+
+class HelpRequested(Exception):
+    """``--help`` was given: the text to print instead of running the command."""
+
+
 def parse(line: str, *, cell: bool) -> argparse.Namespace:
     """Parse a ``%mp`` line (``cell=False``) or the first line of a ``%%mp`` cell.
 
-    Returns the arguments, or raises UsageError with a one-line message.
+    Returns the arguments, or raises UsageError with a one-line message, or HelpRequested.
     """
     parser = build_parser()
+    if line.strip() in ("-h", "--help", "help"):
+        raise HelpRequested(usage())
     try:
         args = parser.parse_argstring(line)
     except UsageError as exc:  # argparse's message may quote the input, newlines and all
         raise UsageError(one_line(str(exc))) from None
     except ValueError as exc:  # e.g. an unbalanced quote
         raise UsageError(one_line(f"%mp {line.strip()}: {exc}")) from None
+    if getattr(args, "help", False):
+        raise HelpRequested(argparse_compat.subcommands(parser)[args.command].format_help())
     _check_single_values(parser, args)
     if cell and args.command in LINE_COMMANDS:
         raise UsageError(f"`%mp {args.command}` is a line command: write it as `%mp {args.command}`, without a cell body")
@@ -132,8 +193,11 @@ def _check_single_values(parser: argparse.ArgumentParser, args: argparse.Namespa
     # empty list instead of an error; an option that takes one value must hold one.
     command = argparse_compat.subcommands(parser).get(args.command, parser)
     for action in argparse_compat.actions(command):
-        if action.option_strings and action.nargs is None and isinstance(getattr(args, action.dest, None), list):
-            raise UsageError(f"argument {'/'.join(action.option_strings)}: expected one argument, got '--'")
+        value = getattr(args, action.dest, None)
+        if action.option_strings and action.nargs is None and isinstance(value, list):
+            # an append option holds a list of values; "--" gives it an empty list among them
+            if not argparse_compat.appends(action) or any(v == [] for v in value):
+                raise UsageError(f"argument {'/'.join(action.option_strings)}: expected one argument, got '--'")
 
 
 @magics_class
@@ -143,11 +207,15 @@ class MpMagics(Magics):
     def __init__(self, shell):
         super().__init__(shell)
         self.workbench: Workbench | None = None
-        self.standing = None  # mpbook.dashboard.Standing of `%mp dashboard`
+        self.standing = None  # mpbook.dashboard's standing dashboard of `%mp dashboard`
 
     @line_cell_magic
     def mp(self, line: str, cell: str | None = None):
-        args = parse(line, cell=cell is not None)
+        try:
+            args = parse(line, cell=cell is not None)
+        except HelpRequested as help:
+            print(help)
+            return None
         try:
             return getattr(self, f"_{args.command}")(args, cell)
         except NoClusterError as exc:
@@ -156,8 +224,13 @@ class MpMagics(Magics):
             if hasattr(exc, "failures"):  # a rank's error: keep its traceback
                 raise
             raise UsageError(one_line(str(exc))) from None
+        except KeyboardInterrupt:
+            # The engines were interrupted and the process group formed again: a short
+            # message, not a traceback through mpbook's waiting loop.
+            print("interrupted: the engines stopped and the cluster is ready for the next cell")
+            return None
 
-    mp.__doc__ = dedent(build_parser().format_help())
+    mp.__doc__ = usage()
 
     # ------------------------------------------------------------------ commands
     def _require(self, what: str) -> Workbench:
@@ -229,13 +302,22 @@ class MpMagics(Magics):
             prompts,
             strategy=args.command,
             model=args.model,
-            dp=args.dp,
-            pp=args.pp,
-            tp=args.tp,
+            dp=args.dp, pp=args.pp, tp=args.tp, ep=args.ep,
             microbatches=args.microbatches,
             max_new_tokens=args.max_new_tokens,
             dtype=args.dtype,
             stage_sizes=args.stages,
+            attention=args.attn,
+            plans=self._variable(args.plan, "--plan", dict) if args.plan else None,
+            chat=args.chat,
+            system=args.system,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            stop=args.stop,
+            ignore_eos=args.ignore_eos,
             dashboard=not args.no_dashboard,
         )
         self.shell.user_ns[args.out] = result
@@ -244,9 +326,17 @@ class MpMagics(Magics):
         print(result.summary())
         print(f"(the result is in `{args.out}`)")
 
-    _data = _pipeline = _tensor = _strategy
+    _data = _pipeline = _tensor = _expert = _strategy
 
-    def _prompts(self, args, cell: str) -> list[str]:
+    def _variable(self, name: str, flag: str, kind):
+        if name not in self.shell.user_ns:
+            raise MpbookError(f"{flag} {name}: no variable of that name in the notebook")
+        value = self.shell.user_ns[name]
+        if not isinstance(value, kind):
+            raise MpbookError(f"{flag} {name}: expected a {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    def _prompts(self, args, cell: str) -> list:
         lines = [line.strip() for line in (cell or "").splitlines() if line.strip()]
         if args.prompts is None:
             return lines
@@ -257,8 +347,11 @@ class MpMagics(Magics):
         value = self.shell.user_ns[args.prompts]
         if isinstance(value, str):
             return [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
-            raise MpbookError(f"--prompts {args.prompts}: expected a str or a list of str, got {type(value).__name__}")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(p, (str, list, tuple)) for p in value):
+            raise MpbookError(
+                f"--prompts {args.prompts}: expected a str, a list of str, or a list of chat message lists, "
+                f"got {type(value).__name__}"
+            )
         return list(value)
 
     def close(self) -> None:

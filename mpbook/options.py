@@ -192,3 +192,14 @@ def check_seed(value: Any) -> int | None:
     if not 0 <= value < 2**63:
         raise MpbookError(f"--seed {value}: use a whole number in 0..2**63-1")
     return value
+
+
+def check_stop(value: Any) -> tuple[str, ...]:
+    """``--stop`` strings: one str or several, none empty."""
+    if value is None:
+        return ()
+    strings = (value,) if isinstance(value, str) else tuple(value)
+    for text in strings:
+        if not isinstance(text, str) or not text:
+            raise MpbookError(f"--stop {text!r}: a stop string is some text, e.g. --stop '\\n\\n'")
+    return strings

@@ -28,7 +28,7 @@ class RunResult:
     max_new_tokens: int
     prompts: list[str]
     prompt_tokens: list[int]  # per prompt
-    token_ids: list[list[int]]  # per prompt: the generated ids (padding after end-of-sequence)
+    token_ids: list[list[int]]  # per prompt: the new ids, up to and including the finishing one
     texts: list[str]
     logits: list[Any] | None  # forward pass: one (prompt_len, vocab) float32 tensor per prompt
     prefill_seconds: float
@@ -42,6 +42,11 @@ class RunResult:
     load_seconds: list[float] = field(default_factory=list)
     device_type: str = "cpu"
     tensor_peak_bytes: list[int | None] = field(default_factory=list)  # with track_tensors=True
+    stop_reasons: list[str | None] = field(default_factory=list)  # per prompt: "eos", "stop" or "length"
+    token_times: list[list[float]] = field(default_factory=list)  # per prompt: seconds from the run's start
+    messages: list[Any] | None = None  # per prompt: the chat messages sent (with --chat), else None
+    sampling: Any = None  # mpbook.protocol.Sampling of the run
+    cell_seconds: float = 0.0  # the whole call as the client saw it: loading, run and transfer
 
     @property
     def engines(self) -> int:
@@ -52,10 +57,36 @@ class RunResult:
         return sum(self.prompt_tokens) / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
     def decode_tokens_per_s(self) -> float:
         # The first new token of each prompt comes out of the prefill; the decode makes the rest.
-        decoded = len(self.prompts) * max(self.max_new_tokens - 1, 0)
+        decoded = sum(max(len(t) - 1, 0) for t in self.token_ids)
         return decoded / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def ttft_s(self) -> list[float | None]:
+        """Per prompt: time to first token, from the start of the run on the engines (the
+        model loaded), as serving benchmarks count it from the request."""
+        return [times[0] if times else None for times in self.token_times]
+
+    def itl_s(self, q: float = 50) -> list[float | None]:
+        """Per prompt: the ``q``-th percentile of its inter-token latencies (gaps between
+        consecutive new tokens), e.g. ``itl_s(50)`` the median, ``itl_s(90)`` the p90."""
+        return [_percentile([b - a for a, b in zip(times, times[1:])], q) for times in self.token_times]
+
+    def latency_summary(self) -> str:
+        """TTFT and inter-token latency over the prompts (median and p90), in milliseconds."""
+        ttft = [t for t in self.ttft_s if t is not None]
+        gaps = [b - a for times in self.token_times for a, b in zip(times, times[1:])]
+        if not ttft:
+            return ""
+        parts = [f"TTFT median {_percentile(ttft, 50) * 1e3:.0f} ms p90 {_percentile(ttft, 90) * 1e3:.0f} ms"]
+        if gaps:
+            parts.append(f"ITL median {_percentile(gaps, 50) * 1e3:.1f} ms p90 {_percentile(gaps, 90) * 1e3:.1f} ms")
+        return ", ".join(parts)
 
     def total_collectives(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -68,11 +99,41 @@ class RunResult:
     def summary(self) -> str:
         peak = ", ".join(format_bytes(b) for b in self.peak_memory_bytes)
         comm = ", ".join(f"{k} {v}" for k, v in sorted(self.total_collectives().items())) or "none"
-        return (
-            f"{self.strategy} ({self.layout}) on {self.engines} engine{'s' if self.engines != 1 else ''}: "
-            f"prefill {self.prefill_tokens_per_s:,.0f} tok/s, decode {self.decode_tokens_per_s:,.1f} tok/s; "
-            f"peak memory per rank [{peak}]; collectives: {comm}"
-        )
+        head = f"{self.strategy} ({self.layout}) on {self.engines} engine{'s' if self.engines != 1 else ''}"
+        parts = []
+        if self.max_new_tokens:
+            ended = {}
+            for reason in self.stop_reasons:
+                ended[reason] = ended.get(reason, 0) + 1
+            why = ", ".join(f"{n} by {r}" for r, n in sorted(ended.items(), key=lambda kv: str(kv[0])) if r)
+            parts.append(f"{self.new_tokens} new tokens ({why})" if why else f"{self.new_tokens} new tokens")
+            parts.append(f"prefill {self.prefill_tokens_per_s:,.0f} tok/s, decode {self.decode_tokens_per_s:,.1f} tok/s")
+            latency = self.latency_summary()
+            if latency:
+                parts.append(latency)
+        else:
+            parts.append(f"forward pass, {self.prefill_tokens_per_s:,.0f} tok/s")
+        parts.append(f"peak memory per rank [{peak}]")
+        parts.append(f"collectives: {comm}")
+        if self.max_new_tokens:
+            parts.append(self._how_chosen())
+        if self.messages is not None:
+            parts.append("chat template applied (--no-chat for plain text)")
+        return f"{head}: " + "; ".join(parts)
+
+    def _how_chosen(self) -> str:
+        s = self.sampling
+        if s is None or not s.do_sample:
+            penalty = f", repetition penalty {s.repetition_penalty:g}" if s is not None and s.repetition_penalty != 1 else ""
+            return "greedy" + penalty
+        knobs = [f"temperature {s.temperature:g}"]
+        if s.top_k:
+            knobs.append(f"top-k {s.top_k}")
+        if s.top_p < 1:
+            knobs.append(f"top-p {s.top_p:g}")
+        if s.repetition_penalty != 1:
+            knobs.append(f"repetition penalty {s.repetition_penalty:g}")
+        return f"sampled ({', '.join(knobs)}, seed {s.seed})"
 
     def record(self) -> dict[str, Any]:
         """The benchmark record of this run (JSON-ready)."""
@@ -87,6 +148,10 @@ class RunResult:
             "dtype": self.dtype,
             "prompt_tokens": sum(self.prompt_tokens),
             "new_tokens": self.max_new_tokens,
+            "generated_tokens": self.new_tokens,
+            "ttft_s": list(self.ttft_s),
+            "itl_median_s": self.itl_s(50),
+            "itl_p90_s": self.itl_s(90),
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_tokens_per_s": self.decode_tokens_per_s,
             "peak_memory_bytes": list(self.peak_memory_bytes),
@@ -128,6 +193,17 @@ class RunResult:
         printer.text(self.summary())
 
 
+def _percentile(values: list[float], q: float) -> float | None:
+    """numpy's default (linear) percentile, as vLLM's serving benchmark reports them."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 def merge(
     outputs, *, strategy: str, request, prompts: list[str], tokenizer, prompt_tokens: list[int], device_type: str,
 ) -> RunResult:
@@ -137,6 +213,8 @@ def merge(
     n = len(prompts)
     token_ids: list[list[int] | None] = [None] * n
     logits: list[Any] = [None] * n
+    times: list[list[float]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
     for out in outputs:
         if not out.reports_tokens:
             continue
@@ -145,6 +223,11 @@ def merge(
                 token_ids[index] = out.tokens[offset]
             if out.logits is not None:
                 logits[index] = out.logits[offset]
+            if out.token_times is not None:
+                # on the reporting rank's clock, from its run's start (as TTFT counts)
+                times[index] = list(out.token_times[offset])
+            if out.stop_reasons is not None:
+                reasons[index] = out.stop_reasons[offset]
     origin = min(out.started for out in outputs)
     timeline = sorted(
         (
@@ -179,4 +262,7 @@ def merge(
         load_seconds=[out.load_seconds for out in outputs],
         device_type=device_type,
         tensor_peak_bytes=[out.tensor_peak_bytes for out in outputs],
+        stop_reasons=reasons if request.max_new_tokens else [],
+        token_times=times if request.max_new_tokens else [],
+        sampling=request.sampling,
     )

@@ -18,42 +18,148 @@ from .engine import decode as engine_side
 from .errors import MpbookError, RankError
 from .layout import DIMS, Layout
 from .options import (
-    check_degree, check_dtype, check_max_new_tokens, check_microbatches, check_stage_sizes,
+    check_degree, check_dtype, check_max_new_tokens, check_microbatches, check_repetition_penalty, check_seed,
+    check_stage_sizes, check_stop, check_temperature, check_top_k, check_top_p,
 )
 from .parallel.data import replica_rows
 from .parallel.pipeline import split_layers
 from .parallel.tensor import validate_tp
-from .protocol import Request, Stopping
+from .protocol import Request, Sampling, Stopping
 from .results import RunResult, merge
 
 if TYPE_CHECKING:
     from .cluster import Calls, Cluster
     from .cluster.calls import Follow
 
-STRATEGIES = ("data", "pipeline", "tensor")
+STRATEGIES = ("data", "pipeline", "tensor", "expert")
 OWN_DIM = {"data": "dp", "pipeline": "pp", "tensor": "tp", "expert": "ep"}
 
 
 @dataclass
 class ModelInfo:
-    """What the client knows of a model, resolved once: its folder, config and tokenizer."""
+    """What the client knows of a model, resolved once: its folder, config, tokenizer and
+    end-of-sequence ids (the generation config's, else the model config's)."""
 
     name: str
     folder: Any
     config: Any
     tokenizer: Any
+    eos_token_ids: tuple[int, ...] = ()
 
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
+    @classmethod
+    def load(cls, name: str) -> ModelInfo:
         from transformers import GenerationConfig
 
+        from . import models
+
+        folder = models.resolve(name)
+        config = models.load_config(folder)
         try:
-            eos = GenerationConfig.from_pretrained(self.folder).eos_token_id
+            eos = GenerationConfig.from_pretrained(folder).eos_token_id
         except OSError:  # no generation_config.json: the model config says
             eos = None
         if eos is None:
-            eos = getattr(self.config, "eos_token_id", None)
-        return tuple([eos] if isinstance(eos, int) else list(eos or []))
+            eos = getattr(config, "eos_token_id", None)
+        eos_ids = tuple([eos] if isinstance(eos, int) else list(eos or []))
+        return cls(name, folder, config, models.load_tokenizer(folder), eos_ids)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    """The prompts as the engines get them, and as the cell shows them."""
+
+    input_ids: tuple[tuple[int, ...], ...]
+    shown: list[str]  # what the printout shows of each prompt: the user's line, not the template
+    messages: list[list[dict]] | None  # the chat messages of each prompt, with the chat template
+
+
+def encode_prompts(tokenizer, prompts: Sequence, *, chat: bool | None = None, system: str | None = None) -> EncodedPrompts:
+    """Token ids of each prompt: the text as it is, or (chat) the user's message, after an
+    optional system message, through the tokenizer's chat template with the assistant's turn
+    opened (``add_generation_prompt=True``).
+
+    ``chat=None`` (the default) applies the template when the tokenizer has one: an instruct
+    model answers end-of-turn at once to a prompt without its template. A prompt may also be
+    a list of messages ({"role", "content"} dicts), which always goes through the template.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    listed = [p for p in prompts if not isinstance(p, str)]
+    if chat is False and listed:
+        raise MpbookError("--no-chat: the prompts include message lists, which need the chat template; leave out --no-chat")
+    use_chat = has_template if chat is None else chat
+    if (use_chat or listed) and not has_template:
+        what = "--chat" if chat else "a prompt given as a list of messages"
+        raise MpbookError(
+            f"{what}: this model's tokenizer has no chat template; give plain prompts (--no-chat) "
+            "or use an instruct model that ships one"
+        )
+    if system is not None and not (use_chat or listed):
+        raise MpbookError("--system: a system message needs the chat template; leave out --no-chat")
+    if not (use_chat or listed):
+        return EncodedPrompts(tuple(tuple(ids) for ids in tokenizer(list(prompts))["input_ids"]), list(prompts), None)
+    messages = []
+    for i, prompt in enumerate(prompts):
+        turn = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _checked_messages(i, prompt)
+        if system is not None and turn[0]["role"] != "system":
+            turn = [{"role": "system", "content": system}, *turn]
+        messages.append(turn)
+    ids = tuple(
+        tuple(tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=False))
+        for turn in messages
+    )
+    shown = [p if isinstance(p, str) else _last_user_line(p) for p in prompts]
+    return EncodedPrompts(ids, shown, messages)
+
+
+def _checked_messages(index: int, messages) -> list[dict]:
+    ok = isinstance(messages, (list, tuple)) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+    if not ok:
+        raise MpbookError(
+            f"prompt {index}: give a str, or a list of messages like "
+            "[{'role': 'user', 'content': 'Hi'}]"
+        )
+    return [dict(m) for m in messages]
+
+
+def _last_user_line(messages) -> str:
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return users[-1] if users else str(messages[-1].get("content", ""))
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a dashboard following a run is told before it starts."""
+
+    strategy: str
+    layout: Layout
+    prompts: list[str]  # as the cell shows them
+    max_new_tokens: int
+    decode: Any  # token ids -> text
+
+
+def choose_sampling(*, temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=None) -> Sampling:
+    """Greedy unless a temperature, top-k or top-p is given (``temperature=0`` is greedy, as
+    in vLLM); the options left out are off (not transformers' fallback of top_k=50). A
+    sampled run without a seed gets a random one, kept in the result so it can be rerun."""
+    temperature = None if temperature is None else check_temperature(temperature)
+    top_k = None if top_k is None else check_top_k(top_k)
+    top_p = None if top_p is None else check_top_p(top_p)
+    penalty = 1.0 if repetition_penalty is None else check_repetition_penalty(repetition_penalty)
+    seed = check_seed(seed)
+    sample = any(v is not None for v in (temperature, top_k, top_p)) and temperature != 0
+    if not sample:
+        return Sampling(repetition_penalty=penalty, seed=seed)
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbits(32)
+    return Sampling(temperature=temperature if temperature is not None else 1.0, top_k=top_k or 0,
+                    top_p=top_p if top_p is not None else 1.0, repetition_penalty=penalty, seed=seed, do_sample=True)
 
 
 def choose_layout(strategy: str, engines: int, **given: int | None) -> Layout:
@@ -81,11 +187,14 @@ def choose_layout(strategy: str, engines: int, **given: int | None) -> Layout:
     return layout
 
 
-def check_prompts(prompts: Sequence[str]) -> None:
-    """Something to tokenize: at least one prompt, none of them empty."""
+def check_prompts(prompts: Sequence) -> None:
+    """Something to tokenize: at least one prompt, none of them empty (a prompt is a str or
+    a list of chat messages)."""
     if not prompts:
         raise MpbookError("no prompts: write one prompt per line in the cell, or pass --prompts VARIABLE")
     for i, p in enumerate(prompts):
+        if isinstance(p, (list, tuple)) and p:
+            continue
         if not isinstance(p, str) or not p.strip():
             raise MpbookError(f"prompt {i} is empty; every prompt needs at least one token")
 
@@ -142,15 +251,12 @@ class Session:
         """Resolve ``name`` once: its folder, config and tokenizer (padding on the left)."""
         key = str(name)
         if key not in self.models:
-            from . import models
-
-            folder = models.resolve(key)
-            self.models[key] = ModelInfo(key, folder, models.load_config(folder), models.load_tokenizer(folder))
+            self.models[key] = ModelInfo.load(key)
         return self.models[key]
 
     def generate(
         self,
-        prompts: Sequence[str] | str,
+        prompts: Sequence | str,
         *,
         strategy: str,
         model: str = "tiny",
@@ -162,10 +268,35 @@ class Session:
         max_new_tokens: int = 32,
         dtype: str = "float32",
         stage_sizes: Sequence[int] | None = None,
+        attention: str | None = None,
+        plans: dict | None = None,
+        chat: bool | None = None,
+        system: str | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+        ignore_eos: bool = False,
+        stream: bool = True,
         track_tensors: bool = False,
         follow: Follow | None = None,
     ) -> RunResult:
-        """Generate (or, with ``max_new_tokens=0``, run a forward pass) with one layout."""
+        """Generate (or, with ``max_new_tokens=0``, run a forward pass) with one layout.
+
+        Prompts: a str, or a list of str or of chat message lists. ``chat``: None (default)
+        applies the tokenizer's chat template when it has one, True requires it, False sends
+        the text as it is; ``system`` adds a system message. Greedy by default; a
+        ``temperature``, ``top_k`` or ``top_p`` samples (transformers' semantics; each off
+        unless given), reproducibly per prompt from ``seed`` (a random one if not given,
+        kept in the result). Generation stops when every row has produced end-of-sequence
+        (the model's generation config) or one of the ``stop`` strings, or at
+        ``max_new_tokens``; ``ignore_eos`` runs every row to the cap (benchmarks).
+        """
+        import time
+
+        began = time.perf_counter()
         if isinstance(prompts, str):
             prompts = [prompts]
         cluster = self.cluster
@@ -174,23 +305,29 @@ class Session:
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         microbatches = check_microbatches(microbatches)
         stage_sizes = check_stage_sizes(stage_sizes)
+        sampling = choose_sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+                                   repetition_penalty=repetition_penalty, seed=seed)
+        stop_strings = check_stop(stop)
         check_prompts(prompts)
         info = self.model(model)
-        tokenizer = info.tokenizer
-        # Tokenized once here: the checks, the memory plan and the result all need the lengths.
-        input_ids = tuple(tuple(ids) for ids in tokenizer(list(prompts))["input_ids"])
-        prompt_tokens = [len(ids) for ids in input_ids]
+        encoded = encode_prompts(info.tokenizer, prompts, chat=chat, system=system)
+        prompt_tokens = [len(ids) for ids in encoded.input_ids]
         request = Request(
             model=str(model),
             layout=layout,
-            input_ids=input_ids,
+            input_ids=encoded.input_ids,
             max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=info.tokenizer.pad_token_id,
             microbatches=microbatches,
             dtype=dtype,
             stage_sizes=stage_sizes,
-            stopping=Stopping(max_new_tokens=max_new_tokens, eos_token_ids=info.eos_token_ids),
+            attention=attention,
+            plans=plans,
+            sampling=sampling,
+            stopping=Stopping(max_new_tokens=max_new_tokens, eos_token_ids=info.eos_token_ids,
+                              stop_strings=stop_strings, ignore_eos=bool(ignore_eos)),
             track_tensors=track_tensors,
+            stream=stream,
         )
         check_request(request, strategy=strategy, config=info.config, prompt_tokens=prompt_tokens)
         self.check_memory(request, config=info.config, prompt_len=max(prompt_tokens))
@@ -199,6 +336,10 @@ class Session:
                 self._bf16 = self.calls.apply(_bf16_supported, ranks=[0], stream=False, what="checking the dtype")[0]
             if not self._bf16:
                 raise MpbookError("--dtype bfloat16: these GPUs do not support it; use float16 or float32")
+        describe = getattr(follow, "describe_run", None)
+        if describe is not None:
+            describe(RunInfo(strategy=strategy, layout=layout, prompts=encoded.shown, max_new_tokens=max_new_tokens,
+                             decode=lambda ids: info.tokenizer.decode(ids, skip_special_tokens=True)))
         try:
             outputs = self.calls.apply(engine_side.run, request, what=f"the {strategy} run", follow=follow)
         except RankError as exc:
@@ -213,10 +354,16 @@ class Session:
             dataclasses.replace(e, memory_free_bytes=o.memory_free_bytes, model_bytes=o.weight_bytes)
             for e, o in zip(cluster.engines, outputs)
         ]
-        return merge(
-            outputs, strategy=strategy, request=request, prompts=list(prompts), tokenizer=tokenizer,
+        result = merge(
+            outputs, strategy=strategy, request=request, prompts=encoded.shown, tokenizer=info.tokenizer,
             prompt_tokens=prompt_tokens, device_type=cluster.device_type,
         )
+        result.messages = encoded.messages
+        result.cell_seconds = time.perf_counter() - began
+        show = getattr(follow, "show_result", None)
+        if show is not None:
+            show(result)
+        return result
 
     def check_memory(self, request: Request, *, config, prompt_len: int) -> None:
         """Ask the planner whether every rank fits its device before anything loads; if not,

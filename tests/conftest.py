@@ -72,10 +72,10 @@ def qwen2_folder(tmp_path_factory):
     from transformers import Qwen2Config
 
     from mpbook.models import save_random
+    from mpbook.models.tokenizer import TOKENIZER_IDS
 
     config = Qwen2Config(
-        vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        pad_token_id=256, bos_token_id=257, eos_token_id=258,
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **TOKENIZER_IDS,
     )
     return str(save_random(config, tmp_path_factory.mktemp("tiny-qwen2"), seed=2))

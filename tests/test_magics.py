@@ -114,10 +114,10 @@ def test_strategy_cells_generate_and_store_the_result(shell, capsys, tiny_folder
     assert result.success, result.error_in_exec
     out = capsys.readouterr().out
     assert "[0] Explain pipeline parallelism." in out and "[1] Hi" in out
-    assert "tensor (dp=1 x pp=1 x tp=2) on 2 engines: prefill" in out
+    assert "tensor (dp=1 x pp=1 x tp=2) on 2 engines: " in out and "decode" in out
     mp = shell.user_ns["_mp"]
     _, tokens = reference(tiny_folder, ["Explain pipeline parallelism.", "Hi"], max_new_tokens=5)
-    assert [t[: len(w)] for t, w in zip(mp.token_ids, tokens)] == tokens
+    assert mp.token_ids == tokens
     assert mp.collectives[0]["all_reduce"] > 0
 
     shell.user_ns["questions"] = ["What is a micro-batch?", "Why a bubble?", "a", "b"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mpbook import MpbookError, Workbench
+from mpbook.models.tokenizer import TOKENIZER_IDS
 from mpbook.reference import reference
 
 # Different lengths on purpose: left padding and positions must be right for every row.
@@ -35,10 +36,8 @@ def assert_matches_one_device(result, expected_logits, expected_tokens):
         for got, want in zip(result.logits, expected_logits):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     if expected_tokens is not None:
-        for got, want in zip(result.token_ids, expected_tokens):
-            # transformers stops a batch early once every row has ended; finished rows pad.
-            assert got[: len(want)] == want
-            assert len(got) == NEW_TOKENS
+        # each prompt's tokens up to and including its finishing one, on both sides
+        assert result.token_ids == expected_tokens
 
 
 @pytest.mark.parametrize(
@@ -215,8 +214,7 @@ def gpt2_folder(tmp_path_factory):
 
     from mpbook.models import save_random
 
-    config = GPT2Config(vocab_size=259, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                        bos_token_id=257, eos_token_id=258, pad_token_id=256)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **TOKENIZER_IDS)
     return str(save_random(config, tmp_path_factory.mktemp("tiny-gpt2"), seed=4))
 
 
@@ -255,7 +253,7 @@ def huge_config_folder(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("huge-config")
     LlamaConfig(
-        vocab_size=259, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        vocab_size=TOKENIZER_IDS["vocab_size"], hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
         num_key_value_heads=8, max_position_embeddings=4096,
     ).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)

@@ -32,6 +32,11 @@ def actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return list(parser._actions)
 
 
+def appends(action: argparse.Action) -> bool:
+    """Whether ``action`` collects its values in a list (``action="append"``)."""
+    return isinstance(action, argparse._AppendAction)
+
+
 def verify() -> None:
     import sys
 
@@ -39,6 +44,8 @@ def verify() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("x", help="the x command").add_argument("--y")
+    if not appends(parser._actions[-1].choices["x"]._actions[0]) and not hasattr(argparse, "_AppendAction"):
+        problems.append("argparse._AppendAction is gone")
     if not hasattr(argparse, "_SubParsersAction"):
         problems.append("argparse._SubParsersAction is gone")
     elif subcommands(parser).keys() != {"x"}:

@@ -1,22 +1,40 @@
 """Engine side of a run: one rank's share of the prompts through its part of the model.
 
 Every rank runs the same loop. A rank holds one pipeline stage (all layers when pp=1),
-tensor-parallel over its tp group when tp>1, and serves the prompts of its dp replica.
-Within a replica the prompts are cut into micro-batches that flow through the stages in
-GPipe fill-drain order, in the prefill and in every decode step; each micro-batch keeps its
-own KV cache on every stage.
+tensor-parallel over its tp group when tp>1, and serves the prompts of its dp replica. The
+replica's prompts are cut into micro-batches that flow through the stages in GPipe
+fill-drain order (:func:`mpbook.parallel.pipeline.fill_drain`), in the prefill and in every
+decode step; each micro-batch keeps its own KV cache on every stage.
+
+The loop has small named parts, after gpt-fast: :func:`prefill` (every prompt token, the
+first new token), :func:`decode_one_token` (one micro-batch one step further),
+:func:`decode_n_tokens` (steps until every micro-batch has finished or the cap).
+
+Who knows what, so that every rank agrees when a micro-batch ends without extra messages:
+the last stage chooses each row's token (:mod:`mpbook.engine.choice`) and sees its own
+stop test; with more than one stage it sends the tokens to the first stage (as it must, to
+embed them), which runs the same stop test on the same tokens; the stages between learn it
+from the one-element header of the activation they receive. Tokens are chosen on one rank
+of the last stage and broadcast to the others of its (ep, tp) group, except in greedy runs
+without expert parallel, where every rank of that group holds the same logits (or the same
+all-gathered maxima of a vocab-parallel head) and so chooses the same token by itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..compat.torch import TensorPeak
 from ..parallel.data import replica_rows
+from ..parallel.pipeline import fill_drain
 from ..protocol import RankOutput, Request
 from ..units import split_evenly
+from .choice import Stopper, TokenChooser, stop_string_criteria
 from .runner import Runner, _out_of_memory_reported, _prepare
+from .stream import TokenStream
 
 
 class StepClock:
@@ -59,6 +77,335 @@ class StepClock:
         self.steps.clear()
 
 
+@dataclass
+class MicroBatch:
+    """One micro-batch of this rank's replica, as this rank sees it."""
+
+    index: int
+    prompts: list[int]  # each row's index in the request
+    mask: Any  # attention mask, grown by one column per step
+    positions: Any  # of the next input tokens
+    cache: Any  # this stage's KV cache of these rows
+    ids: Any = None  # the prompt ids (first stage: the input; last stage: the repetition penalty)
+    chooser: TokenChooser | None = None  # last stage
+    stopper: Stopper | None = None  # first and last stages
+    next_tokens: Any = None  # last chosen (first stage: what it embeds next)
+    generated: list = field(default_factory=list)  # per step: the rows' tokens (choosing rank)
+    logits: list = field(default_factory=list)  # forward pass: per row (prompt_len, vocab)
+    alive: bool = True
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class Run:
+    """What the parts of the loop share during one run on this rank."""
+
+    runner: Runner
+    request: Request
+    telemetry: Any
+    clock: StepClock
+    stream: TokenStream | None
+    reports: bool  # this rank chooses (and reports) its replica's tokens
+    stage_group: Any  # the last stage's (ep, tp) group, or None when it is this rank alone
+    chooser_rank: int  # global rank that chooses tokens for this replica
+    independent: bool  # every rank of the last stage chooses the same token by itself
+
+    @property
+    def peers(self):
+        return self.runner.peers
+
+    @property
+    def generate(self) -> bool:
+        return self.request.max_new_tokens > 0
+
+
+def run(state, request: Request) -> RankOutput:
+    """Prefill (and decode, unless ``max_new_tokens`` is 0) this rank's share of the prompts."""
+    with _out_of_memory_reported(state):
+        return _run(state, request)
+
+
+def _run(state, request: Request) -> RankOutput:
+    import torch
+
+    loaded = _prepare(state, request)
+    runner: Runner = state.cache["runner"]
+    tel = state.telemetry
+    layout, coords, peers = request.layout, runner.coords, runner.peers
+    rows = replica_rows(len(request.input_ids), layout.dp, coords.dp)
+    reports = peers.last and coords.tp == 0 and coords.ep == 0
+    # Groups are made by every rank at the same point of every run (dist.new_group is a
+    # collective step), before a replica without prompts returns.
+    stage_ranks = layout.group_ranks(("ep", "tp"), state.rank)
+    stage_group = runner_mesh(state, layout).group("ep", "tp") if len(stage_ranks) > 1 else None
+    common = dict(
+        rank=state.rank, coords=coords, stage=coords.pp, rows=rows, reports_tokens=reports,
+        weight_bytes=runner.weight_bytes, load_seconds=loaded["load_seconds"],
+    )
+    if not rows:  # more replicas than prompts: this replica has nothing to do
+        with tel.run() as stats:
+            pass
+        return RankOutput(**common, tokens=[] if reports else None, logits=None, prompt_tokens=0, new_tokens=0,
+                          started=stats.started, phase_seconds={}, collectives={}, collective_seconds=0.0,
+                          events=[], peak_memory_bytes=stats.peak_memory_bytes, kv_cache_bytes=0,
+                          memory_free_bytes=free_memory_bytes(runner.device))
+
+    sampling = request.sampling
+    greedy = not sampling.do_sample and sampling.repetition_penalty == 1.0
+    microbatches = make_microbatches(state, runner, request, rows, reports)
+    tracker = contextlib.nullcontext()
+    if request.track_tensors:
+        tracker = TensorPeak(runner.stage, *(mb.mask for mb in microbatches), *(mb.ids for mb in microbatches))
+    with torch.inference_mode(), tel.run() as stats, tracker:
+        ctx = Run(
+            runner=runner, request=request, telemetry=tel, clock=StepClock(runner.device),
+            stream=TokenStream([p for mb in microbatches for p in mb.prompts], started=stats.started)
+            if reports and request.stream and request.max_new_tokens else None,
+            reports=reports, stage_group=stage_group, chooser_rank=stage_ranks[0],
+            independent=greedy and layout.ep == 1,
+        )
+        tel.stream = ctx.stream
+        try:
+            prefill(ctx, microbatches)
+            if ctx.generate:
+                decode_n_tokens(ctx, microbatches)
+            if runner.device.type == "cuda":
+                torch.cuda.synchronize(runner.device)
+            ctx.clock.report(tel)
+        finally:
+            tel.stream = None
+
+    kv_bytes = sum(
+        t.numel() * t.element_size()
+        for mb in microbatches
+        for layer in mb.cache.layers
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if t is not None
+    )
+    tel.note_memory("kv_cache", kv_bytes)
+    tokens = times = reasons = None
+    if reports and ctx.generate:
+        tokens = [ctx.stream.tokens[p] if ctx.stream else [] for mb in microbatches for p in mb.prompts]
+        times = [ctx.stream.times[p] if ctx.stream else [] for mb in microbatches for p in mb.prompts]
+        reasons = [reason for mb in microbatches for reason in mb.stopper.reasons]
+        if ctx.stream is None:  # streaming off: the same tokens from the steps kept
+            tokens = [own_tokens(mb, r) for mb in microbatches for r in range(mb.rows)]
+    return RankOutput(
+        **common,
+        tokens=tokens,
+        logits=[row for mb in microbatches for row in mb.logits] if reports and not ctx.generate else None,
+        prompt_tokens=sum(len(request.input_ids[p]) for p in rows),
+        new_tokens=sum(len(t) for t in tokens) if tokens else 0,
+        started=stats.started,
+        phase_seconds=dict(stats.phase_seconds),
+        collectives={kind: n for kind, n in stats.collectives.items() if n},
+        collective_seconds=stats.collective_seconds,
+        events=list(stats.events),
+        peak_memory_bytes=stats.peak_memory_bytes,
+        kv_cache_bytes=kv_bytes,
+        tensor_peak_bytes=tracker.bytes if request.track_tensors else None,
+        memory_free_bytes=free_memory_bytes(runner.device),
+        token_times=times,
+        stop_reasons=reasons,
+    )
+
+
+def make_microbatches(state, runner: Runner, request: Request, rows: range, reports: bool) -> list[MicroBatch]:
+    """This replica's prompts cut into micro-batches, each left-padded to its own longest prompt."""
+    peers = runner.peers
+    criteria = None
+    if request.stopping.stop_strings and request.max_new_tokens and (peers.first or peers.last):
+        criteria = stop_criteria(state, request)
+    out = []
+    for j, part in enumerate(split_evenly(len(rows), request.microbatches)):
+        prompts = [rows[i] for i in part]
+        ids, mask = left_padded([request.input_ids[p] for p in prompts], request.pad_token_id, runner.device)
+        # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        mb = MicroBatch(index=j, prompts=prompts, mask=mask, positions=positions, cache=runner.new_cache(), ids=ids)
+        if request.max_new_tokens and (peers.first or peers.last):
+            mb.stopper = Stopper(request.stopping, pad_id=request.pad_token_id, prompt_ids=ids, attention_mask=mask,
+                                 criteria=criteria)
+        if request.max_new_tokens and peers.last:
+            mb.chooser = TokenChooser(request.sampling, prompt_indices=prompts, prompt_ids=ids, attention_mask=mask,
+                                      vocab_size=runner.vocab_size)
+        out.append(mb)
+    return out
+
+
+# --------------------------------------------------------------------------- the parts
+def prefill(ctx: Run, microbatches: list[MicroBatch]) -> None:
+    """Every prompt token of every micro-batch through this stage, in fill-drain order; the
+    last stage chooses each row's first new token (or, for a forward pass, keeps the logits)."""
+    runner, peers, tel = ctx.runner, ctx.peers, ctx.telemetry
+    tel.set_phase("prefill")
+
+    def work(mb: MicroBatch) -> None:
+        width = mb.mask.shape[1]
+        x = mb.ids if peers.first else peers.recv_activation((mb.rows, width, runner.hidden_size), runner.dtype,
+                                                             runner.device)
+        began = ctx.clock.now()
+        out = runner.forward(x, mb.mask, mb.positions, mb.cache, all_logits=not ctx.generate)
+        if not peers.last:
+            peers.send_activation(out)
+        ctx.clock.record(peers.stage, mb.index, "prefill", began)
+        tel.add_tokens("prefill", int(mb.mask.sum()))
+        if not peers.last:
+            return
+        if ctx.generate:
+            take_tokens(ctx, mb, out[:, -1, :], more=ctx.request.max_new_tokens > 1)
+        else:
+            keep_logits(ctx, mb, out)
+
+    fill_drain(microbatches, work, peers)
+    if runner.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(runner.device)  # the prefill's time is the device's, not the launches'
+
+
+def decode_one_token(ctx: Run, mb: MicroBatch, step: int) -> None:
+    """Micro-batch ``mb`` one token further on this stage (step ``step`` of the decode)."""
+    import torch
+
+    runner, peers, tel = ctx.runner, ctx.peers, ctx.telemetry
+    if peers.first:
+        if not peers.last:
+            # The last stage's choice for this micro-batch; the first stage runs the same
+            # stop test on it, so both know whether the micro-batch goes on.
+            mb.next_tokens = mb.stopper.update(peers.recv_tokens(mb.rows, runner.device))
+        if mb.stopper.all_finished:
+            end_microbatch(ctx, mb)
+            return
+        x = mb.next_tokens[:, None]
+    else:
+        x = peers.recv_step(mb.rows, runner.hidden_size, runner.dtype, runner.device)
+        if x is None:  # the stages before have ended this micro-batch
+            end_microbatch(ctx, mb)
+            return
+    mb.mask = torch.cat([mb.mask, mb.mask.new_ones(mb.rows, 1)], dim=1)
+    mb.positions = mb.positions[:, -1:] + 1
+    began = ctx.clock.now()
+    out = runner.forward(x, mb.mask, mb.positions, mb.cache, all_logits=False)
+    if not peers.last:
+        peers.send_step(out, rows=mb.rows, hidden=runner.hidden_size, dtype=runner.dtype, device=runner.device)
+    ctx.clock.record(peers.stage, mb.index, "decode", began)
+    if peers.last:
+        active = int((~mb.stopper.finished).sum())
+        take_tokens(ctx, mb, out[:, -1, :], more=step < ctx.request.max_new_tokens - 1)
+        tel.add_tokens("decode", active)
+
+
+def decode_n_tokens(ctx: Run, microbatches: list[MicroBatch]) -> None:
+    """Decode steps until every micro-batch has finished or the cap: one fill-drain pass per
+    step over the micro-batches still going."""
+    ctx.telemetry.set_phase("decode")
+    for step in range(1, ctx.request.max_new_tokens):
+        going = [mb for mb in microbatches if mb.alive]
+        if not going:
+            break
+        fill_drain(going, lambda mb, step=step: decode_one_token(ctx, mb, step), ctx.peers)
+
+
+def end_microbatch(ctx: Run, mb: MicroBatch) -> None:
+    """Every row of ``mb`` has finished: tell the next stage (in place of the activation)."""
+    mb.alive = False
+    runner, peers = ctx.runner, ctx.peers
+    if not peers.last:
+        peers.send_step(None, rows=mb.rows, hidden=runner.hidden_size, dtype=runner.dtype, device=runner.device)
+
+
+# --------------------------------------------------------------------------- token choice
+def take_tokens(ctx: Run, mb: MicroBatch, logits, *, more: bool) -> None:
+    """On the last stage: choose the rows' next tokens, apply the stop test, stream them, and
+    hand them to the first stage when another step follows."""
+    active = (~mb.stopper.finished).tolist()
+    tokens = mb.stopper.update(choose(ctx, mb, logits))
+    mb.chooser.update(tokens)
+    mb.next_tokens = tokens
+    if ctx.reports:
+        mb.generated.append(tokens)
+        if ctx.stream is not None:
+            ctx.stream.add(mb.prompts, tokens.tolist(), active)
+    if more and not ctx.peers.first:
+        ctx.peers.send_tokens(tokens)
+
+
+def choose(ctx: Run, mb: MicroBatch, logits):
+    """One token per row from this stage's logits (a vocabulary slice when the head is
+    vocab-parallel), the same on every rank of the last stage's (ep, tp) group."""
+    import torch
+    import torch.distributed as dist
+
+    runner, tel = ctx.runner, ctx.telemetry
+    vocab = runner.vocab
+    if ctx.independent:
+        if vocab is None:
+            return mb.chooser.choose(logits)
+        from ..parallel.vocab import greedy_tokens  # an all-gather of each slice's (max, index)
+
+        with tel.timed_collective("all_gather"):
+            return greedy_tokens(logits, vocab)
+    if vocab is not None:
+        from ..parallel.vocab import gather_logits  # the whole vocabulary on the choosing rank only
+
+        with tel.timed_collective("gather"):
+            logits = gather_logits(logits, vocab)  # None on all but the tp group's first rank
+    if ctx.stage_group is None:
+        return mb.chooser.choose(logits)
+    # One rank chooses; the others receive its tokens (never sample separately per rank).
+    tokens = mb.chooser.choose(logits) if dist.get_rank() == ctx.chooser_rank else torch.empty(
+        mb.rows, dtype=torch.long, device=runner.device)
+    with tel.timed_collective("broadcast"):
+        dist.broadcast(tokens, src=ctx.chooser_rank, group=ctx.stage_group)
+    return tokens
+
+
+def keep_logits(ctx: Run, mb: MicroBatch, logits) -> None:
+    """A forward pass: each row's logits over its own (unpadded) positions, on the reporting rank."""
+    vocab = ctx.runner.vocab
+    if vocab is not None:
+        from ..parallel.vocab import gather_logits
+
+        with ctx.telemetry.timed_collective("gather"):
+            logits = gather_logits(logits, vocab)  # None on all but the tp group's first rank
+    if ctx.reports:
+        for r in range(mb.rows):
+            mb.logits.append(logits[r, -int(mb.mask[r].sum()):].float().cpu())
+
+
+# --------------------------------------------------------------------------- helpers
+def own_tokens(mb: MicroBatch, row: int) -> list[int]:
+    """Row ``row``'s new tokens up to and including its finishing one (no padding after it)."""
+    steps = [int(step[row]) for step in mb.generated]
+    return steps[: int(mb.stopper.lengths[row])]
+
+
+def stop_criteria(state, request: Request):
+    """transformers' StopStringCriteria for the request's stop strings, built once per model
+    and strings on this engine (it walks the vocabulary) and kept."""
+    key = ("stop", request.model, request.stopping.stop_strings)
+    if key not in state.cache:
+        from ..models import load_tokenizer
+
+        state.cache[key] = stop_string_criteria(load_tokenizer(request.model), request.stopping.stop_strings)
+    return state.cache[key]
+
+
+def runner_mesh(state, layout):
+    """This engine's mesh of ``layout``, made once and kept: its groups are made once (a
+    collective step) and reused when a later run comes back to the same layout."""
+    from ..layout import Mesh
+
+    meshes = state.cache.setdefault("meshes", {})
+    if layout not in meshes:
+        meshes[layout] = Mesh(layout, state.rank, state.device.type)
+    return meshes[layout]
+
+
 def left_padded(rows: list, pad_id: int, device):
     """Token ids of several prompts as one left-padded batch, and its attention mask."""
     import torch
@@ -71,145 +418,6 @@ def left_padded(rows: list, pad_id: int, device):
             ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[i, width - len(row):] = 1
     return ids.to(device), mask.to(device)
-
-
-def run(state, request: Request) -> RankOutput:
-    """Prefill (and decode, unless ``max_new_tokens`` is 0) this rank's share of the prompts."""
-    with _out_of_memory_reported(state):
-        return _run(state, request)
-
-
-def _run(state, request: Request) -> RankOutput:
-    import torch
-    from transformers import DynamicCache
-
-    loaded = _prepare(state, request)
-    runner: Runner = state.cache["runner"]
-    tel = state.telemetry
-    layout, coords, peers = request.layout, runner.coords, runner.peers
-    rows = replica_rows(len(request.input_ids), layout.dp, coords.dp)
-    reports = peers.last and coords.tp == 0 and coords.ep == 0
-    empty = dict(
-        rank=state.rank, coords=coords, stage=coords.pp, rows=rows, reports_tokens=reports,
-        weight_bytes=runner.weight_bytes, load_seconds=loaded["load_seconds"],
-    )
-    if not rows:  # more replicas than prompts: this replica has nothing to do
-        with tel.run() as stats:
-            pass
-        return RankOutput(**empty, tokens=[] if reports else None, logits=None, prompt_tokens=0, new_tokens=0,
-                          started=stats.started, phase_seconds={}, collectives={}, collective_seconds=0.0,
-                          events=[], peak_memory_bytes=stats.peak_memory_bytes, kv_cache_bytes=0,
-                          memory_free_bytes=free_memory_bytes(device))
-
-    device = runner.device
-    ids, masks_all = left_padded([request.input_ids[i] for i in rows], request.pad_token_id, device)
-    hidden_size = runner.stage.config.hidden_size
-    microbatches = split_evenly(len(rows), request.microbatches)
-    generate = request.max_new_tokens > 0
-    pad_id = request.pad_token_id
-    eos = torch.tensor(list(request.stopping.eos_token_ids) or [-1], device=device)
-
-    masks = [masks_all[mb.start:mb.stop] for mb in microbatches]
-    # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
-    positions = [(m.long().cumsum(-1) - 1).masked_fill(m == 0, 1) for m in masks]
-    caches = [DynamicCache(config=runner.stage.config) for _ in microbatches]
-    next_tokens: list = [None] * len(microbatches)
-    finished = [torch.zeros(len(mb), dtype=torch.bool, device=device) for mb in microbatches]
-    generated: list[list] = [[] for _ in microbatches]
-    logits_out: list = []
-    prompt_tokens = int(masks_all.sum())
-
-    clock = StepClock(device)
-
-    def step(j: int, x, phase: str, all_logits: bool = False):
-        """Run micro-batch j through this stage; returns the last stage's logits."""
-        began = clock.now()
-        out = runner.forward(x, masks[j], positions[j], caches[j], all_logits=all_logits)
-        if not peers.last:
-            peers.send_activation(out)
-        clock.record(coords.pp, j, phase, began)
-        return out
-
-    def take_tokens(j: int, logits) -> None:
-        token = logits[:, -1, :].argmax(-1)
-        token = torch.where(finished[j], torch.full_like(token, pad_id), token)
-        finished[j] |= torch.isin(token, eos)
-        generated[j].append(token)
-        next_tokens[j] = token
-
-    tracker = TensorPeak(runner.stage, ids, masks_all) if request.track_tensors else contextlib.nullcontext()
-    with torch.inference_mode(), tel.run() as stats, tracker:
-        tel.set_phase("prefill")
-        for j, mb in enumerate(microbatches):
-            x = ids[mb.start:mb.stop] if peers.first else peers.recv_activation(
-                (len(mb), ids.shape[1], hidden_size), runner.dtype, device)
-            out = step(j, x, "prefill", all_logits=not generate)
-            tel.add_tokens("prefill", int(masks[j].sum()))
-            if peers.last:
-                if generate:
-                    take_tokens(j, out)
-                    if not peers.first and request.max_new_tokens > 1:
-                        peers.send_tokens(next_tokens[j])
-                else:
-                    logits_out.extend(
-                        out[r, -int(masks[j][r].sum()):].float().cpu() for r in range(len(mb))
-                    )
-        peers.flush()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the prefill's time is the device's, not the launches'
-
-        if generate:
-            tel.set_phase("decode")
-        for step_index in range(1, request.max_new_tokens):
-            for j, mb in enumerate(microbatches):
-                masks[j] = torch.cat([masks[j], masks[j].new_ones(len(mb), 1)], dim=1)
-                positions[j] = positions[j][:, -1:] + 1
-                if peers.first:
-                    token = next_tokens[j] if peers.last else peers.recv_tokens(len(mb), device)
-                    x = token[:, None]
-                else:
-                    x = peers.recv_activation((len(mb), 1, hidden_size), runner.dtype, device)
-                out = step(j, x, "decode")
-                tel.add_tokens("decode", len(mb))
-                if peers.last:
-                    take_tokens(j, out)
-                    if not peers.first and step_index < request.max_new_tokens - 1:
-                        peers.send_tokens(next_tokens[j])
-            peers.flush()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        clock.report(tel)
-
-    tokens = None
-    if reports and generate:
-        tokens = [row.tolist() for j in range(len(microbatches)) for row in torch.stack(generated[j], dim=1)]
-    kv_bytes = sum(
-        t.numel() * t.element_size()
-        for cache in caches
-        for layer in cache.layers
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-        if t is not None
-    )
-    tel.note_memory("kv_cache", kv_bytes)
-    tensor_peak = None
-    if request.track_tensors:
-        tensor_peak = tracker.bytes
-    return RankOutput(
-        **empty,
-        tokens=tokens,
-        logits=logits_out if reports and not generate else None,
-        prompt_tokens=prompt_tokens,
-        new_tokens=len(rows) * request.max_new_tokens,
-        started=stats.started,
-        phase_seconds=dict(stats.phase_seconds),
-        collectives={kind: n for kind, n in stats.collectives.items() if n},
-        collective_seconds=stats.collective_seconds,
-        events=list(stats.events),
-        peak_memory_bytes=stats.peak_memory_bytes,
-        kv_cache_bytes=kv_bytes,
-        tensor_peak_bytes=tensor_peak,
-        memory_free_bytes=free_memory_bytes(device),
-    )
 
 
 def free_memory_bytes(device) -> int:

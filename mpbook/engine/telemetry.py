@@ -58,6 +58,8 @@ class Telemetry:
         # its pipeline stages and tensor shards); the dashboard counts their tokens once.
         # Each rank is its own replica until a strategy says otherwise.
         self.replica = rank
+        # The live tokens of the run in progress, on the rank that chooses them (engine.stream).
+        self.stream = None
         self._run: RunStats | None = None
         self._phase_started = time.perf_counter()
         self._nvml = None  # NVML handle of this engine's GPU, opened on first use
@@ -221,6 +223,7 @@ class Telemetry:
             "memory_in_use_bytes": memory["in_use"],
             "peak_memory_bytes": memory["peak"],
             "replica": self.replica,
+            **({"stream": self.stream.snapshot()} if self.stream is not None else {}),
         }
 
 

@@ -2,7 +2,9 @@
 
 ``tiny`` (0.2 M parameters, for the demo, the notebooks and the tests) and ``small`` (25 M,
 for benchmarks where compute, not overhead, decides) are Llama-family models (grouped-query
-attention, tied embeddings, RoPE) saved once to a folder with their tokenizer.
+attention, tied embeddings, RoPE) saved once to a folder with their tokenizer: a vocabulary
+of English words with a chat template (:mod:`mpbook.models.tokenizer`), so that a random
+model prints words and ``--chat`` works offline.
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .tokenizer import TOKENIZER_IDS, generation_eos_ids, tiny_word_tokenizer
+
 TINY = "tiny"
+# Part of the cached folder's name: a change to the presets' files must not reuse old ones.
+PRESET_VERSION = 2
 
 
 def tiny_config():
-    """The ``tiny`` preset: 6 layers, 8 query heads over 4 KV heads, 259-token vocabulary.
+    """The ``tiny`` preset: 6 layers, 8 query heads over 4 KV heads, a 394-token vocabulary.
 
     Sized so that tp in {1, 2, 4} and pp up to 6 all apply, and a forward pass takes
     milliseconds on a CPU.
@@ -22,7 +28,6 @@ def tiny_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=259,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=6,
@@ -31,9 +36,7 @@ def tiny_config():
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
-        pad_token_id=256,
-        bos_token_id=257,
-        eos_token_id=258,
+        **TOKENIZER_IDS,
     )
 
 
@@ -49,20 +52,8 @@ PRESETS = {"tiny": tiny_config, "small": small_config}
 
 
 def tiny_tokenizer():
-    """Byte-level tokenizer: one token per byte plus <pad>, <s>, </s>; pads on the left."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for special in ("<pad>", "<s>", "</s>"):
-        vocab[special] = len(vocab)
-    backend = Tokenizer(BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
-    )
+    """The presets' tokenizer (English words, a chat template); pads on the left."""
+    return tiny_word_tokenizer()
 
 
 def cache_dir() -> Path:
@@ -79,7 +70,7 @@ def build_preset(name: str, folder: str | os.PathLike | None = None, *, seed: in
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    folder = Path(folder) if folder is not None else cache_dir() / f"{name}-seed{seed}"
+    folder = Path(folder) if folder is not None else cache_dir() / f"{name}-v{PRESET_VERSION}-seed{seed}"
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,6 +96,14 @@ def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
         for name, param in model.named_parameters():
             if param.dim() > 1 or name.endswith(".bias"):  # norms keep their ones
                 param.normal_(0.0, 0.2 * (64 / config.hidden_size) ** 0.5)
+    if config.vocab_size < TOKENIZER_IDS["vocab_size"]:
+        raise ValueError(
+            f"vocab_size={config.vocab_size}: the presets' tokenizer has {TOKENIZER_IDS['vocab_size']} tokens; "
+            "build the config with **mpbook.models.presets.TOKENIZER_IDS"
+        )
+    # End of text or end of a chat turn, as chat models list both.
+    model.generation_config.eos_token_id = generation_eos_ids()
+    model.generation_config.pad_token_id = TOKENIZER_IDS["pad_token_id"]
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return Path(folder)

@@ -41,9 +41,14 @@ def split_layers(num_layers: int, pp: int, sizes: Sequence[int] | None = None) -
 class StagePeers:
     """Point-to-point transfers of one pipeline stage, counted in telemetry.
 
-    Ranks of the same (dp, tp) coordinates form one pipeline: stage s receives activations
-    from stage s-1 and sends to s+1. In generation the last stage also sends each
-    micro-batch's next tokens back to the first stage, which embeds them in the next step.
+    Ranks of the same (dp, ep, tp) coordinates form one pipeline: stage s receives
+    activations from stage s-1 and sends to s+1. In generation the last stage also sends
+    each micro-batch's next tokens back to the first stage, which embeds them in the next step.
+
+    A decode step's activation carries a one-element header in front of it: 1 while the
+    micro-batch goes on, 0 once every row of it has finished. The first stage learns that
+    from the tokens it receives, and the stages after it from the header, so a finished
+    micro-batch leaves the pipeline without any message beyond those already sent.
     """
 
     def __init__(self, pipeline_ranks: list[int], stage: int, telemetry):
@@ -67,6 +72,23 @@ class StagePeers:
     def send_activation(self, tensor) -> None:
         self._send(self.ranks[self.stage + 1], tensor, "send")
 
+    def send_step(self, tensor, *, rows: int, hidden: int, dtype, device) -> None:
+        """Send a decode step's activation, or (``tensor`` None) that the micro-batch ended."""
+        import torch
+
+        if tensor is None:
+            message = torch.zeros(1 + rows * hidden, dtype=dtype, device=device)
+        else:
+            message = torch.cat([tensor.new_ones(1), tensor.reshape(-1)])
+        self._send(self.ranks[self.stage + 1], message, "send")
+
+    def recv_step(self, rows: int, hidden: int, dtype, device):
+        """A decode step's activation (rows, 1, hidden), or None when the micro-batch ended."""
+        message = self._recv(self.ranks[self.stage - 1], (1 + rows * hidden,), dtype, device, "recv")
+        if message[0].item() == 0:
+            return None
+        return message[1:].view(rows, 1, hidden)
+
     def recv_tokens(self, rows: int, device):
         import torch
 
@@ -89,8 +111,9 @@ class StagePeers:
 
         # isend: the sender moves on to its next micro-batch while this one is in flight
         # (GPipe's overlap); the handle is kept until flush() so the buffer stays alive.
+        tensor = tensor.contiguous()
         with self.telemetry.timed_collective(kind):
-            self._pending.append((dist.isend(tensor.contiguous(), dst=dst), tensor))
+            self._pending.append((dist.isend(tensor, dst=dst), tensor))
 
     def flush(self) -> None:
         """Wait for every send in flight (end of a step); the wait is timed, not counted."""
@@ -103,3 +126,13 @@ class StagePeers:
             work.wait()
         self._pending.clear()
         self.telemetry.collective("send", time.perf_counter() - began, n=0)
+
+
+def fill_drain(microbatches, work, peers: StagePeers) -> None:
+    """One GPipe pass: ``work(mb)`` for each micro-batch in order on this stage, then wait for
+    the sends in flight. Stage s starts micro-batch j as soon as stage s-1 hands it over, so
+    the stages overlap on different micro-batches; the pipeline fills and drains once per
+    pass (the bubble: (p-1)/(m+p-1) of the pass for p stages and m micro-batches)."""
+    for mb in microbatches:
+        work(mb)
+    peers.flush()
