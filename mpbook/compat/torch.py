@@ -93,13 +93,12 @@ def abort_process_groups() -> None:
 
     if not dist.is_available() or not dist.is_initialized():
         return
-    if dist.get_backend() == "nccl":
-        from torch.distributed import distributed_c10d
+    from torch.distributed import distributed_c10d
 
-        abort = getattr(distributed_c10d, "_abort_process_group", None)
-        if abort is not None:
-            abort()
-            return
+    abort = getattr(distributed_c10d, "_abort_process_group", None)
+    if abort is not None:
+        abort()
+        return
     dist.destroy_process_group()
 
 

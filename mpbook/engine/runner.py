@@ -80,6 +80,7 @@ class Runner:
         return self.stage.lm_head(hidden if all_logits else hidden[:, -1:, :])
 
     def close(self) -> None:
+        self.peers.drop_pending()  # a live gloo Work keeps its connection open
         self.stage = None
         if self.device.type == "cuda":
             import torch

@@ -31,6 +31,7 @@ class EngineState:
     rendezvous: Rendezvous | None = None
     mesh: Mesh | None = None
     cache: dict[str, Any] = field(default_factory=dict)  # models and other per-engine state kept between cells
+    peer_pids: list[int] = field(default_factory=list)  # the other engines of the group on this host
     telemetry: Any = None  # mpbook.telemetry.Telemetry
     publisher: Any = None  # mpbook.engine.publish.Publisher: sends telemetry to the client while a task runs
 
@@ -74,8 +75,37 @@ def call(fn, /, *args, **kwargs):
         try:
             return fn(found, *args, **kwargs)
         except KeyboardInterrupt:
-            abort_group(found)
-            raise
+            pass
+        # Outside the except block the traceback is gone, and with it the frames that hold
+        # the run's pending sends: a live gloo Work keeps its connection open, so the peer
+        # would not notice this rank leave.
+        abort_group(found)
+        raise KeyboardInterrupt
+
+
+def close_connections_to(pids) -> int:
+    """Shut down this process's TCP connections to the processes ``pids`` (engines on this
+    host); returns how many. The sockets stay open until their owner closes them; only the
+    stream is ended, which the peer sees at once."""
+    import psutil
+
+    ports = set()
+    for pid in pids:
+        try:
+            ports.update(c.laddr for c in psutil.Process(pid).net_connections("tcp") if c.laddr)
+        except psutil.Error:
+            continue
+    closed = 0
+    for conn in psutil.Process().net_connections("tcp"):
+        if conn.raddr and conn.raddr in ports and conn.fd >= 0:
+            try:
+                sock = socket.socket(fileno=os.dup(conn.fd))
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+                closed += 1
+            except OSError:
+                pass
+    return closed
 
 
 def telemetry_snapshot() -> dict[str, Any]:
@@ -169,6 +199,9 @@ def setup(
             store = dist.TCPStore(
                 rendezvous.host, rendezvous.port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s)
             )
+    # Each rank leaves its host and pid in the store (an interrupted rank ends its
+    # connections to the other engines on its host, see abort_group).
+    store.set(f"mpbook/pid/{rank}", f"{hostname()} {os.getpid()}")
     dist.init_process_group(
         backend,
         store=store,
@@ -177,6 +210,7 @@ def setup(
         timeout=timedelta(seconds=timeout_s),
         device_id=device if use_gpu else None,
     )
+    peers = [store.get(f"mpbook/pid/{other}").decode().split() for other in range(world_size) if other != rank]
 
     state = EngineState(
         rank=rank,
@@ -189,8 +223,10 @@ def setup(
         rendezvous=rendezvous,
         mesh=Mesh(Layout(dp=world_size), rank, device.type),
         telemetry=Telemetry(rank, device),
+        peer_pids=[int(pid) for host, pid in peers if host == hostname()],
     )
     state.publisher = publish.install(state)
+    _abort_after_interrupted_cells(state)
     ns[STATE_NAME] = state
     # The names a `%%mp run` cell can use directly.
     ns.update(
@@ -225,10 +261,24 @@ def describe(state: EngineState) -> EngineInfo:
     )
 
 
+def _abort_after_interrupted_cells(state: EngineState) -> None:
+    """A ``%%mp run`` cell interrupted on this rank may have left a collective unfinished:
+    abort the group as an interrupted apply does (the client forms it again)."""
+    from IPython import get_ipython
+
+    def after(result) -> None:
+        if isinstance(result.error_in_exec, KeyboardInterrupt) and _namespace().get(STATE_NAME) is state:
+            abort_group(state)
+
+    get_ipython().events.register("post_run_cell", after)
+
+
 def abort_group(state: EngineState | None = None) -> None:
     """Drop this rank's process groups now (after an interrupt): peers blocked in a
     collective with this rank see the connection close and fail at once."""
     from ..compat import torch as torch_compat
+
+    import gc
 
     state = state or _namespace().get(STATE_NAME)
     if state is not None:
@@ -236,7 +286,14 @@ def abort_group(state: EngineState | None = None) -> None:
         runner = state.cache.pop("runner", None)
         if runner is not None:
             runner.close()
+    gc.collect()  # what still refers to the groups' work through reference cycles
     torch_compat.abort_process_groups()
+    if state is not None:
+        # Destroying a gloo group does not close its connections while anything in the
+        # process still refers to its context (seen with work handles of a run in flight):
+        # shut the connections to the other engines down, so a peer blocked in a
+        # collective with this rank fails now instead of after the timeout.
+        close_connections_to(state.peer_pids)
 
 
 def teardown(state: EngineState | None = None) -> None:

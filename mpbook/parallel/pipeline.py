@@ -115,6 +115,10 @@ class StagePeers:
         with self.telemetry.timed_collective(kind):
             self._pending.append((dist.isend(tensor, dst=dst), tensor))
 
+    def drop_pending(self) -> None:
+        """Forget the sends in flight without waiting (the run was interrupted)."""
+        self._pending.clear()
+
     def flush(self) -> None:
         """Wait for every send in flight (end of a step); the wait is timed, not counted."""
         import time
