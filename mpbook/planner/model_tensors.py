@@ -1,0 +1,173 @@
+"""What the model holds: every parameter and buffer, grouped the way the strategies place them.
+
+The interface is one function, :func:`model_tensors` ``(config, dtype) -> ModelTensors``:
+the tensors of the embedding, of each decoder layer (with the dimension tensor parallelism
+cuts), of the final norm and the LM head, and the buffers every pipeline stage keeps. The rest
+of the planner only reads a :class:`ModelTensors`, so where the groups come from can change
+(today: the model's module tree built on the meta device; later: the per-rank structure
+mpbook.models derives from the config's own parallel plans) without touching the arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import MpbookError
+from ..parallel.tensor import LAYER_PLAN
+from ..units import shard_size
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """One parameter or buffer: its shape, and the dimension tensor parallelism cuts (if any)."""
+
+    key: int  # identity within its model, so that a tied matrix held twice is counted once
+    shape: tuple[int, ...]
+    element_size: int
+    split_dim: int | None
+    buffer: bool
+
+    def local_bytes(self, tp: int, tp_rank: int) -> int:
+        """Bytes of this rank's piece: DTensor's Shard placement, as torch.chunk cuts."""
+        shape = list(self.shape)
+        if self.split_dim is not None:
+            shape[self.split_dim] = shard_size(shape[self.split_dim], tp, tp_rank)
+        return math.prod(shape) * self.element_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelTensors:
+    """The model's tensors grouped by where a pipeline stage keeps them."""
+
+    architecture: str  # the transformers class, e.g. "LlamaForCausalLM"
+    dtype: str
+    embedding: tuple[TensorShape, ...]  # first stage
+    layers: tuple[tuple[TensorShape, ...], ...]  # one tuple per decoder layer
+    final_norm: tuple[TensorShape, ...]  # last stage
+    head: tuple[TensorShape, ...]  # last stage
+    every_stage: tuple[TensorShape, ...]  # rotary embedding buffers
+    tied: bool  # the LM head is the embedding matrix
+    split_names: tuple[str, ...]  # short names of what tp cuts in a layer, for the arithmetic ("q/k/v")
+
+
+def model_tensors(config, dtype: str) -> ModelTensors:
+    """The tensors of the model ``config`` describes, in ``dtype`` ("float32", "bfloat16", ...)."""
+    import torch
+
+    return _read_module_tree(_meta_model(config, getattr(torch, dtype)), dtype)
+
+
+def _meta_model(config, torch_dtype):
+    """The model's module tree with every tensor on the meta device: shapes, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    except (ValueError, KeyError) as exc:
+        raise MpbookError(
+            f"transformers has no causal LM for model_type {getattr(config, 'model_type', '?')!r} ({exc}); "
+            "give a Llama-family config"
+        ) from None
+
+
+# --------------------------------------------------------------------------- the module tree
+# The one place that knows where the groups sit in a module tree: swap it for
+# mpbook.models' structure when that reads the config's own plans.
+def _read_module_tree(model, dtype: str) -> ModelTensors:
+    """Group the tensors of ``model`` (built on meta) into embedding, layers, norm, head."""
+    architecture = type(model).__name__
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    needed = {"embed_tokens": base, "layers": base, "norm": base, "lm_head": model}
+    for attr, owner in needed.items():
+        if owner is None or getattr(owner, attr, None) is None:
+            raise MpbookError(
+                f"{architecture} has no {attr}: mpbook plans Llama-family causal LMs "
+                "(model.embed_tokens, model.layers, model.norm, lm_head)"
+            )
+    keys: dict[int, int] = {}  # id() of a live tensor -> its key (ids are unique while the model lives)
+
+    def tensors(module, split: dict[str, int | None] | None = None) -> tuple[TensorShape, ...]:
+        out = []
+        for kind, items in (("param", module.named_parameters()), ("buffer", module.named_buffers())):
+            for name, t in items:
+                out.append(TensorShape(
+                    key=keys.setdefault(id(t), len(keys)), shape=tuple(t.shape), element_size=t.element_size(),
+                    split_dim=(split or {}).get(name), buffer=kind == "buffer",
+                ))
+        return tuple(out)
+
+    rotary = getattr(base, "rotary_emb", None)
+    held = ModelTensors(
+        architecture=architecture,
+        dtype=dtype,
+        embedding=tensors(base.embed_tokens),
+        layers=tuple(tensors(layer, split=_layer_splits(layer, architecture)) for layer in base.layers),
+        final_norm=tensors(base.norm),
+        head=tensors(model.lm_head),
+        every_stage=tensors(rotary) if rotary is not None else (),
+        tied=model.lm_head.weight is base.embed_tokens.weight,
+        split_names=tuple(_short_name(path) for path in LAYER_PLAN),
+    )
+    # Every tensor of the model must have a place, or the plan would silently miss memory.
+    stray = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in keys]
+    if stray:
+        raise MpbookError(
+            f"{architecture} holds {', '.join(stray[:3])} outside the embedding, decoder layers, final norm "
+            "and LM head; mpbook plans Llama-family causal LMs only"
+        )
+    return held
+
+
+def _short_name(path: str) -> str:
+    """"self_attn.q_proj" -> "q": the name the arithmetic lines use."""
+    return path.rsplit(".", 1)[-1].removesuffix("_proj")
+
+
+def _layer_splits(layer, architecture: str) -> dict[str, int | None]:
+    """Parameter name inside one decoder layer -> the dimension tp cuts (nn.Linear is out x in).
+
+    The plan is the one the engines apply (mpbook.parallel.tensor), so the planner counts what
+    they hold."""
+    splits: dict[str, int | None] = {}
+    for path, style in LAYER_PLAN.items():
+        try:
+            sub = layer.get_submodule(path)
+        except AttributeError:
+            raise MpbookError(
+                f"{architecture}: its decoder layers have no {path}, which the tensor-parallel plan splits; "
+                "mpbook plans Llama-family models (Llama, Mistral, Qwen2, SmolLM)"
+            ) from None
+        for name, _ in sub.named_parameters(recurse=False):
+            if style == "colwise":  # output rows of the weight, and the bias with them
+                splits[f"{path}.{name}"] = 0
+            elif name == "weight":  # rowwise: input columns; the bias is added once, replicated
+                splits[f"{path}.{name}"] = 1
+    return splits
+
+
+# --------------------------------------------------------------------------- sizes from the config
+@dataclass(frozen=True, kw_only=True)
+class ModelDims:
+    """The sizes a run's tensors (KV cache, activations) take from the config."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> ModelDims:
+        heads = config.num_attention_heads
+        return cls(
+            hidden=config.hidden_size,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            intermediate=config.intermediate_size,
+            vocab=config.vocab_size,
+        )
