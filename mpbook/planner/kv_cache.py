@@ -6,6 +6,7 @@ The cache's layer kinds come from transformers' own cache layer types for the co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..units import shard_size
@@ -22,33 +23,42 @@ class KVCache:
     tokens_per_layer: tuple[int, ...]  # the largest key length of each of the stage's layers
 
 
-def cached_tokens(config, layers: range, work: Workload) -> list[int]:
-    """Tokens each layer's cache holds at its largest, as transformers' DynamicCache keeps them.
+@dataclass(frozen=True)
+class CacheLayer:
+    """How one decoder layer caches: not at all (``dummy``), or every token, or a window."""
 
-    A sliding-window layer keeps the last ``window - 1`` tokens as a view of the step's
-    full tensor, so after the prefill its storage is the whole prompt, and after a decode
-    step at most ``window`` tokens.
-    """
+    caches: bool
+    window: int | None
+
+    def tokens(self, work: Workload) -> int:
+        """Tokens the layer's cache holds at its largest, as transformers' DynamicCache keeps them.
+
+        A sliding-window layer keeps the last ``window - 1`` tokens as a view of the step's
+        full tensor, so after the prefill its storage is the whole prompt, and after a decode
+        step at most ``window`` tokens.
+        """
+        if not self.caches:
+            return 0
+        if self.window:
+            return min(work.tokens, max(work.prompt_len, self.window))
+        return work.tokens
+
+
+def cache_layers(config) -> tuple[CacheLayer, ...]:
+    """Each decoder layer's cache kind, from transformers' own cache layer types for the config.
+
+    Read once per layout: it walks the config, which is slow next to the arithmetic."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    out = []
-    for i in layers:
-        window = kwargs[i].get("sliding_window")
-        if types[i] == "dummy":
-            out.append(0)
-        elif window:
-            out.append(min(work.tokens, max(work.prompt_len, window)))
-        else:
-            out.append(work.tokens)
-    return out
+    return tuple(CacheLayer(caches=kind != "dummy", window=kw.get("sliding_window")) for kind, kw in zip(types, kwargs))
 
 
-def kv_cache(config, dims: ModelDims, work: Workload, *, layers: range, rows: int, element_size: int,
-             tp: int, tp_rank: int) -> KVCache:
+def kv_cache(cached: Sequence[CacheLayer], dims: ModelDims, work: Workload, *, layers: range, rows: int,
+             element_size: int, tp: int, tp_rank: int) -> KVCache:
     """Keys and values of ``layers`` for ``rows`` prompts, this tp rank's KV heads only."""
     kv_heads = shard_size(dims.kv_heads, tp, tp_rank)  # k/v projections are column-split by heads
-    tokens = cached_tokens(config, layers, work)
+    tokens = [cached[i].tokens(work) for i in layers]
     formula = (
         f"2 (k, v) x {rows} row{'s' if rows != 1 else ''} x {_tokens_text(tokens, work)} x "
         f"{kv_heads} KV head{'s' if kv_heads != 1 else ''} ({dims.kv_heads}/{tp}) x {dims.head_dim} head dim "

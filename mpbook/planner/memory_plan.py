@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 from ..layout import Layout
 from . import rendering
 from .devices import Device, devices_for, engine_count
-from .model_tensors import ModelTensors
-from .ranks import RankPlan
+from .ranks import PlannedModel, RankPlan
 from .suggestions import Suggestion, suggest
 from .workload import Workload
 
@@ -31,8 +28,7 @@ class MemoryPlan:
     ranks: list[RankPlan]
     memory_source: str
     suggestions: list[Suggestion]
-    _tensors: ModelTensors = field(repr=False, compare=False)
-    _config: Any = field(repr=False, compare=False)
+    _model: PlannedModel = field(repr=False, compare=False)
     _devices: list[Device] = field(repr=False, compare=False)
 
     @property
@@ -54,7 +50,7 @@ class MemoryPlan:
             devices = self._devices
         else:
             devices, _ = devices_for(engines, device_memory_bytes, world)
-        return suggest(self._tensors, self._config, self.workload, world, devices)
+        return suggest(self._model, self.workload, world, devices)
 
     def arithmetic(self) -> list[str]:
         """How the numbers are made, once for each group of ranks that hold the same."""

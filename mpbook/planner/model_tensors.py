@@ -10,8 +10,11 @@ mpbook.models derives from the config's own parallel plans) without touching the
 
 from __future__ import annotations
 
+import copy
+import json
 import math
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from ..errors import MpbookError
 from ..parallel.tensor import LAYER_PLAN
@@ -49,13 +52,65 @@ class ModelTensors:
     every_stage: tuple[TensorShape, ...]  # rotary embedding buffers
     tied: bool  # the LM head is the embedding matrix
     split_names: tuple[str, ...]  # short names of what tp cuts in a layer, for the arithmetic ("q/k/v")
+    _layer_bytes: dict[tuple[int, int], tuple[tuple[int, int], ...]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def layer_bytes(self, tp: int, tp_rank: int) -> tuple[tuple[int, int], ...]:
+        """(parameter bytes, buffer bytes) of each decoder layer's piece on one tp rank.
+
+        Kept with the tensors: every plan of the same model (and each suggested layout) asks
+        again, and a large model has hundreds of tensors per rank. Exact as a sum because each
+        layer's tensors are its own (checked when they are read)."""
+        key = (tp, tp_rank)
+        if key not in self._layer_bytes:
+            self._layer_bytes[key] = tuple(
+                (sum(t.local_bytes(tp, tp_rank) for t in layer if not t.buffer),
+                 sum(t.local_bytes(tp, tp_rank) for t in layer if t.buffer))
+                for layer in self.layers
+            )
+        return self._layer_bytes[key]
+
+
+# The session plans before every cell, and building a module tree on meta costs tens of
+# milliseconds for a 70B-shaped model (much more on a busy machine), while a key costs ~0.5 ms.
+CACHE_SIZE = 8
+_cache: OrderedDict[tuple[str, str, str], ModelTensors] = OrderedDict()
 
 
 def model_tensors(config, dtype: str) -> ModelTensors:
-    """The tensors of the model ``config`` describes, in ``dtype`` ("float32", "bfloat16", ...)."""
+    """The tensors of the model ``config`` describes, in ``dtype`` ("float32", "bfloat16", ...).
+
+    Kept for the last few (config, dtype) pairs, keyed by the config's content, not by the
+    object: an equal config loaded again is a hit, a config changed in place is a miss.
+    """
+    key = _cache_key(config, dtype)
+    if key is not None and key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
     import torch
 
-    return _read_module_tree(_meta_model(config, getattr(torch, dtype)), dtype)
+    # A copy: from_config writes the dtype into the config it is given, the caller's otherwise.
+    held = _read_module_tree(_meta_model(copy.deepcopy(config), getattr(torch, dtype)), dtype)
+    if key is not None:
+        _cache[key] = held
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return held
+
+
+def _cache_key(config, dtype: str) -> tuple[str, str, str] | None:
+    """The config's class and every field but where it was read from and its stored dtype
+    (the module tree depends on neither: the dtype is the one asked for); None when the config
+    does not serialize (then nothing is cached)."""
+    try:
+        fields = config.to_dict()
+        for ignored in ("_name_or_path", "dtype", "torch_dtype"):
+            fields.pop(ignored, None)
+        content = json.dumps(fields, sort_keys=True, default=repr)
+    except Exception:  # a config with fields json cannot write: build it every time
+        return None
+    return f"{type(config).__module__}.{type(config).__qualname__}", content, dtype
 
 
 def _meta_model(config, torch_dtype):
@@ -118,6 +173,13 @@ def _read_module_tree(model, dtype: str) -> ModelTensors:
             f"{architecture} holds {', '.join(stray[:3])} outside the embedding, decoder layers, final norm "
             "and LM head; mpbook plans Llama-family causal LMs only"
         )
+    # Each layer's tensors are its own (a tied matrix is the embedding and the head only), so a
+    # stage's layers add up without counting a shared tensor twice.
+    in_layers = [t.key for layer in held.layers for t in layer]
+    elsewhere = {t.key for group in (held.embedding, held.final_norm, held.head, held.every_stage) for t in group}
+    if len(set(in_layers)) != len(in_layers) or elsewhere.intersection(in_layers):
+        raise MpbookError(f"{architecture} shares tensors between its decoder layers; the planner counts each "
+                          "layer's own tensors, as the pipeline stages hold them")
     return held
 
 

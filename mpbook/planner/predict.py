@@ -13,8 +13,8 @@ from ..parallel.pipeline import split_layers
 from ..parallel.tensor import validate_tp
 from .devices import devices_for, engine_count, fit
 from .memory_plan import MemoryPlan
-from .model_tensors import model_tensors
-from .ranks import rank_plans
+from .model_tensors import ModelTensors, model_tensors
+from .ranks import PlannedModel, rank_plans
 from .suggestions import layouts, suggest, why_invalid
 from .workload import ATTENTION, checked_workload
 
@@ -36,6 +36,7 @@ def plan(
     attention: str | None = None,
     device_memory_bytes: int | Sequence[int] | None = None,
     engines=None,
+    tensors: ModelTensors | None = None,
 ) -> MemoryPlan:
     """Predict each rank's memory for running ``model`` on a (dp, pp, tp) layout.
 
@@ -77,6 +78,10 @@ def plan(
       Ops' internal workspaces and allocator rounding are not modelled.
 
     The peak a rank should be compared with is ``rank.total`` = weights + KV cache + activations.
+
+    What the model holds is read once per (config, dtype) and kept (see
+    :func:`mpbook.planner.model_tensors`), so planning again before every cell costs
+    milliseconds; a caller that keeps it itself passes it as ``tensors``.
     """
     config, loaded, label = _resolve(model)
     dtype = check_dtype(dtype if dtype is not None else _own_dtype(loaded))
@@ -91,18 +96,17 @@ def plan(
     validate_tp(config, tp)
     split_layers(config.num_hidden_layers, pp, work.stage_sizes)
 
-    held = model_tensors(config, dtype)
+    planned = PlannedModel.read(config, _checked_tensors(tensors, config, dtype) or model_tensors(config, dtype))
     devices, source = devices_for(engines, device_memory_bytes, layout.world_size)
     return MemoryPlan(
         model=label,
-        architecture=held.architecture,
+        architecture=planned.tensors.architecture,
         layout=layout,
         workload=work,
-        ranks=fit(rank_plans(held, config, layout, work), devices),
+        ranks=fit(rank_plans(planned, layout, work), devices),
         memory_source=source,
-        suggestions=suggest(held, config, work, layout.world_size, devices),
-        _tensors=held,
-        _config=config,
+        suggestions=suggest(planned, work, layout.world_size, devices),
+        _model=planned,
         _devices=devices,
     )
 
@@ -122,6 +126,21 @@ def _checked_layout(config, *, dp: int, pp: int, tp: int, ep: int, engines) -> L
             f"{count}: {'; '.join(valid) or 'none fits this model'}"
         )
     return layout
+
+
+def _checked_tensors(tensors: ModelTensors | None, config, dtype: str) -> ModelTensors | None:
+    """Tensors a caller kept: they must be of this dtype and this many layers."""
+    if tensors is None:
+        return None
+    if not isinstance(tensors, ModelTensors):
+        raise MpbookError(f"tensors= got a {type(tensors).__name__}; give mpbook.planner.model_tensors(config, dtype)")
+    layers = config.num_hidden_layers
+    if tensors.dtype != dtype or len(tensors.layers) != layers:
+        raise MpbookError(
+            f"tensors= holds {len(tensors.layers)} layers in {tensors.dtype}, the plan is for {layers} layers in "
+            f"{dtype}; give mpbook.planner.model_tensors(config, {dtype!r}) for this model"
+        )
+    return tensors
 
 
 def _own_dtype(loaded) -> str:

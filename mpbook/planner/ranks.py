@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..layout import Layout
 from ..parallel.pipeline import split_layers
 from ..protocol import ELEMENT_SIZE
 from ..units import format_bytes, split_evenly
 from .activations import IDLE, activations
-from .kv_cache import kv_cache
+from .kv_cache import CacheLayer, cache_layers, kv_cache
 from .model_tensors import ModelDims, ModelTensors, TensorShape
 from .rendering import layers_label
 from .workload import Workload
@@ -77,12 +77,33 @@ class _Held:
                 self.parameters += b
         self.parts[label] = self.parts.get(label, 0) + total
 
+    def add(self, label: str, *, parameters: int, buffers: int) -> None:
+        """Bytes already summed, of tensors held nowhere else (a stage's decoder layers)."""
+        self.parameters += parameters
+        self.buffers += buffers
+        self.parts[label] = self.parts.get(label, 0) + parameters + buffers
 
-def rank_plans(held: ModelTensors, config, layout: Layout, work: Workload) -> list[RankPlan]:
+
+@dataclass(frozen=True, kw_only=True)
+class PlannedModel:
+    """What the planner reads of a model, once per plan: its tensors, the sizes of a run's
+    tensors, how each layer caches, and the config (to check other layouts against)."""
+
+    tensors: ModelTensors
+    dims: ModelDims
+    cache: tuple[CacheLayer, ...]
+    config: Any
+
+    @classmethod
+    def read(cls, config, tensors: ModelTensors) -> PlannedModel:
+        return cls(tensors=tensors, dims=ModelDims.of(config), cache=cache_layers(config), config=config)
+
+
+def rank_plans(model: PlannedModel, layout: Layout, work: Workload) -> list[RankPlan]:
     """Every rank of ``layout`` running ``work``: its weights, KV cache and activations."""
+    held, dims, cached = model.tensors, model.dims, model.cache
     stages = split_layers(len(held.layers), layout.pp, work.stage_sizes)
     replicas = split_evenly(work.batch, layout.dp)
-    dims = ModelDims.of(config)
     e = ELEMENT_SIZE[work.dtype]
     out = []
     for rank in range(layout.world_size):
@@ -92,7 +113,7 @@ def rank_plans(held: ModelTensors, config, layout: Layout, work: Workload) -> li
         rows = len(replicas[c.dp])
         mb = max((len(r) for r in split_evenly(rows, work.microbatches)), default=0)
         weights = _weights(held, layers, first=first, last=last, tp=layout.tp, tp_rank=c.tp)
-        kv = kv_cache(config, dims, work, layers=layers, rows=rows, element_size=e, tp=layout.tp, tp_rank=c.tp)
+        kv = kv_cache(cached, dims, work, layers=layers, rows=rows, element_size=e, tp=layout.tp, tp_rank=c.tp)
         act = activations(
             dims, work, rows=rows, microbatch_rows=mb, cached=kv.tokens_per_layer, element_size=e,
             tp=layout.tp, tp_rank=c.tp, last=last, pp=layout.pp,
@@ -112,11 +133,12 @@ def _weights(held: ModelTensors, layers: range, *, first: bool, last: bool, tp: 
     w = _Held(tp=tp, tp_rank=tp_rank)
     if first:
         w.hold("embedding", held.embedding)
-    per_layer = {sum(t.local_bytes(tp, tp_rank) for t in held.layers[i]) for i in layers}
+    sizes = [held.layer_bytes(tp, tp_rank)[i] for i in layers]
+    per_layer = {params + buffers for params, buffers in sizes}
     detail = f"{len(layers)} x {format_bytes(per_layer.pop())}" if len(per_layer) == 1 else f"{len(layers)} layers"
     if tp > 1:
         detail += f", {'/'.join(held.split_names)} at 1/{tp}"
-    w.hold(f"{layers_label(layers)} ({detail})", [t for i in layers for t in held.layers[i]])
+    w.add(f"{layers_label(layers)} ({detail})", parameters=sum(p for p, _ in sizes), buffers=sum(b for _, b in sizes))
     if last:
         w.hold("final norm", held.final_norm)
         w.hold("LM head (tied: the embedding)" if held.tied and first else "LM head", held.head)

@@ -11,8 +11,7 @@ from ..parallel.pipeline import split_layers
 from ..parallel.tensor import validate_tp
 from ..units import format_bytes as fb
 from .devices import Device, fit
-from .model_tensors import ModelTensors
-from .ranks import rank_plans
+from .ranks import PlannedModel, rank_plans
 from .rendering import suggestion_line
 from .workload import Workload
 
@@ -53,17 +52,17 @@ def why_invalid(config, layout: Layout, batch: int | None = None) -> str | None:
     return None
 
 
-def suggest(held: ModelTensors, config, work: Workload, world: int, devices: list[Device]) -> list[Suggestion]:
+def suggest(model: PlannedModel, work: Workload, world: int, devices: list[Device]) -> list[Suggestion]:
     """Every layout over ``world`` engines: fitting ones first (most headroom first), then the
     valid ones that do not fit, then the invalid ones."""
     good, bad = [], []
     for layout in layouts(world):
-        why = why_invalid(config, layout, work.batch)
+        why = why_invalid(model.config, layout, work.batch)
         if why is not None:
             bad.append(Suggestion(layout, False, False, None, why))
             continue
         # Custom stage sizes belong to the asked layout; the others split evenly.
-        ranks = fit(rank_plans(held, config, layout, replace(work, stage_sizes=None)), devices)
+        ranks = fit(rank_plans(model, layout, replace(work, stage_sizes=None)), devices)
         peak = max(r.total for r in ranks)
         if all(r.fits for r in ranks):
             if devices[0].shared:
