@@ -124,46 +124,54 @@ def _meta_model(config, torch_dtype):
     except (ValueError, KeyError) as exc:
         raise MpbookError(
             f"transformers has no causal LM for model_type {getattr(config, 'model_type', '?')!r} ({exc}); "
-            "give a Llama-family config"
+            "give the config of a causal LM"
         ) from None
 
 
 # --------------------------------------------------------------------------- the module tree
-# The one place that knows where the groups sit in a module tree: swap it for
-# mpbook.models' structure when that reads the config's own plans.
+# The one place that knows where the groups sit in a module tree, and it asks the model: the
+# config's own pipeline plan orders the base model's stage modules (embedding, the list of
+# decoder layers, final norm), transformers' output embeddings are the LM head. Swap it for
+# mpbook.models' structure when that turns the config's plans into what each rank holds.
 def _read_module_tree(model, dtype: str) -> ModelTensors:
     """Group the tensors of ``model`` (built on meta) into embedding, layers, norm, head."""
     architecture = type(model).__name__
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    needed = {"embed_tokens": base, "layers": base, "norm": base, "lm_head": model}
-    for attr, owner in needed.items():
-        if owner is None or getattr(owner, attr, None) is None:
-            raise MpbookError(
-                f"{architecture} has no {attr}: mpbook plans Llama-family causal LMs "
-                "(model.embed_tokens, model.layers, model.norm, lm_head)"
-            )
+    base = model.base_model
+    before, layers, after = _stage_modules(model.config, base, architecture)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise MpbookError(f"{architecture} has no LM head (output embeddings); the planner counts causal LMs")
     keys: dict[int, int] = {}  # id() of a live tensor -> its key (ids are unique while the model lives)
 
-    def tensors(module, split: dict[str, int | None] | None = None) -> tuple[TensorShape, ...]:
+    def tensors(*modules, split: dict[str, int | None] | None = None) -> tuple[TensorShape, ...]:
         out = []
-        for kind, items in (("param", module.named_parameters()), ("buffer", module.named_buffers())):
-            for name, t in items:
-                out.append(TensorShape(
-                    key=keys.setdefault(id(t), len(keys)), shape=tuple(t.shape), element_size=t.element_size(),
-                    split_dim=(split or {}).get(name), buffer=kind == "buffer",
-                ))
+        for module in modules:
+            for kind, items in (("param", module.named_parameters()), ("buffer", module.named_buffers())):
+                for name, t in items:
+                    out.append(TensorShape(
+                        key=keys.setdefault(id(t), len(keys)), shape=tuple(t.shape), element_size=t.element_size(),
+                        split_dim=(split or {}).get(name), buffer=kind == "buffer",
+                    ))
         return tuple(out)
 
-    rotary = getattr(base, "rotary_emb", None)
+    embedding, final_norm, head_tensors = tensors(*before), tensors(*after), tensors(head)
+    in_layers = tuple(tensors(layer, split=_layer_splits(layer, architecture)) for layer in layers)
+    # What the base model keeps outside its stage modules (the rotary embedding's inverse
+    # frequencies): every stage computes positions, so every stage holds it.
+    outside = [t for t in base.buffers() if id(t) not in keys]
     held = ModelTensors(
         architecture=architecture,
         dtype=dtype,
-        embedding=tensors(base.embed_tokens),
-        layers=tuple(tensors(layer, split=_layer_splits(layer, architecture)) for layer in base.layers),
-        final_norm=tensors(base.norm),
-        head=tensors(model.lm_head),
-        every_stage=tensors(rotary) if rotary is not None else (),
-        tied=model.lm_head.weight is base.embed_tokens.weight,
+        embedding=embedding,
+        layers=in_layers,
+        final_norm=final_norm,
+        head=head_tensors,
+        every_stage=tuple(
+            TensorShape(key=keys.setdefault(id(t), len(keys)), shape=tuple(t.shape), element_size=t.element_size(),
+                        split_dim=None, buffer=True)
+            for t in outside
+        ),
+        tied=head.weight is model.get_input_embeddings().weight,
         split_names=tuple(_short_name(path) for path in LAYER_PLAN),
     )
     # Every tensor of the model must have a place, or the plan would silently miss memory.
@@ -171,7 +179,7 @@ def _read_module_tree(model, dtype: str) -> ModelTensors:
     if stray:
         raise MpbookError(
             f"{architecture} holds {', '.join(stray[:3])} outside the embedding, decoder layers, final norm "
-            "and LM head; mpbook plans Llama-family causal LMs only"
+            "and LM head, where no pipeline stage would keep it; the planner cannot count it"
         )
     # Each layer's tensors are its own (a tied matrix is the embedding and the head only), so a
     # stage's layers add up without counting a shared tensor twice.
@@ -181,6 +189,31 @@ def _read_module_tree(model, dtype: str) -> ModelTensors:
         raise MpbookError(f"{architecture} shares tensors between its decoder layers; the planner counts each "
                           "layer's own tensors, as the pipeline stages hold them")
     return held
+
+
+def _stage_modules(config, base, architecture: str):
+    """(modules of the first stage, the decoder layers, modules of the last stage), in the
+    order of the config's pipeline plan (``base_model_pp_plan``: module name -> inputs, outputs)."""
+    import torch
+
+    names = list(getattr(config, "base_model_pp_plan", None) or ())
+    if not names:
+        raise MpbookError(
+            f"{architecture}: its config has no pipeline plan (base_model_pp_plan) saying where the embedding, "
+            "the decoder layers and the final norm are; the planner reads models whose config has one"
+        )
+    try:
+        modules = [base.get_submodule(name) for name in names]
+    except AttributeError as exc:
+        raise MpbookError(f"{architecture}: its pipeline plan names a module it does not have ({exc})") from None
+    lists = [i for i, m in enumerate(modules) if isinstance(m, torch.nn.ModuleList)]
+    if len(lists) != 1:
+        raise MpbookError(
+            f"{architecture}: its pipeline plan ({', '.join(names)}) has {len(lists)} lists of decoder layers; "
+            "the planner splits exactly one over the stages"
+        )
+    (i,) = lists
+    return modules[:i], modules[i], modules[i + 1:]
 
 
 def _short_name(path: str) -> str:
@@ -199,8 +232,8 @@ def _layer_splits(layer, architecture: str) -> dict[str, int | None]:
             sub = layer.get_submodule(path)
         except AttributeError:
             raise MpbookError(
-                f"{architecture}: its decoder layers have no {path}, which the tensor-parallel plan splits; "
-                "mpbook plans Llama-family models (Llama, Mistral, Qwen2, SmolLM)"
+                f"{architecture}: its decoder layers have no {path}, which the engines' tensor-parallel plan "
+                "splits (mpbook.parallel.tensor.LAYER_PLAN), so the planner cannot count what a rank holds"
             ) from None
         for name, _ in sub.named_parameters(recurse=False):
             if style == "colwise":  # output rows of the weight, and the bias with them
