@@ -7,6 +7,8 @@ import pytest
 import mpbook
 from mpbook import Workbench
 
+pytestmark = pytest.mark.cluster
+
 # Equal lengths, so that every replica pads to the same prompt length the plan is given.
 PROMPTS = [
     "Explain pipeline parallelism in one sentence, today",
