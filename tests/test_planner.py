@@ -4,6 +4,8 @@ engines, transformers' DynamicCache, and tensor memory tracked through real forw
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from mpbook import Layout, MpbookError, plan
 from mpbook.models import build_tiny, tiny_config
 from mpbook.parallel.pipeline import split_layers
 from mpbook.parallel.tensor import LAYER_PLAN
-from mpbook.planner import layouts
+from mpbook.planner import layouts, model_tensors
 
 
 def qwen2_config():
@@ -224,6 +226,7 @@ def _tensor_parallel_tiny(state, folder: str, rows: int, prompt_len: int) -> dic
     }
 
 
+@pytest.mark.cluster
 def test_tensor_parallel_prediction_equals_dtensor_shards_on_engines(workbench, folders):
     rows, prompt_len = 3, 11
     real = workbench.apply(_tensor_parallel_tiny, str(folders["tiny"]), rows, prompt_len)
@@ -241,6 +244,7 @@ def test_tensor_parallel_prediction_equals_dtensor_shards_on_engines(workbench, 
         assert step.ranks[r.rank].kv_cache == got["kv_step"]
 
 
+@pytest.mark.cluster
 def test_fit_is_judged_against_the_engines_own_memory(workbench):
     p = plan("tiny", tp=2, engines=workbench)
     assert [r.device.name for r in p.ranks] == ["cpu", "cpu"]
@@ -347,12 +351,12 @@ def test_suggestions_cover_every_layout_and_put_fitting_ones_first():
 def test_cpu_ranks_on_one_host_must_fit_together():
     p = plan("tiny", dp=2, batch=2, device_memory_bytes=1 << 40)
     one = p.ranks[0].total
-    from mpbook.planner import Device, _fit
+    from mpbook.planner import Device, fit
 
     shared = [Device("cpu", "h", 2 * one - 1, shared=True)] * 2
-    assert [r.fits for r in _fit(p.ranks, shared)] == [False, False]  # each fits alone, not both
+    assert [r.fits for r in fit(p.ranks, shared)] == [False, False]  # each fits alone, not both
     shared = [Device("cpu", "h", 2 * one, shared=True)] * 2
-    assert [r.fits for r in _fit(p.ranks, shared)] == [True, True]
+    assert [r.fits for r in fit(p.ranks, shared)] == [True, True]
 
 
 # --------------------------------------------------------------------------- showing it
@@ -381,12 +385,13 @@ def test_text_and_html_show_the_arithmetic():
         (dict(dp=0), "dp=0: every degree must be a whole number >= 1"),
         (dict(batch=0), "batch=0: must be a whole number >= 1"),
         (dict(prompt_len=0), "prompt_len=0: must be a whole number >= 1"),
-        (dict(max_new_tokens=-1), "max_new_tokens=-1: must be a whole number >= 0"),
-        (dict(microbatches=0), "microbatches=0: must be a whole number >= 1"),
+        # checked where every caller checks them (mpbook.options), so they read as the flags do
+        (dict(max_new_tokens=-1), "--max-new-tokens -1: use 0 (a forward pass) or more"),
+        (dict(microbatches=0), "--microbatches 0: use at least 1"),
         (dict(prompt_len=500, max_new_tokens=32),
          "prompt_len=500 + max_new_tokens=32 = 532 tokens is beyond the model's 512 positions "
          "(max_position_embeddings); keep the sum <= 512"),
-        (dict(dtype="int8"), "dtype='int8' is not one mpbook runs in; choose one of float32, bfloat16, float16"),
+        (dict(dtype="int8"), "--dtype int8: choose one of float32, bfloat16, float16"),
         (dict(attention="flash"), "attention='flash': choose one of sdpa, eager"),
         (dict(dp=2, engines=3), "dp=2 x pp=1 x tp=1 uses 2 engines but there are 3; choose a layout whose product "
                                 "is 3: dp=1 x pp=3 x tp=1; dp=3 x pp=1 x tp=1"),
@@ -412,7 +417,88 @@ def test_bad_model_and_qwen2_tp_choices():
         plan("./no-such-model")
 
 
+# --------------------------------------------------------------------------- config -> numbers, nothing else
+def test_weights_kv_cache_and_activations_by_hand_from_the_config():
+    """The README's example counted by hand from the tiny preset's config: no engine, no file."""
+    c = tiny_config()
+    h, inter, vocab = c.hidden_size, c.intermediate_size, c.vocab_size
+    heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+    head_dim, tp, e = h // heads, 2, 4
+    # q, k, v, o and gate, up, down are cut by tp; the layer's two norms are whole
+    layer = (h * heads * head_dim + 2 * h * kv_heads * head_dim + heads * head_dim * h + 3 * h * inter) // tp + 2 * h
+    p = plan(c, pp=2, tp=2, batch=4, prompt_len=32, max_new_tokens=16, device_memory_bytes=1 << 40)
+    first, last = (vocab * h + 3 * layer) * e, (3 * layer + h + vocab * h) * e  # the tied head: a copy on the last stage
+    assert [r.parameters for r in p.ranks] == [first, first, last, last]
+    assert len({r.buffers for r in p.ranks}) == 1  # the rotary buffers, on every stage
+    tokens = 32 + 16 - 1  # the last new token is never fed back
+    assert [r.kv_cache for r in p.ranks] == [2 * 4 * 3 * tokens * (kv_heads // tp) * head_dim * e] * 4
+    assert p.ranks[0].activation_phase == "prefill"
+    assert p.ranks[0].activation_parts == {
+        "hidden states": 3 * 4 * 32 * h * e,
+        "mask": 4 * 32 * 32,  # sdpa: booleans
+        "rotary cos/sin": 2 * 4 * 32 * head_dim * e,
+        "MLP (3 x rows x tokens x intermediate/tp)": 3 * 4 * 32 * (inter // tp) * e,
+    }
+
+
+def test_the_readme_example_prints_what_the_readme_shows():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = re.search(r"```\n(mpbook\.plan: tiny .*?)\n```", readme, re.DOTALL).group(1)
+    p = plan("tiny", pp=2, tp=2, batch=4, prompt_len=32, max_new_tokens=16, device_memory_bytes=24 << 30)
+    assert str(p) == shown
+
+
+def test_what_the_model_holds_is_read_once_per_config_content_and_dtype():
+    config = tiny_config()
+    before = config.to_dict()
+    held = model_tensors(config, "float32")
+    assert model_tensors(tiny_config(), "float32") is held  # an equal config, read again: kept
+    assert model_tensors(config, "bfloat16") is not held
+    assert config.to_dict() == before  # building on meta does not write into the caller's config
+    shorter = tiny_config()
+    shorter.num_hidden_layers = 4  # changed in place: another model
+    assert len(model_tensors(shorter, "float32").layers) == 4
+    numbers = lambda p: [(r.parameters, r.buffers, r.kv_cache, r.activations) for r in p.ranks]  # noqa: E731
+    assert numbers(plan(config, tp=2, tensors=held, device_memory_bytes=1 << 40)) == numbers(
+        plan(config, tp=2, device_memory_bytes=1 << 40))
+    with pytest.raises(MpbookError, match=r"tensors= holds 6 layers in float32, the plan is for 6 layers in bfloat16"):
+        plan(config, dtype="bf16", tensors=held)
+    with pytest.raises(MpbookError, match=r"tensors= holds 6 layers in float32, the plan is for 4 layers"):
+        plan(shorter, tensors=held)
+
+
+def test_ep_is_a_degree_of_the_layout_and_only_1_is_planned():
+    p = plan("tiny", tp=2, ep=1, device_memory_bytes=1 << 40)
+    assert p.layout == Layout(1, 1, 2, 1) and [r.ep for r in p.ranks] == [0, 0]
+    with pytest.raises(MpbookError, match="ep=2: the planner does not count expert parallel layouts yet; plan with ep=1"):
+        plan("tiny", ep=2)
+    assert all(x.ep == 1 for x in layouts(8)) and len(layouts(8)) == 10
+
+
+def test_this_machine_is_asked_through_mpbook_devices(monkeypatch):
+    import mpbook.devices
+
+    monkeypatch.setattr(mpbook.devices, "visible_gpu_count", lambda: 2)
+    monkeypatch.setattr(mpbook.devices, "gpu_free_bytes", lambda n: [5 << 30, 7 << 30][:n])
+    p = plan("tiny", tp=2)
+    assert [(r.device.name, r.device.free_bytes, r.device.shared) for r in p.ranks] == [
+        ("cuda:0", 5 << 30, False), ("cuda:1", 7 << 30, False)]
+    assert p.memory_source == "free GPU memory on this machine (NVML)"
+    monkeypatch.setattr(mpbook.devices, "visible_gpu_count", lambda: 1)
+    p = plan("tiny", tp=2)
+    assert all(r.device.name == "cpu" and r.device.shared for r in p.ranks)
+    assert p.memory_source.endswith("(1 GPU visible, fewer than 2 ranks)")
+
+
+def test_a_model_without_a_pipeline_plan_says_so():
+    from transformers import GPT2Config
+
+    with pytest.raises(MpbookError, match=r"^GPT2LMHeadModel: its config has no pipeline plan \(base_model_pp_plan\)"):
+        plan(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100), device_memory_bytes=1 << 40)
+
+
 # --------------------------------------------------------------------------- against a real run
+@pytest.mark.cluster
 @pytest.mark.parametrize("degrees", [dict(dp=2), dict(pp=2), dict(tp=2)])
 def test_weights_and_kv_cache_equal_what_a_generation_holds(workbench, degrees):
     """What mpbook's own generation reports per rank (parameters held, the KV cache at the

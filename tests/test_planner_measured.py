@@ -7,12 +7,15 @@ import pytest
 import mpbook
 from mpbook import Workbench
 
-# Equal lengths, so that every replica pads to the same prompt length the plan is given.
+pytestmark = pytest.mark.cluster
+
+# Equal lengths, so that every replica pads to the same prompt length the plan is given: 12
+# tokens each, words the preset's vocabulary holds whole (a word it lacks is spelled letter by letter).
 PROMPTS = [
-    "Explain pipeline parallelism in one sentence, today",
-    "What does an all-reduce do when four ranks join it?",
-    "Why do more micro-batches shrink a pipeline bubble?",
-    "How is a KV cache split when tensor parallel is on?",
+    "Please answer this question about pipeline parallel memory in one sentence.",
+    "What can each device hold when the model is tensor parallel?",
+    "How should a large batch of data help the pipeline work?",
+    "Where is the memory of one layer on each parallel device?",
 ]
 
 

@@ -1,0 +1,63 @@
+"""The result of :func:`mpbook.plan`: per-rank bytes of one layout, whether it fits, other layouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ..layout import Layout
+from . import rendering
+from .devices import Device, devices_for, engine_count
+from .ranks import PlannedModel, RankPlan
+from .suggestions import Suggestion, suggest
+from .workload import Workload
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted per-rank memory of one layout, whether it fits, and other layouts that would.
+
+    Each rank's ``total`` is its predicted peak: weights + KV cache (at the full length:
+    the prompt and every new token but the last) + activations (the largest forward of one
+    micro-batch). Weights and KV cache are exact for the module tree and DynamicCache;
+    activations are an estimate.
+    """
+
+    model: str
+    architecture: str
+    layout: Layout
+    workload: Workload
+    ranks: list[RankPlan]
+    memory_source: str
+    suggestions: list[Suggestion]
+    _model: PlannedModel = field(repr=False, compare=False)
+    _devices: list[Device] = field(repr=False, compare=False)
+
+    @property
+    def fits(self) -> bool:
+        return all(r.fits for r in self.ranks)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest per-rank total."""
+        return max(r.total for r in self.ranks)
+
+    def rank(self, rank: int) -> RankPlan:
+        return self.ranks[rank]
+
+    def suggest(self, engines=None, *, device_memory_bytes=None) -> list[Suggestion]:
+        """Layouts over ``engines`` (default: this plan's ranks) valid for the model, fitting ones first."""
+        world = engine_count(engines) or self.layout.world_size
+        if engines is None and device_memory_bytes is None and world == self.layout.world_size:
+            devices = self._devices
+        else:
+            devices, _ = devices_for(engines, device_memory_bytes, world)
+        return suggest(self._model, self.workload, world, devices)
+
+    def arithmetic(self) -> list[str]:
+        """How the numbers are made, once for each group of ranks that hold the same."""
+        return rendering.arithmetic(self)
+
+    def __str__(self) -> str:
+        return rendering.text(self)
+
+    def _repr_html_(self) -> str:
+        return rendering.html_view(self)

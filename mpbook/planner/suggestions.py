@@ -1,0 +1,83 @@
+"""Other layouts over the same engines: which are valid for the model, which fit, and why (not)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ..errors import MpbookError
+from ..layout import Layout
+from ..parallel.pipeline import split_layers
+from ..parallel.tensor import validate_tp
+from ..units import format_bytes as fb
+from .devices import Device, fit
+from .ranks import PlannedModel, rank_plans
+from .rendering import suggestion_line
+from .workload import Workload
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A layout over the same engines: whether it is valid and fits, and why (not)."""
+
+    layout: Layout
+    valid: bool
+    fits: bool
+    peak_bytes: int | None  # the largest per-rank total
+    reason: str
+
+    def __str__(self) -> str:
+        return suggestion_line(self)
+
+
+def layouts(world: int) -> list[Layout]:
+    """Every (dp, pp, tp) whose product is ``world`` (ep=1: expert parallel is not suggested yet)."""
+    return [
+        Layout(dp, pp, world // (dp * pp))
+        for dp in range(1, world + 1)
+        for pp in range(1, world + 1)
+        if world % (dp * pp) == 0
+    ]
+
+
+def why_invalid(config, layout: Layout, batch: int | None = None) -> str | None:
+    """The first reason ``layout`` cannot run the model (the error's first clause), or None."""
+    try:
+        validate_tp(config, layout.tp)
+        split_layers(config.num_hidden_layers, layout.pp)
+    except MpbookError as exc:
+        return str(exc).split(";")[0]
+    if batch is not None and layout.dp > batch:
+        return f"dp={layout.dp} > {batch} prompt{'s' if batch != 1 else ''}: replicas would sit idle"
+    return None
+
+
+def suggest(model: PlannedModel, work: Workload, world: int, devices: list[Device]) -> list[Suggestion]:
+    """Every layout over ``world`` engines: fitting ones first (most headroom first), then the
+    valid ones that do not fit, then the invalid ones."""
+    good, bad = [], []
+    for layout in layouts(world):
+        why = why_invalid(model.config, layout, work.batch)
+        if why is not None:
+            bad.append(Suggestion(layout, False, False, None, why))
+            continue
+        # Custom stage sizes belong to the asked layout; the others split evenly.
+        ranks = fit(rank_plans(model, layout, replace(work, stage_sizes=None)), devices)
+        peak = max(r.total for r in ranks)
+        if all(r.fits for r in ranks):
+            if devices[0].shared:
+                together = sum(r.total for r in ranks if r.device.host == devices[0].host)
+                reason = f"{fb(together)} together of {fb(devices[0].free_bytes)} shared host memory"
+            else:
+                reason = f"{fb(min(d.free_bytes for d in devices))} free on the smallest device"
+            good.append(Suggestion(layout, True, True, peak, reason))
+        else:
+            worst = next(r for r in ranks if not r.fits)
+            reason = f"rank {worst.rank} needs {fb(worst.total)}"
+            if worst.device.shared:
+                host = worst.device.host
+                reason = f"the ranks on {host} need {fb(sum(r.total for r in ranks if r.device.host == host))} together"
+            bad.append(Suggestion(layout, True, False, peak, f"{reason}, {fb(worst.device.free_bytes)} free"))
+    # Most headroom first; among equals, fewer collectives: smaller tp, then smaller pp.
+    key = lambda g: (g.peak_bytes if g.peak_bytes is not None else math.inf, g.layout.tp, g.layout.pp)  # noqa: E731
+    return sorted(good, key=key) + sorted((b for b in bad if b.valid), key=key) + [b for b in bad if not b.valid]
