@@ -223,7 +223,7 @@ def test_memory_is_a_bar_against_the_devices_capacity_with_the_tensors_beside_it
     memory = memory_of(snap)
     assert memory.label() == "384.0 MiB / 64.0 GiB"
     assert memory.share == pytest.approx(384 / (64 * 1024))
-    assert memory.tensors_label() == "weights 800.0 KiB · KV cache 16.0 KiB"
+    assert memory.tensors_label() == "weights 800.0 KiB · KV 16.0 KiB"
     bar = memory_bar_html(memory.label(), memory.share)
     assert "width:1%" in bar and "384.0 MiB / 64.0 GiB" in bar
     assert "width:50%" in memory_bar_html("x", 0.5) and "#d62728" in memory_bar_html("x", 0.95)
@@ -236,7 +236,7 @@ def test_memory_is_a_bar_against_the_devices_capacity_with_the_tensors_beside_it
     dash.update({0: snap})
     dash.refresh(force=True)
     row = dash.view.values()[0]
-    assert (row["memory"], row["tensors"], row["peak"]) == ("384.0 MiB / 64.0 GiB", "weights 800.0 KiB · KV cache 16.0 KiB", "400.0 MiB")
+    assert (row["memory"], row["tensors"], row["peak"]) == ("384.0 MiB / 64.0 GiB", "weights 800.0 KiB · KV 16.0 KiB", "400.0 MiB")
     assert "width:1%" in dash.view.cells[0]["memory"].value
 
 
@@ -300,6 +300,11 @@ def test_stream_figures_of_an_earlier_run_are_not_this_calls():
     assert texts.take({"rows": {"0": [1, 2]}, "times": {"0": [0.5, 0.6]}})  # keys as strings too
     assert not texts.take({"rows": {0: [1]}})  # older (shorter) news changes nothing
     assert texts.lines()[0].text == " w1 w2" and texts.updates == 1
+    # a random model's tokens decode to any byte: control characters are left out of the page
+    from mpbook.dashboard.figures import PromptText
+    from mpbook.dashboard.widget import prompt_html
+
+    assert 'class="mpbook-generated">ab\nc<' in prompt_html(PromptText(0, "p\x1b", text="a\x00b\nc"))
 
 
 def test_the_text_view_prints_new_text_twice_a_second_and_one_summary():

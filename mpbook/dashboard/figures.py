@@ -46,6 +46,12 @@ def format_memory(n: int | None) -> str:
     return NONE if n is None else format_bytes(n)
 
 
+def visible(text: str) -> str:
+    """``text`` without control characters (a random model's tokens decode to any byte),
+    line breaks and tabs kept."""
+    return "".join(c for c in text if c.isprintable() or c in "\n\t")
+
+
 def total_tokens(snapshot: Snapshot) -> int:
     return sum(snapshot.get("tokens", {}).values())
 
@@ -238,8 +244,8 @@ class MemoryFigure:
         return format_memory(self.in_use)
 
     def tensors_label(self) -> str:
-        """``"weights 812.0 KiB · KV cache 16.0 KiB"``: the tensors inside the process figure."""
-        names = {"weights": "weights", "kv_cache": "KV cache", "activations": "activations"}
+        """``"weights 812.0 KiB · KV 16.0 KiB"``: the tensors inside the process figure."""
+        names = {"weights": "weights", "kv_cache": "KV", "activations": "activations"}
         shown = [f"{names.get(part, part)} {format_bytes(n)}" for part, n in self.parts.items() if n]
         return " · ".join(shown) or NONE
 

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TextIO
 
-from .figures import Row
+from .figures import Row, visible
 from .view import Frame
 
 TEXT_EVERY_S = 5.0  # a line per engine at most this often
@@ -20,7 +20,7 @@ STREAM_EVERY_S = 0.5  # new text of each prompt at most this often (at least 2 u
 
 def printable(text: str) -> str:
     """``text`` on one line: line breaks shown as ⏎, other control characters left out."""
-    return "".join("⏎" if c == "\n" else c for c in text if c == "\n" or c == "\t" or c.isprintable())
+    return visible(text).replace("\n", "⏎")
 
 
 def row_line(row: Row) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
-from .figures import PromptText, Row
+from .figures import PromptText, Row, visible
 from .view import Frame
 
 COLUMNS = ("rank", "host", "device", "phase", "tokens/s", "collectives", "memory", "peak", "tensors")
@@ -59,7 +59,7 @@ def cell_texts(row: Row) -> dict[str, str]:
     }
 
 
-def memory_bar_html(label: str, share: float | None, *, width: int = 72) -> str:
+def memory_bar_html(label: str, share: float | None, *, width: int = 60) -> str:
     """The process's memory as a bar against the device's capacity, its words beside it.
 
     The share is rounded to whole percents: a refresh that moves the bar by less sends nothing.
@@ -78,8 +78,10 @@ def memory_bar_html(label: str, share: float | None, *, width: int = 72) -> str:
 
 
 def prompt_html(line: PromptText) -> str:
-    prompt = line.prompt if len(line.prompt) <= PROMPT_CHARS else line.prompt[: PROMPT_CHARS - 1] + "…"
-    text = line.text if len(line.text) <= TEXT_CHARS else "…" + line.text[-TEXT_CHARS:]
+    prompt = visible(line.prompt).replace("\n", " ")
+    prompt = prompt if len(prompt) <= PROMPT_CHARS else prompt[: PROMPT_CHARS - 1] + "…"
+    text = visible(line.text)
+    text = text if len(text) <= TEXT_CHARS else "…" + text[-TEXT_CHARS:]
     note = line.note()
     return (
         '<div style="white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace);font-size:12px">'
@@ -132,7 +134,7 @@ class WidgetView:
         self._texts: dict[int, dict[str, str]] = {r: {c: "" for c in self.columns} for r in ranks}
         grid = w.GridBox(
             children=header + [cell for r in ranks for cell in self.cells[r].values()],
-            layout=w.Layout(grid_template_columns=f"repeat({len(self.columns)}, max-content)", grid_gap="0 18px"),
+            layout=w.Layout(grid_template_columns=f"repeat({len(self.columns)}, max-content)", grid_gap="0 14px"),
         )
         self.prompts = w.VBox()
         self.prompt_lines: list[Any] = []
