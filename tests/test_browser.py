@@ -36,9 +36,6 @@ CHROMIUM_ARGS = [
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "00_quickstart.ipynb"
 WATCH_MARKER = "-o watch_run"  # the quickstart's long cell, the one whose dashboard is read
 RUN_ALL_TIMEOUT_S = 300
-# Flip once the engines publish `stream` and the session tells the dashboard its prompts
-# (issue 11 item 4): the long cell's first prompt must then grow in the page while it runs.
-LIVE_TOKENS_LANDED = False
 
 
 def _free_port() -> int:
@@ -305,10 +302,9 @@ def test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves(page, jupyterlab,
     assert all("MiB" in m or "GiB" in m for s in decoding for m in s["memory"]), decoding[-1]
     assert all(" / " in m for m in last["memory"]), last["memory"]  # against the host's memory
     assert last["plot"]
-    if LIVE_TOKENS_LANDED:
-        # the first prompt's text grew in the page while the cell ran
-        texts = [s["prompt"] for s in running if s["prompt"]]
-        assert len(set(texts)) >= 3 and len(texts[-1]) > len(texts[0]), texts
+    # the first prompt's text grew in the page while the cell ran
+    texts = [s["prompt"] for s in running if s["prompt"]]
+    assert len(set(texts)) >= 3 and len(texts[-1]) > len(texts[0]), texts
     assert "done in" in samples[-1]["status"], samples[-1]["status"]  # seen while watching
     assert "done in" in settled["status"] and "tokens" in settled["status"], settled["status"]
     assert settled["phase"] == ["idle", "idle"]

@@ -316,13 +316,16 @@ def row_of(track: RankTrack, *, rate: float | None, live: bool) -> Row:
 
 # --------------------------------------------------------------------------- live text
 def call_stream(start: Snapshot | None, latest: Snapshot | None) -> Mapping[str, Any] | None:
-    """The ``stream`` figure of ``latest`` if it belongs to this call, not to an earlier run
-    (a snapshot keeps the last run's stream until the next run replaces it)."""
+    """The ``stream`` figure of ``latest`` if it belongs to this call, not to an earlier run.
+
+    Engines drop the figure when a run ends, so a call's first snapshot has none; where an
+    engine keeps it and numbers its runs (``run``), the same number as at the call's start
+    means an earlier run's tokens."""
     stream = (latest or {}).get("stream")
     if not stream:
         return None
     before = (start or {}).get("stream")
-    if before and before.get("run") == stream.get("run"):
+    if before and stream.get("run") is not None and before.get("run") == stream.get("run"):
         return None
     return stream
 

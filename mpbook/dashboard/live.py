@@ -135,7 +135,9 @@ class Dashboard:
         self.result = result
         self._awaits_result = False
         if self.state == "done":
-            self.headline = words.done_with_result(self._seconds, result)
+            # the session's own time for the whole call (its client work included), if it says
+            seconds = getattr(result, "cell_seconds", 0.0) or self._seconds
+            self.headline = words.done_with_result(seconds, result)
             self.outcome = self.headline
         texts = list(getattr(result, "texts", None) or [])
         if texts:

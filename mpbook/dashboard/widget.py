@@ -21,7 +21,7 @@ from .view import Frame
 COLUMNS = ("rank", "host", "device", "phase", "tokens/s", "collectives", "memory", "peak", "tensors")
 CUDA_COLUMNS = ("reserved", "GPU used / total")
 PROMPT_CHARS = 60  # of each prompt a line shows before its generated text
-TEXT_CHARS = 2000  # of each generated text a line shows (the end of it; the result keeps all)
+TEXT_CHARS = 600  # of each generated text a line shows (its end; the result keeps all of it)
 
 PHASE_COLOURS = {
     "idle": "#777777",
@@ -84,7 +84,9 @@ def prompt_html(line: PromptText) -> str:
     text = text if len(text) <= TEXT_CHARS else "…" + text[-TEXT_CHARS:]
     note = line.note()
     return (
-        '<div style="white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace);font-size:12px">'
+        # The widgets' own line height (a form row's) would space wrapped text far apart.
+        '<div style="white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace);font-size:12px;'
+        'line-height:1.4;margin:1px 0">'
         f'<span style="color:#777">[{line.index}] {escape(prompt)} →</span> '
         f'<span class="mpbook-generated">{escape(text)}</span>'
         + (f' <span class="mpbook-prompt-note" style="color:#999">({escape(note)})</span>' if note else "")

@@ -46,7 +46,8 @@ def done(seconds: float, figures: CellFigures) -> str:
 def done_with_result(seconds: float, result: Any) -> str:
     """A finished run, in its result's numbers (:class:`mpbook.results.RunResult`)."""
     prefill_tokens = sum(result.prompt_tokens)
-    decode_tokens = round(result.decode_tokens_per_s * result.decode_seconds)
+    # as the result counts them: each prompt's first new token comes out of the prefill
+    decode_tokens = sum(max(len(ids) - 1, 0) for ids in result.token_ids) if result.max_new_tokens else 0
     phases = [("prefill", prefill_tokens, result.prefill_tokens_per_s), ("decode", decode_tokens, result.decode_tokens_per_s)]
     return _story(seconds, max(result.load_seconds or [0.0]), phases, max(result.collective_seconds or [0.0]))
 
