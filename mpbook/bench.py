@@ -313,8 +313,9 @@ class OverheadReport:
                 f"  client CPU added by the dashboard: {self.client_cpu_added * 100:.2f}% of a core",
                 f"  while on: {self.snapshots_per_s:.1f} snapshots/s per engine, "
                 f"{self.refreshes_per_s:.1f} dashboard refreshes/s",
-                f"  decode tokens/s   on {med(s.decode_tok_s for s in self.on):,.1f}  "
-                f"off {med(s.decode_tok_s for s in self.off):,.1f}  lost {self.decode_overhead * 100:+.2f}% (target at most 2%)",
+                f"  decode tokens/s    on {med(s.decode_tok_s for s in self.on):,.1f}  "
+                f"off {med(s.decode_tok_s for s in self.off):,.1f}  ratio {1 - self.decode_overhead:.4f} "
+                f"({-self.decode_overhead * 100:+.2f}%; target: no more than 2% lost)",
                 f"  live text: {self.text_updates_per_s:.1f} updates/s per prompt while decoding (target at least 2)"
                 if self.streaming else
                 "  live text: no prompt's text grew in the dashboard (a run too short to see it?)",
