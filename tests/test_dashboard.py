@@ -23,8 +23,9 @@ from IPython.core.error import UsageError
 import mpbook.dashboard.text
 from mpbook import RankError
 from mpbook.dashboard import Dashboard, Follower, follow
-from mpbook.dashboard.figures import MemoryFigure, PromptTexts, call_stream, memory_of
+from mpbook.dashboard.figures import MemoryFigure, memory_of
 from mpbook.dashboard.text import TextView
+from mpbook.dashboard.texts import PromptText, PromptTexts, call_stream
 from mpbook.dashboard.view import View
 from mpbook.dashboard.widget import WidgetView, memory_bar_html
 from mpbook.errors import RankFailure
@@ -298,7 +299,6 @@ def test_stream_figures_of_an_earlier_run_are_not_this_calls():
     assert not texts.take({"rows": {0: [1]}})  # older (shorter) news changes nothing
     assert texts.lines()[0].text == " w1 w2" and texts.updates == 1
     # a random model's tokens decode to any byte: control characters are left out of the page
-    from mpbook.dashboard.figures import PromptText
     from mpbook.dashboard.widget import prompt_html
 
     assert 'class="mpbook-generated">ab\nc<' in prompt_html(PromptText(0, "p\x1b", text="a\x00b\nc"))

@@ -5,7 +5,8 @@ else (a terminal IPython, a script, ``python -m mpbook demo``) the same figures 
 few lines of text. Every figure belongs to the call that runs (one cell).
 
 - :mod:`.figures`: the data model (each rank's snapshots of a call, the call's totals,
-  memory against the device's capacity, each prompt's text so far, rows);
+  memory against the device's capacity, rows);
+- :mod:`.texts`: each prompt's text as it grows (live tokens);
 - :mod:`.words`: the status line and the plot's label;
 - :mod:`.view`: the one interface of the views (``show``, ``render(frame)``, ``finish(frame)``);
 - :mod:`.widget` and :mod:`.text`: the two views;

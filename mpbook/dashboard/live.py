@@ -23,10 +23,9 @@ from typing import Any, TextIO
 from ..compat import ipyparallel as ipp_compat
 from ..protocol import TELEMETRY_LATEST, TELEMETRY_START
 from . import words
-from .figures import (
-    PromptTexts, RankTrack, call_stream, cell_figures, live_rate, replica_rates, row_of,
-)
+from .figures import RankTrack, cell_figures, live_rate, replica_rates, row_of
 from .text import TextView
+from .texts import PromptTexts, call_stream
 from .view import Frame, View
 from .widget import WidgetView, in_notebook
 

@@ -11,7 +11,8 @@ import sys
 import time
 from typing import TextIO
 
-from .figures import Row, visible
+from .figures import Row
+from .texts import visible
 from .view import Frame
 
 TEXT_EVERY_S = 5.0  # a line per engine at most this often

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from .figures import PromptText, Row
+from .figures import Row
+from .texts import PromptText
 
 # ready, running, done, failed, interrupted, idle (a standing dashboard between calls), stopped
 STATES = ("ready", "running", "done", "failed", "interrupted", "idle", "stopped")

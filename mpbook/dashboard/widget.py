@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
-from .figures import PromptText, Row, visible
+from .figures import Row
+from .texts import PromptText, visible
 from .view import Frame
 
 COLUMNS = ("rank", "host", "device", "phase", "tokens/s", "collectives", "memory", "peak", "tensors")
