@@ -56,7 +56,8 @@ def bench(args: argparse.Namespace) -> int:
             )
             print(report.format())
             payload = {"engine_ratio": report.engine_ratio, "engine_cpu_ratio": report.engine_cpu_ratio,
-                       "client_cpu_added": report.client_cpu_added}
+                       "client_cpu_added": report.client_cpu_added, "decode_overhead": report.decode_overhead,
+                       "text_updates_per_s": report.text_updates_per_s, "streaming": report.streaming}
     else:
         payload = benchmarks.bench_strategies(
             model=args.model, engines=args.n, cpu=args.cpu, batch=args.batch, new_tokens=args.new_tokens,
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sweep", action="store_true",
                    help="every layout that fits the engines, not one per strategy; writes JSON and a PNG plot")
     b.add_argument("--cluster", action="store_true", help="measure cluster start-up and the %%%%mp run round trip")
-    b.add_argument("--dashboard-overhead", action="store_true", help="generation with the dashboard on and off")
+    b.add_argument("--dashboard-overhead", action="store_true", help="generation with the dashboard and live text on and off")
     b.add_argument("--soak", type=int, default=0, metavar="N", help="N generation cells in a row: failures, memory growth")
     b.add_argument("--json", default=None, metavar="PATH", help="write the records to PATH")
     b.set_defaults(func=bench)

@@ -13,9 +13,11 @@ tokens are identical.
 dashboard and all), counting failures and the engines' memory growth after warm-up.
 
 ``--dashboard-overhead``: what watching costs. The same generation runs with the dashboard
-on (engines publish snapshots, the client refreshes a widget dashboard) and off (no
-publishing, no dashboard), interleaved A B B A; the report is the median ratio of their
-times, and of the engines' CPU time, which other processes' load does not blur.
+and live text on (engines publish snapshots with each prompt's new tokens, the client
+refreshes a widget dashboard whose prompt lines grow) and off (no publishing, no streaming,
+no dashboard), interleaved A B B A; the report is the median ratio of their times, of the
+engines' CPU time (which other processes' load does not blur) and of the decode's tokens/s
+(target: at most 2% lost), with how often each prompt's text grew.
 """
 
 from __future__ import annotations
@@ -250,6 +252,7 @@ class Sample:
     engine_cpu_s: float  # CPU time of the engine processes during the call, all ranks
     wall_s: float  # the client's wall time of the call
     client_cpu_s: float  # the client's CPU time during the call (the dashboard's drawing included)
+    decode_tok_s: float  # the result's decode tokens/s
 
 
 def _median_ratio(on: list[float], off: list[float]) -> float:
@@ -260,10 +263,12 @@ def _median_ratio(on: list[float], off: list[float]) -> float:
 class OverheadReport:
     rounds: int
     steps: int
-    on: list[Sample]  # dashboard on: engines publish, the client refreshes a widget dashboard
+    on: list[Sample]  # dashboard and live text on: engines publish and stream, the client refreshes a widget dashboard
     off: list[Sample]
     snapshots_per_s: float  # published per engine per second, dashboard on
     refreshes_per_s: float  # dashboard view refreshes per second
+    text_updates_per_s: float = 0.0  # times a prompt's text grew in the dashboard, per prompt per second of decode
+    streaming: bool = False  # the dashboard saw the prompts' texts grow
 
     def ratio(self, field: str) -> float:
         """Median over the A/B pairs of on/off for one field of :class:`Sample`."""
@@ -278,6 +283,11 @@ class OverheadReport:
     def engine_cpu_ratio(self) -> float:
         """The engines' CPU time on/off: the publisher's cost, robust to other processes' load."""
         return self.ratio("engine_cpu_s")
+
+    @property
+    def decode_overhead(self) -> float:
+        """The decode's tokens/s lost to watching: 1 - on/off (target: at most 0.02)."""
+        return 1 - self.ratio("decode_tok_s")
 
     @property
     def client_cpu_added(self) -> float:
@@ -303,6 +313,12 @@ class OverheadReport:
                 f"  client CPU added by the dashboard: {self.client_cpu_added * 100:.2f}% of a core",
                 f"  while on: {self.snapshots_per_s:.1f} snapshots/s per engine, "
                 f"{self.refreshes_per_s:.1f} dashboard refreshes/s",
+                f"  decode tokens/s    on {med(s.decode_tok_s for s in self.on):,.1f}  "
+                f"off {med(s.decode_tok_s for s in self.off):,.1f}  ratio {1 - self.decode_overhead:.4f} "
+                f"({-self.decode_overhead * 100:+.2f}%; target: no more than 2% lost)",
+                f"  live text: {self.text_updates_per_s:.1f} updates/s per prompt while decoding (target at least 2)"
+                if self.streaming else
+                "  live text: no prompt's text grew in the dashboard (a run too short to see it?)",
             ]
         )
 
@@ -322,29 +338,36 @@ def dashboard_overhead(
     prompts = (BENCH_PROMPTS * batch)[:batch]
     steps = new_tokens
 
-    def run(steps: int, on: bool) -> tuple[Sample, Dashboard | None]:
+    def run(steps: int, on: bool) -> tuple[Sample, Dashboard | None, float]:
         wb.apply(_set_publishing, on, stream=False, what="switching the publisher")
         dash = Dashboard(wb, mode="widget") if on else None
         cpu_before = wb.apply(_engine_cpu_seconds, stream=False)
         began, cpu0 = time.perf_counter(), time.process_time()
-        result = wb.generate(prompts, strategy=strategy, model=model, max_new_tokens=steps, dashboard=dash or False)
+        # ignore_eos: every run generates the same number of tokens, whatever the model says
+        result = wb.generate(prompts, strategy=strategy, model=model, max_new_tokens=steps, dashboard=dash or False,
+                             ignore_eos=True, stream=on)
         wall, client_cpu = time.perf_counter() - began, time.process_time() - cpu0
         cpu_after = wb.apply(_engine_cpu_seconds, stream=False)
         engine_cpu = sum(b - a for a, b in zip(cpu_before, cpu_after))
-        return Sample(result.prefill_seconds + result.decode_seconds, engine_cpu, wall, client_cpu), dash
+        sample = Sample(result.prefill_seconds + result.decode_seconds, engine_cpu, wall, client_cpu,
+                        result.decode_tokens_per_s)
+        return sample, dash, result.decode_seconds
 
     try:
         run(steps, False)  # warm-up: loads the model
         on: list[Sample] = []
         off: list[Sample] = []
         published_before = sum(wb.apply(_published, stream=False))
-        refreshes = 0
+        refreshes = text_updates = 0
+        decode_on = 0.0
         for i in range(rounds):
             for publishing in (True, False) if i % 2 == 0 else (False, True):
-                sample, dash = run(steps, publishing)
+                sample, dash, decode_s = run(steps, publishing)
                 (on if publishing else off).append(sample)
                 if dash is not None:
                     refreshes += dash.refreshes
+                    text_updates += dash.texts.updates
+                    decode_on += decode_s
         published = sum(wb.apply(_published, stream=False)) - published_before
     finally:
         wb.apply(_set_publishing, True, stream=False, what="switching the publisher back on")
@@ -356,6 +379,8 @@ def dashboard_overhead(
         off=off,
         snapshots_per_s=published / wb.world_size / on_time,
         refreshes_per_s=refreshes / on_time,
+        text_updates_per_s=text_updates / len(prompts) / decode_on if decode_on else 0.0,
+        streaming=text_updates > 0,
     )
 
 

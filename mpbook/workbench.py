@@ -156,14 +156,17 @@ class Workbench:
             self._standing.remove(dashboard)
 
     def _follower(self, dashboard: Any, on_tick: Callable[[], None] | None):
-        """What watches one call: its own dashboard (True: a new one), the standing ones, a tick."""
+        """What watches one call: its own dashboard (True: a new one), the standing ones, a tick.
+
+        A :class:`mpbook.dashboard.Follower`: ``F(result, ranks)`` is the wait loop's context
+        manager; a strategy run also calls ``F.describe_run(info)`` and ``F.show_result(result)``."""
         if not dashboard and not self._standing and on_tick is None:
             return None
         from .dashboard import Dashboard, follow
 
         dashboards = [Dashboard(self) if dashboard is True else dashboard] if dashboard else []
         dashboards += [d for d in self._standing if d not in dashboards]
-        return lambda result, ranks: follow(dashboards, result, ranks, on_tick=on_tick)
+        return follow(dashboards, on_tick=on_tick)
 
     # ----------------------------------------------------------------- context manager
     def __enter__(self) -> Workbench:

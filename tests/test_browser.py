@@ -21,7 +21,7 @@ import pytest
 
 from cluster_probe import alive
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.cluster]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -206,8 +206,9 @@ RUN_ALL = """() => {
         (err) => { window.__mpbookRunAll = 'failed: ' + err; });
 }"""
 
-# The dashboard widget in the output of the cell whose source holds `marker`: its status line
-# and, per column, the text of rank 0's and rank 1's cells (CSS classes set by mpbook).
+# The dashboard widget in the output of the cell whose source holds `marker`: its status line,
+# per column the text of rank 0's and rank 1's cells, and the first prompt's generated text so
+# far (CSS classes set by mpbook).
 READ_DASHBOARD = """(marker) => {
     const cells = window.jupyterapp.shell.currentWidget.content.widgets;
     const cell = cells.find((c) => c.model.sharedModel.getSource().includes(marker));
@@ -220,6 +221,7 @@ READ_DASHBOARD = """(marker) => {
         phase: column('phase'), tokens: column('tokens-s'), memory: column('memory'),
         peak: column('peak'), collectives: column('collectives'),
         plot: !!dash.querySelector('.mpbook-throughput svg'),
+        prompt: text(dash.querySelector('.mpbook-prompt-0 .mpbook-generated')),
     };
 }"""
 
@@ -298,7 +300,11 @@ def test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves(page, jupyterlab,
     rates = [_number(s["tokens"][0]) for s in decoding]
     assert any(r and r > 0 for r in rates), rates
     assert all("MiB" in m or "GiB" in m for s in decoding for m in s["memory"]), decoding[-1]
+    assert all(" / " in m for m in last["memory"]), last["memory"]  # against the host's memory
     assert last["plot"]
+    # the first prompt's text grew in the page while the cell ran
+    texts = [s["prompt"] for s in running if s["prompt"]]
+    assert len(set(texts)) >= 3 and len(texts[-1]) > len(texts[0]), texts
     assert "done in" in samples[-1]["status"], samples[-1]["status"]  # seen while watching
     assert "done in" in settled["status"] and "tokens" in settled["status"], settled["status"]
     assert settled["phase"] == ["idle", "idle"]

@@ -1,5 +1,11 @@
-"""The live dashboard on real engines: widget values while a cell runs, the end state, the
-text fallback (IPython terminal shell, a script), and a real Jupyter kernel."""
+"""The live dashboard.
+
+First its figures without engines (fast): snapshots written here are fed to
+``Dashboard.update`` as the engines would publish them, to check what the views show: per-call
+totals, loading as a phase, the result's numbers, the throughput plot's label, memory against
+capacity, each prompt's text growing. Then on real engines (``cluster``): widget values while a
+cell runs, the end state, the text fallback (IPython terminal shell, a script), a real kernel.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,340 @@ import subprocess
 import sys
 import textwrap
 import time
+from types import SimpleNamespace
 
 import pytest
 from IPython.core.error import UsageError
 
-import mpbook.dashboard
+import mpbook.dashboard.text
 from mpbook import RankError
-from mpbook.dashboard import Dashboard
+from mpbook.dashboard import Dashboard, Follower, follow
+from mpbook.dashboard.figures import MemoryFigure, memory_of
+from mpbook.dashboard.text import TextView
+from mpbook.dashboard.texts import PromptText, PromptTexts, call_stream
+from mpbook.dashboard.view import View
+from mpbook.dashboard.widget import WidgetView, memory_bar_html
+from mpbook.errors import RankFailure
+from mpbook.layout import Layout
+from mpbook.results import RunResult
+
+MiB, GiB = 2**20, 2**30
+
+
+class Clock:
+    """The client's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def snapshot(t: float, *, rank: int = 0, phase: str = "decode", tokens=None, phase_seconds=None,
+             collective_seconds: float = 0.0, replica=None, memory=None, parts=None, stream=None) -> dict:
+    """A telemetry snapshot as an engine publishes it: running totals since the engine started."""
+    snap = {
+        "rank": rank, "host": "h", "device": "cpu", "phase": phase, "time": t,
+        "tokens": dict(tokens or {}), "phase_seconds": dict(phase_seconds or {}),
+        "collectives": {}, "collective_seconds": collective_seconds, "collective_seconds_by_kind": {},
+        "memory": memory or {"in_use": 384 * MiB, "peak": 400 * MiB, "reserved": None,
+                             "device_used": 8 * GiB, "device_total": 64 * GiB},
+        "memory_parts": dict(parts or {}), "replica": rank if replica is None else replica,
+    }
+    if stream is not None:
+        snap["stream"] = stream
+    return snap
+
+
+def fed(dash: Dashboard, clock: Clock, frames: list[tuple[float, dict, dict]]) -> None:
+    """Feed ``(client seconds later, {rank: latest}, {rank: start})`` and refresh after each."""
+    for later, latest, starts in frames:
+        clock.t += later
+        dash.update(latest, starts)
+        dash.refresh(force=True)
+
+
+def a_result(**changes) -> RunResult:
+    """A RunResult as the session merges it: 2 prompts of 12 tokens, 16 new tokens each on pp=2."""
+    fields = dict(
+        strategy="pipeline", model="tiny", layout=Layout(pp=2), dtype="float32", microbatches=1,
+        max_new_tokens=16, prompts=["a b", "c d"], prompt_tokens=[12, 12], token_ids=[[1] * 16, [2] * 16],
+        texts=["the final text", "another one"], logits=None, prefill_seconds=0.012, decode_seconds=0.6,
+        peak_memory_bytes=[400 * MiB, 400 * MiB], weight_bytes=[400_000, 400_000], kv_cache_bytes=[8192, 8192],
+        collectives=[{"send": 16}, {"recv": 16}], collective_seconds=[0.21, 0.34], timeline=[],
+        load_seconds=[9.8, 9.7],
+    )
+    fields.update(changes)
+    return RunResult(**fields)
+
+
+# --------------------------------------------------------------------------- figures, no engines
+def test_collective_time_is_the_calls_own_not_the_engines_total():
+    clock = Clock()
+    dash = Dashboard(ranks=[0], mode="widget", clock=clock)
+    # The engine has spent 25 s in collectives in earlier cells; this call adds 0.5 s.
+    before = snapshot(1000.0, phase="idle", tokens={"decode": 900}, collective_seconds=25.0, phase_seconds={"decode": 60.0})
+    dash.begin()
+    fed(dash, clock, [
+        (0.25, {0: snapshot(1000.5, tokens={"decode": 910}, collective_seconds=25.2, phase_seconds={"decode": 60.5})}, {0: before}),
+        (0.25, {0: snapshot(1001.0, tokens={"decode": 920}, collective_seconds=25.5, phase_seconds={"decode": 61.0})}, {0: before}),
+    ])
+    assert dash.view.values()[0]["collectives"].startswith("0.50 s")
+    dash.finish()
+    assert dash.view.values()[0]["collectives"] == "0.50 s"
+    assert "decode 20 tokens, 20.0 tok/s" in dash.headline and "collectives up to 0.50 s a rank" in dash.headline
+
+    # The next call starts from zero again, even before its first snapshot.
+    dash.begin()
+    assert dash.view.values()[0]["collectives"] == "0.00 s"
+    later = snapshot(1010.0, phase="idle", tokens={"decode": 920}, collective_seconds=25.5, phase_seconds={"decode": 61.0})
+    fed(dash, clock, [(0.25, {0: snapshot(1010.2, tokens={"decode": 922}, collective_seconds=25.6, phase_seconds={"decode": 61.2})}, {0: later})])
+    dash.finish()
+    assert dash.view.values()[0]["collectives"] == "0.10 s"
+    assert "decode 2 tokens" in dash.headline
+
+
+def test_a_replica_counts_its_tokens_once_and_replicas_add_up():
+    clock = Clock()
+    dash = Dashboard(ranks=[0, 1, 2, 3], mode="widget", clock=clock)
+    dash.begin()
+    start = {r: snapshot(0.0, rank=r, phase="idle", replica=r // 2) for r in range(4)}
+    # dp=2 x pp=2: ranks 0, 1 are replica 0; ranks 2, 3 replica 1. Every stage counts the
+    # replica's tokens; the phase's time is the longest rank's (1.0 s of decode on rank 3).
+    latest = {
+        r: snapshot(2.0, rank=r, replica=r // 2, tokens={"prefill": 24, "decode": 30},
+                    phase_seconds={"prefill": 0.1, "decode": 0.8 if r != 3 else 1.0})
+        for r in range(4)
+    }
+    fed(dash, clock, [(0.5, latest, start)])
+    dash.finish()
+    assert "prefill 48 tokens, 480 tok/s" in dash.headline
+    assert "decode 60 tokens, 60.0 tok/s" in dash.headline
+    # each row shows its replica's decode tokens/s over the call
+    rates = {r: v["tokens/s"] for r, v in dash.view.values().items()}
+    assert rates == {0: "37.5", 1: "37.5", 2: "30.0", 3: "30.0"}
+
+
+def test_loading_is_a_phase_of_its_own_and_counts_in_the_calls_time():
+    clock = Clock()
+    dash = Dashboard(ranks=[0, 1], mode="widget", clock=clock)
+    dash.begin()
+    start = {r: snapshot(0.0, rank=r, phase="idle", replica=0) for r in (0, 1)}
+    fed(dash, clock, [(1.0, {r: snapshot(1.0, rank=r, phase="loading", replica=0, phase_seconds={"loading": 1.0}) for r in (0, 1)}, start)])
+    assert dash.view.values()[0]["phase"] == "loading"
+    assert "running · 1.0 s · loading" in dash.view.status.value
+    done = {r: snapshot(11.0, rank=r, phase="idle", replica=0, tokens={"prefill": 24, "decode": 30},
+                        phase_seconds={"loading": 9.8, "prefill": 0.2, "decode": 1.0}) for r in (0, 1)}
+    fed(dash, clock, [(10.0, done, start)])
+    dash.finish()
+    # the call took 11 s on the client's clock, 9.8 of them loading the model
+    assert dash.headline.startswith("done in 11.0 s · loading 9.8 s · prefill 24 tokens")
+
+
+def test_the_end_state_carries_the_results_numbers():
+    clock = Clock()
+    dash = Dashboard(ranks=[0, 1], mode="text", out=io.StringIO(), clock=clock)
+    follower = Follower([dash])
+    follower.describe_run(SimpleNamespace(prompts=["a b", "c d"], decode=lambda ids: " ".join(map(str, ids))))
+    result = a_result()
+    fake = SimpleNamespace(metadata=[{}, {}])  # what the wait loop's AsyncResult offers: no data yet
+    with follower(fake, [0, 1]) as tick:
+        clock.t += 10.6
+        start = {r: snapshot(0.0, rank=r, phase="idle", replica=0) for r in (0, 1)}
+        dash.update({r: snapshot(10.6, rank=r, replica=0, tokens={"prefill": 24, "decode": 30},
+                                 phase_seconds={"loading": 9.8, "prefill": 0.012, "decode": 0.6}) for r in (0, 1)}, start)
+        tick()
+    assert dash.view.out.getvalue() == ""  # the summary waits for the result
+    follower.show_result(result)
+    out = dash.view.out.getvalue()
+    # the same digits as the summary line the cell prints under the dashboard
+    assert f"prefill {result.prefill_tokens_per_s:,.0f} tok/s" in result.summary()
+    assert f"24 tokens, {result.prefill_tokens_per_s:,.0f} tok/s" in out
+    assert f"30 tokens, {result.decode_tokens_per_s:,.1f} tok/s" in out
+    assert "loading 9.8 s" in out and "collectives up to 0.34 s a rank" in out
+    assert out.count("mpbook: done in 10.6 s") == 1
+    # the prompts show the result's texts
+    assert [p.text for p in dash.frame().prompts] == result.texts
+
+
+def test_a_failed_or_interrupted_call_says_so_without_waiting_for_a_result():
+    dash = Dashboard(ranks=[0, 1], mode="widget", clock=Clock())
+    dash.begin(run=SimpleNamespace(prompts=["x"], decode=None))
+    dash.finish(RankError([RankFailure(1, "ValueError", "bad shard", [])]))
+    assert "✗" in dash.view.status.value and "failed on rank 1 after" in dash.headline and "ValueError: bad shard" in dash.headline
+    assert dash.view.values()[1]["phase"] == "failed"
+    dash.begin()
+    dash.finish(KeyboardInterrupt())
+    assert dash.headline.startswith("interrupted after") and "■" in dash.view.status.value
+
+
+def test_the_plot_label_never_invents_a_maximum():
+    clock = Clock()
+    dash = Dashboard(ranks=[0], mode="widget", clock=clock)
+    dash.begin()
+    start = {0: snapshot(0.0, phase="idle")}
+    # a short run: two snapshots, so few points of the live rate
+    fed(dash, clock, [
+        (0.25, {0: snapshot(0.25, phase="prefill", tokens={"prefill": 8}, phase_seconds={"prefill": 0.25})}, start),
+        (0.25, {0: snapshot(0.5, tokens={"prefill": 8, "decode": 4}, phase_seconds={"prefill": 0.25, "decode": 0.25})}, start),
+    ])
+    label = dash.frame().rate_label
+    assert "max" not in label and "1.0" not in label, label
+    assert label == "tokens/s so far this cell: prefill 32 tok/s · decode 16.0 tok/s"
+    dash.finish()
+    assert dash.frame().rate_label == "this cell: prefill 32 tok/s · decode 16.0 tok/s"
+
+    # a longer run: the live rate has points enough, and the maximum is a real one
+    dash.begin()
+    start = {0: snapshot(10.0, phase="idle")}
+    for i in range(1, 9):
+        fed(dash, clock, [(0.25, {0: snapshot(10.0 + 0.25 * i, tokens={"decode": 5 * i}, phase_seconds={"decode": 0.25 * i})}, start)])
+    label = dash.frame().rate_label
+    assert label.startswith("tokens/s: 20.0 now · 20.0 max"), label
+    assert "<polyline" in dash.view.plot.value
+
+    # nothing generated: no line, no numbers
+    dash.begin()
+    fed(dash, clock, [(0.25, {0: snapshot(20.0, phase="idle")}, {0: snapshot(19.9, phase="idle")})])
+    assert dash.frame().rate_label == "tokens/s: no tokens yet"
+    assert "<polyline" not in dash.view.plot.value
+
+
+def test_memory_is_a_bar_against_the_devices_capacity_with_the_tensors_beside_it():
+    # A CPU engine of a 0.2 M-parameter model: the process holds 384 MiB, the model's tensors 800 KiB.
+    snap = snapshot(1.0, parts={"weights": 800 * 1024, "kv_cache": 16 * 1024})
+    memory = memory_of(snap)
+    assert memory.label() == "384.0 MiB / 64.0 GiB"
+    assert memory.share == pytest.approx(384 / (64 * 1024))
+    assert memory.tensors_label() == "weights 800.0 KiB · KV 16.0 KiB"
+    bar = memory_bar_html(memory.label(), memory.share)
+    assert "width:1%" in bar and "384.0 MiB / 64.0 GiB" in bar
+    assert "width:50%" in memory_bar_html("x", 0.5) and "#d62728" in memory_bar_html("x", 0.95)
+    # without a capacity: the figure alone, no bar
+    assert MemoryFigure(in_use=5 * MiB).label() == "5.0 MiB" and MemoryFigure(in_use=5).share is None
+    assert "width" not in memory_bar_html("5.0 MiB", None)
+
+    dash = Dashboard(ranks=[0], mode="widget", clock=Clock())
+    dash.begin()
+    dash.update({0: snap})
+    dash.refresh(force=True)
+    row = dash.view.values()[0]
+    assert (row["memory"], row["tensors"], row["peak"]) == ("384.0 MiB / 64.0 GiB", "weights 800.0 KiB · KV 16.0 KiB", "400.0 MiB")
+    assert "width:1%" in dash.view.cells[0]["memory"].value
+
+
+def test_cpu_engines_report_the_hosts_memory_as_their_capacity():
+    import psutil
+    import torch
+
+    from mpbook.engine.telemetry import Telemetry
+
+    memory = Telemetry(0, torch.device("cpu")).memory()
+    assert memory["device_total"] == psutil.virtual_memory().total
+    assert 0 < memory["in_use"] < memory["device_total"]
+
+
+def stream(run: int, rows: dict[int, list[int]]) -> dict:
+    return {"run": run, "rows": rows, "times": {i: [0.1 * (k + 1) for k in range(len(ids))] for i, ids in rows.items()}}
+
+
+def words_of(ids) -> str:
+    return "".join(f" w{i}" for i in ids)
+
+
+def test_each_prompts_text_grows_while_a_generation_runs():
+    clock = Clock()
+    dash = Dashboard(ranks=[0, 1], mode="widget", clock=clock)
+    # The previous run's stream is still in the snapshots as this call begins: not shown.
+    start = {0: snapshot(0.0, phase="idle", replica=0, stream=stream(7, {0: [9, 9, 9]})), 1: snapshot(0.0, rank=1, phase="idle", replica=1)}
+    dash.begin(run=SimpleNamespace(prompts=["first prompt", "second <b>prompt</b>"], decode=words_of))
+    fed(dash, clock, [(0.25, {0: snapshot(0.25, phase="loading", replica=0, stream=stream(7, {0: [9, 9, 9]}))}, start)])
+    assert [p.text for p in dash.frame().prompts] == ["", ""]
+    seen = []
+    # dp=2: each replica's token-choosing rank streams its own prompt
+    for n in range(1, 5):
+        latest = {
+            0: snapshot(0.25 + n * 0.25, replica=0, stream=stream(8, {0: list(range(n))})),
+            1: snapshot(0.25 + n * 0.25, rank=1, replica=1, stream=stream(8, {1: list(range(10, 10 + n))})),
+        }
+        fed(dash, clock, [(0.25, latest, start)])
+        seen.append(dash.view.prompt_values())
+    assert [p.text for p in dash.frame().prompts] == [" w0 w1 w2 w3", " w10 w11 w12 w13"]
+    lengths = [len(v[0]) for v in seen]
+    assert lengths == sorted(lengths) and len(set(lengths)) == 4  # it grew at every refresh
+    assert "4 tokens · first after 0.10 s" in seen[-1][0]
+    assert "second &lt;b&gt;prompt&lt;/b&gt;" in seen[-1][1]  # prompts and texts are escaped
+    lines = dash.view.prompt_lines
+    assert [sorted(line._dom_classes) for line in lines] == [["mpbook-prompt", "mpbook-prompt-0"], ["mpbook-prompt", "mpbook-prompt-1"]]
+    dash.finish()
+    dash.show_result(a_result(texts=["final 0", "final 1"]))
+    assert 'class="mpbook-generated">final 0<' in dash.view.prompt_values()[0]
+    # a call without prompts (a %%mp run cell) shows no prompt lines
+    dash.begin()
+    assert dash.view.prompts.children == ()
+
+
+def test_stream_figures_of_an_earlier_run_are_not_this_calls():
+    assert call_stream({"stream": {"run": 1}}, {"stream": {"run": 1, "rows": {0: [5]}}}) is None
+    assert call_stream({"stream": {"run": 1}}, {"stream": {"run": 2, "rows": {0: [5]}}})["run"] == 2
+    assert call_stream(None, {"stream": {"run": 1, "rows": {}}}) is not None
+    assert call_stream({}, {}) is None
+    texts = PromptTexts(["p"], decode=words_of)
+    assert texts.take({"rows": {"0": [1, 2]}, "times": {"0": [0.5, 0.6]}})  # keys as strings too
+    assert not texts.take({"rows": {0: [1]}})  # older (shorter) news changes nothing
+    assert texts.lines()[0].text == " w1 w2" and texts.updates == 1
+    # a random model's tokens decode to any byte: control characters are left out of the page
+    from mpbook.dashboard.widget import prompt_html
+
+    assert 'class="mpbook-generated">ab\nc<' in prompt_html(PromptText(0, "p\x1b", text="a\x00b\nc"))
+
+
+def test_the_text_view_prints_new_text_twice_a_second_and_one_summary():
+    clock = Clock()
+    out = io.StringIO()
+    dash = Dashboard(ranks=[0], mode="text", out=out, clock=clock, text_every_s=3600)
+    dash.view.stream_every_s = 0.0  # every refresh: the pace itself is the view's clock's business
+    dash.begin(run=SimpleNamespace(prompts=["p"], decode=lambda ids: "".join(f"w{i}\n" if i == 2 else f"w{i} " for i in ids)))
+    start = {0: snapshot(0.0, phase="idle")}
+    for n in (1, 2, 3):
+        fed(dash, clock, [(0.5, {0: snapshot(0.5 * n, tokens={"decode": n}, phase_seconds={"decode": 0.5 * n}, stream=stream(1, {0: list(range(n))}))}, start)])
+    dash.finish()
+    dash.show_result(a_result(texts=["w0 w1 w2\n the end"]))
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == ["[0] w0 ", "[0] …w1 ", "[0] …w2⏎"], lines
+    assert lines[3] == "[0] … the end"
+    assert sum(line.startswith("mpbook: done in") for line in lines) == 1
+
+
+def test_both_views_have_one_interface():
+    for view in (WidgetView([0], cuda=False), TextView(out=io.StringIO())):
+        for member in ("show", "render", "finish", "updates_in_place"):
+            assert hasattr(view, member), (type(view).__name__, member)
+    assert set(View.__annotations__) == {"updates_in_place"}
+    import inspect
+
+    import mpbook.dashboard.live as live
+
+    assert "isinstance(self.view" not in inspect.getsource(live)
+
+
+def test_a_dashboard_that_raises_is_dropped_and_the_others_carry_on(caplog):
+    good = Dashboard(ranks=[0], mode="widget", clock=Clock())
+    bad = Dashboard(ranks=[0], mode="widget", clock=Clock())
+
+    def broken(frame):
+        raise RuntimeError("display gone")
+
+    bad.view.render = broken
+    published = {"telemetry_start": snapshot(0.0, phase="idle"), "telemetry": snapshot(1.0, tokens={"decode": 3})}
+    fake = SimpleNamespace(metadata=[{"data": published}])  # an AsyncResult's per-target metadata
+    with caplog.at_level("WARNING", logger="mpbook.dashboard"):
+        with follow([bad, good], on_tick=None)(fake, [0]) as tick:
+            tick()
+    assert "the mpbook dashboard stopped updating" in caplog.text
+    assert good.state == "done" and "decode 3 tokens" in good.headline
+
 
 # Prefill for 1 s, then decode at about 20 tokens/s per rank for ~2 s: 56 tokens a rank, and each
 # rank is its own replica here, so 112 for the cluster.
@@ -31,6 +364,7 @@ with telemetry.phase_scope("decode"):
 """
 
 
+@pytest.mark.cluster
 def test_widget_values_change_while_a_cell_runs(workbench):
     dash = Dashboard(workbench, mode="widget")
     frames = []  # (seconds since start, refreshes, grid values, status) at each tick of the wait loop
@@ -55,13 +389,81 @@ def test_widget_values_change_while_a_cell_runs(workbench):
     statuses = {f[3] for f in frames}
     assert sum("running" in s for s in statuses) >= 3  # the elapsed time moved on
     final = dash.view.status.value
-    assert "✓" in final and "done in" in final and "112 tokens (decode 80, prefill 32)" in final
+    assert "✓" in final and "done in" in final and "prefill 32 tokens" in final and "decode 80 tokens" in final
     assert dash.state == "done"
     # the plot of the cluster's tokens/s: every refresh added a point, and it rose above 0
     assert len(dash.history) >= 4 and max(dash.history) > 10
     assert "<polyline" in dash.view.plot.value
+    # the final tokens/s of each rank is its decode over the cell: 40 tokens in about 2 s
+    for rank in workbench.ranks:
+        assert 5 < float(dash.view.values()[rank]["tokens/s"]) < 80
+        # memory: the process against the host's memory, a bar in the page
+        assert " / " in dash.view.values()[rank]["memory"] and "width:" in dash.view.cells[rank]["memory"].value
 
 
+@pytest.mark.cluster
+def test_a_generation_tells_one_story(workbench):
+    """Two runs of the tiny model: the first loads it (a phase of its own, counted in the
+    cell's time), the second does not; each run's figures are its own and equal the result's."""
+    prompts = ["Explain pipeline parallelism in one sentence.", "What does an all-reduce do?"]
+    stories = []
+    for _ in range(2):
+        dash = Dashboard(workbench, mode="widget")
+        phases = []
+        result = workbench.generate(prompts, strategy="pipeline", model="tiny", max_new_tokens=24, ignore_eos=True,
+                                    dashboard=dash, on_tick=lambda: phases.append(dash.view.values()[0]["phase"]))
+        stories.append((dash, result, phases))
+
+    (first, first_result, first_phases), (second, result, _) = stories
+    assert "loading" in first_phases and f"loading {max(first_result.load_seconds):.1f} s" in first.headline
+    # the call's time is the session's, loading included
+    assert f"done in {first_result.cell_seconds:.1f} s" in first.headline
+    assert first_result.cell_seconds >= max(first_result.load_seconds)
+    assert "loading" not in second.headline  # the model was loaded already
+    for dash, res in ((first, first_result), (second, result)):
+        status = dash.view.status.value
+        assert f"prefill {sum(res.prompt_tokens)} tokens, {res.prefill_tokens_per_s:,.0f} tok/s" in status
+        assert f"decode {len(prompts) * 23} tokens, {res.decode_tokens_per_s:,.1f} tok/s" in status  # ignore_eos: 24 each
+        # collectives: this run's own seconds on each rank, not the engines' running total
+        for rank in workbench.ranks:
+            assert dash.view.values()[rank]["collectives"] == f"{res.collective_seconds[rank]:.2f} s"
+        assert "this cell: prefill" in dash.view.plot.value and "max" not in dash.view.plot.value.split("</text>")[0]
+        # the tensors beside the process figure: this rank's weights and KV cache
+        for rank in workbench.ranks:
+            assert "weights" in dash.view.values()[rank]["tensors"]
+
+
+@pytest.mark.cluster
+def test_each_prompts_text_grows_live_during_a_generation(workbench):
+    import html
+    import re
+
+    dash = Dashboard(workbench, mode="widget")
+    # (seconds, prompt 0's text so far, what its line in the page shows) at each tick
+    seen: list[tuple[float, str, str]] = []
+
+    def tick():
+        if dash.state == "running" and dash.view.prompt_lines:
+            shown = re.search(r'class="mpbook-generated">(.*?)</span>', dash.view.prompt_values()[0], re.S)
+            seen.append((time.monotonic(), dash.frame().prompts[0].text, html.unescape(shown.group(1))))
+
+    result = workbench.generate(["The KV cache holds", "Data parallel replicas"], strategy="pipeline", model="tiny",
+                                max_new_tokens=400, ignore_eos=True, dashboard=dash, on_tick=tick)
+    texts = [(t, v) for t, v, _ in seen if v]
+    changes = [(t, v) for i, (t, v) in enumerate(texts) if i == 0 or v != texts[i - 1][1]]
+    assert len(changes) >= 3, changes
+    assert all(b.startswith(a) and len(a) < len(b) for (_, a), (_, b) in zip(changes, changes[1:]))  # it grew
+    # the page shows the text as of its last refresh (four a second), its end when it is long
+    assert all(page.lstrip("…") in text for _, text, page in seen)
+    assert any(page.startswith("…") for _, _, page in seen)
+    # about four updates a second while tokens came (at least two: the machine is shared)
+    span = changes[-1][0] - changes[0][0]
+    assert len(changes) - 1 >= 2 * span - 1, (len(changes), span)
+    # the end state shows the result's text
+    assert html.escape(result.texts[0][-20:]) in dash.view.prompt_values()[0]
+
+
+@pytest.mark.cluster
 def test_the_end_state_names_the_rank_that_failed(workbench):
     dash = Dashboard(workbench, mode="widget")
     with pytest.raises(RankError):
@@ -75,6 +477,7 @@ def test_the_end_state_names_the_rank_that_failed(workbench):
     assert "✓" in dash.view.status.value and dash.view.values()[1]["phase"] == "idle"
 
 
+@pytest.mark.cluster
 def test_a_broken_display_never_costs_the_call(workbench, caplog):
     closed = io.StringIO()
     closed.close()
@@ -85,8 +488,9 @@ def test_a_broken_display_never_costs_the_call(workbench, caplog):
     assert workbench.client[workbench.engine_ids()].pull("x", block=True) == [0, 1]
 
 
+@pytest.mark.cluster
 def test_text_fallback_in_a_terminal_shell(shell, capsys, monkeypatch):
-    monkeypatch.setattr(mpbook.dashboard, "TEXT_EVERY_S", 0.8)
+    monkeypatch.setattr(mpbook.dashboard.text, "TEXT_EVERY_S", 0.8)
     assert shell.run_cell("%mp start -n 2 --cpu").success
     capsys.readouterr()
 
@@ -98,7 +502,7 @@ def test_text_fallback_in_a_terminal_shell(shell, capsys, monkeypatch):
     assert 2 <= len(lines) <= 3 * 5, out
     assert any("rank 0" in line and "tok/s" in line for line in lines)
     assert any("decode" in line for line in lines)
-    assert "mpbook: done in" in out and "112 tokens (decode 80, prefill 32)" in out
+    assert "mpbook: done in" in out and "prefill 32 tokens" in out and "decode 80 tokens" in out
     assert "Traceback" not in out
 
     # a quick cell without tokens prints nothing extra; --no-dashboard prints no dashboard at all
@@ -116,16 +520,17 @@ def test_text_fallback_in_a_terminal_shell(shell, capsys, monkeypatch):
     assert shell.run_cell("%mp stop").success
 
 
+@pytest.mark.cluster
 def test_text_fallback_in_a_script(tmp_path):
     script = tmp_path / "watch.py"
     script.write_text(
         textwrap.dedent(
             f"""
-            import mpbook.dashboard
+            import mpbook.dashboard.text
             from mpbook import Workbench
             from mpbook.dashboard import Dashboard
 
-            mpbook.dashboard.TEXT_EVERY_S = 1.0
+            mpbook.dashboard.text.TEXT_EVERY_S = 1.0
             with Workbench.start(2, cpu=True) as wb:
                 assert Dashboard(wb).mode == "text"
                 wb.run({GENERATE_CELL!r}, dashboard=True)
@@ -177,6 +582,7 @@ def _text(messages) -> str:
     return "".join(m["content"].get("text", "") for m in messages if m["msg_type"] == "stream")
 
 
+@pytest.mark.cluster
 def test_in_a_jupyter_kernel_the_widgets_update_live_and_the_standing_dashboard_refreshes():
     from jupyter_client.manager import start_new_kernel
 
@@ -198,7 +604,7 @@ def test_in_a_jupyter_kernel_the_widgets_update_live_and_the_standing_dashboard_
         rates = {v for _, v in _values(ran) if v.replace(".", "", 1).isdigit() and float(v) > 5}
         assert len(rates) >= 2  # tokens/s labels took several values
         done = [v for _, v in _values(ran) if "done in" in v]
-        assert done and "112 tokens (decode 80, prefill 32)" in done[-1]
+        assert done and "prefill 32 tokens" in done[-1] and "decode 80 tokens" in done[-1]
 
         # between cells the standing dashboard asks the engines itself
         idle = _execute(kc, "import asyncio\nawait asyncio.sleep(1.5)\nstanding = get_ipython().magics_manager.registry['MpMagics'].standing\nprint('polls', standing.polls, standing.running)")

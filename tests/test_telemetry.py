@@ -74,7 +74,8 @@ def test_a_cell_publishes_increasing_totals_and_its_phases(workbench):
         # CPU engines: memory is the process's RSS, peak at least that
         memory = last["memory"]
         assert memory["in_use"] > 50 * 2**20 and memory["peak"] >= memory["in_use"]
-        assert memory["reserved"] is None and memory["device_total"] is None
+        # ... measured against the host's memory, the capacity a CPU engine has
+        assert memory["reserved"] is None and memory["device_total"] > max(memory["device_used"], memory["in_use"])
         assert (last["rank"], last["device"]) == (rank, "cpu")
         # the baseline snapshot taken as the cell began is kept under its own key
         start = target_metadata(result)[rank]["data"][TELEMETRY_START]

@@ -168,7 +168,9 @@ class Telemetry:
         """Memory figures for the dashboard; ``None`` where this device has no such figure.
 
         ``reserved``: held by torch's CUDA cache (allocated plus cached free blocks).
-        ``device_used``/``device_total``: the whole GPU as NVML sees it, other processes included.
+        ``device_used``/``device_total``: the whole device, other processes included: the GPU
+        as NVML sees it (torch's ``mem_get_info`` where NVML cannot say), or on a CPU engine
+        the host's memory, the capacity that the process's figure is measured against.
         """
         in_use = self.memory_in_use_bytes()
         figures: dict[str, int | None] = {
@@ -185,6 +187,14 @@ class Telemetry:
             info = self._nvml_memory()
             if info is not None:
                 figures["device_used"], figures["device_total"] = int(info.used), int(info.total)
+            else:
+                free, total = torch.cuda.mem_get_info(self.device)
+                figures["device_used"], figures["device_total"] = int(total - free), int(total)
+        else:
+            import psutil
+
+            host = psutil.virtual_memory()  # reads /proc/meminfo: cheap enough four times a second
+            figures["device_used"], figures["device_total"] = int(host.total - host.available), int(host.total)
         return figures
 
     def _nvml_memory(self):
