@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
 from mpbook.compat.argparse import actions, subcommands
-from mpbook.magics import build_parser, parse
+from mpbook.magics import HelpRequested, build_parser, parse
 
 SETTINGS = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -110,6 +110,9 @@ def check_namespace(args: argparse.Namespace) -> None:
 def check(line: str, cell: bool) -> None:
     try:
         args = parse(line, cell=cell)
+    except HelpRequested as help:  # -h/--help: the magic prints this text instead of running
+        assert "usage" in str(help).lower() or "Commands:" in str(help)
+        return
     except UsageError as exc:
         message = str(exc)
         assert message.strip(), "an empty usage message"
