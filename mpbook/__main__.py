@@ -44,6 +44,8 @@ def bench(args: argparse.Namespace) -> int:
 
     if args.cluster:
         payload = benchmarks.bench_cluster(engines=args.n or 2, cpu=True)
+    elif args.cell_overhead:
+        payload = benchmarks.bench_cell_overhead(cells=args.repeats * 5, model=args.model, engines=args.n, cpu=args.cpu)
     elif args.soak:
         payload = benchmarks.bench_soak(cells=args.soak, model=args.model, engines=args.n, cpu=args.cpu)
     elif args.dashboard_overhead:
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sweep", action="store_true",
                    help="every layout that fits the engines, not one per strategy; writes JSON and a PNG plot")
     b.add_argument("--cluster", action="store_true", help="measure cluster start-up and the %%%%mp run round trip")
+    b.add_argument("--cell-overhead", action="store_true",
+                   help="a strategy cell's client time beyond the engines' own, on a loaded model")
     b.add_argument("--dashboard-overhead", action="store_true", help="generation with the dashboard and live text on and off")
     b.add_argument("--soak", type=int, default=0, metavar="N", help="N generation cells in a row: failures, memory growth")
     b.add_argument("--json", default=None, metavar="PATH", help="write the records to PATH")

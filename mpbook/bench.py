@@ -414,3 +414,55 @@ def bench_soak(*, cells: int = 200, warmup: int = 20, model: str = "tiny", engin
         "median_cell_s": sorted(report.seconds)[len(report.seconds) // 2],
         "rss_growth": {str(pid): g for pid, g in report.growth().items()}, "max_rss_growth": report.max_growth(),
     }
+
+
+CELL_PROMPTS = "\n".join(BENCH_PROMPTS[:4])
+
+
+def bench_cell_overhead(*, cells: int = 20, model: str = "tiny", engines: int | None = None, cpu: bool = True,
+                        log=print) -> dict:
+    """What a strategy cell costs the client beyond the engines' own time, on a model already
+    loaded: every cell runs through a real IPython shell (the magic, checks, tokenizing, the
+    transfer, merging, printing), and the engines report how long their part took."""
+    import contextlib
+    import io
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "mpbook")
+    magics = shell.magics_manager.registry["MpMagics"]
+    shell.run_line_magic("mp", f"start {'-n ' + str(engines) if engines else ''} {'--cpu' if cpu else ''}")
+    report: dict[str, Any] = {"cells": cells, "model": model}
+    try:
+        for strategy in ("data", "pipeline", "tensor"):
+            for dashboard in (False, True):
+                flag = "" if dashboard else " --no-dashboard"
+                cell = f"%%mp {strategy} --model {model} --max-new-tokens 8{flag}\n{CELL_PROMPTS}"
+                with contextlib.redirect_stdout(io.StringIO()):
+                    shell.run_cell(cell)  # loads the model: not measured
+                    cell_s, client_s, engine_s = [], [], []
+                    for _ in range(cells):
+                        began = time.perf_counter()
+                        result = shell.run_cell(cell)
+                        wall = time.perf_counter() - began
+                        if not result.success:
+                            raise RuntimeError(f"{strategy} cell failed: {result.error_in_exec}")
+                        run = shell.user_ns["_mp"]
+                        engine = max(run.engine_seconds)
+                        cell_s.append(wall)
+                        engine_s.append(engine)
+                        client_s.append(wall - engine)
+                key = f"{strategy}{'' if dashboard else ' --no-dashboard'}"
+                report[key] = {
+                    "cell_median_ms": 1e3 * statistics.median(cell_s),
+                    "engine_median_ms": 1e3 * statistics.median(engine_s),
+                    "client_median_ms": 1e3 * statistics.median(client_s),
+                    "client_p90_ms": 1e3 * sorted(client_s)[int(0.9 * (len(client_s) - 1))],
+                }
+                r = report[key]
+                log(f"  {key:<26} cell {r['cell_median_ms']:7.1f} ms = engines {r['engine_median_ms']:7.1f} ms "
+                    f"+ client {r['client_median_ms']:5.1f} ms (p90 {r['client_p90_ms']:.1f} ms), median of {cells}")
+    finally:
+        magics.close()
+    return report

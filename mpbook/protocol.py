@@ -179,6 +179,7 @@ class RankOutput:
     weight_bytes: int
     kv_cache_bytes: int
     load_seconds: float = 0.0  # 0 when the model was loaded already
+    engine_seconds: float = 0.0  # the whole run on this engine, loading included
     memory_free_bytes: int = 0  # the device's free memory after the run (CPU: the host's available)
     tensor_peak_bytes: int | None = None
     token_times: list[list[float]] | None = None  # per row: seconds since the run began, one per new token

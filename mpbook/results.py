@@ -47,6 +47,13 @@ class RunResult:
     messages: list[Any] | None = None  # per prompt: the chat messages sent (with --chat), else None
     sampling: Any = None  # mpbook.protocol.Sampling of the run
     cell_seconds: float = 0.0  # the whole call as the client saw it: loading, run and transfer
+    engine_seconds: list[float] = field(default_factory=list)  # per rank: the run on the engine, loading included
+
+    @property
+    def client_seconds(self) -> float:
+        """What the call cost beyond the engines' own time: the client's checks, tokenizing,
+        the transfer there and back, and merging the ranks' reports."""
+        return max(0.0, self.cell_seconds - max(self.engine_seconds, default=0.0))
 
     @property
     def engines(self) -> int:
@@ -265,4 +272,5 @@ def merge(
         stop_reasons=reasons if request.max_new_tokens else [],
         token_times=times if request.max_new_tokens else [],
         sampling=request.sampling,
+        engine_seconds=[out.engine_seconds for out in outputs],
     )

@@ -124,8 +124,11 @@ class Run:
 
 def run(state, request: Request) -> RankOutput:
     """Prefill (and decode, unless ``max_new_tokens`` is 0) this rank's share of the prompts."""
+    began = time.perf_counter()
     with _out_of_memory_reported(state):
-        return _run(state, request)
+        output = _run(state, request)
+    output.engine_seconds = time.perf_counter() - began
+    return output
 
 
 def _run(state, request: Request) -> RankOutput:
