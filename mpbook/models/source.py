@@ -75,3 +75,27 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+
+
+# A small instruct model for the examples: 16 query heads over 8 KV heads (tp in {1, 2, 4, 8}),
+# 28 layers, a chat template; about 0.6 B parameters (1.2 GB in bfloat16).
+EXAMPLE_MODEL = "Qwen/Qwen3-0.6B"
+
+
+def suggested_model(timeout_s: float = 3.0) -> str:
+    """The model the README's examples and the notebooks start with: :data:`EXAMPLE_MODEL`
+    when it is in the local Hugging Face cache or the hub answers within ``timeout_s``, else
+    the offline ``tiny`` preset (random weights: gibberish text, every mechanism real)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(EXAMPLE_MODEL, "config.json"), str):
+            return EXAMPLE_MODEL
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            return "tiny"
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(EXAMPLE_MODEL, timeout=timeout_s)
+        return EXAMPLE_MODEL
+    except Exception:  # no network, no hub: the preset
+        return "tiny"
