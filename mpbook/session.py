@@ -391,14 +391,14 @@ class Session:
         predicted = plan(
             config, dp=layout.dp, pp=layout.pp, tp=layout.tp, batch=len(request.input_ids), prompt_len=prompt_len,
             max_new_tokens=request.max_new_tokens, dtype=request.dtype, microbatches=request.microbatches,
-            stage_sizes=request.stage_sizes, device_memory_bytes=free,
+            stage_sizes=request.stage_sizes, device_memory_bytes=free, suggestions=False,
         )
         if predicted.fits:
             return
         from .units import format_bytes
 
         worst = max((r for r in predicted.ranks if not r.fits), key=lambda r: r.total)
-        fitting = [str(s.layout) for s in predicted.suggestions if s.fits]
+        fitting = [str(s.layout) for s in predicted.suggest() if s.fits]
         world = cluster.world_size
         where = "shared by the engines on this host" if cluster.device_type == "cpu" else "free on its device"
         advice = (

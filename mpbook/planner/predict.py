@@ -37,6 +37,7 @@ def plan(
     device_memory_bytes: int | Sequence[int] | None = None,
     engines=None,
     tensors: ModelTensors | None = None,
+    suggestions: bool = True,
 ) -> MemoryPlan:
     """Predict each rank's memory for running ``model`` on a (dp, pp, tp) layout.
 
@@ -105,7 +106,9 @@ def plan(
         workload=work,
         ranks=fit(rank_plans(planned, layout, work), devices),
         memory_source=source,
-        suggestions=suggest(planned, work, layout.world_size, devices),
+        # Every layout over the engines, planned too: a caller that only asks "does it fit?"
+        # (the session, before every cell) leaves them out and asks plan.suggest() if not.
+        suggestions=suggest(planned, work, layout.world_size, devices) if suggestions else [],
         _model=planned,
         _devices=devices,
     )
