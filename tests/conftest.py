@@ -9,6 +9,8 @@ import tempfile
 # set before anything imports IPython; engines and `ipcluster` inherit it.
 os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="mpbook-test-ipython-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Nothing downloads models in the tests: the notebooks' suggested model is then the preset.
+os.environ["HF_HUB_OFFLINE"] = "1"
 # The built-in tiny model is built into this folder (once per test session), not ~/.cache.
 os.environ["MPBOOK_CACHE"] = tempfile.mkdtemp(prefix="mpbook-test-cache-")
 # Functions that tests send to engines are pickled by reference to their test module, so
