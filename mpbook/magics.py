@@ -35,6 +35,7 @@ import time
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
+from IPython.utils.process import arg_split
 
 from .compat import argparse as argparse_compat
 from .errors import MpbookError, NoClusterError
@@ -168,7 +169,7 @@ def parse(line: str, *, cell: bool) -> argparse.Namespace:
     if line.strip() in ("-h", "--help", "help"):
         raise HelpRequested(usage())
     try:
-        args = parser.parse_argstring(line)
+        args = parser.parse_args(arg_split(line, posix=True))  # a shell's quoting: --stop "the end"
     except UsageError as exc:  # argparse's message may quote the input, newlines and all
         raise UsageError(one_line(str(exc))) from None
     except ValueError as exc:  # e.g. an unbalanced quote
