@@ -23,7 +23,7 @@ from mpbook.engine.choice import REASONS, Stopper, TokenChooser, inverse_cdf, pr
 from mpbook.errors import MpbookError
 from mpbook.models.tokenizer import EOS_ID, IM_END_ID, PAD_ID, TOKENIZER_IDS, tiny_word_tokenizer
 from mpbook.protocol import Sampling, Stopping
-from mpbook.session import choose_sampling
+from mpbook.session import choose_sampling, encode_prompts
 
 
 @pytest.fixture(scope="module")
@@ -549,3 +549,26 @@ def test_record_carries_latency_per_prompt():
     assert record["ttft_s"] == [0.1, 0.3]
     assert record["itl_median_s"][0] == pytest.approx(0.15) and record["itl_median_s"][1] is None
     assert record["generated_tokens"] == 4
+
+
+# --------------------------------------------------------------------------- the reference's rows
+def test_reference_rows_end_where_generate_ended_them(tiny_folder):
+    """mpbook.reference trims each of generate()'s rows after its finishing token. A stop
+    string finishes a row as StopStringCriteria sees it: the text of the prompt and the new
+    ids, matched also inside the last token ("on" ends a row at "money"). Trimming where
+    the decoded new text *ends with* the stop string keeps generate()'s padding after such a
+    row as if the model had said it."""
+    from mpbook.models import load_tokenizer
+    from mpbook.reference import reference
+
+    prompts = ["Explain pipeline parallelism in one sentence.", "Hi", "What does an all-reduce do?"]
+    tok = load_tokenizer(tiny_folder)
+    criteria = StopStringCriteria(tok, ["on"])
+    encoded = encode_prompts(tok, prompts).input_ids
+    _, rows = reference(tiny_folder, prompts, max_new_tokens=12, stop_strings=["on"])
+    for prompt, row in zip(encoded, rows):
+        for i in range(len(row) - 1):  # every token before the last leaves the row going
+            assert row[i] not in (EOS_ID, IM_END_ID)
+            assert not criteria(torch.tensor([list(prompt) + row[: i + 1]]), None)[0], (
+                f"generate() finished this row at token {i} ({tok.decode(row[: i + 1])!r}); "
+                f"the reference keeps {row[i + 1:]}")
