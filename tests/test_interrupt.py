@@ -1,0 +1,141 @@
+"""Interrupting a generation cell in a real Jupyter kernel, as JupyterLab's stop button does.
+
+The kernel starts 2 CPU engines; a pipeline (pp=2) or tensor (tp=2) cell on the `small`
+preset runs long enough to be deep in its decode when the kernel gets SIGINT
+(``KernelManager.interrupt_kernel``). The cell must end within 3 s of the interrupt with a
+short message (not a traceback through mpbook), and the next generation cell on the same
+cluster must run at once, not after the collective timeout.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+LONG = "--model small --max-new-tokens 900 --ignore-eos\nHello there\nWhat is a tensor?"
+SHORT = "--model small --max-new-tokens 4\nHello there"
+INTERRUPT_AFTER_S = 1.5
+
+
+@dataclass
+class Cell:
+    status: str  # the execute reply's status: ok, error or aborted
+    seconds: float  # from the request to the kernel going idle
+    after_interrupt_s: float | None  # from the interrupt to the kernel going idle
+    text: list[str] = field(default_factory=list)  # stream output, line by line
+    errors: list[tuple[str, str, int]] = field(default_factory=list)  # (ename, evalue, traceback lines)
+    displays: int = 0  # display_data messages (the dashboard)
+
+    @property
+    def lines(self) -> int:
+        """What the person sees as text: output lines and traceback lines."""
+        return len(self.text) + sum(n for _, _, n in self.errors)
+
+
+def execute(km, kc, code: str, *, interrupt_after_s: float | None = None, timeout_s: float = 180) -> Cell:
+    """Run ``code`` in the kernel, optionally interrupting it ``interrupt_after_s`` in."""
+    msg_id = kc.execute(code)
+    began = time.monotonic()
+    interrupted = None
+    cell = Cell(status="?", seconds=0.0, after_interrupt_s=None)
+    while True:
+        now = time.monotonic()
+        if interrupt_after_s is not None and interrupted is None and now - began >= interrupt_after_s:
+            km.interrupt_kernel()
+            interrupted = time.monotonic()
+        if now - began > timeout_s:
+            raise TimeoutError(f"the cell did not end in {timeout_s} s: {code.splitlines()[0]}")
+        try:
+            msg = kc.get_iopub_msg(timeout=0.02)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["header"]["msg_type"], msg["content"]
+        if kind == "stream":
+            cell.text += content["text"].splitlines()
+        elif kind == "error":
+            cell.errors.append((content["ename"], content["evalue"], len(content["traceback"])))
+        elif kind == "display_data":
+            cell.displays += 1
+        elif kind == "status" and content["execution_state"] == "idle":
+            break
+    ended = time.monotonic()
+    cell.seconds = ended - began
+    cell.after_interrupt_s = ended - interrupted if interrupted is not None else None
+    reply = kc.get_shell_msg(timeout=30)
+    while reply["parent_header"].get("msg_id") != msg_id:  # an earlier request's reply
+        reply = kc.get_shell_msg(timeout=30)
+    cell.status = reply["content"]["status"]
+    return cell
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """A real kernel (it inherits this environment: PYTHONPATH, the private IPYTHONDIR and
+    model cache) with the extension loaded and 2 CPU engines started."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        started = execute(km, kc, "%load_ext mpbook\n%mp start -n 2 --cpu")
+        assert started.status == "ok" and any("started 2 engines" in line for line in started.text), started
+        yield km, kc
+    finally:
+        try:
+            execute(km, kc, "%mp stop", timeout_s=60)
+        except Exception:
+            pass
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def report(what: str, cell: Cell) -> None:
+    after = f", {cell.after_interrupt_s:.2f} s after the interrupt" if cell.after_interrupt_s is not None else ""
+    print(f"\n{what}: {cell.status} in {cell.seconds:.2f} s{after}; {cell.lines} lines of text, "
+          f"{cell.displays} displays; {cell.text[:3]}{' ' + str(cell.errors) if cell.errors else ''}")
+
+
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
+def test_interrupt_mid_decode_ends_the_cell_at_once_and_the_next_cell_works(kernel, strategy):
+    km, kc = kernel
+    # The model loaded, so that the interrupt lands in the decode, not in the loading.
+    warm = execute(km, kc, f"%%mp {strategy} {SHORT}")
+    assert warm.status == "ok" and not warm.errors, warm
+    report(f"{strategy}: warm-up cell", warm)
+
+    cell = execute(km, kc, f"%%mp {strategy} {LONG}", interrupt_after_s=INTERRUPT_AFTER_S)
+    report(f"{strategy}: interrupted cell", cell)
+    assert cell.after_interrupt_s is not None
+    assert not any("new tokens" in line for line in cell.text), "the cell ended before the interrupt"
+    assert cell.after_interrupt_s < 3.0, f"the cell ended {cell.after_interrupt_s:.1f} s after the interrupt"
+    # a short message, not a traceback through mpbook
+    assert cell.lines <= 3, (cell.text, cell.errors)
+    assert any("interrupted" in line for line in cell.text) or any("Interrupt" in e for e, _, _ in cell.errors)
+
+    after = execute(km, kc, f"%%mp {strategy} {SHORT}", timeout_s=120)
+    report(f"{strategy}: next cell", after)
+    assert after.status == "ok" and not after.errors, after
+    assert any("4 new tokens" in line for line in after.text), after.text
+    assert after.seconds < 20, f"the next cell took {after.seconds:.1f} s (the collective timeout is 60 s)"
+
+
+def test_two_interrupts_in_a_row_and_then_a_cell(kernel):
+    """A person who presses stop on the next long cell too: each ends at once."""
+    km, kc = kernel
+    for _ in range(2):
+        cell = execute(km, kc, f"%%mp pipeline {LONG}", interrupt_after_s=INTERRUPT_AFTER_S + 1.0)
+        report("pipeline again: interrupted cell", cell)
+        assert cell.after_interrupt_s < 3.0 and cell.lines <= 3, cell
+    after = execute(km, kc, f"%%mp tensor {SHORT}", timeout_s=120)
+    report("tensor after two interrupts", after)
+    assert after.status == "ok" and any("4 new tokens" in line for line in after.text), after
