@@ -98,7 +98,8 @@ def encode_prompts(tokenizer, prompts: Sequence, *, chat: bool | None = None, sy
             "or use an instruct model that ships one"
         )
     if system is not None and not (use_chat or listed):
-        raise MpbookError("--system: a system message needs the chat template; leave out --no-chat")
+        raise MpbookError("--system: a system message needs the chat template; "
+                          + ("leave out --no-chat" if has_template else "this model's tokenizer has no chat template"))
     if not (use_chat or listed):
         return EncodedPrompts(tuple(tuple(ids) for ids in tokenizer(list(prompts))["input_ids"]), list(prompts), None)
     messages = []
