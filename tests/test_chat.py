@@ -162,6 +162,14 @@ def test_system_with_no_chat_is_a_one_line_error(tokenizer):
     one_line_error(lambda: encode_prompts(tokenizer, PROMPTS, chat=False, system=SYSTEM), "--system")
 
 
+def test_system_without_a_template_does_not_blame_a_flag_not_given(plain_folder):
+    """A model without a chat template and no --no-chat: the message must not say "leave
+    out --no-chat" (there is nothing to leave out); it says the model has no template."""
+    tokenizer = load_tokenizer(plain_folder)
+    message = one_line_error(lambda: encode_prompts(tokenizer, PROMPTS, system=SYSTEM), "--system")
+    assert "--no-chat" not in message and "no chat template" in message
+
+
 @pytest.mark.parametrize("bad", [
     [{"role": "user"}],
     [{"content": "hi"}],

@@ -201,6 +201,11 @@ def test_the_prompt_order_names_the_streams_not_the_batch_rows(wb, tiny_folder, 
     """Prompt i's stream is (seed, i): the first two prompts alone get the same tokens."""
     result = wb.generate(PROMPTS[:2], strategy="data", model=tiny_folder, max_new_tokens=NEW, seed=1234, **SAMPLING)
     assert result.token_ids == sampled_expected[:2]
+    # three prompts cut unevenly: replicas of 2 + 1, micro-batches of 2 + 1
+    for strategy, options in (("data", {}), ("pipeline", {"microbatches": 2})):
+        result = wb.generate(PROMPTS[:3], strategy=strategy, model=tiny_folder, max_new_tokens=NEW, seed=1234,
+                             **SAMPLING, **options)
+        assert result.token_ids == sampled_expected[:3], strategy
 
 
 @pytest.mark.parametrize("strategy, options", LAYOUTS)
