@@ -41,18 +41,29 @@ def reference(model: str, prompts: Sequence, *, max_new_tokens: int, dtype: str 
                 options.setdefault("tokenizer", tokenizer)
             out = lm.generate(input_ids=batch["input_ids"], attention_mask=mask, max_new_tokens=max_new_tokens,
                               pad_token_id=tokenizer.pad_token_id, **options)
-            tokens = [_until_finished(row, lm.generation_config, tokenizer, options.get("stop_strings"))
-                      for row in out[:, batch["input_ids"].shape[1]:].tolist()]
+            criteria = None
+            if options.get("stop_strings"):
+                from transformers import StopStringCriteria
+
+                criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(options["stop_strings"]))
+            width = batch["input_ids"].shape[1]
+            tokens = [_until_finished(row[width:], row[:width], lm.generation_config, criteria)
+                      for row in out.tolist()]
     return per_prompt, tokens
 
 
-def _until_finished(row: list[int], generation_config, tokenizer, stop_strings) -> list[int]:
-    """A row of ``generate``'s output up to and including its finishing token."""
+def _until_finished(row: list[int], prompt: list[int], generation_config, criteria) -> list[int]:
+    """A row of ``generate``'s output up to and including its finishing token: an
+    end-of-sequence id, or the token with which a stop string matched. ``criteria`` is the
+    StopStringCriteria generate() used, which matches text on the prompt and the new ids
+    together, inside the last token too ("on" ends a row at "money")."""
+    import torch
+
     eos = generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or [])
     for i, token in enumerate(row):
         if token in eos:
             return row[: i + 1]
-        if stop_strings and any(tokenizer.decode(row[: i + 1]).endswith(s) for s in stop_strings):
+        if criteria is not None and bool(criteria(torch.tensor([prompt + row[: i + 1]]), None)[0]):
             return row[: i + 1]
     return row
