@@ -199,12 +199,14 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
             t_owner._parameters[t_leaf] = lm.get_parameter(source)
 
     # Size attributes follow the local shards (transformers 5 attention reshapes with -1 and
-    # reads none of them, but a printed module should not lie).
+    # reads none of them, but a printed module should not lie; Conv1D does read its nf).
     for module in lm.modules():
         if isinstance(module, torch.nn.Linear):
             module.out_features, module.in_features = module.weight.shape
         elif isinstance(module, torch.nn.Embedding):
             module.num_embeddings, module.embedding_dim = module.weight.shape
+        elif tensor._transposed(module):  # GPT-2's Conv1D shapes its output from nf
+            module.nx, module.nf = module.weight.shape
 
     # The forwards the styles need: the collectives.
     stage = Stage(lm, first=part.first, last=part.last, layers=part.layers, structure=s)
