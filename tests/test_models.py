@@ -58,9 +58,10 @@ def family_folder(model_type: str, **overrides) -> str:
 def _config(model_type: str, **overrides):
     from transformers import AutoConfig
 
-    base = dict(vocab_size=259, hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
-                max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=256, bos_token_id=257,
-                eos_token_id=258)
+    from mpbook.models.tokenizer import TOKENIZER_IDS
+
+    base = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256,
+                word_embed_proj_dim=64, **TOKENIZER_IDS)
     return AutoConfig.for_model(model_type, **{**base, **overrides})
 
 
@@ -79,10 +80,8 @@ def assert_matches(result, folder, *, attention=None, logits=True):
         for got, want in zip(result.logits, want_logits):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     else:
-        for got, want in zip(result.token_ids, want_tokens):
-            # generate stops a batch once every row has ended; a finished row pads.
-            assert got[: len(want)] == want
-            assert len(got) == NEW_TOKENS
+        # each prompt's tokens up to and including its finishing one, on both sides
+        assert result.token_ids == want_tokens
 
 
 # ----------------------------------------------------------------------------- structure (no engines)
@@ -246,9 +245,11 @@ def expected_collectives(model_type: str, layout: Layout) -> list[dict[str, int]
     if layout.tp > 1:
         # 2 all-reduces per layer (after attention, after the MLP or the MoE), 1 for the
         # vocab-parallel embedding; Phi-3's plan gathers its fused qkv and gate_up in every
-        # layer too; the vocab-parallel logits are gathered once.
-        gathers = {"phi3": 2 * LAYERS}.get(model_type, 0) + 1
-        return [{"all_reduce": 2 * LAYERS + 1, "all_gather": gathers}] * 2
+        # layer too; the vocab-parallel logits are gathered once, onto the reporting rank.
+        counts = {"all_reduce": 2 * LAYERS + 1, "gather": 1}
+        if model_type == "phi3":
+            counts["all_gather"] = 2 * LAYERS
+        return [counts] * 2
     if layout.ep > 1:
         return [{"all_reduce": MOE_LAYERS[model_type]}] * 2  # one per MoE layer, nothing else
     if layout.pp > 1:
@@ -306,9 +307,10 @@ def _run(wb, folder, layout: Layout, max_new_tokens: int, **fields):
     from mpbook.models import load_tokenizer
     from mpbook.protocol import Request, Stopping
     from mpbook.results import merge
+    from mpbook.session import encode_prompts
 
     tokenizer = load_tokenizer(folder)
-    ids = tuple(tuple(x) for x in tokenizer(PROMPTS)["input_ids"])
+    ids = encode_prompts(tokenizer, PROMPTS).input_ids  # as the session and the reference encode them
     request = Request(model=folder, layout=layout, input_ids=ids, max_new_tokens=max_new_tokens,
                       pad_token_id=tokenizer.pad_token_id,
                       stopping=Stopping(max_new_tokens=max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,)),
@@ -351,7 +353,7 @@ def _vocab_parallel_argmax(state):
     from mpbook.engine.runner import VocabShard
     from mpbook.parallel.collectives import Group
     from mpbook.parallel.tensor import chunk_range
-    from mpbook.parallel.vocab import gather_logits, greedy_tokens
+    from mpbook.parallel.vocab import all_gather_logits, gather_logits, greedy_tokens
 
     group = Group(None, rank=state.rank, size=state.world_size)
     cases = {
@@ -365,17 +367,19 @@ def _vocab_parallel_argmax(state):
         start, stop = chunk_range(logits.shape[-1], state.rank, state.world_size)
         vocab = VocabShard(start, stop, logits.shape[-1], group)
         local = logits[:, start:stop]
+        gathered = gather_logits(local, vocab)  # on the group's first rank only
         out[name] = (greedy_tokens(local, vocab).tolist(), logits.argmax(-1).tolist(),
-                     torch.equal(gather_logits(local, vocab), logits))
+                     torch.equal(gathered, logits) if state.rank == 0 else gathered is None,
+                     torch.equal(all_gather_logits(local, vocab), logits))
     return out
 
 
 @pytest.mark.cluster
 def test_greedy_tokens_over_a_split_vocabulary(wb):
     for per_rank in wb.apply(_vocab_parallel_argmax, stream=False):
-        for name, (got, want, gathered) in per_rank.items():
+        for name, (got, want, gathered, all_gathered) in per_rank.items():
             assert got == want, name
-            assert gathered, name
+            assert gathered and all_gathered, name
 
 
 def _shards_against_dtensor(state, folder):

@@ -71,21 +71,14 @@ class Runner:
         """An empty KV cache for this stage's layers (one per micro-batch)."""
         return self.part.new_cache()
 
-    def forward(self, x, attention_mask, position_ids, cache, *, all_logits: bool, gather: bool = True):
+    def forward(self, x, attention_mask, position_ids, cache, *, all_logits: bool):
         """One stage forward, the family's own code: token ids (first stage) or hidden states in;
         hidden states (batch, q, hidden) or, on the last stage, logits out: every position's
-        (``all_logits``) or the last one's, (batch, q or 1, vocab).
-
-        With a vocab-parallel head (``self.vocab`` set) each rank computes the logits of its
-        slice; ``gather=True`` all-gathers them so the caller sees the whole vocabulary,
-        ``gather=False`` returns the slice, for :func:`mpbook.parallel.vocab.greedy_tokens`
-        (or ``gather_logits`` where the whole distribution is needed)."""
-        out = self.part.forward(x, attention_mask, position_ids, cache, logits_to_keep=0 if all_logits else 1)
-        if self.peers.last and self.vocab is not None and gather:
-            from ..parallel.vocab import gather_logits
-
-            out = gather_logits(out, self.vocab)
-        return out
+        (``all_logits``) or the last one's, (batch, q or 1, vocab_local). With a vocab-parallel
+        head (``self.vocab`` set) they are this rank's slice of the vocabulary: the caller picks
+        tokens with :func:`mpbook.parallel.vocab.greedy_tokens` or gathers them with
+        :func:`mpbook.parallel.vocab.gather_logits`."""
+        return self.part.forward(x, attention_mask, position_ids, cache, logits_to_keep=0 if all_logits else 1)
 
     def close(self) -> None:
         self.peers.drop_pending()  # a live gloo Work keeps its connection open
@@ -136,7 +129,7 @@ def _build_runner(state, request: Request) -> Runner:
             if dims not in groups:
                 ranks = mesh.ranks(*dims)
                 groups[dims] = Group(mesh.group(*dims), rank=ranks.index(state.rank), size=len(ranks),
-                                     telemetry=state.telemetry)
+                                     telemetry=state.telemetry, ranks=ranks)
             return groups[dims]
 
         stage = models.load_stage(
@@ -147,7 +140,8 @@ def _build_runner(state, request: Request) -> Runner:
     vocab = None
     if stage.vocab is not None:
         start, stop = stage.vocab
-        vocab = VocabShard(start, stop, stage.structure.vocab_size, groups[("tp",)])
+        # The decode loop counts the vocabulary's collectives itself (it names them).
+        vocab = VocabShard(start, stop, stage.structure.vocab_size, groups[("tp",)].uncounted())
     return Runner(
         key=request.model_key,
         stage=stage.model,

@@ -113,14 +113,13 @@ def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
 
 
 
-# Tiny random configs of other families, the shape of the ``tiny`` preset's vocabulary (the
-# byte-level tokenizer's 259 tokens), each keeping what makes its family different: Gemma 2's
+# Tiny random configs of other families, with the presets' tokenizer, each keeping what makes its family different: Gemma 2's
 # sliding window and softcapping, Phi-3's fused qkv and gate_up, GPT-NeoX's fused per-head qkv,
 # partial rotary and parallel residual, the MoE routers. Small enough that a forward pass takes
 # milliseconds on one CPU core. Used by the tests and the benchmarks.
 FAMILY_COMMON = dict(
-    vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=256, **TOKENIZER_IDS,
 )
 FAMILIES: dict[str, dict] = {
     # head_dim defaults to 256 in Gemma 2; a 4-token window so prompts overflow it. Untied: with

@@ -17,11 +17,16 @@ class Group:
     ``telemetry``: an engine's :class:`mpbook.engine.telemetry.Telemetry` (or anything with
     ``timed_collective(kind)``); None counts nothing (unit tests)."""
 
-    def __init__(self, group: Any, *, rank: int, size: int, telemetry: Any = None):
+    def __init__(self, group: Any, *, rank: int, size: int, telemetry: Any = None, ranks: list[int] | None = None):
         self.group = group
         self.rank = rank
         self.size = size
         self.telemetry = telemetry
+        self.ranks = ranks  # the global ranks of the group, in group order (for gather's destination)
+
+    def uncounted(self) -> Group:
+        """The same group, its collectives counted by the caller instead."""
+        return Group(self.group, rank=self.rank, size=self.size, ranks=self.ranks)
 
     def _timed(self, kind: str):
         return self.telemetry.timed_collective(kind) if self.telemetry is not None else contextlib.nullcontext()
@@ -49,6 +54,28 @@ class Group:
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         with self._timed("all_gather"):
             dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([part[..., :n] for part, n in zip(parts, sizes)], dim=-1)
+
+    def gather_last_dim(self, local, sizes: list[int]):
+        """Every rank's ``local`` concatenated along the last dim on the group's first rank
+        (None on the others); uneven shards padded and trimmed as in :meth:`all_gather_last_dim`."""
+        import torch
+        import torch.distributed as dist
+
+        width = max(sizes)
+        padded = local.contiguous()
+        if local.shape[-1] < width:
+            padded = torch.nn.functional.pad(padded, (0, width - local.shape[-1]))
+        first = self.rank == 0
+        parts = [torch.empty_like(padded) for _ in range(self.size)] if first else None
+        if self.ranks is not None:
+            dst = self.ranks[0]
+        else:  # the default group's first rank is rank 0
+            dst = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        with self._timed("gather"):
+            dist.gather(padded, parts, dst=dst, group=self.group)
+        if not first:
+            return None
         return torch.cat([part[..., :n] for part, n in zip(parts, sizes)], dim=-1)
 
     def all_gather_stack(self, local):

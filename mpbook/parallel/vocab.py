@@ -11,11 +11,13 @@ Two ways on from there:
 - :func:`greedy_tokens`: the greedy token without gathering the vocabulary. Each rank's
   (max value, global index) pair is all-gathered, a few bytes per row, and the best pair wins;
   ties go to the smallest index, as with ``torch.argmax``.
-- :func:`gather_logits`: the full logits on every rank of the group (a forward pass that
-  returns logits, or sampling, which reads the whole distribution): one all_gather.
+- :func:`gather_logits`: the full logits on the group's first rank (a forward pass that
+  returns logits, or sampling, which reads the whole distribution, on the rank that chooses):
+  one gather. :func:`all_gather_logits` puts them on every rank.
 
 ``vocab`` is a :class:`mpbook.engine.runner.VocabShard` (start, stop, total, group), with
 ``group`` a :class:`mpbook.parallel.collectives.Group` over the tp ranks of the last stage.
+These helpers do not count their collective: the caller does (the decode loop names it).
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from .tensor import chunk_sizes
 
 
 def gather_logits(local, vocab):
+    """(..., stop - start) logits of this rank's slice -> (..., total) on the group's first rank,
+    None on the others."""
+    return vocab.group.gather_last_dim(local, chunk_sizes(vocab.total, vocab.group.size))
+
+
+def all_gather_logits(local, vocab):
     """(..., stop - start) logits of this rank's slice -> (..., total) on every rank of the group."""
     return vocab.group.all_gather_last_dim(local, chunk_sizes(vocab.total, vocab.group.size))
 
