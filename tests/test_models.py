@@ -189,6 +189,29 @@ def test_the_readme_table_comes_from_the_plans():
     ]
 
 
+def test_what_each_rank_holds():
+    """models.structure says what every rank of a layout holds (the planner's source): experts
+    split by ep, the vocabulary by tp, layers by pp; checked against the engines below."""
+    from mpbook.models.structure import held_bytes, held_tensors
+
+    config = config_of("mixtral")
+    whole = held_bytes(held_tensors(config, Layout(), 0))
+    vocab, hidden = config.vocab_size, config.hidden_size
+    assert whole["embedding"] == whole["head"] == vocab * hidden * 4  # untied
+    ep = [held_bytes(held_tensors(config, Layout(ep=2), r)) for r in range(2)]
+    assert [b["experts"] for b in ep] == [whole["experts"] // 2] * 2
+    assert [b["layers"] for b in ep] == [whole["layers"]] * 2  # attention and router replicated
+    tp = [held_bytes(held_tensors(config, Layout(tp=2), r)) for r in range(2)]
+    assert [b["embedding"] for b in tp] == [-(-vocab // 2) * hidden * 4, (vocab - -(-vocab // 2)) * hidden * 4]
+    assert sum(b["experts"] for b in tp) == whole["experts"]
+    pp = [held_bytes(held_tensors(config, Layout(pp=2), r)) for r in range(2)]
+    assert (pp[0].get("head", 0), pp[1].get("embedding", 0)) == (0, 0)
+    assert pp[0]["experts"] + pp[1]["experts"] == whole["experts"]
+    tied = config_of("llama")  # tied: one matrix where embedding and head sit together
+    assert held_bytes(held_tensors(tied, Layout(tp=2), 0)).get("head", 0) == 0
+    assert held_bytes(held_tensors(tied, Layout(pp=2), 1))["head"] == tied.vocab_size * tied.hidden_size * 4
+
+
 def test_a_user_plan_error_says_what_is_wrong():
     from mpbook.models import supported_strategies
 

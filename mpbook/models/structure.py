@@ -669,38 +669,79 @@ class Held:
 
 def held_tensors(config, layout, rank: int, *, plans: dict | None = None, stage_sizes=None,
                  dtype: str = "float32", attention: str | None = None) -> list[Held]:
-    """Every parameter and buffer the rank ``rank`` of ``layout`` holds, as the engines load
-    it: its stage's tensors, split by its tp and ep rules (experts by ep, vocabulary by tp).
-    What the planner counts."""
+    """Every parameter and buffer the rank ``rank`` of ``layout`` holds, as the engines load it
+    (:func:`cut_stage`, then each tensor's slices): its stage's tensors, split by its tp and ep
+    rules (experts by ep, the vocabulary by tp). What the planner counts.
+
+    The whole model's tensors are read once per (config, plans, dtype, attention); a rank's
+    are then picked from them, so asking for every rank of many layouts stays cheap."""
+    s = structure(config, plans, attention=attention)
+    part = rank_part(s, layout, layout.coords(rank), stage_sizes=stage_sizes)
+    params, buffers = _inventory(config, plans, dtype, attention)
+    layer_prefix = s.layer_prefix
+
+    def held(name: str) -> bool:
+        if name.startswith(layer_prefix):
+            return int(name[len(layer_prefix):].split(".", 1)[0]) in part.layers
+        if name.startswith(s.embedding + "."):
+            return part.first
+        if any(name.startswith(s.full(p) + ".") for p in s.post) or any(name.startswith(h + ".") for h in s.head):
+            return part.last
+        return True  # glue every stage keeps (GPT-2's position embedding, rotary buffers)
+
+    out: list[Held] = []
+    seen: dict[int, tuple[str, list]] = {}  # a tensor held under two names (a tied head): its first name, slices
+    for name, key, full, element_size, transposed in params:
+        if not held(name):
+            continue
+        pieces = part.pieces(name, full, transposed=transposed)
+        first = seen.get(key)
+        if first is not None and first[1] == pieces:
+            # tied, and both sides take the same slice: one tensor (the loader ties them again)
+            out.append(Held(name, (), 0, _kind(s, name), shared_with=first[0]))
+            continue
+        seen.setdefault(key, (name, pieces))
+        shape = _local_shape(full, pieces)
+        out.append(Held(name, shape, _prod(shape) * element_size, _kind(s, name)))
+    for name, full, element_size in buffers:
+        if held(name):
+            out.append(Held(name, full, _prod(full) * element_size, "buffer"))
+    return out
+
+
+_INVENTORY: dict[tuple, tuple[list, list]] = {}
+
+
+def _inventory(config, plans, dtype: str, attention):
+    """The whole model's parameters (name, identity, shape, element size, Conv1D-transposed)
+    and buffers (name, shape, element size), from its meta-device module tree."""
     import copy
 
     import torch
 
+    from ..parallel.tensor import _transposed
     from ..protocol import DTYPES
 
-    s = structure(config, plans, attention=attention)
-    part = rank_part(s, layout, layout.coords(rank), stage_sizes=stage_sizes)
-    model = meta_model(copy.deepcopy(config), attention=attention, dtype=getattr(torch, DTYPES[dtype]))
-    cut_stage(model, s, part)
-    from ..parallel.tensor import _transposed
+    key = (type(config).__name__, config.to_json_string(use_diff=False), _plans_key(plans), dtype, attention)
+    if key not in _INVENTORY:
+        model = meta_model(copy.deepcopy(config), attention=attention, dtype=getattr(torch, DTYPES[dtype]))
+        modules = dict(model.named_modules())
+        params = [(name, id(p), tuple(p.shape), p.element_size(), _transposed(modules[name.rpartition(".")[0]]))
+                  for name, p in model.named_parameters(remove_duplicate=False)]
+        buffers = [(name, tuple(b.shape), b.element_size()) for name, b in model.named_buffers()]
+        if len(_INVENTORY) > 16:
+            _INVENTORY.pop(next(iter(_INVENTORY)))
+        _INVENTORY[key] = (params, buffers)
+    return _INVENTORY[key]
 
-    out: list[Held] = []
-    seen: dict[int, tuple[str, list]] = {}  # a tensor held under two names (a tied head): its first name, slices
-    for name, param in model.named_parameters(remove_duplicate=False):
-        source = global_name(s, part, name)
-        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        full = tuple(param.shape)
-        pieces = part.pieces(name, full, transposed=_transposed(owner))
-        first = seen.get(id(param))
-        if first is not None and first[1] == pieces:
-            # tied, and both sides take the same slice: one tensor (the loader ties them again)
-            out.append(Held(source, (), 0, _kind(s, source), shared_with=first[0]))
-            continue
-        seen.setdefault(id(param), (source, pieces))
-        shape = _local_shape(full, pieces)
-        out.append(Held(source, shape, _prod(shape) * param.element_size(), _kind(s, source)))
-    for name, buffer in model.named_buffers():
-        out.append(Held(global_name(s, part, name), tuple(buffer.shape), buffer.numel() * buffer.element_size(), "buffer"))
+
+def held_bytes(tensors: list[Held]) -> dict[str, int]:
+    """Bytes by kind ("embedding", "layers", "experts", "norm", "head", "buffer") of
+    :func:`held_tensors`' answer, and their "parameters" total (buffers apart)."""
+    out: dict[str, int] = {}
+    for t in tensors:
+        out[t.kind] = out.get(t.kind, 0) + t.nbytes
+    out["parameters"] = sum(t.nbytes for t in tensors if t.kind != "buffer")
     return out
 
 
