@@ -357,6 +357,17 @@ def test_a_family_without_plans_splits_with_a_users_plan(wb, model_type, layout,
 
 
 @pytest.mark.cluster
+def test_a_user_rule_replaces_the_familys(wb):
+    """Whole embedding and head on every rank (no vocab-parallel collectives), by user rules."""
+    folder = family_folder("gemma2")
+    plans = {"tp": {"embed_tokens": "replicate", "lm_head": "replicate"}}
+    result = _run(wb, folder, Layout(tp=2), 0, plans=plans)
+    assert_matches(result, folder)
+    assert result.collectives == [{"all_reduce": 2 * LAYERS}] * 2
+    assert result.weight_bytes == held_weight_bytes(folder, Layout(tp=2), plans=plans)
+
+
+@pytest.mark.cluster
 def test_the_attention_implementation_can_be_chosen(wb):
     """Mixtral defaults to sdpa; asked for eager, every stage runs eager (against eager)."""
     folder = family_folder("mixtral")

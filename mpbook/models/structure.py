@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import MpbookError
 from ..units import divisors
@@ -87,6 +86,8 @@ class Structure:
     tp_plan: dict[str, str] = field(default_factory=dict)  # the family's (and user's) rules, head included
     ep_plan: dict[str, str] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)  # tied parameter -> the parameter it reads
+    # Names a user plan set explicitly: the vocab-parallel defaults leave them alone.
+    user_named: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def full(self, name: str) -> str:
         """A base-model-relative module name as a CausalLM-level one."""
@@ -100,13 +101,6 @@ class Structure:
     def layer_rules(self) -> dict[str, str]:
         """The tp rules inside the decoder layers: what makes tensor parallel worth having."""
         return {k: v for k, v in self.tp_plan.items() if k.startswith(self.layer_prefix)}
-
-    @property
-    def unimplemented(self) -> dict[str, str]:
-        from ..parallel.tensor import IMPLEMENTED
-
-        rules = {**self.tp_plan, **self.ep_plan}
-        return {k: v for k, v in rules.items() if v not in IMPLEMENTED}
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -130,19 +124,13 @@ class Structure:
         vocab-parallel for every family (``embedding_rowwise``, and ``colwise`` logits over the
         vocabulary that the decode loop reads slice by slice), unless a user rule names them."""
         rules = dict(self.tp_plan)
-        if self.embedding_is_table and not self._user_named(self.embedding):
+        if self.embedding_is_table and self.embedding not in self.user_named:
             rules[self.embedding] = "embedding_rowwise"
         if self.head_is_vocab_linear:
             for name in self.head:
-                if not self._user_named(name):
+                if name not in self.user_named:
                     rules[name] = "colwise"
         return rules
-
-    # Names a user plan set explicitly (kept out of equality and repr).
-    user_named: frozenset = field(default=frozenset(), compare=False, repr=False)
-
-    def _user_named(self, name: str) -> bool:
-        return name in self.user_named
 
     def describe(self) -> str:
         lines = [
