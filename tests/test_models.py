@@ -357,6 +357,20 @@ def test_a_family_without_plans_splits_with_a_users_plan(wb, model_type, layout,
 
 
 @pytest.mark.cluster
+def test_a_state_space_model_runs_data_parallel(wb):
+    """Mamba keeps a recurrent state, not a KV cache: data parallel runs it through its own
+    generation inputs (no attention mask after the prompt); the split strategies refuse it."""
+    from mpbook.models import supported_strategies
+
+    folder = family_folder("mamba", num_hidden_layers=2)
+    assert supported_strategies(_config("mamba")) == ("data",)
+    assert_matches(wb.forward(PROMPTS, strategy="data", model=folder), folder)
+    assert_matches(wb.generate(PROMPTS, strategy="data", model=folder, max_new_tokens=NEW_TOKENS), folder, logits=False)
+    with pytest.raises(MpbookError, match="mamba models support data parallelism in mpbook, not pipeline"):
+        wb.generate(PROMPTS, strategy="pipeline", model=folder)
+
+
+@pytest.mark.cluster
 def test_a_user_rule_replaces_the_familys(wb):
     """Whole embedding and head on every rank (no vocab-parallel collectives), by user rules."""
     folder = family_folder("gemma2")

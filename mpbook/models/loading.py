@@ -25,6 +25,7 @@ How a stage runs (:class:`Stage`):
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,12 @@ class Stage:
     # The vocabulary slice [start, stop) of this rank's logits when the head is split over tp.
     vocab: tuple[int, int] | None = None
     expert_load: dict[str, Any] = field(default_factory=dict)  # MoE module -> routes per local expert
+    # A whole model whose layers keep a recurrent state (state-space, linear attention): its
+    # inputs go through the model's own prepare_inputs_for_generation, which knows, for example,
+    # that Mamba wants no attention mask after the prompt.
+    recurrent: bool = False
     _incoming: Any = None
+    _prefilled: dict = field(default_factory=dict)  # id of each cache that has seen its prompt -> weak ref
 
     def __post_init__(self):
         s = self.structure
@@ -76,6 +82,13 @@ class Stage:
         ``logits_to_keep`` positions' logits (last stage; 0 keeps all) out."""
         import torch
 
+        if self.recurrent:
+            first = id(cache) not in self._prefilled  # the prompt: this cache's first forward
+            self._prefilled[id(cache)] = weakref.ref(cache, lambda _, key=id(cache): self._prefilled.pop(key, None))
+            inputs = self.model.prepare_inputs_for_generation(
+                x, cache=cache, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                is_first_iteration=first, logits_to_keep=logits_to_keep)
+            return self.model(**inputs).logits
         common = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
         if self.first:
             inputs = {"input_ids": x}
@@ -112,8 +125,12 @@ def load_whole(model: str | os.PathLike, *, dtype, device, attention: str | None
 
 
 def whole_stage(model, *, dtype, device, attention: str | None = None) -> Stage:
+    """The whole model as one stage (data parallel: nothing split), for any causal LM."""
+    from .structure import recurrent_state
+
     lm = load_whole(model, dtype=dtype, device=device, attention=attention)
-    return Stage(lm, first=True, last=True, layers=range(lm.config.get_text_config().num_hidden_layers))
+    return Stage(lm, first=True, last=True, layers=range(lm.config.get_text_config().num_hidden_layers),
+                 recurrent=recurrent_state(lm.config))
 
 
 def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group=None,

@@ -394,11 +394,39 @@ def _config_plans(config, plans: dict | None) -> tuple[dict, dict, dict]:
     return tuple(out)
 
 
+def recurrent_state(config) -> bool:
+    """Whether some of the model's layers keep a recurrent state (state-space models such as
+    Mamba, linear attention, hybrids such as Jamba) instead of, or besides, a KV cache: the
+    cache transformers builds for the config says."""
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+        return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in DynamicCache(config=config).layers)
+    except Exception:  # noqa: BLE001  a config the cache cannot read: an attention model
+        return False
+
+
+def takes_a_cache(config) -> bool:
+    """Whether the model's forward takes transformers' ``cache`` (RWKV keeps a state of its own
+    that generate threads through, which mpbook's decode loop does not)."""
+    import inspect
+
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except Exception:  # noqa: BLE001  not a causal LM transformers knows: let loading say so
+        return True
+    return "cache" in inspect.signature(model_class.forward).parameters
+
+
 def supported_strategies(config, plans: dict | None = None) -> tuple[str, ...]:
-    """The strategies mpbook can run ``config``'s model with: data always; pipeline when a pp
-    plan (the config's or ``plans``') or the module order gives its layers; tensor when a tp
-    plan splits its decoder layers with styles mpbook implements; expert when an ep plan names
-    its experts."""
+    """The strategies mpbook can run ``config``'s model with: data for every causal LM whose
+    forward takes a cache (all but RWKV); for models with a KV cache only (no recurrent state),
+    pipeline when a pp plan (the config's or ``plans``') or the module order gives its layers,
+    tensor when a tp plan splits its decoder layers with styles mpbook implements, expert when
+    an ep plan names its experts."""
     return tuple(s for s in STRATEGIES if why_not(config, s, plans) is None)
 
 
@@ -408,8 +436,13 @@ def why_not(config, strategy: str, plans: dict | None = None) -> str | None:
 
     tp, pp, ep = _config_plans(config, plans)
     mt = config.model_type
+    if not takes_a_cache(config):
+        return f"{mt}'s forward takes no cache (it threads a state of its own), which mpbook's decode loop does not carry"
     if strategy == "data":
         return None
+    if strategy in OWN_DIM and recurrent_state(config):
+        return (f"{mt}'s layers keep a recurrent state (state-space or linear attention), which mpbook's "
+                "stages and shards do not carry")
     if strategy == "pipeline":
         if pp:
             return None
@@ -454,6 +487,8 @@ def check_layout(config, layout, plans: dict | None = None, *, stage_sizes=None)
     from ..parallel.pipeline import split_layers
 
     allowed = supported_strategies(config, plans)
+    if not allowed:
+        raise MpbookError(f"{why_not(config, 'data', plans)}; mpbook cannot run {config.model_type} models")
     for strategy, dim in OWN_DIM.items():
         degree = getattr(layout, dim)
         if degree > 1 and strategy not in allowed:
