@@ -212,6 +212,21 @@ def test_what_each_rank_holds():
     assert held_bytes(held_tensors(tied, Layout(pp=2), 1))["head"] == tied.vocab_size * tied.hidden_size * 4
 
 
+def test_telemetry_counts_expert_tokens():
+    """Counts arrive as 0-d tensors from the MoE layers (no host sync there); the snapshot and
+    the run's stats read them."""
+    from mpbook.engine.telemetry import Telemetry
+
+    tel = Telemetry(0, torch.device("cpu"))
+    tel.add_expert_tokens(3)
+    with tel.run() as stats:
+        tel.add_expert_tokens(torch.tensor(5))
+        tel.add_expert_tokens(torch.tensor(2))
+        assert tel.snapshot()["expert_tokens"] == 10
+    tel.add_expert_tokens(1)  # after the run
+    assert stats.expert_tokens == 7  # this run's own
+
+
 def test_a_user_plan_error_says_what_is_wrong():
     from mpbook.models import supported_strategies
 

@@ -42,12 +42,16 @@ class RunStats:
     phase_seconds: Counter = field(default_factory=Counter)
     peak_memory_bytes: int = 0
     expert_tokens_at_start: int = 0  # the engine's running total when the run began
+    expert_tokens_at_end: int | None = None  # ... and when it ended
     telemetry: Any = field(default=None, repr=False)
 
     @property
     def expert_tokens(self) -> int:
         """Routes (token, expert) that reached this rank's experts during the run (expert parallel)."""
-        return 0 if self.telemetry is None else self.telemetry.expert_tokens - self.expert_tokens_at_start
+        if self.telemetry is None:
+            return 0
+        end = self.expert_tokens_at_end if self.expert_tokens_at_end is not None else self.telemetry.expert_tokens
+        return end - self.expert_tokens_at_start
 
 
 class Telemetry:
@@ -92,6 +96,7 @@ class Telemetry:
         finally:
             self.set_phase("idle")
             stats.peak_memory_bytes = max(stats.peak_memory_bytes, self.peak_memory_bytes())
+            stats.expert_tokens_at_end = self.expert_tokens
             self._run = None
 
     @contextmanager
