@@ -248,20 +248,19 @@ def wb():
         yield wb
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _planner_reads_llama_only():
-    """Until the planner reads mpbook.models.structure (issue 10, point 6), it refuses the module
-    trees of other families; the session asks it before every run. Skip its check for those."""
+@pytest.fixture
+def session_plans_ep():
+    """The session asks the planner about dp x pp x tp only (session.py passes no ep, nor the
+    user's plans, yet), so an ep layout's device list does not match its ranks: until it does,
+    skip the session's memory check for ep layouts. The planner itself counts them
+    (tests/test_planner.py)."""
     from mpbook.session import Session
 
     original = Session.check_memory
 
     def check_memory(self, request, *, config, prompt_len):
-        try:
+        if request.layout.ep == 1:
             original(self, request, config=config, prompt_len=prompt_len)
-        except MpbookError as exc:
-            if "out of memory" in str(exc):
-                raise
 
     Session.check_memory = check_memory
     yield
@@ -276,6 +275,15 @@ def held_weight_bytes(folder, layout, *, plans=None) -> list[int]:
     config = load_config(folder)
     return [sum(h.nbytes for h in held_tensors(config, layout, r, plans=plans) if h.kind != "buffer")
             for r in range(layout.world_size)]
+
+
+def planned(folder, layout: Layout, *, prompt_len: int, plans=None):
+    """mpbook.plan for the rows of PROMPTS, left-padded to the longest (as one micro-batch is)."""
+    from mpbook import plan
+    from mpbook.models import load_config
+
+    return plan(load_config(folder), dp=layout.dp, pp=layout.pp, tp=layout.tp, ep=layout.ep, batch=len(PROMPTS),
+                prompt_len=prompt_len, max_new_tokens=0, plans=plans, device_memory_bytes=1 << 40)
 
 
 def expected_collectives(model_type: str, layout: Layout) -> list[dict[str, int]]:
@@ -296,6 +304,7 @@ def expected_collectives(model_type: str, layout: Layout) -> list[dict[str, int]
 
 
 @pytest.mark.cluster
+@pytest.mark.usefixtures("session_plans_ep")
 @pytest.mark.parametrize("model_type, strategy, degrees", CASES,
                          ids=[f"{mt}-{s}{'-ep2' if d else ''}" for mt, s, d in CASES])
 def test_every_strategy_matches_one_device(wb, model_type, strategy, degrees):
@@ -305,12 +314,20 @@ def test_every_strategy_matches_one_device(wb, model_type, strategy, degrees):
     layout = forward.layout
     assert forward.collectives == expected_collectives(model_type, layout)
     assert forward.weight_bytes == held_weight_bytes(folder, layout)
+    # The planner reads the same structure: weights per rank, exact; the KV cache too where
+    # every row is padded to the longest prompt (one replica) and no layer slides a window (the
+    # planner counts a sliding layer's storage, the engines the elements of its view).
+    predicted = planned(folder, layout, prompt_len=max(forward.prompt_tokens))
+    assert [r.parameters for r in predicted.ranks] == forward.weight_bytes
+    if layout.dp == 1 and model_type != "gemma2":
+        assert [r.kv_cache for r in predicted.ranks] == forward.kv_cache_bytes
     generated = wb.generate(PROMPTS, strategy=strategy, model=folder, max_new_tokens=NEW_TOKENS, **degrees)
     assert_matches(generated, folder, logits=False)
     assert generated.load_seconds == [0.0, 0.0]  # the model loaded for the forward pass was kept
 
 
 @pytest.mark.cluster
+@pytest.mark.usefixtures("session_plans_ep")
 def test_expert_parallel_counts_each_ranks_expert_load(wb):
     """Telemetry's expert_tokens: every (token, expert) route lands on exactly one rank."""
     folder = family_folder("mixtral")
@@ -329,6 +346,7 @@ def test_expert_parallel_counts_each_ranks_expert_load(wb):
 
 
 @pytest.mark.cluster
+@pytest.mark.usefixtures("session_plans_ep")
 def test_ep_not_dividing_the_experts_fails_on_the_engines_with_the_numbers(wb):
     """The engines check the layout too (the session's early check is the client's)."""
     folder = family_folder("mixtral", num_local_experts=3)

@@ -7,11 +7,11 @@ import pytest
 
 from mpbook import Workbench
 from test_models import (  # noqa: F401  (the fixture is used by name)
-    LAYERS, MOE_LAYERS, NEW_TOKENS, PROMPTS, _planner_reads_llama_only, assert_matches, family_folder,
-    held_weight_bytes,
+    LAYERS, MOE_LAYERS, NEW_TOKENS, PROMPTS, assert_matches, family_folder, held_weight_bytes, planned,
+    session_plans_ep,
 )
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("session_plans_ep")]
 
 CASES = [
     ("mixtral", "tensor", {"ep": 2}),  # tp=2 x ep=2: experts split both ways, one all-reduce per MoE layer
@@ -46,6 +46,10 @@ def test_expert_parallel_combinations_match_one_device(wb4, model_type, strategy
     assert_matches(forward, folder)
     layout = forward.layout
     assert forward.weight_bytes == held_weight_bytes(folder, layout)
+    predicted = planned(folder, layout, prompt_len=max(forward.prompt_tokens))  # experts split by ep
+    assert [r.parameters for r in predicted.ranks] == forward.weight_bytes
+    if layout.dp == 1:
+        assert [r.kv_cache for r in predicted.ranks] == forward.kv_cache_bytes
     for rank, counts in enumerate(forward.collectives):
         if forward.layout.dp > 1 and layout.coords(rank).dp >= len(PROMPTS):
             continue

@@ -686,7 +686,7 @@ class Held:
     name: str
     shape: tuple[int, ...]
     nbytes: int
-    kind: str  # "embedding", "layers", "experts", "norm", "head", "buffer"
+    kind: str  # "embedding", "layers", "experts", "norm", "head", "other", "buffer"
     shared_with: str | None = None  # a tied tensor held once (counted under the name it reads)
 
 
@@ -697,35 +697,41 @@ def held_tensors(config, layout, rank: int, *, plans: dict | None = None, stage_
     rules (experts by ep, the vocabulary by tp). What the planner counts.
 
     The whole model's tensors are read once per (config, plans, dtype, attention); a rank's
-    are then picked from them, so asking for every rank of many layouts stays cheap."""
+    are then picked from them, with each rule resolved once per tensor name pattern, so asking
+    for every rank of many layouts stays cheap."""
     s = structure(config, plans, attention=attention)
     part = rank_part(s, layout, layout.coords(rank), stage_sizes=stage_sizes)
     params, buffers = _inventory(config, plans, dtype, attention)
     layer_prefix = s.layer_prefix
+    last_only = tuple(s.full(p) + "." for p in s.post) + tuple(h + "." for h in s.head)
 
     def held(name: str) -> bool:
         if name.startswith(layer_prefix):
             return int(name[len(layer_prefix):].split(".", 1)[0]) in part.layers
         if name.startswith(s.embedding + "."):
             return part.first
-        if any(name.startswith(s.full(p) + ".") for p in s.post) or any(name.startswith(h + ".") for h in s.head):
+        if name.startswith(last_only):
             return part.last
         return True  # glue every stage keeps (GPT-2's position embedding, rotary buffers)
 
+    memo: dict[tuple, tuple[list, tuple, str]] = {}  # (pattern, shape, transposed) -> pieces, local shape, kind
     out: list[Held] = []
     seen: dict[int, tuple[str, list]] = {}  # a tensor held under two names (a tied head): its first name, slices
-    for name, key, full, element_size, transposed in params:
+    for name, pattern, key, full, element_size, transposed in params:
         if not held(name):
             continue
-        pieces = part.pieces(name, full, transposed=transposed)
+        found = memo.get((pattern, full, transposed))
+        if found is None:
+            pieces = part.pieces(name, full, transposed=transposed)
+            found = memo[(pattern, full, transposed)] = (pieces, _local_shape(full, pieces), _kind(s, name))
+        pieces, shape, kind = found
         first = seen.get(key)
         if first is not None and first[1] == pieces:
             # tied, and both sides take the same slice: one tensor (the loader ties them again)
-            out.append(Held(name, (), 0, _kind(s, name), shared_with=first[0]))
+            out.append(Held(name, (), 0, kind, shared_with=first[0]))
             continue
         seen.setdefault(key, (name, pieces))
-        shape = _local_shape(full, pieces)
-        out.append(Held(name, shape, _prod(shape) * element_size, _kind(s, name)))
+        out.append(Held(name, shape, _prod(shape) * element_size, kind))
     for name, full, element_size in buffers:
         if held(name):
             out.append(Held(name, full, _prod(full) * element_size, "buffer"))
@@ -736,8 +742,8 @@ _INVENTORY: dict[tuple, tuple[list, list]] = {}
 
 
 def _inventory(config, plans, dtype: str, attention):
-    """The whole model's parameters (name, identity, shape, element size, Conv1D-transposed)
-    and buffers (name, shape, element size), from its meta-device module tree."""
+    """The whole model's parameters (name, its pattern, identity, shape, element size,
+    Conv1D-transposed) and buffers (name, shape, element size), from its meta-device tree."""
     import copy
 
     import torch
@@ -749,7 +755,8 @@ def _inventory(config, plans, dtype: str, attention):
     if key not in _INVENTORY:
         model = meta_model(copy.deepcopy(config), attention=attention, dtype=getattr(torch, DTYPES[dtype]))
         modules = dict(model.named_modules())
-        params = [(name, id(p), tuple(p.shape), p.element_size(), _transposed(modules[name.rpartition(".")[0]]))
+        params = [(name, generic(name), id(p), tuple(p.shape), p.element_size(),
+                   _transposed(modules[name.rpartition(".")[0]]))
                   for name, p in model.named_parameters(remove_duplicate=False)]
         buffers = [(name, tuple(b.shape), b.element_size()) for name, b in model.named_buffers()]
         if len(_INVENTORY) > 16:
@@ -759,7 +766,7 @@ def _inventory(config, plans, dtype: str, attention):
 
 
 def held_bytes(tensors: list[Held]) -> dict[str, int]:
-    """Bytes by kind ("embedding", "layers", "experts", "norm", "head", "buffer") of
+    """Bytes by kind ("embedding", "layers", "experts", "norm", "head", "other", "buffer") of
     :func:`held_tensors`' answer, and their "parameters" total (buffers apart)."""
     out: dict[str, int] = {}
     for t in tensors:
@@ -769,6 +776,8 @@ def held_bytes(tensors: list[Held]) -> dict[str, int]:
 
 
 def _kind(s: Structure, name: str) -> str:
+    """Where a tensor belongs: "embedding" (the token embedding), "layers", "experts", "norm"
+    (the modules after the layers), "head", or "other" (glue every stage keeps)."""
     g = generic(name)
     if any(g.startswith(e + ".") for e in s.experts):
         return "experts"
@@ -778,7 +787,9 @@ def _kind(s: Structure, name: str) -> str:
         return "embedding"
     if any(name.startswith(h + ".") for h in s.head):
         return "head"
-    return "norm"
+    if any(name.startswith(s.full(p) + ".") for p in s.post):
+        return "norm"
+    return "other"
 
 
 def _local_shape(shape: tuple[int, ...], pieces) -> tuple[int, ...]:
