@@ -56,7 +56,7 @@ def plan(
     Fit is judged against ``device_memory_bytes`` (one size, or one per rank) when given;
     else the engines' free memory when ``engines`` is a Workbench; else this machine's free
     GPU memory (NVML) or, without enough GPUs, its available host memory, which CPU engines
-    share. ``engines`` (a count or a Workbench) must equal dp * pp * tp, and the suggestions
+    share. ``engines`` (a count or a Workbench) must equal dp * pp * tp * ep, and the suggestions
     cover every layout over that many engines.
 
     Per rank, with b the rows of one micro-batch, q the query tokens (the prompt in the
