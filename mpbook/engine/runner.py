@@ -1,8 +1,9 @@
 """This rank's part of a model, loaded once and kept on the engine between runs.
 
-A :class:`Runner` holds one pipeline stage (all layers when pp=1), tensor-parallel over its
-tp group when tp>1; :func:`prepare` loads it for a request's model and layout, or reuses the
-one already loaded.
+A :class:`Runner` holds one pipeline stage (all layers when pp=1), its tensor-parallel shards
+when tp>1 and its experts when ep>1, as :mod:`mpbook.models.structure` reads them from the
+model's own plans; its forward runs the family's own code (:class:`mpbook.models.loading.Stage`).
+:func:`prepare` loads it for a request's model and layout, or reuses the one already loaded.
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..layout import Coords, Mesh
-from ..parallel.pipeline import StagePeers, split_layers
+from ..models.loading import Stage
+from ..parallel.pipeline import StagePeers
 from ..protocol import DTYPES, Request
 
 
 @dataclass(frozen=True)
 class VocabShard:
     """This rank's slice [start, stop) of a vocabulary of ``total`` tokens, and the group
-    (the tp group of the last stage) whose ranks hold the other slices, in slice order."""
+    (the tp group of the last stage) whose ranks hold the other slices, in slice order:
+    a :class:`mpbook.parallel.collectives.Group`, which :func:`mpbook.parallel.vocab.gather_logits`
+    and :func:`mpbook.parallel.vocab.greedy_tokens` take through this object."""
 
     start: int
     stop: int
@@ -32,10 +36,10 @@ class VocabShard:
 
 @dataclass
 class Runner:
-    """This rank's stage of a layout, kept on the engine between runs."""
+    """This rank's part of a layout, kept on the engine between runs."""
 
     key: tuple
-    stage: Any  # the causal LM holding this rank's layers
+    stage: Any  # the causal LM, cut down to this rank's layers and shards
     peers: StagePeers
     coords: Coords
     mesh: Mesh | None
@@ -43,45 +47,43 @@ class Runner:
     dtype: Any
     weight_bytes: int
     load_seconds: float
-    whole: bool = False  # an architecture mpbook cannot cut: the whole model, data parallel only
+    whole: bool = False  # nothing split (data parallel): the model as transformers loads it
     # The vocabulary slice of this rank's logits when the LM head is split over tp
     # (vocab-parallel); None when every rank of the last stage has the full logits.
     vocab: VocabShard | None = None
+    part: Stage | None = None  # what runs: the family's own forward on this stage (models.loading.Stage)
 
     @property
     def hidden_size(self) -> int:
-        return self.stage.config.hidden_size
+        return self.stage.config.get_text_config().hidden_size
 
     @property
     def vocab_size(self) -> int:
         """The full width of the logits (the model config's vocab_size)."""
         return self.stage.config.get_text_config().vocab_size
 
+    @property
+    def expert_load(self) -> dict:
+        """MoE module -> routes that reached each of this rank's experts so far (expert parallel)."""
+        return {} if self.part is None else self.part.expert_load
+
     def new_cache(self):
         """An empty KV cache for this stage's layers (one per micro-batch)."""
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.stage.config)
+        return self.part.new_cache()
 
     def forward(self, x, attention_mask, position_ids, cache, *, all_logits: bool):
-        """One stage forward: token ids (first stage) or hidden states in; hidden states or
-        logits (last stage) out."""
-        if self.whole:
-            out = self.stage(input_ids=x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                             use_cache=True, logits_to_keep=0 if all_logits else 1)
-            return out.logits
-        body = self.stage.model
-        inputs = {"input_ids": x} if self.peers.first else {"inputs_embeds": x}
-        hidden = body(**inputs, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
-        hidden = hidden.last_hidden_state
-        if not self.peers.last:
-            return hidden
-        # Generation needs only the last position's logits (what transformers does too).
-        return self.stage.lm_head(hidden if all_logits else hidden[:, -1:, :])
+        """One stage forward, the family's own code: token ids (first stage) or hidden states in;
+        hidden states (batch, q, hidden) or, on the last stage, logits out: every position's
+        (``all_logits``) or the last one's, (batch, q or 1, vocab_local). With a vocab-parallel
+        head (``self.vocab`` set) they are this rank's slice of the vocabulary: the caller picks
+        tokens with :func:`mpbook.parallel.vocab.greedy_tokens` or gathers them with
+        :func:`mpbook.parallel.vocab.gather_logits`."""
+        return self.part.forward(x, attention_mask, position_ids, cache, logits_to_keep=0 if all_logits else 1)
 
     def close(self) -> None:
         self.peers.drop_pending()  # a live gloo Work keeps its connection open
         self.stage = None
+        self.part = None
         if self.device.type == "cuda":
             import torch
 
@@ -100,50 +102,59 @@ def param_bytes(module) -> int:
 
 
 def _build_runner(state, request: Request) -> Runner:
-    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     from .. import models
-    from ..parallel import tensor
+    from ..parallel.collectives import Group
 
     hf_logging.disable_progress_bar()
     began = time.perf_counter()
     layout = request.layout
     coords = layout.coords(state.rank)
-    config = AutoConfig.from_pretrained(models.resolve(request.model))
-    whole = "pipeline" not in models.supported_strategies(config)
-    if whole:
-        stage = models.load_whole(request.model, dtype=torch_dtype(request.dtype), device=state.device)
-    else:
-        stages = split_layers(config.num_hidden_layers, layout.pp, request.stage_sizes)
-        stage = models.load_stage(
-            request.model,
-            layers=stages[coords.pp],
-            first=coords.pp == 0,
-            last=coords.pp == layout.pp - 1,
-            dtype=torch_dtype(request.dtype),
-            device=state.device,
-            tp_rank=coords.tp,
-            tp=layout.tp,
-        )
+    dtype = torch_dtype(request.dtype)
+    whole = layout.pp == layout.tp == layout.ep == 1
     mesh = None
-    if layout.tp > 1:
+    groups: dict[tuple, Group] = {}
+    if whole:
+        # Nothing to split: transformers' own loader, whatever the family (data parallel works
+        # for every causal LM, with the attention implementation transformers picks for it).
+        stage = models.whole_stage(request.model, dtype=dtype, device=state.device, attention=request.attention)
+    else:
         # One mesh per layout for the engine's lifetime: its subgroups are made once (a
         # collective step) and reused when a later run comes back to the same layout.
         meshes = state.cache.setdefault("meshes", {})
         mesh = meshes.get(layout) or meshes.setdefault(layout, Mesh(layout, state.rank, state.device.type))
-        tensor.connect(stage, mesh.group("tp"), state.telemetry)
+
+        def group(dims: tuple[str, ...]) -> Group:
+            if dims not in groups:
+                ranks = mesh.ranks(*dims)
+                groups[dims] = Group(mesh.group(*dims), rank=ranks.index(state.rank), size=len(ranks),
+                                     telemetry=state.telemetry, ranks=ranks)
+            return groups[dims]
+
+        stage = models.load_stage(
+            request.model, layout=layout, coords=coords, dtype=dtype, device=state.device, group=group,
+            stage_sizes=request.stage_sizes, plans=request.plans, attention=request.attention,
+            telemetry=state.telemetry,
+        )
+    vocab = None
+    if stage.vocab is not None:
+        start, stop = stage.vocab
+        # The decode loop counts the vocabulary's collectives itself (it names them).
+        vocab = VocabShard(start, stop, stage.structure.vocab_size, groups[("tp",)].uncounted())
     return Runner(
         key=request.model_key,
-        stage=stage,
+        stage=stage.model,
         peers=StagePeers(layout.group_ranks("pp", state.rank), coords.pp, state.telemetry),
         coords=coords,
         mesh=mesh,
         device=state.device,
-        dtype=torch_dtype(request.dtype),
-        weight_bytes=param_bytes(stage),
+        dtype=dtype,
+        weight_bytes=stage.param_bytes(),
         load_seconds=time.perf_counter() - began,
         whole=whole,
+        vocab=vocab,
+        part=stage,
     )
 
 

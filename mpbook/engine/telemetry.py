@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -40,6 +41,17 @@ class RunStats:
     events: list[Event] = field(default_factory=list)
     phase_seconds: Counter = field(default_factory=Counter)
     peak_memory_bytes: int = 0
+    expert_tokens_at_start: int = 0  # the engine's running total when the run began
+    expert_tokens_at_end: int | None = None  # ... and when it ended
+    telemetry: Any = field(default=None, repr=False)
+
+    @property
+    def expert_tokens(self) -> int:
+        """Routes (token, expert) that reached this rank's experts during the run (expert parallel)."""
+        if self.telemetry is None:
+            return 0
+        end = self.expert_tokens_at_end if self.expert_tokens_at_end is not None else self.telemetry.expert_tokens
+        return end - self.expert_tokens_at_start
 
 
 class Telemetry:
@@ -54,6 +66,11 @@ class Telemetry:
         self.collective_seconds = 0.0
         self.collective_seconds_by_kind: Counter = Counter()  # kind -> seconds (running total)
         self.memory_parts: dict[str, int] = {}  # part -> bytes, as last noted by a strategy
+        # Routes (token, expert) that reached this rank's experts (expert parallel). Counts may
+        # arrive as 0-d device tensors (no host sync in the MoE layer): summed lazily.
+        self._expert_tokens = 0
+        self._expert_pending: list = []
+        self._expert_lock = threading.Lock()  # the publisher thread and the run both read the total
         # Ranks with the same replica work on the same tokens (one data-parallel replica:
         # its pipeline stages and tensor shards); the dashboard counts their tokens once.
         # Each rank is its own replica until a strategy says otherwise.
@@ -69,7 +86,7 @@ class Telemetry:
     @contextmanager
     def run(self) -> Iterator[RunStats]:
         """Bracket one generate/forward call; the stats cover that call alone."""
-        stats = self._run = RunStats()
+        stats = self._run = RunStats(expert_tokens_at_start=self.expert_tokens, telemetry=self)
         if self.device.type == "cuda":
             import torch
 
@@ -79,6 +96,7 @@ class Telemetry:
         finally:
             self.set_phase("idle")
             stats.peak_memory_bytes = max(stats.peak_memory_bytes, self.peak_memory_bytes())
+            stats.expert_tokens_at_end = self.expert_tokens
             self._run = None
 
     @contextmanager
@@ -103,6 +121,24 @@ class Telemetry:
 
     def add_tokens(self, phase: str, n: int) -> None:
         self.tokens[phase] += n
+
+    def add_expert_tokens(self, n) -> None:
+        """Count ``n`` routes (token, expert) that reached this rank's experts; ``n`` may be an
+        int or a 0-d tensor on the device (read when a snapshot or the run's stats ask)."""
+        if isinstance(n, int):
+            self._expert_tokens += n
+        else:
+            self._expert_pending.append(n)
+
+    @property
+    def expert_tokens(self) -> int:
+        with self._expert_lock:
+            pending, self._expert_pending = self._expert_pending, []
+            if pending:
+                import torch
+
+                self._expert_tokens += int(torch.stack(pending).sum())
+            return self._expert_tokens
 
     def collective(self, kind: str, seconds: float = 0.0, n: int = 1) -> None:
         """Count ``n`` collectives of ``kind`` (all_reduce, all_gather, send, recv, ...).
@@ -233,6 +269,7 @@ class Telemetry:
             "memory_in_use_bytes": memory["in_use"],
             "peak_memory_bytes": memory["peak"],
             "replica": self.replica,
+            "expert_tokens": self.expert_tokens,
             **({"stream": self.stream.snapshot()} if self.stream is not None else {}),
         }
 

@@ -1,12 +1,14 @@
-"""Models: where they come from (``source``), the built-in ``presets``, and loading the part
-of one that a rank needs (``loading``)."""
+"""Models: where they come from (``source``), the built-in ``presets``, what they are made of
+and what each rank of a layout holds (``structure``, read from the model's own plans), and
+loading that part (``loading``, ``checkpoint``)."""
 
-from .loading import load_stage, load_whole, supported_strategies
+from .loading import Stage, load_stage, load_whole, whole_stage
 from .presets import PRESETS, build_preset, build_tiny, save_random, small_config, tiny_config, tiny_tokenizer
 from .source import EXAMPLE_MODEL, load_config, load_tokenizer, resolve, suggested_model
+from .structure import architecture_table, check_layout, supported_strategies
 
 __all__ = [
-    "PRESETS", "build_preset", "build_tiny", "load_config", "load_stage", "load_tokenizer", "load_whole",
-    "resolve", "save_random", "small_config", "suggested_model", "supported_strategies", "tiny_config", "tiny_tokenizer",
-    "EXAMPLE_MODEL",
+    "EXAMPLE_MODEL", "PRESETS", "Stage", "architecture_table", "build_preset", "build_tiny", "check_layout",
+    "load_config", "load_stage", "load_tokenizer", "load_whole", "resolve", "save_random", "small_config",
+    "suggested_model", "supported_strategies", "tiny_config", "tiny_tokenizer", "whole_stage",
 ]

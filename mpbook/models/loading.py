@@ -1,137 +1,255 @@
-"""Loading just the part of a model that a rank needs, reading only its tensors."""
+"""Loading the part of a model that a rank needs, reading only its tensors, and running the
+family's OWN forward code on it.
+
+What each rank holds comes from :mod:`mpbook.models.structure` (the model's own plans): its
+pipeline stage's decoder layers, cut from the CausalLM built on the meta device, and under
+tensor / expert parallel only its slices of them, read from the safetensors files
+(:mod:`mpbook.models.checkpoint`). The styles' forwards and collectives come from
+:mod:`mpbook.parallel.tensor` and :mod:`mpbook.parallel.expert`.
+
+How a stage runs (:class:`Stage`):
+
+- The first stage runs the base model's forward from ``input_ids``. A later stage runs the same
+  forward with ``inputs_embeds`` = zeros, and a forward pre-hook on its first decoder layer swaps
+  in the received hidden states: the glue between embedding and layers (Gemma's normalizer,
+  Granite's embedding multiplier, mask and rotary creation) runs as the family wrote it, yet
+  cannot touch the received activation.
+- Layers are renumbered from 0 and the config sliced to them (``num_hidden_layers``,
+  ``layer_types``), so the stage's own cache and masks (sliding windows included) see exactly
+  the layers it holds. transformers' own pipeline keeps global indices; a later stage's cache
+  then reports its length from a layer it does not hold, and left-padded batches come out wrong.
+- A non-last stage returns ``last_hidden_state``; the last stage runs the CausalLM forward, so
+  the family's logit post-processing (Gemma 2's softcapping, Granite's logit scaling) applies.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import MpbookError
 from .source import checkpoint_files, resolve
 
 
-SUPPORTED_ARCHITECTURES = {
-    # model_type -> strategies that work with it. Llama-family models share the module
-    # layout the stage and tensor-parallel code rely on: model.embed_tokens, model.layers
-    # (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj), model.norm, model.rotary_emb, lm_head.
-    "llama": ("data", "pipeline", "tensor"),
-    "mistral": ("data", "pipeline", "tensor"),
-    "qwen2": ("data", "pipeline", "tensor"),
-    "qwen3": ("data", "pipeline", "tensor"),
-}
+@dataclass
+class Stage:
+    """One rank's part of a causal LM, with the forward that runs the family's own code."""
+
+    model: Any  # the CausalLM, cut down to this rank's stage and shards
+    first: bool
+    last: bool
+    layers: range
+    structure: Any = None  # mpbook.models.structure.Structure (None: a whole model from from_pretrained)
+    # The vocabulary slice [start, stop) of this rank's logits when the head is split over tp.
+    vocab: tuple[int, int] | None = None
+    expert_load: dict[str, Any] = field(default_factory=dict)  # MoE module -> routes per local expert
+    # A whole model whose layers keep a recurrent state (state-space, linear attention): its
+    # inputs go through the model's own prepare_inputs_for_generation, which knows, for example,
+    # that Mamba wants no attention mask after the prompt.
+    recurrent: bool = False
+    _incoming: Any = None
+    _prefilled: dict = field(default_factory=dict)  # id of each cache that has seen its prompt -> weak ref
+
+    def __post_init__(self):
+        s = self.structure
+        self.base = self.model.get_submodule(s.base_prefix) if s is not None and s.base_prefix else self.model
+        if not self.first:
+            container = self.base.get_submodule(s.layers)
+            container[0].register_forward_pre_hook(self._swap_in_received, with_kwargs=True)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def _swap_in_received(self, module, args, kwargs):
+        """Before the first local layer: the received activation replaces whatever the glue
+        code made of the zero placeholder (positional or keyword, as the family passes it)."""
+        if self._incoming is None:
+            return None
+        if args:
+            return (self._incoming, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._incoming}
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, x, attention_mask, position_ids, cache, *, logits_to_keep: int = 1):
+        """Token ids (first stage) or hidden states in; hidden states (b, q, hidden) or the last
+        ``logits_to_keep`` positions' logits (last stage; 0 keeps all) out."""
+        import torch
+
+        if self.recurrent:
+            first = id(cache) not in self._prefilled  # the prompt: this cache's first forward
+            self._prefilled[id(cache)] = weakref.ref(cache, lambda _, key=id(cache): self._prefilled.pop(key, None))
+            inputs = self.model.prepare_inputs_for_generation(
+                x, cache=cache, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                is_first_iteration=first, logits_to_keep=logits_to_keep)
+            return self.model(**inputs).logits
+        common = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+        if self.first:
+            inputs = {"input_ids": x}
+        else:
+            inputs = {"inputs_embeds": torch.zeros_like(x)}  # a placeholder: the hook swaps x in
+            self._incoming = x
+        try:
+            if self.last:
+                return self.model(**inputs, **common, logits_to_keep=logits_to_keep).logits
+            return self.base(**inputs, **common).last_hidden_state
+        finally:
+            self._incoming = None
+
+    def param_bytes(self) -> int:
+        """Bytes of the parameters this rank holds (a tied matrix counts once)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
-def supported_strategies(config) -> tuple[str, ...]:
-    """Every causal LM works with data parallel; Llama-family ones with all three."""
-    return SUPPORTED_ARCHITECTURES.get(config.model_type, ("data",))
-
-
-def load_whole(model: str | os.PathLike, *, dtype, device):
-    """The whole model, from safetensors only (for architectures run data parallel)."""
+def load_whole(model: str | os.PathLike, *, dtype, device, attention: str | None = None):
+    """The whole model with transformers' own loader, from safetensors only, with the attention
+    implementation transformers picks for it (Gemma 2: eager) unless ``attention`` says."""
     from transformers import AutoModelForCausalLM
 
     folder = resolve(model)
     checkpoint_files(folder)  # a clear error when there is no safetensors checkpoint
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, attn_implementation="sdpa")
+    kwargs = {"attn_implementation": attention} if attention else {}
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, **kwargs)
+    except ValueError as exc:
+        if attention and "attn" in str(exc).lower():
+            raise MpbookError(f"--attn {attention}: this model cannot use it ({str(exc).splitlines()[0]})") from None
+        raise
     return lm.to(device).eval().requires_grad_(False)
 
 
-def load_stage(
-    model: str | os.PathLike, *, layers: range, first: bool, last: bool, dtype, device, tp_rank: int = 0, tp: int = 1
-):
-    """Build the causal LM holding only ``layers`` (plus the embedding if ``first``, the final
-    norm and LM head if ``last``) and read just those tensors from the safetensors files;
-    with ``tp`` > 1, just this rank's slice of each projection that LAYER_PLAN splits.
+def whole_stage(model, *, dtype, device, attention: str | None = None) -> Stage:
+    """The whole model as one stage (data parallel: nothing split), for any causal LM."""
+    from .structure import recurrent_state
 
-    The stage's layers are renumbered from 0 (with a config that says so), so the stage's
-    own KV cache and causal mask see exactly the layers it holds. With every layer, the
-    first and the last stage at once, this is the whole model.
-    """
-    from ..parallel.tensor import LAYER_PLAN, shard_linear
-    import copy
+    lm = load_whole(model, dtype=dtype, device=device, attention=attention)
+    return Stage(lm, first=True, last=True, layers=range(lm.config.get_text_config().num_hidden_layers),
+                 recurrent=recurrent_state(lm.config))
 
+
+def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group=None,
+               stage_sizes=None, plans: dict | None = None, attention: str | None = None,
+               telemetry: Any = None) -> Stage:
+    """Build the rank at ``coords`` of ``layout``: its stage, its shards, their collectives.
+
+    ``group(dims)``: this rank's :class:`mpbook.parallel.collectives.Group` along mesh ``dims``
+    (("tp",), ("ep",), ("ep", "tp")); making one is a step every rank takes together, so they
+    are asked for in the same order on every rank (:func:`mpbook.models.structure.groups_needed`),
+    before anything loads. ``telemetry`` receives the experts' load."""
     import torch
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from ..parallel import expert, tensor
+    from . import structure as st
+    from .checkpoint import Checkpoint
 
     folder = resolve(model)
     config = AutoConfig.from_pretrained(folder)
-    if "pipeline" not in supported_strategies(config) and not (first and last):
-        raise MpbookError(f"{config.model_type} models support {', '.join(supported_strategies(config))} only")
-    with torch.device("meta"):
-        # sdpa: the attention every torch device has, and one that accepts a 4-D mask.
-        full = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    body = full.model
-    stage_config = copy.deepcopy(full.config)
-    stage_config.num_hidden_layers = len(layers)
-    if getattr(stage_config, "layer_types", None):
-        stage_config.layer_types = [stage_config.layer_types[i] for i in layers]
-    body.layers = torch.nn.ModuleList(body.layers[i] for i in layers)
-    for local, layer in enumerate(body.layers):
-        layer.self_attn.layer_idx = local
-        if tp > 1:  # shard the (meta) modules first, so each reads only its slice below
-            for path, style in LAYER_PLAN.items():
-                shard_linear(layer.get_submodule(path), style, tp_rank, tp)
-    full.config = body.config = stage_config
+    st.check_layout(config, layout, plans, stage_sizes=stage_sizes)
+    lm = st.meta_model(config, attention=attention, dtype=dtype)
+    s = st.structure(lm, plans)
+    groups = {dims: group(dims) for dims in st.groups_needed(s, layout)}
+    ckpt = Checkpoint(folder, lm)  # indexed against the whole model's names, before it is cut
+    part = st.rank_part(s, layout, coords, stage_sizes=stage_sizes)
+    st.cut_stage(lm, s, part)
 
-    # Checkpoint name of each tensor this stage keeps.
-    wanted: dict[str, str] = {}
-    ckpt = checkpoint_files(folder)
-    tied = getattr(config, "tie_word_embeddings", False)
-    if first:
-        wanted.update({f"model.embed_tokens.{n}": f"model.embed_tokens.{n}" for n, _ in body.embed_tokens.named_parameters()})
-    else:
-        body.embed_tokens = None
-    if last:
-        wanted.update({f"model.norm.{n}": f"model.norm.{n}" for n, _ in body.norm.named_parameters()})
-        head_source = "lm_head.weight" if "lm_head.weight" in ckpt else "model.embed_tokens.weight"
-        wanted["lm_head.weight"] = head_source
-    else:
-        body.norm = torch.nn.Identity()
-        full.lm_head = None
-    # Which dimension of a checkpoint tensor to slice for this tp rank.
-    split_dim: dict[str, int] = {}
-    for local, layer in enumerate(body.layers):
-        glob = layers[local]
-        for n, _ in layer.named_parameters():
-            source = f"model.layers.{glob}.{n}".replace(".bias_after_reduce", ".bias")
-            wanted[f"model.layers.{local}.{n}"] = source
-            path, _, kind = n.rpartition(".")
-            style = LAYER_PLAN.get(path) if tp > 1 else None
-            if style == "colwise":
-                split_dim[source] = 0  # weight rows and bias: this rank's output features
-            elif style == "rowwise" and kind == "weight":
-                split_dim[source] = 1  # weight columns: this rank's input features
+    # Tied weights are untied for loading (each side may be sliced by its own rule), and tied
+    # again below when both sides hold the same slice.
+    tied = []
+    for target, source in s.tied.items():
+        t_owner, t_leaf = _owner(lm, target)
+        s_owner, s_leaf = _owner(lm, source)
+        if t_owner is None or s_owner is None or isinstance(t_owner, st.Absent) or isinstance(s_owner, st.Absent):
+            continue
+        t_owner._parameters[t_leaf] = torch.nn.Parameter(torch.empty_like(t_owner._parameters[t_leaf]))
+        tied.append((target, source))
 
-    state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for name, source in wanted.items():
+    # Buffers are in no checkpoint, or only some (RoPE frequencies, Gemma's embedding scale): make
+    # them real and let the family's own _init_weights fill them, before the parameters are loaded
+    # (it re-initialises the owner's parameters too: harmless while they are on meta) and before
+    # the config is cut (a rotary embedding may read every layer type).
+    owners = {}
+    for name, buffer in list(lm.named_buffers()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = lm.get_submodule(owner_name)
+        owner._buffers[leaf] = torch.empty_like(buffer, device=device)
+        owners[owner_name] = owner
+    with torch.no_grad():
+        for owner in owners.values():
+            lm._init_weights(owner)
+    st.narrow_config(lm.config, part.layers)
+
+    # This rank's slice of each parameter, from the checkpoint.
+    pieces_of = {}
+    full_shapes: dict[str, dict[str, tuple]] = {}
+    for name, param in list(lm.named_parameters()):
+        source = st.global_name(s, part, name)
+        if source not in ckpt and source in s.tied:
+            source = s.tied[source]  # a tied head with no tensor of its own
         if source not in ckpt:
             raise MpbookError(f"{folder}: the checkpoint has no tensor {source} (needed for {name})")
-        by_file.setdefault(ckpt[source], []).append((name, source))
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name, source in names:
-                if source in split_dim:
-                    whole = f.get_slice(source)
-                    size = whole.get_shape()[split_dim[source]] // tp
-                    part = slice(tp_rank * size, (tp_rank + 1) * size)
-                    # clone: a slice may be a view that keeps the whole tensor's storage alive
-                    tensor = (whole[part] if split_dim[source] == 0 else whole[:, part]).clone()
-                else:
-                    tensor = f.get_tensor(source)
-                state[name] = tensor.to(device=device, dtype=dtype)
-    if first and last and tied:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing = full.load_state_dict(state, strict=False, assign=True).missing_keys
-    if missing:
-        raise MpbookError(f"{folder}: the checkpoint lacks {', '.join(missing[:5])}")
-    if first and last and tied:
-        full.lm_head.weight = body.embed_tokens.weight  # keep the tie: one matrix, counted once
-    # Non-persistent buffers (RoPE frequencies) are not in the checkpoint: compute them.
-    body.rotary_emb = type(body.rotary_emb)(config=config).to(device)
-    leftover = [n for n, t in [*full.named_parameters(), *full.named_buffers()] if t.is_meta]
+        owner_name, _, leaf = name.rpartition(".")
+        owner = lm.get_submodule(owner_name)
+        full = ckpt.shape(source)
+        pieces = part.pieces(name, full, transposed=tensor._transposed(owner))
+        pieces_of[name] = pieces
+        local = ckpt.read(source, pieces).to(device=device, dtype=param.dtype)
+        owner._parameters[leaf] = torch.nn.Parameter(local, requires_grad=False)
+        full_shapes.setdefault(owner_name, {})[leaf] = full
+        if part.ep > 1 and st.param_rule(name, part.ep_plan) in tensor.EXPERT_SHARD and hasattr(owner, "num_experts"):
+            expert.mark_local(owner, local.shape[0])
+    for name, buffer in list(lm.named_buffers()):  # persistent buffers a checkpoint holds
+        source = st.global_name(s, part, name)
+        if source in ckpt:
+            owner_name, _, leaf = name.rpartition(".")
+            lm.get_submodule(owner_name)._buffers[leaf] = ckpt.read(source).to(device=device, dtype=buffer.dtype)
+    ckpt.close()
+    for target, source in tied:
+        if pieces_of.get(target) == pieces_of.get(source):
+            t_owner, t_leaf = _owner(lm, target)
+            t_owner._parameters[t_leaf] = lm.get_parameter(source)
+
+    # Size attributes follow the local shards (transformers 5 attention reshapes with -1 and
+    # reads none of them, but a printed module should not lie; Conv1D does read its nf).
+    for module in lm.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, torch.nn.Embedding):
+            module.num_embeddings, module.embedding_dim = module.weight.shape
+        elif tensor._transposed(module):  # GPT-2's Conv1D shapes its output from nf
+            module.nx, module.nf = module.weight.shape
+
+    # The forwards the styles need: the collectives.
+    stage = Stage(lm, first=part.first, last=part.last, layers=part.layers, structure=s)
+    for name, module in list(lm.named_modules()):
+        style, kind = part.rule(name, param=False)
+        if style is None or isinstance(module, st.Absent):
+            continue
+        if style == tensor.EXPERT_DISPATCH:
+            load = stage.expert_load[name] = torch.zeros(module.num_experts, dtype=torch.long, device=device)
+            expert.install_dispatch(module, ep_rank=part.ep_rank, group=groups[part.experts_reduce],
+                                    telemetry=telemetry, load=load)
+        elif kind == "tp":
+            tensor.install(module, style, groups[("tp",)], full_shapes.get(name, {}), name=name)
+    if part.tp > 1 and part.last and s.head and all(part.tp_plan.get(h) == "colwise" for h in s.head):
+        stage.vocab = tensor.chunk_range(s.vocab_size, part.tp_rank, part.tp)
+
+    leftover = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
     if leftover:
         raise MpbookError(f"{folder}: no weights were found for {', '.join(leftover[:5])}")
-    full.eval()
-    full.requires_grad_(False)
-    return full
+    lm.eval().requires_grad_(False)
+    return stage
+
+
+def _owner(model, name: str):
+    owner_name, _, leaf = name.rpartition(".")
+    try:
+        return model.get_submodule(owner_name), leaf
+    except AttributeError:
+        return None, leaf

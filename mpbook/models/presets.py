@@ -89,7 +89,9 @@ def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
     repeating one token."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -109,3 +111,38 @@ def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
     return Path(folder)
 
 
+
+
+# Tiny random configs of other families, with the presets' tokenizer, each keeping what makes its family different: Gemma 2's
+# sliding window and softcapping, Phi-3's fused qkv and gate_up, GPT-NeoX's fused per-head qkv,
+# partial rotary and parallel residual, the MoE routers. Small enough that a forward pass takes
+# milliseconds on one CPU core. Used by the tests and the benchmarks.
+FAMILY_COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=256, **TOKENIZER_IDS,
+)
+FAMILIES: dict[str, dict] = {
+    # head_dim defaults to 256 in Gemma 2; a 4-token window so prompts overflow it. Untied: with
+    # random weights a tied, sqrt(hidden)-scaled embedding repeats the last prompt token forever.
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, tie_word_embeddings=False),
+    "phi3": dict(),
+    "mixtral": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    # mlp_only_layers=[1]: one dense layer, so the plan's dense mlp rules are exercised too.
+    "qwen3_moe": dict(moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                      mlp_only_layers=[1], head_dim=16),
+    "gpt_neox": dict(num_key_value_heads=None),  # no GQA; partial rotary and parallel residual by default
+    "olmo2": dict(),
+    "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
+                    attention_multiplier=0.0625),
+    "llama": dict(tie_word_embeddings=True),
+    # No pp and no tp plan in transformers 5.24: pipeline by module order; tensor with a user plan.
+    "gpt2": dict(num_key_value_heads=None, intermediate_size=None),
+}
+
+
+def family_config(model_type: str, **overrides):
+    """A tiny random-weight config of ``model_type`` (one of :data:`FAMILIES`)."""
+    from transformers import AutoConfig
+
+    kwargs = {**FAMILY_COMMON, **FAMILIES[model_type], **overrides}
+    return AutoConfig.for_model(model_type, **{k: v for k, v in kwargs.items() if v is not None})

@@ -1,1 +1,2 @@
-"""The three ways to cut a model: one module each, each with its plan as data."""
+"""The ways to cut a model (data, pipeline, tensor, expert): one module each, each with its plan as data,
+and the collectives they share."""

@@ -1,30 +1,231 @@
-"""Tensor parallelism, Megatron-style: each decoder layer's weight matrices split over tp ranks.
+"""Tensor parallelism: transformers' parallel styles, done on plain local tensors.
 
-Inside each decoder layer the q/k/v and gate/up projections are split by output columns
-(each rank computes its own attention heads and its slice of the MLP) and the o and down
-projections by input rows (each rank holds a partial sum). A row-split output is a partial
-sum, so it is all-reduced: two all-reduces per layer, one after attention, one after the
-MLP. Splitting k/v by columns splits the KV heads too, so each rank caches only its heads.
+A model's tensor-parallel plan (its config's ``base_model_tp_plan``, the CausalLM's head rule,
+or a plan a user passes in the same format; :mod:`mpbook.models.structure` resolves it) names
+a *style* per module or parameter: ``"model.layers.*.self_attn.q_proj": "colwise"``. A style
+here has two halves, as transformers' ``TensorParallelLayer`` has (``shard_param`` /
+``install_forward`` in ``transformers/distributed/tensor_parallel.py``):
 
-The embedding, final norm and LM head stay replicated: they need no collective, so a
-forward pass performs exactly 2 all-reduces per decoder layer and nothing else.
+- :func:`shard_pieces`: which slices of a parameter a rank keeps, so the loader reads only
+  those from the safetensors files. Slices follow DTensor's ``Shard`` (``torch.chunk``): pieces
+  of ceil(n / size), the last ones shorter (a vocabulary of 259 over 2 ranks: 130 + 129).
+- :func:`install`: the module's forward, with the one explicit collective the style needs.
 
-The plan is applied by slicing each weight into a plain local tensor (exactly the shards
-DTensor's ColwiseParallel/RowwiseParallel make: Shard(0) / Shard(1), checked against it in
-the tests) as the stage loads, so a rank reads only its slices from the checkpoint and holds
-only its shard; the all-reduce is an explicit ``dist.all_reduce`` in a forward hook. DTensor's
-``parallelize_module`` gives the same numbers, but its eager dispatch costs ~0.2 ms per sharded
-linear (measured here on CPU; 10x more under inference_mode), more than a decode step's
-compute in small and medium models: a decode step would pay it 4 times per layer.
+Megatron's layer plan in these terms: q/k/v and gate/up ``colwise`` (each rank computes its own
+attention heads and its slice of the MLP; the KV cache holds only its heads), o and down
+``rowwise`` (a partial sum on each rank: one all-reduce after attention, one after the MLP).
+Under tensor parallel every family also gets a vocab-parallel token embedding
+(``embedding_rowwise``: one all-reduce) and LM head (``colwise`` over the vocabulary: each rank
+has the logits of its slice of the vocabulary; see :mod:`mpbook.parallel.vocab`).
+
+Why not DTensor: its eager dispatch costs ~0.2 ms per sharded linear on CPU (10x more under
+inference_mode), more than a decode step's compute in small and medium models. The shards are
+the ones DTensor makes (checked in the tests).
+
+Inference only: styles whose only job is gradient bookkeeping (``replicated_with_grad_allreduce``,
+``mla_kv_a_proj``, ``local_params``, ``replicate``) change nothing here.
 """
 
 from __future__ import annotations
 
-import time
+from typing import NamedTuple
 
-from ..errors import MpbookError
+COLWISE = frozenset({"colwise", "colwise_gather_output", "colwise_rep"})
+ROWWISE = frozenset({"rowwise", "rowwise_split_input", "rowwise_rep"})
+GATHER_OUTPUT = frozenset({"colwise_gather_output", "colwise_rep"})  # colwise, then all_gather the output
+SPLIT_INPUT = frozenset({"rowwise_split_input", "rowwise_rep"})  # input arrives whole: take this rank's slice
+PACKED = frozenset({"packed_colwise", "packed_rowwise"})
+EMBEDDING = frozenset({"embedding_rowwise", "embedding_colwise"})
+# Parameters kept whole (at inference these styles change nothing, or act on the module only).
+WHOLE = frozenset({
+    "replicate", "replicated_with_grad_allreduce", "local_params", "mla_kv_a_proj", "moe_tp_experts", "all_reduce",
+    "moe_identity_expert", "ep_dispatch_experts",
+})
+EXPERT_SHARD = frozenset({"grouped_gemm"})  # expert parallel: whole experts per rank, dim 0 of the fused tensors
+EXPERT_DISPATCH = "ep_dispatch_experts"  # the experts module under expert parallel (mpbook.parallel.expert)
+IMPLEMENTED = COLWISE | ROWWISE | PACKED | EMBEDDING | WHOLE | EXPERT_SHARD
 
-# Module paths inside one decoder layer -> how its weight is split.
+
+class Piece(NamedTuple):
+    """Indices ``start:stop`` of dimension ``dim`` of a parameter (a negative dim counts from the end)."""
+
+    dim: int
+    start: int
+    stop: int
+
+
+def chunk_range(n: int, rank: int, size: int) -> tuple[int, int]:
+    """This rank's [start, stop) of n items, cut as torch.chunk / DTensor's Shard cut them."""
+    step = -(-n // size)
+    start = min(rank * step, n)
+    return start, min(start + step, n)
+
+
+def chunk_sizes(n: int, size: int) -> list[int]:
+    return [b - a for a, b in (chunk_range(n, r, size) for r in range(size))]
+
+
+def unsupported(style: str, where: str) -> NotImplementedError:
+    return NotImplementedError(f"parallel style {style!r} on {where} is not one mpbook implements")
+
+
+def shard_pieces(style: str, leaf: str, shape: tuple[int, ...], rank: int, size: int, *,
+                 transposed: bool = False) -> list[Piece]:
+    """The slices of a parameter called ``leaf`` (``weight``, ``bias``, ``gate_up_proj``, ...) of
+    full ``shape`` that ``rank`` of ``size`` keeps under ``style``; [] keeps all of it.
+
+    Pieces on one dim are concatenated in order; pieces on different dims all apply.
+    ``transposed``: the weight is (in, out), as GPT-2's ``Conv1D`` stores it, not (out, in)."""
+    if style not in IMPLEMENTED:
+        raise unsupported(style, leaf)
+    if style in WHOLE or size == 1:
+        return []
+    ndim = len(shape)
+    bias = leaf.rsplit(".", 1)[-1].endswith("bias") or ndim == 1
+    out_dim = ndim - 1 if (bias or transposed) else ndim - 2  # (out, in), a 3-D expert (E, out, in), or a bias (out,)
+    in_dim = ndim - 2 if transposed else ndim - 1
+    if style in COLWISE:
+        return [Piece(out_dim, *chunk_range(shape[out_dim], rank, size))]
+    if style in ROWWISE:
+        if bias:  # added once, after the all-reduce: every rank keeps it whole
+            return []
+        return [Piece(in_dim, *chunk_range(shape[in_dim], rank, size))]
+    if style in PACKED:
+        # Two tensors packed along one dim ([gate; up]): this rank's slice of EACH half, so the local
+        # tensor is again [gate_r; up_r] and the module's own chunk(2) still splits it (DTensor's
+        # _StridedShard(split_factor=2)). transformers cuts a 1-D packed bias with a plain Shard(-1)
+        # instead (gate on rank 0, up on rank 1); here a bias keeps the packed layout too.
+        dim = out_dim if style == "packed_colwise" else in_dim
+        if bias and style == "packed_rowwise":
+            return []
+        half = shape[dim] // 2
+        a, b = chunk_range(half, rank, size)
+        return [Piece(dim, a, b), Piece(dim, half + a, half + b)]
+    if style == "embedding_rowwise":  # vocab-parallel: rows of the (vocab, hidden) table
+        return [Piece(0, *chunk_range(shape[0], rank, size))]
+    if style == "embedding_colwise":  # hidden-parallel: columns
+        return [Piece(1, *chunk_range(shape[1], rank, size))]
+    if style in EXPERT_SHARD:
+        if shape[0] % size:
+            raise ValueError(f"{shape[0]} experts do not split evenly over {size} expert-parallel ranks")
+        per = shape[0] // size
+        return [Piece(0, rank * per, (rank + 1) * per)]
+    raise AssertionError(style)
+
+
+def install(module, style: str, group, full_shapes: dict[str, tuple[int, ...]], *, name: str = "") -> None:
+    """Give ``module`` (already holding its local shards) the forward ``style`` needs.
+
+    ``group``: a :class:`mpbook.parallel.collectives.Group` (the tensor-parallel group);
+    ``full_shapes``: the unsharded shape of each of the module's own parameters."""
+    import torch
+    import torch.nn.functional as F
+
+    rank, size = group.rank, group.size
+    original = module.forward
+    transposed = _transposed(module)
+
+    if style in {"colwise", "packed_colwise", "packed_rowwise"} | EXPERT_SHARD or style in WHOLE - {
+        "moe_tp_experts", "all_reduce", "moe_identity_expert"
+    }:
+        # colwise: the output stays split on its last dim, as the next (rowwise) layer wants it.
+        # The others are parameter-only, or bookkeeping for gradients.
+        return
+    if style in GATHER_OUTPUT:
+        weight = full_shapes["weight"]
+        sizes = chunk_sizes(weight[-1] if transposed else weight[0], size)
+
+        def gather_output(x):
+            # Column-split output: each rank holds some output features; gather them all.
+            return group.all_gather_last_dim(original(x), sizes)
+
+        module.forward = gather_output
+        return
+    if style in ROWWISE:
+        if not (isinstance(module, torch.nn.Linear) or transposed):
+            raise unsupported(style, f"{name or type(module).__name__} (a {type(module).__name__}, not a linear layer)")
+        weight = full_shapes["weight"]
+        start, stop = chunk_range(weight[0] if transposed else weight[-1], rank, size)
+        split = style in SPLIT_INPUT
+
+        def rowwise(x):
+            if split:  # the input is whole: keep the features this rank's weight rows read
+                x = x[..., start:stop]
+            # Row-split weight: each rank's product is a partial sum over its slice of the inner
+            # dimension, so all-reduce; the bias is added once, after the sum.
+            out = x @ module.weight if transposed else F.linear(x, module.weight)
+            out = group.all_reduce(out)
+            return out if module.bias is None else out + module.bias
+
+        module.forward = rowwise
+        return
+    if style == "embedding_rowwise":
+        start, stop = chunk_range(full_shapes["weight"][0], rank, size)
+        # padding_idx only steers gradients, but F.embedding insists it index the local table.
+        pad = getattr(module, "padding_idx", None)
+        if pad is not None:
+            module.padding_idx = pad - start if start <= pad < stop else None
+
+        def vocab_parallel_embedding(ids):
+            # Each rank holds vocabulary rows start:stop. Look up the ids it holds (the others read
+            # row 0 and are zeroed), then sum: every id is found on exactly one rank. The module's
+            # own forward runs, so a scaled embedding (Gemma) keeps its scale.
+            outside = (ids < start) | (ids >= stop)
+            local = (ids - start).masked_fill(outside, 0)
+            out = original(local).masked_fill(outside.unsqueeze(-1), 0.0)
+            return group.all_reduce(out)
+
+        module.forward = vocab_parallel_embedding
+        return
+    if style == "embedding_colwise":
+        sizes = chunk_sizes(full_shapes["weight"][1], size)
+
+        def hidden_parallel_embedding(ids):
+            # Each rank looks up its slice of every vector; gather the slices.
+            return group.all_gather_last_dim(original(ids), sizes)
+
+        module.forward = hidden_parallel_embedding
+        return
+    if style in ("moe_tp_experts", "all_reduce"):
+
+        def sum_partials(*args, **kwargs):
+            # Every rank ran its slice of every expert's inner dimension (or of the module's):
+            # partial sums, so all-reduce.
+            out = original(*args, **kwargs)
+            return None if out is None else group.all_reduce(out)
+
+        module.forward = sum_partials
+        return
+    if style == "moe_identity_expert":
+
+        def pre_divided(x, *args, **kwargs):
+            # An identity "expert" gives the same value on every rank, and the experts' all-reduce
+            # would count it size times: divide first.
+            return original(x / size, *args, **kwargs)
+
+        module.forward = pre_divided
+        return
+    raise unsupported(style, name or type(module).__name__)
+
+
+def _transposed(module) -> bool:
+    """GPT-2 style ``Conv1D``: weight (in, out), ``y = x @ W + b``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def validate_tp(config, tp: int, plans: dict | None = None) -> None:
+    """``tp`` must divide what the model's plan splits by heads; the error names the model's
+    numbers and the valid choices. (Kept for callers of the old name: see
+    :func:`mpbook.models.structure.check_layout`, which checks a whole layout.)"""
+    from ..layout import Layout
+    from ..models.structure import check_layout
+
+    check_layout(config, Layout(tp=tp), plans)
+
+
+# Megatron's layer plan of Llama-family models, in the old form. The engines no longer read it
+# (they read each model's own plan, mpbook.models.structure); the planner still does until it
+# reads the same structure.
 LAYER_PLAN: dict[str, str] = {
     "self_attn.q_proj": "colwise",
     "self_attn.k_proj": "colwise",
@@ -34,69 +235,4 @@ LAYER_PLAN: dict[str, str] = {
     "mlp.up_proj": "colwise",
     "mlp.down_proj": "rowwise",
 }
-
 ALL_REDUCES_PER_LAYER = sum(1 for style in LAYER_PLAN.values() if style == "rowwise")
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def validate_tp(config, tp: int) -> None:
-    """tp must divide the query heads, the KV heads and the MLP width; say which values do."""
-    if tp == 1:
-        return
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    width = config.intermediate_size
-    for what, n in (("attention heads", heads), ("KV heads", kv_heads), ("MLP width (intermediate_size)", width)):
-        if n % tp:
-            valid = [d for d in divisors(heads) if kv_heads % d == 0 and width % d == 0]
-            raise MpbookError(
-                f"tp={tp} does not divide the {n} {what} of this model "
-                f"({heads} attention heads, {kv_heads} KV heads); choose tp in {{{', '.join(map(str, valid))}}}"
-            )
-
-
-def shard_linear(linear, style: str, tp_rank: int, tp: int):
-    """Keep this rank's slice of ``linear``, in place.
-
-    A row-split layer's bias must be added once, after the all-reduce, not once per rank:
-    it moves to the parameter ``bias_after_reduce`` (every rank holds it) that the hook adds."""
-    import torch
-
-    weight = linear.weight  # real, or on the meta device before loading
-    dim = 0 if style == "colwise" else 1  # nn.Linear weight is (out_features, in_features)
-    local = weight.chunk(tp, dim=dim)[tp_rank].clone()
-    linear.weight = torch.nn.Parameter(local, requires_grad=False)
-    if style == "colwise":
-        linear.out_features = local.shape[0]
-        if linear.bias is not None:
-            linear.bias = torch.nn.Parameter(linear.bias.chunk(tp, dim=0)[tp_rank].clone(), requires_grad=False)
-        return
-    linear.in_features = local.shape[1]
-    bias, linear.bias = linear.bias, None
-    linear.register_parameter("bias_after_reduce", bias)
-
-
-def _all_reduce_after(group, telemetry):
-    import torch.distributed as dist
-
-    def hook(module, inputs, output):
-        # Row-split projection: each rank holds a partial sum of the output; add them up.
-        began = time.perf_counter()
-        dist.all_reduce(output, group=group)
-        telemetry.collective("all_reduce", time.perf_counter() - began)
-        bias = module.bias_after_reduce
-        return output if bias is None else output + bias
-
-    return hook
-
-
-def connect(stage, tp_group, telemetry) -> None:
-    """Add the all-reduce after every row-split projection of ``stage``, whose layers were
-    loaded already sharded (``models.load_stage(..., tp_rank=, tp=)``, by :func:`shard_linear`)."""
-    for layer in stage.model.layers:
-        for path, style in LAYER_PLAN.items():
-            if style == "rowwise":
-                layer.get_submodule(path).register_forward_hook(_all_reduce_after(tp_group, telemetry))

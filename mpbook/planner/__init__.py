@@ -1,11 +1,13 @@
-"""Will it fit? Per-rank memory of a (dp, pp, tp) layout, predicted before anything loads.
+"""Will it fit? Per-rank memory of a (dp, pp, tp, ep) layout, predicted before anything loads.
 
 Weights are read off the model's real module tree, built on the meta device (shapes and
-dtypes, no memory), and cut exactly as the strategies cut it: contiguous decoder layers per
-pipeline stage (:func:`mpbook.parallel.pipeline.split_layers`), the embedding on the first
-stage, the final norm and LM head on the last, and inside each layer the projections of
-:data:`mpbook.parallel.tensor.LAYER_PLAN` split over the tensor-parallel ranks. So a model
-with biases, untied embeddings or an explicit head_dim is counted as it is, not by formula.
+dtypes, no memory), and cut exactly as the engines cut it, by the same module
+(:mod:`mpbook.models.structure`, which reads the model's own parallel plans): contiguous
+decoder layers per pipeline stage (:func:`mpbook.parallel.pipeline.split_layers`), the
+embedding on the first stage, the final norm and LM head on the last, inside each layer what
+the tp plan splits over the tensor-parallel ranks, the experts over the expert-parallel ones,
+and the vocabulary (embedding and head) over tp. So a model with biases, untied embeddings, an
+explicit head_dim or experts is counted as it is, not by formula.
 The KV cache and the activations follow from the shapes of the workload.
 
 The modules, in the order a plan is made:

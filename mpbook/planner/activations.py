@@ -31,11 +31,17 @@ IDLE = Activations(phase="idle", parts={})  # a replica without prompts runs not
 
 
 def activations(dims: ModelDims, work: Workload, *, rows: int, microbatch_rows: int, cached: tuple[int, ...],
-                element_size: int, tp: int, tp_rank: int, last: bool, pp: int) -> Activations:
-    """The larger of the prefill and the largest decode step of one micro-batch on this rank."""
+                element_size: int, tp: int, tp_rank: int, last: bool, pp: int,
+                heads_tp: int | None = None, vocab_tp: int = 1) -> Activations:
+    """The larger of the prefill and the largest decode step of one micro-batch on this rank.
+
+    ``heads_tp``: what the heads are split by (``tp``, or 1 where the plan gathers attention);
+    ``vocab_tp``: what the LM head's vocabulary is split by (tp under tensor parallel)."""
     mb, e = microbatch_rows, element_size
     h, hd = dims.hidden, dims.head_dim
-    heads, kvh = shard_size(dims.heads, tp, tp_rank), shard_size(dims.kv_heads, tp, tp_rank)
+    heads_tp = tp if heads_tp is None else heads_tp
+    head_rank = tp_rank if heads_tp > 1 else 0
+    heads, kvh = shard_size(dims.heads, heads_tp, head_rank), shard_size(dims.kv_heads, heads_tp, head_rank)
     inter = shard_size(dims.intermediate, tp, tp_rank)
     eager = work.attention == "eager"
     generate = work.max_new_tokens > 0
@@ -70,7 +76,12 @@ def activations(dims: ModelDims, work: Workload, *, rows: int, microbatch_rows: 
         if last:
             # The LM head: generation keeps the last position of a micro-batch; a forward
             # pass returns every position of every row of the replica.
-            logits = mb * 1 * dims.vocab * LOGITS_BYTES if generate else rows * q * dims.vocab * LOGITS_BYTES
+            local = -(-dims.vocab // vocab_tp)  # this rank's slice of a vocab-parallel head
+            logits = mb * 1 * local * LOGITS_BYTES if generate else rows * q * local * LOGITS_BYTES
+            if not generate and vocab_tp > 1 and tp_rank == 0:
+                # a forward pass gathers the slices onto the tp group's first rank: the slices
+                # received and their concatenation, which the result keeps
+                logits += 2 * rows * q * dims.vocab * LOGITS_BYTES
             head = 2 * mb * q * h * e + logits
             if head > sum(parts.values()):
                 parts = {"hidden states": 2 * mb * q * h * e, "logits": logits}

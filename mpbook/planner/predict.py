@@ -9,8 +9,7 @@ from typing import Any
 from ..errors import MpbookError
 from ..layout import Layout
 from ..options import check_dtype
-from ..parallel.pipeline import split_layers
-from ..parallel.tensor import validate_tp
+from ..models.structure import check_layout
 from .devices import devices_for, engine_count, fit
 from .memory_plan import MemoryPlan
 from .model_tensors import ModelTensors, model_tensors
@@ -38,8 +37,9 @@ def plan(
     engines=None,
     tensors: ModelTensors | None = None,
     suggestions: bool = True,
+    plans: dict | None = None,
 ) -> MemoryPlan:
-    """Predict each rank's memory for running ``model`` on a (dp, pp, tp) layout.
+    """Predict each rank's memory for running ``model`` on a (dp, pp, tp, ep) layout.
 
     ``model``: a transformers config, a model name that :func:`mpbook.models.load_config`
     understands ("tiny", a ``save_pretrained`` folder, a hub id), or a loaded model (its
@@ -49,21 +49,25 @@ def plan(
     (0: one forward pass returning every position's logits). ``microbatches`` cut each
     replica's prompts for the pipeline. ``dtype``: float32 (default; a loaded model's own
     dtype), bfloat16 or float16. ``attention``: "sdpa" (default; a fused kernel) or "eager".
-    ``ep``: 1 (expert parallel is not planned yet).
+    ``ep``: expert-parallel ranks (a mixture-of-experts model's experts split over them).
+    ``plans``: parallel plans a user gives in the config's format (``{"tp": {...}}``), as the
+    engines are given them.
 
     Fit is judged against ``device_memory_bytes`` (one size, or one per rank) when given;
     else the engines' free memory when ``engines`` is a Workbench; else this machine's free
     GPU memory (NVML) or, without enough GPUs, its available host memory, which CPU engines
-    share. ``engines`` (a count or a Workbench) must equal dp * pp * tp, and the suggestions
+    share. ``engines`` (a count or a Workbench) must equal dp * pp * tp * ep, and the suggestions
     cover every layout over that many engines.
 
     Per rank, with b the rows of one micro-batch, q the query tokens (the prompt in the
     prefill, 1 in a decode step), k the key length, e bytes per element, and heads, KV heads
     and the MLP width divided by tp:
 
-    - weights: the rank's own parameters and buffers of the meta-built model (exact);
+    - weights: the rank's own parameters and buffers of the meta-built model, cut as the
+      engines cut it (:mod:`mpbook.models.structure`: the model's own plans; exact);
     - KV cache: 2 x layers of the stage x rows of the replica x (prompt + new tokens - 1: the
-      last new token is never fed back; or the sliding window) x KV heads/tp x head_dim x e
+      last new token is never fed back; or the sliding window) x KV heads/tp (all of them where
+      the plan gathers attention; ep replicates attention) x head_dim x e
       (exact for transformers' DynamicCache; it is the end-of-generation size, so the
       prefill's peak is over-counted a little);
     - activations, an estimate of the largest live set in one forward of one micro-batch:
@@ -93,11 +97,11 @@ def plan(
         config, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, microbatches=microbatches,
         dtype=dtype, attention=attention, stage_sizes=stage_sizes,
     )
-    layout = _checked_layout(config, dp=dp, pp=pp, tp=tp, ep=ep, engines=engines)
-    validate_tp(config, tp)
-    split_layers(config.num_hidden_layers, pp, work.stage_sizes)
+    layout = _checked_layout(config, dp=dp, pp=pp, tp=tp, ep=ep, engines=engines, plans=plans)
+    check_layout(config, layout, plans, stage_sizes=work.stage_sizes)
 
-    planned = PlannedModel.read(config, _checked_tensors(tensors, config, dtype) or model_tensors(config, dtype))
+    planned = PlannedModel.read(
+        config, _checked_tensors(tensors, config, dtype) or model_tensors(config, dtype, plans), plans)
     devices, source = devices_for(engines, device_memory_bytes, layout.world_size)
     return MemoryPlan(
         model=label,
@@ -114,16 +118,14 @@ def plan(
     )
 
 
-def _checked_layout(config, *, dp: int, pp: int, tp: int, ep: int, engines) -> Layout:
+def _checked_layout(config, *, dp: int, pp: int, tp: int, ep: int, engines, plans=None) -> Layout:
     try:
         layout = Layout(dp, pp, tp, ep)
     except ValueError as exc:
         raise MpbookError(str(exc)) from None
-    if ep != 1:
-        raise MpbookError(f"ep={ep}: the planner does not count expert parallel layouts yet; plan with ep=1")
     count = engine_count(engines)
     if count is not None and layout.world_size != count:
-        valid = [str(x) for x in layouts(count) if why_invalid(config, x) is None]
+        valid = [str(x) for x in layouts(count) if why_invalid(config, x, plans=plans) is None]
         raise MpbookError(
             f"{layout} uses {layout.world_size} engines but there are {count}; choose a layout whose product is "
             f"{count}: {'; '.join(valid) or 'none fits this model'}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +11,7 @@ from ..protocol import ELEMENT_SIZE
 from ..units import format_bytes, split_evenly
 from .activations import IDLE, activations
 from .kv_cache import CacheLayer, cache_layers, kv_cache
-from .model_tensors import ModelDims, ModelTensors, TensorShape
+from .model_tensors import ModelDims, ModelTensors
 from .rendering import layers_label
 from .workload import Workload
 
@@ -53,50 +52,44 @@ class RankPlan:
 
 
 @dataclass
-class _Held:
-    """The weights one rank holds, by part, each tensor counted once (a tie is one matrix)."""
+class _Weights:
+    """The weights one rank holds: parameters and buffers, and bytes by part."""
 
-    tp: int
-    tp_rank: int
     parameters: int = 0
     buffers: int = 0
     parts: dict[str, int] = field(default_factory=dict)
-    seen: set[int] = field(default_factory=set)
 
-    def hold(self, label: str, tensors: Iterable[TensorShape]) -> None:
-        total = 0
-        for t in tensors:
-            if t.key in self.seen:  # a tied LM head on the embedding's stage: one matrix
-                continue
-            self.seen.add(t.key)
-            b = t.local_bytes(self.tp, self.tp_rank)
-            total += b
-            if t.buffer:
-                self.buffers += b
-            else:
-                self.parameters += b
-        self.parts[label] = self.parts.get(label, 0) + total
-
-    def add(self, label: str, *, parameters: int, buffers: int) -> None:
-        """Bytes already summed, of tensors held nowhere else (a stage's decoder layers)."""
-        self.parameters += parameters
-        self.buffers += buffers
-        self.parts[label] = self.parts.get(label, 0) + parameters + buffers
+    def add(self, label: str, nbytes: int, *, buffer: bool = False) -> None:
+        if buffer:
+            self.buffers += nbytes
+        else:
+            self.parameters += nbytes
+        self.parts[label] = self.parts.get(label, 0) + nbytes
 
 
 @dataclass(frozen=True, kw_only=True)
 class PlannedModel:
     """What the planner reads of a model, once per plan: its tensors, the sizes of a run's
-    tensors, how each layer caches, and the config (to check other layouts against)."""
+    tensors, how each layer caches, whether tp splits its attention heads, and the config and
+    plans (to check other layouts against)."""
 
     tensors: ModelTensors
     dims: ModelDims
     cache: tuple[CacheLayer, ...]
     config: Any
+    heads_split_by_tp: bool = True
+    vocab_parallel_head: bool = True  # under tp the LM head is split over the vocabulary
+    plans: dict | None = None
 
     @classmethod
-    def read(cls, config, tensors: ModelTensors) -> PlannedModel:
-        return cls(tensors=tensors, dims=ModelDims.of(config), cache=cache_layers(config), config=config)
+    def read(cls, config, tensors: ModelTensors, plans: dict | None = None) -> PlannedModel:
+        from ..models.structure import structure
+
+        s = structure(config, plans)
+        rules = s.tp_rules()
+        vocab = bool(s.head) and all(rules.get(h) == "colwise" for h in s.head)
+        return cls(tensors=tensors, dims=ModelDims.of(config), cache=cache_layers(config), config=config,
+                   heads_split_by_tp=s.heads_split_by_tp, vocab_parallel_head=vocab, plans=plans)
 
 
 def rank_plans(model: PlannedModel, layout: Layout, work: Workload) -> list[RankPlan]:
@@ -105,18 +98,23 @@ def rank_plans(model: PlannedModel, layout: Layout, work: Workload) -> list[Rank
     stages = split_layers(len(held.layers), layout.pp, work.stage_sizes)
     replicas = split_evenly(work.batch, layout.dp)
     e = ELEMENT_SIZE[work.dtype]
+    # Attention is split by tp when the plan splits the heads (a gathered qkv computes every
+    # head on every rank), and replicated over ep: the KV cache follows.
+    heads_tp = layout.tp if model.heads_split_by_tp else 1
     out = []
     for rank in range(layout.world_size):
         c = layout.coords(rank)
         layers = stages[c.pp]
-        first, last = c.pp == 0, c.pp == layout.pp - 1
+        last = c.pp == layout.pp - 1
         rows = len(replicas[c.dp])
         mb = max((len(r) for r in split_evenly(rows, work.microbatches)), default=0)
-        weights = _weights(held, layers, first=first, last=last, tp=layout.tp, tp_rank=c.tp)
-        kv = kv_cache(cached, dims, work, layers=layers, rows=rows, element_size=e, tp=layout.tp, tp_rank=c.tp)
+        weights = _weights(held, layout, rank, layers, work.stage_sizes)
+        kv = kv_cache(cached, dims, work, layers=layers, rows=rows, element_size=e, tp=heads_tp,
+                      tp_rank=c.tp if heads_tp > 1 else 0)
         act = activations(
             dims, work, rows=rows, microbatch_rows=mb, cached=kv.tokens_per_layer, element_size=e,
-            tp=layout.tp, tp_rank=c.tp, last=last, pp=layout.pp,
+            tp=layout.tp, tp_rank=c.tp, last=last, pp=layout.pp, heads_tp=heads_tp,
+            vocab_tp=layout.tp if model.vocab_parallel_head else 1,
         ) if rows else IDLE
         out.append(RankPlan(
             rank=rank, dp=c.dp, pp=c.pp, ep=c.ep, tp=c.tp, layers=layers, rows=rows, microbatch_rows=mb,
@@ -127,20 +125,38 @@ def rank_plans(model: PlannedModel, layout: Layout, work: Workload) -> list[Rank
     return out
 
 
-def _weights(held: ModelTensors, layers: range, *, first: bool, last: bool, tp: int, tp_rank: int) -> _Held:
-    """A stage's share: the embedding on the first, its layers cut by tp, norm and head on the
-    last, and the rotary buffers on every stage."""
-    w = _Held(tp=tp, tp_rank=tp_rank)
-    if first:
-        w.hold("embedding", held.embedding)
-    sizes = [held.layer_bytes(tp, tp_rank)[i] for i in layers]
-    per_layer = {params + buffers for params, buffers in sizes}
-    detail = f"{len(layers)} x {format_bytes(per_layer.pop())}" if len(per_layer) == 1 else f"{len(layers)} layers"
-    if tp > 1:
-        detail += f", {'/'.join(held.split_names)} at 1/{tp}"
-    w.add(f"{layers_label(layers)} ({detail})", parameters=sum(p for p, _ in sizes), buffers=sum(b for _, b in sizes))
-    if last:
-        w.hold("final norm", held.final_norm)
-        w.hold("LM head (tied: the embedding)" if held.tied and first else "LM head", held.head)
-    w.hold("rotary buffers", held.every_stage)
+def _weights(held: ModelTensors, layout: Layout, rank: int, layers: range, stage_sizes) -> _Weights:
+    """A rank's share, as mpbook.models.structure cuts it: the embedding on the first stage, its
+    layers (the plan's projections at 1/tp, the experts at 1/ep), norm and head on the last, the
+    glue and buffers every stage keeps; the vocabulary (embedding, head) at 1/tp."""
+    tensors = held.held(layout, rank, stage_sizes)
+    by_kind: dict[str, int] = {}
+    for t in tensors:
+        by_kind[t.kind] = by_kind.get(t.kind, 0) + t.nbytes
+    w = _Weights()
+    vocab = f" (1/{layout.tp} of the vocabulary)" if layout.tp > 1 else ""
+    if "embedding" in by_kind:
+        w.add(f"embedding{vocab}", by_kind["embedding"])
+    per_layer: dict[int, int] = {}
+    prefix = held.layer_prefix
+    for t in tensors:
+        if t.kind in ("layers", "experts"):
+            index = int(t.name[len(prefix):].split(".", 1)[0])
+            per_layer[index] = per_layer.get(index, 0) + t.nbytes
+    sizes = set(per_layer.values())
+    detail = f"{len(layers)} x {format_bytes(sizes.pop())}" if len(sizes) == 1 else f"{len(layers)} layers"
+    if layout.tp > 1 and held.split_names:
+        detail += f", {'/'.join(held.split_names)} at 1/{layout.tp}"
+    if layout.ep > 1:
+        detail += f", experts at 1/{layout.ep}"
+    w.add(f"{layers_label(layers)} ({detail})", sum(per_layer.values()))
+    if "other" in by_kind:
+        w.add("on every stage", by_kind["other"])
+    if "norm" in by_kind:
+        w.add("final norm", by_kind["norm"])
+    head = [t for t in tensors if t.kind == "head"]
+    if head:
+        tied = all(t.shared_with is not None for t in head)
+        w.add("LM head (tied: the embedding)" if tied else f"LM head{vocab}", sum(t.nbytes for t in head))
+    w.add("buffers", by_kind.get("buffer", 0), buffer=True)
     return w

@@ -7,8 +7,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import MpbookError
 from ..layout import Layout
-from ..parallel.pipeline import split_layers
-from ..parallel.tensor import validate_tp
+from ..models.structure import check_layout
 from ..units import format_bytes as fb
 from .devices import Device, fit
 from .ranks import PlannedModel, rank_plans
@@ -40,11 +39,10 @@ def layouts(world: int) -> list[Layout]:
     ]
 
 
-def why_invalid(config, layout: Layout, batch: int | None = None) -> str | None:
+def why_invalid(config, layout: Layout, batch: int | None = None, *, plans: dict | None = None) -> str | None:
     """The first reason ``layout`` cannot run the model (the error's first clause), or None."""
     try:
-        validate_tp(config, layout.tp)
-        split_layers(config.num_hidden_layers, layout.pp)
+        check_layout(config, layout, plans)
     except MpbookError as exc:
         return str(exc).split(";")[0]
     if batch is not None and layout.dp > batch:
@@ -57,7 +55,7 @@ def suggest(model: PlannedModel, work: Workload, world: int, devices: list[Devic
     valid ones that do not fit, then the invalid ones."""
     good, bad = [], []
     for layout in layouts(world):
-        why = why_invalid(model.config, layout, work.batch)
+        why = why_invalid(model.config, layout, work.batch, plans=model.plans)
         if why is not None:
             bad.append(Suggestion(layout, False, False, None, why))
             continue

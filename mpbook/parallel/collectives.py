@@ -1,0 +1,93 @@
+"""One process group with the collectives the parallel styles need, each counted in telemetry.
+
+Every collective of tensor, expert and vocab parallelism goes through a :class:`Group`, so a
+run can say how many of each kind a forward pass needed (the dashboard's and the result's
+``collectives``). Plain local tensors only: no DTensor dispatch on the hot path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+
+class Group:
+    """This rank's place in one process group: ``rank`` of ``size``.
+
+    ``telemetry``: an engine's :class:`mpbook.engine.telemetry.Telemetry` (or anything with
+    ``timed_collective(kind)``); None counts nothing (unit tests)."""
+
+    def __init__(self, group: Any, *, rank: int, size: int, telemetry: Any = None, ranks: list[int] | None = None):
+        self.group = group
+        self.rank = rank
+        self.size = size
+        self.telemetry = telemetry
+        self.ranks = ranks  # the global ranks of the group, in group order (for gather's destination)
+
+    def uncounted(self) -> Group:
+        """The same group, its collectives counted by the caller instead."""
+        return Group(self.group, rank=self.rank, size=self.size, ranks=self.ranks)
+
+    def _timed(self, kind: str):
+        return self.telemetry.timed_collective(kind) if self.telemetry is not None else contextlib.nullcontext()
+
+    def all_reduce(self, tensor):
+        """The sum of ``tensor`` over the group (in place when it is contiguous)."""
+        import torch.distributed as dist
+
+        tensor = tensor.contiguous()  # gloo needs dense memory; a no-op when it already is
+        with self._timed("all_reduce"):
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_gather_last_dim(self, local, sizes: list[int]):
+        """Every rank's ``local`` concatenated along the last dim; rank r holds ``sizes[r]``
+        columns. Uneven shards (a vocabulary of 259 over 2 ranks: 130 + 129) are padded to the
+        largest, gathered and trimmed, since all_gather wants equal shapes."""
+        import torch
+        import torch.distributed as dist
+
+        width = max(sizes)
+        padded = local.contiguous()
+        if local.shape[-1] < width:
+            padded = torch.nn.functional.pad(padded, (0, width - local.shape[-1]))
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        with self._timed("all_gather"):
+            dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([part[..., :n] for part, n in zip(parts, sizes)], dim=-1)
+
+    def gather_last_dim(self, local, sizes: list[int]):
+        """Every rank's ``local`` concatenated along the last dim on the group's first rank
+        (None on the others); uneven shards padded and trimmed as in :meth:`all_gather_last_dim`."""
+        import torch
+        import torch.distributed as dist
+
+        width = max(sizes)
+        padded = local.contiguous()
+        if local.shape[-1] < width:
+            padded = torch.nn.functional.pad(padded, (0, width - local.shape[-1]))
+        first = self.rank == 0
+        parts = [torch.empty_like(padded) for _ in range(self.size)] if first else None
+        if self.ranks is not None:
+            dst = self.ranks[0]
+        else:  # the default group's first rank is rank 0
+            dst = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        with self._timed("gather"):
+            dist.gather(padded, parts, dst=dst, group=self.group)
+        if not first:
+            return None
+        return torch.cat([part[..., :n] for part, n in zip(parts, sizes)], dim=-1)
+
+    def all_gather_stack(self, local):
+        """Every rank's equal-shaped ``local``, stacked on a new leading dim (in rank order)."""
+        import torch
+        import torch.distributed as dist
+
+        local = local.contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.size)]
+        with self._timed("all_gather"):
+            dist.all_gather(parts, local, group=self.group)
+        return torch.stack(parts)
+
+    def __repr__(self) -> str:
+        return f"Group(rank {self.rank} of {self.size})"

@@ -1,0 +1,58 @@
+"""Expert parallel combined with the other degrees on 4 real engines, against one device:
+Mixtral and Qwen3-MoE tiny checkpoints, left-padded prompts of different lengths."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpbook import Workbench
+from test_models import (  # noqa: F401  (the fixture is used by name)
+    LAYERS, MOE_LAYERS, NEW_TOKENS, PROMPTS, assert_matches, family_folder, held_weight_bytes, planned,
+    session_plans_ep,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("session_plans_ep")]
+
+CASES = [
+    ("mixtral", "tensor", {"ep": 2}),  # tp=2 x ep=2: experts split both ways, one all-reduce per MoE layer
+    ("mixtral", "pipeline", {"ep": 2}),  # pp=2 x ep=2
+    ("mixtral", "data", {"ep": 4}),  # ep=4: one expert per rank
+    ("qwen3_moe", "tensor", {"ep": 2}),
+    ("qwen3_moe", "data", {"ep": 2}),  # dp=2 x ep=2
+]
+
+
+@pytest.fixture(scope="module")
+def wb4():
+    with Workbench.start(4, cpu=True) as wb:
+        yield wb
+
+
+def expected_all_reduces(model_type: str, layout) -> int:
+    """Per rank of a stage, one forward pass."""
+    moe = MOE_LAYERS[model_type] // layout.pp if model_type == "mixtral" else MOE_LAYERS[model_type]
+    if layout.tp > 1:
+        # attention's row-split output, the MoE (experts of other ep ranks and slices of other tp
+        # ranks in ONE all-reduce over ep x tp), the dense MLP layer, the vocab-parallel embedding
+        return LAYERS + moe + (LAYERS - moe) + 1
+    return moe
+
+
+@pytest.mark.parametrize("model_type, strategy, degrees", CASES,
+                         ids=[f"{mt}-{s}-{'-'.join(f'{k}{v}' for k, v in d.items())}" for mt, s, d in CASES])
+def test_expert_parallel_combinations_match_one_device(wb4, model_type, strategy, degrees):
+    folder = family_folder(model_type)
+    forward = wb4.forward(PROMPTS, strategy=strategy, model=folder, **degrees)
+    assert_matches(forward, folder)
+    layout = forward.layout
+    assert forward.weight_bytes == held_weight_bytes(folder, layout)
+    predicted = planned(folder, layout, prompt_len=max(forward.prompt_tokens))  # experts split by ep
+    assert [r.parameters for r in predicted.ranks] == forward.weight_bytes
+    if layout.dp == 1:
+        assert [r.kv_cache for r in predicted.ranks] == forward.kv_cache_bytes
+    for rank, counts in enumerate(forward.collectives):
+        if forward.layout.dp > 1 and layout.coords(rank).dp >= len(PROMPTS):
+            continue
+        assert counts.get("all_reduce", 0) == expected_all_reduces(model_type, layout), (rank, counts)
+    generated = wb4.generate(PROMPTS, strategy=strategy, model=folder, max_new_tokens=NEW_TOKENS, **degrees)
+    assert_matches(generated, folder, logits=False)
