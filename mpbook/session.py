@@ -22,8 +22,6 @@ from .options import (
     check_stage_sizes, check_stop, check_temperature, check_top_k, check_top_p,
 )
 from .parallel.data import replica_rows
-from .parallel.pipeline import split_layers
-from .parallel.tensor import validate_tp
 from .protocol import Request, Sampling, Stopping
 from .results import RunResult, merge
 
@@ -204,18 +202,11 @@ def check_request(request: Request, *, strategy: str, config, prompt_tokens: lis
     """Everything that can be known to fail before the engines start work.
 
     ``prompt_tokens``: each prompt's length in tokens."""
-    from . import models
+    from .models import structure
 
     layout = request.layout
-    allowed = models.supported_strategies(config)
-    used = [s for s, dim in OWN_DIM.items() if s in STRATEGIES and getattr(layout, dim) > 1] or [strategy]
-    unsupported = [s for s in used if s not in allowed]
-    if unsupported:
-        raise MpbookError(
-            f"{config.model_type} models support {', '.join(allowed)} parallelism in mpbook, not {', '.join(unsupported)}"
-        )
-    validate_tp(config, layout.tp)
-    split_layers(config.num_hidden_layers, layout.pp, request.stage_sizes)
+    # The model's own plans (or the user's) decide what can be split, with its own numbers.
+    structure.check_layout(config, layout, request.plans, stage_sizes=request.stage_sizes)
     prompts = len(request.input_ids)
     if prompts < layout.dp:
         raise MpbookError(
@@ -369,12 +360,12 @@ class Session:
     def check_memory(self, request: Request, *, config, prompt_len: int) -> None:
         """Ask the planner whether every rank fits its device before anything loads; if not,
         name the rank, the bytes it needs and has, and the layouts that would fit."""
-        from . import models
+        from .models import structure
         from .planner import plan
 
-        if "pipeline" not in models.supported_strategies(config):
-            # The planner reads Llama-family module trees; other architectures are not predicted
-            # (a device out-of-memory on an engine is still reported with its rank and bytes).
+        if "pipeline" not in structure.supported_strategies(config, request.plans):
+            # A model the planner cannot cut into parts is not predicted (a device
+            # out-of-memory on an engine is still reported with its rank and bytes).
             return
         cluster = self.cluster
         engines = cluster.engines
@@ -390,7 +381,8 @@ class Session:
             free = [pool[h] // hosts.count(h) for h in hosts]
         layout = request.layout
         predicted = plan(
-            config, dp=layout.dp, pp=layout.pp, tp=layout.tp, batch=len(request.input_ids), prompt_len=prompt_len,
+            config, dp=layout.dp, pp=layout.pp, tp=layout.tp, ep=layout.ep, plans=request.plans,
+            batch=len(request.input_ids), prompt_len=prompt_len,
             max_new_tokens=request.max_new_tokens, dtype=request.dtype, microbatches=request.microbatches,
             stage_sizes=request.stage_sizes, device_memory_bytes=free, suggestions=False,
         )

@@ -8,10 +8,9 @@ import pytest
 from mpbook import Workbench
 from test_models import (  # noqa: F401  (the fixture is used by name)
     LAYERS, MOE_LAYERS, NEW_TOKENS, PROMPTS, assert_matches, family_folder, held_weight_bytes, planned,
-    session_plans_ep,
 )
 
-pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("session_plans_ep")]
+pytestmark = pytest.mark.cluster
 
 CASES = [
     ("mixtral", "tensor", {"ep": 2}),  # tp=2 x ep=2: experts split both ways, one all-reduce per MoE layer

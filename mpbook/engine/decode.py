@@ -213,6 +213,7 @@ def _run(state, request: Request) -> RankOutput:
         memory_free_bytes=free_memory_bytes(runner.device),
         token_times=times,
         stop_reasons=reasons,
+        expert_tokens=stats.expert_tokens,
     )
 
 

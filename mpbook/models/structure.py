@@ -493,9 +493,10 @@ def check_layout(config, layout, plans: dict | None = None, *, stage_sizes=None)
         degree = getattr(layout, dim)
         if degree > 1 and strategy not in allowed:
             reason = why_not(config, strategy, plans)
+            # A plan cannot carry a recurrent state across stages or shards: no hint then.
+            hint = "" if recurrent_state(config) else f"; {_user_plan_hint(strategy)}"
             raise MpbookError(
-                f"{dim}={degree}: {reason}; {config.model_type} works with {', '.join(allowed)} parallelism; "
-                f"{_user_plan_hint(strategy)}"
+                f"{dim}={degree}: {reason}; {config.model_type} works with {', '.join(allowed)} parallelism{hint}"
             )
     text = _text(config)
     if layout.pp > 1:
