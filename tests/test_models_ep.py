@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mpbook import Workbench
-from test_models import (  # noqa: F401  (the fixture is used by name)
+from test_models import (
     LAYERS, MOE_LAYERS, NEW_TOKENS, PROMPTS, assert_matches, family_folder, held_weight_bytes, planned,
 )
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.cluster
 CASES = [
     ("mixtral", "tensor", {"ep": 2}),  # tp=2 x ep=2: experts split both ways, one all-reduce per MoE layer
     ("mixtral", "pipeline", {"ep": 2}),  # pp=2 x ep=2
-    ("mixtral", "data", {"ep": 4}),  # ep=4: one expert per rank
+    ("mixtral", "expert", {}),  # %%mp expert: its own degree takes every engine, ep=4, one expert per rank
     ("qwen3_moe", "tensor", {"ep": 2}),
     ("qwen3_moe", "data", {"ep": 2}),  # dp=2 x ep=2
 ]
