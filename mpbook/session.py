@@ -202,11 +202,11 @@ def check_request(request: Request, *, strategy: str, config, prompt_tokens: lis
     """Everything that can be known to fail before the engines start work.
 
     ``prompt_tokens``: each prompt's length in tokens."""
-    from .models import structure
+    from .models import support
 
     layout = request.layout
     # The model's own plans (or the user's) decide what can be split, with its own numbers.
-    structure.check_layout(config, layout, request.plans, stage_sizes=request.stage_sizes)
+    support.check_layout(config, layout, request.plans, stage_sizes=request.stage_sizes)
     prompts = len(request.input_ids)
     if prompts < layout.dp:
         raise MpbookError(
@@ -360,10 +360,10 @@ class Session:
     def check_memory(self, request: Request, *, config, prompt_len: int) -> None:
         """Ask the planner whether every rank fits its device before anything loads; if not,
         name the rank, the bytes it needs and has, and the layouts that would fit."""
-        from .models import structure
+        from .models import support
         from .planner import plan
 
-        if "pipeline" not in structure.supported_strategies(config, request.plans):
+        if "pipeline" not in support.supported_strategies(config, request.plans):
             # A model the planner cannot cut into parts is not predicted (a device
             # out-of-memory on an engine is still reported with its rank and bytes).
             return

@@ -192,7 +192,7 @@ def test_the_readme_table_comes_from_the_plans():
 def test_what_each_rank_holds():
     """models.structure says what every rank of a layout holds (the planner's source): experts
     split by ep, the vocabulary by tp, layers by pp; checked against the engines below."""
-    from mpbook.models.structure import held_bytes, held_tensors
+    from mpbook.models.parts import held_bytes, held_tensors
 
     config = config_of("mixtral")
     whole = held_bytes(held_tensors(config, Layout(), 0))
@@ -251,7 +251,7 @@ def wb():
 def held_weight_bytes(folder, layout, *, plans=None) -> list[int]:
     """What models.structure says each rank holds (the planner's source), in parameter bytes."""
     from mpbook.models import load_config
-    from mpbook.models.structure import held_tensors
+    from mpbook.models.parts import held_tensors
 
     config = load_config(folder)
     return [sum(h.nbytes for h in held_tensors(config, layout, r, plans=plans) if h.kind != "buffer")
@@ -451,7 +451,8 @@ def _shards_against_dtensor(state, folder):
 
     from mpbook.models import load_config
     from mpbook.models.checkpoint import Checkpoint
-    from mpbook.models.structure import meta_model, param_rule, rank_part, structure
+    from mpbook.models.parts import rank_part
+    from mpbook.models.structure import meta_model, param_rule, structure
 
     config = load_config(folder)
     model = meta_model(config)

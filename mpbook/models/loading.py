@@ -126,7 +126,7 @@ def load_whole(model: str | os.PathLike, *, dtype, device, attention: str | None
 
 def whole_stage(model, *, dtype, device, attention: str | None = None) -> Stage:
     """The whole model as one stage (data parallel: nothing split), for any causal LM."""
-    from .structure import recurrent_state
+    from .support import recurrent_state
 
     lm = load_whole(model, dtype=dtype, device=device, attention=attention)
     return Stage(lm, first=True, last=True, layers=range(lm.config.get_text_config().num_hidden_layers),
@@ -140,24 +140,25 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
 
     ``group(dims)``: this rank's :class:`mpbook.parallel.collectives.Group` along mesh ``dims``
     (("tp",), ("ep",), ("ep", "tp")); making one is a step every rank takes together, so they
-    are asked for in the same order on every rank (:func:`mpbook.models.structure.groups_needed`),
+    are asked for in the same order on every rank (:func:`mpbook.models.parts.groups_needed`),
     before anything loads. ``telemetry`` receives the experts' load."""
     import torch
     from transformers import AutoConfig
 
     from ..parallel import expert, tensor
+    from . import parts, support
     from . import structure as st
     from .checkpoint import Checkpoint
 
     folder = resolve(model)
     config = AutoConfig.from_pretrained(folder)
-    st.check_layout(config, layout, plans, stage_sizes=stage_sizes)
+    support.check_layout(config, layout, plans, stage_sizes=stage_sizes)
     lm = st.meta_model(config, attention=attention, dtype=dtype)
     s = st.structure(lm, plans)
-    groups = {dims: group(dims) for dims in st.groups_needed(s, layout)}
+    groups = {dims: group(dims) for dims in parts.groups_needed(s, layout)}
     ckpt = Checkpoint(folder, lm)  # indexed against the whole model's names, before it is cut
-    part = st.rank_part(s, layout, coords, stage_sizes=stage_sizes)
-    st.cut_stage(lm, s, part)
+    part = parts.rank_part(s, layout, coords, stage_sizes=stage_sizes)
+    parts.cut_stage(lm, s, part)
 
     # Tied weights are untied for loading (each side may be sliced by its own rule), and tied
     # again below when both sides hold the same slice.
@@ -165,7 +166,7 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
     for target, source in s.tied.items():
         t_owner, t_leaf = _owner(lm, target)
         s_owner, s_leaf = _owner(lm, source)
-        if t_owner is None or s_owner is None or isinstance(t_owner, st.Absent) or isinstance(s_owner, st.Absent):
+        if t_owner is None or s_owner is None or isinstance(t_owner, parts.Absent) or isinstance(s_owner, parts.Absent):
             continue
         t_owner._parameters[t_leaf] = torch.nn.Parameter(torch.empty_like(t_owner._parameters[t_leaf]))
         tied.append((target, source))
@@ -183,13 +184,13 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
     with torch.no_grad():
         for owner in owners.values():
             lm._init_weights(owner)
-    st.narrow_config(lm.config, part.layers)
+    parts.narrow_config(lm.config, part.layers)
 
     # This rank's slice of each parameter, from the checkpoint.
     pieces_of = {}
     full_shapes: dict[str, dict[str, tuple]] = {}
     for name, param in list(lm.named_parameters()):
-        source = st.global_name(s, part, name)
+        source = parts.global_name(s, part, name)
         if source not in ckpt and source in s.tied:
             source = s.tied[source]  # a tied head with no tensor of its own
         if source not in ckpt:
@@ -205,7 +206,7 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
         if part.ep > 1 and st.param_rule(name, part.ep_plan) in tensor.EXPERT_SHARD and hasattr(owner, "num_experts"):
             expert.mark_local(owner, local.shape[0])
     for name, buffer in list(lm.named_buffers()):  # persistent buffers a checkpoint holds
-        source = st.global_name(s, part, name)
+        source = parts.global_name(s, part, name)
         if source in ckpt:
             owner_name, _, leaf = name.rpartition(".")
             lm.get_submodule(owner_name)._buffers[leaf] = ckpt.read(source).to(device=device, dtype=buffer.dtype)
@@ -229,7 +230,7 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
     stage = Stage(lm, first=part.first, last=part.last, layers=part.layers, structure=s)
     for name, module in list(lm.named_modules()):
         style, kind = part.rule(name, param=False)
-        if style is None or isinstance(module, st.Absent):
+        if style is None or isinstance(module, parts.Absent):
             continue
         if style == tensor.EXPERT_DISPATCH:
             load = stage.expert_load[name] = torch.zeros(module.num_experts, dtype=torch.long, device=device)

@@ -18,9 +18,10 @@ A user may pass plans in the same format for a family without them:
 config (``"h.*.mlp.c_fc": "colwise"``), head rules by the head's name (``"lm_head"``); a user
 rule replaces the family's rule of the same name, and ``None`` removes one.
 
-This module is pure: the client calls :func:`supported_strategies` and :func:`check_layout`
-before any engine works; the engines' loader (:mod:`mpbook.models.loading`) and the planner
-read :func:`structure`, :func:`rank_part` and :func:`held_tensors`.
+This module reads the plans into a :class:`Structure`; :mod:`mpbook.models.support` says which
+strategies a model supports and checks a layout before any engine works (the client), and
+:mod:`mpbook.models.parts` says what each rank of a layout loads and holds (the engines'
+loader and the planner read the same data). All three are pure: no engine, no weights.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import MpbookError
-from ..units import divisors
 
 STRATEGIES = ("data", "pipeline", "tensor", "expert")
 OWN_DIM = {"pipeline": "pp", "tensor": "tp", "expert": "ep"}
@@ -182,7 +182,7 @@ def structure(model, plans: dict | None = None, *, attention: str | None = None)
 
     if not isinstance(model, torch.nn.Module):
         return _structure_of_config(model, plans, attention)
-    return _read(model, _check_plans(plans))
+    return _read(model, check_plans(plans))
 
 
 _CACHE: dict[tuple, Structure] = {}
@@ -191,18 +191,18 @@ _CACHE: dict[tuple, Structure] = {}
 def _structure_of_config(config, plans, attention) -> Structure:
     import copy
 
-    key = (type(config).__name__, config.to_json_string(use_diff=False), _plans_key(plans), attention)
+    key = (type(config).__name__, config.to_json_string(use_diff=False), plans_key(plans), attention)
     if key not in _CACHE:
         if len(_CACHE) > 32:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = _read(meta_model(copy.deepcopy(config), attention=attention), _check_plans(plans))
+        _CACHE[key] = _read(meta_model(copy.deepcopy(config), attention=attention), check_plans(plans))
     return _CACHE[key]
 
 
-def _plans_key(plans: dict | None):
+def plans_key(plans: dict | None):
     if not plans:
         return None
-    plans = _check_plans(plans)
+    plans = check_plans(plans)
     return tuple((kind, tuple(sorted((k, _freeze(v)) for k, v in rules.items()))) for kind, rules in sorted(plans.items()))
 
 
@@ -212,7 +212,7 @@ def _freeze(value):
     return value
 
 
-def _check_plans(plans) -> dict:
+def check_plans(plans) -> dict:
     if not plans:
         return {}
     if not isinstance(plans, dict) or set(plans) - {"tp", "pp", "ep"}:
@@ -345,7 +345,7 @@ def _pipeline_order(model, base, config, user_pp):
     count = getattr(config.get_text_config(), "num_hidden_layers", None)
     lists = [n for n, m in children if isinstance(m, torch.nn.ModuleList) and len(m) == count]
     if len(lists) != 1:
-        raise _NoPipeline(f"{config.model_type} has no base_model_pp_plan and its base model has no single list of "
+        raise NoPipeline(f"{config.model_type} has no base_model_pp_plan and its base model has no single list of "
                           f"its {count} decoder layers")
     at = [n for n, _ in children].index(lists[0])
 
@@ -357,7 +357,7 @@ def _pipeline_order(model, base, config, user_pp):
     return pre, lists[0], post, "module order"
 
 
-class _NoPipeline(MpbookError):
+class NoPipeline(MpbookError):
     """The model's layers cannot be found: no pipeline, and no structure to cut."""
 
 
@@ -371,500 +371,3 @@ def _has(module, name: str) -> bool:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-# ----------------------------------------------------------------------------- client checks
-def _text(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _config_plans(config, plans: dict | None) -> tuple[dict, dict, dict]:
-    """The config's own (base-relative) tp / pp / ep plans with a user's rules merged in."""
-    plans = _check_plans(plans)
-    out = []
-    for kind, attr in (("tp", "base_model_tp_plan"), ("pp", "base_model_pp_plan"), ("ep", "base_model_ep_plan")):
-        own = getattr(config, attr, None) or getattr(_text(config), attr, None) or {}
-        rules = dict(own)
-        for key, value in (plans.get(kind) or {}).items():
-            if value is None:
-                rules.pop(key, None)
-            else:
-                rules[key] = value
-        out.append(rules)
-    return tuple(out)
-
-
-def recurrent_state(config) -> bool:
-    """Whether some of the model's layers keep a recurrent state (state-space models such as
-    Mamba, linear attention, hybrids such as Jamba) instead of, or besides, a KV cache: the
-    cache transformers builds for the config says."""
-    try:
-        from transformers import DynamicCache
-        from transformers.cache_utils import LinearAttentionCacheLayerMixin
-
-        return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in DynamicCache(config=config).layers)
-    except Exception:  # noqa: BLE001  a config the cache cannot read: an attention model
-        return False
-
-
-def takes_a_cache(config) -> bool:
-    """Whether the model's forward takes transformers' ``cache`` (RWKV keeps a state of its own
-    that generate threads through, which mpbook's decode loop does not)."""
-    import inspect
-
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except Exception:  # noqa: BLE001  not a causal LM transformers knows: let loading say so
-        return True
-    return "cache" in inspect.signature(model_class.forward).parameters
-
-
-def supported_strategies(config, plans: dict | None = None) -> tuple[str, ...]:
-    """The strategies mpbook can run ``config``'s model with: data for every causal LM whose
-    forward takes a cache (all but RWKV); for models with a KV cache only (no recurrent state),
-    pipeline when a pp plan (the config's or ``plans``') or the module order gives its layers,
-    tensor when a tp plan splits its decoder layers with styles mpbook implements, expert when
-    an ep plan names its experts."""
-    return tuple(s for s in STRATEGIES if why_not(config, s, plans) is None)
-
-
-def why_not(config, strategy: str, plans: dict | None = None) -> str | None:
-    """Why ``strategy`` cannot split ``config``'s model (None: it can), in a few words."""
-    from ..parallel.tensor import IMPLEMENTED
-
-    tp, pp, ep = _config_plans(config, plans)
-    mt = config.model_type
-    if not takes_a_cache(config):
-        return f"{mt}'s forward takes no cache (it threads a state of its own), which mpbook's decode loop does not carry"
-    if strategy == "data":
-        return None
-    if strategy in OWN_DIM and recurrent_state(config):
-        return (f"{mt}'s layers keep a recurrent state (state-space or linear attention), which mpbook's "
-                "stages and shards do not carry")
-    if strategy == "pipeline":
-        if pp:
-            return None
-        try:
-            structure(config, plans)
-        except _NoPipeline as exc:
-            return f"{exc}, so mpbook cannot find its stages"
-        except MpbookError as exc:
-            return str(exc)
-        return None
-    if strategy == "tensor":
-        if not any("*" in k for k in tp):
-            return f"{mt} has no tensor-parallel plan for its decoder layers (its config carries no base_model_tp_plan)"
-        odd = {k: v for k, v in tp.items() if v not in IMPLEMENTED}
-        if odd:
-            key, style = next(iter(odd.items()))
-            return f"{mt}'s tensor-parallel plan gives {key} the style {style!r}, which mpbook does not implement"
-        return None
-    if strategy == "expert":
-        if not ep:
-            return f"{mt} has no expert-parallel plan (its config carries no base_model_ep_plan: not a mixture of experts)"
-        odd = {k: v for k, v in ep.items() if v not in IMPLEMENTED}
-        if odd:
-            key, style = next(iter(odd.items()))
-            return f"{mt}'s expert-parallel plan gives {key} the style {style!r}, which mpbook does not implement"
-        return None
-    raise MpbookError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-
-
-def _user_plan_hint(strategy: str) -> str:
-    example = {
-        "pipeline": "plans={'pp': {'embed_tokens': ..., 'layers': ..., 'norm': ...}} (base_model_pp_plan's format)",
-        "tensor": "plans={'tp': {'layers.*.self_attn.q_proj': 'colwise', ...}} (base_model_tp_plan's format)",
-        "expert": "plans={'ep': {...}} (base_model_ep_plan's format)",
-    }[strategy]
-    return f"to split it anyway, pass {example}"
-
-
-def check_layout(config, layout, plans: dict | None = None, *, stage_sizes=None) -> None:
-    """Raise :class:`MpbookError` unless ``layout`` can split ``config``'s model: each error one
-    line with the model's own numbers and the valid choices."""
-    from ..parallel.pipeline import split_layers
-
-    allowed = supported_strategies(config, plans)
-    if not allowed:
-        raise MpbookError(f"{why_not(config, 'data', plans)}; mpbook cannot run {config.model_type} models")
-    for strategy, dim in OWN_DIM.items():
-        degree = getattr(layout, dim)
-        if degree > 1 and strategy not in allowed:
-            reason = why_not(config, strategy, plans)
-            # A plan cannot carry a recurrent state across stages or shards: no hint then.
-            hint = "" if recurrent_state(config) else f"; {_user_plan_hint(strategy)}"
-            raise MpbookError(
-                f"{dim}={degree}: {reason}; {config.model_type} works with {', '.join(allowed)} parallelism{hint}"
-            )
-    text = _text(config)
-    if layout.pp > 1:
-        split_layers(text.num_hidden_layers, layout.pp, stage_sizes)
-    if layout.tp > 1:
-        s = structure(config, plans)
-        if s.heads_split_by_tp and (s.heads % layout.tp or s.kv_heads % layout.tp):
-            valid = ", ".join(str(d) for d in divisors(s.heads) if s.kv_heads % d == 0)
-            if s.heads % layout.tp:
-                what = f"the {s.heads} attention heads ({s.kv_heads} KV heads)"
-            else:
-                what = f"the {s.kv_heads} KV heads ({s.heads} attention heads)"
-            raise MpbookError(
-                f"tp={layout.tp} does not divide {what} of this {config.model_type} model; choose tp in {{{valid}}}"
-            )
-    if layout.ep > 1:
-        experts = num_experts(config, plans)
-        if experts is None or experts % layout.ep:
-            valid = ", ".join(str(d) for d in divisors(experts or 1))
-            raise MpbookError(
-                f"ep={layout.ep} does not divide the {experts} experts of this {config.model_type} model; "
-                f"choose ep in {{{valid}}}"
-            )
-
-
-def num_experts(config, plans: dict | None = None) -> int | None:
-    """How many routed experts each MoE layer of ``config``'s model has (None: not a MoE)."""
-    text = _text(config)
-    for attr in EXPERT_COUNTS:
-        value = getattr(text, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return structure(config, plans).num_experts
-
-
-# ----------------------------------------------------------------------------- each rank's part
-@dataclass(frozen=True)
-class Part:
-    """What one rank of a layout loads and runs: its stage's layers, and its shards."""
-
-    layers: range  # global indices of its decoder layers
-    first: bool  # holds the token embedding
-    last: bool  # holds the final norm and the head
-    tp: int
-    tp_rank: int
-    ep: int
-    ep_rank: int
-    tp_plan: dict[str, str]  # the rules applied (empty when tp == 1)
-    ep_plan: dict[str, str]  # (empty when ep == 1)
-    experts_reduce: tuple[str, ...]  # the mesh dims the experts' one all-reduce runs over
-
-    def rule(self, name: str, *, param: bool) -> tuple[str | None, str | None]:
-        """(style, "tp" or "ep") of a parameter or module; an ep rule wins over a tp one for the
-        module it names. A parameter split both ways (an expert under ep x tp) reports its ep
-        rule here; :meth:`pieces` applies both."""
-        find = param_rule if param else module_rule
-        for plan, kind in ((self.ep_plan, "ep"), (self.tp_plan, "tp")):
-            style = find(name, plan) if plan else None
-            if style:
-                return style, kind
-        return None, None
-
-    def pieces(self, name: str, shape: tuple[int, ...], *, transposed: bool = False) -> list:
-        """The slices of parameter ``name`` (full ``shape``) this rank keeps."""
-        from ..parallel.tensor import shard_pieces
-
-        out = []
-        leaf = name.rsplit(".", 1)[-1]
-        ep_style = param_rule(name, self.ep_plan) if self.ep_plan else None
-        tp_style = param_rule(name, self.tp_plan) if self.tp_plan else None
-        if ep_style:
-            out += shard_pieces(ep_style, leaf, shape, self.ep_rank, self.ep, transposed=transposed)
-        if tp_style:
-            out += shard_pieces(tp_style, leaf, shape, self.tp_rank, self.tp, transposed=transposed)
-        return out
-
-
-def rank_part(s: Structure, layout, coords, *, stage_sizes=None) -> Part:
-    """The :class:`Part` of the rank at ``coords`` of ``layout``."""
-    from ..parallel.pipeline import split_layers
-
-    stages = split_layers(s.num_layers, layout.pp, stage_sizes)
-    tp_plan = s.tp_rules() if layout.tp > 1 else {}
-    ep_plan = dict(s.ep_plan) if layout.ep > 1 else {}
-    if ep_plan and not (layout.tp > 1 and s.experts_split_by_tp):
-        # transformers' rule: an ep module keeps no tp rule (here: when its weights are not split by tp)
-        tp_plan = {k: v for k, v in tp_plan.items() if not any(k == e or k.startswith(e + ".") for e in s.experts)}
-    elif ep_plan:
-        # ep x tp: the experts keep their tp slices, and the ep dispatch's all-reduce does the
-        # tp sum as well: no moe_tp_experts all-reduce of their own.
-        tp_plan = {k: v for k, v in tp_plan.items() if v != "moe_tp_experts"}
-    reduce: tuple[str, ...] = ()
-    if layout.ep > 1:
-        reduce = ("ep", "tp") if layout.tp > 1 and s.experts_split_by_tp else ("ep",)
-    elif layout.tp > 1 and s.experts:
-        reduce = ("tp",)
-    return Part(
-        layers=stages[coords.pp], first=coords.pp == 0, last=coords.pp == layout.pp - 1,
-        tp=layout.tp, tp_rank=coords.tp, ep=layout.ep, ep_rank=coords.ep,
-        tp_plan=tp_plan, ep_plan=ep_plan, experts_reduce=reduce,
-    )
-
-
-def groups_needed(s: Structure, layout) -> list[tuple[str, ...]]:
-    """The mesh groups a layout's ranks use, in the order every rank makes them."""
-    out = []
-    if layout.tp > 1:
-        out.append(("tp",))
-    if layout.ep > 1:
-        out.append(("ep",))
-        if layout.tp > 1 and s.experts_split_by_tp:
-            out.append(("ep", "tp"))
-    return out
-
-
-class Absent:
-    """Marker base: a module a stage does not hold (see :func:`cut_stage`)."""
-
-
-def _absent(name: str):
-    import torch
-
-    class AbsentModule(torch.nn.Module, Absent):
-        """Stands in for a module this pipeline stage does not hold; fails loudly if called."""
-
-        def __init__(self):
-            super().__init__()
-            self.name = name
-
-        def forward(self, *args, **kwargs):
-            raise RuntimeError(f"{self.name} is not held by this pipeline stage")
-
-    return AbsentModule()
-
-
-def cut_stage(model, s: Structure, part: Part) -> None:
-    """Cut a (meta) CausalLM down to ``part``'s stage, in place: the layer list keeps only the
-    stage's layers, renumbered from 0 (every submodule's ``layer_idx``), so the stage's own cache
-    and masks see exactly the layers it holds; a later stage drops the token embedding (other
-    pre-layer modules are glue the base forward applies to ``inputs_embeds``, kept); a non-last
-    stage drops the head and replaces the final modules with Identity. The config is not
-    touched: :func:`narrow_config` does that once the buffers are made."""
-    import torch
-
-    base = model.get_submodule(s.base_prefix) if s.base_prefix else model
-    container = base.get_submodule(s.layers)
-    kept = torch.nn.ModuleList(container[i] for i in part.layers)
-    _set_submodule(base, s.layers, kept)
-    for local, layer in enumerate(kept):
-        for sub in layer.modules():
-            if hasattr(sub, "layer_idx"):
-                sub.layer_idx = local
-    if not part.first:
-        _set_submodule(model, s.embedding, _absent(s.embedding))
-    if not part.last:
-        for name in s.post:
-            _set_submodule(base, name, torch.nn.Identity())
-        for name in s.head:
-            _set_submodule(model, name, _absent(name))
-
-
-def narrow_config(config, layers: range) -> None:
-    """The config every module of a cut model reads, sliced in place to the stage's layers."""
-    config.num_hidden_layers = len(layers)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in layers]
-
-
-def _set_submodule(root, name: str, module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def global_name(s: Structure, part: Part, name: str) -> str:
-    """A cut model's parameter name as the whole model's (layer numbers back to global)."""
-    prefix = s.layer_prefix
-    if not name.startswith(prefix):
-        return name
-    local, _, rest = name[len(prefix):].partition(".")
-    return f"{prefix}{part.layers[int(local)]}.{rest}"
-
-
-# ----------------------------------------------------------------------------- what a rank holds
-@dataclass(frozen=True)
-class Held:
-    """One tensor a rank holds: its name in the whole model, its local shape and bytes."""
-
-    name: str
-    shape: tuple[int, ...]
-    nbytes: int
-    kind: str  # "embedding", "layers", "experts", "norm", "head", "other", "buffer"
-    shared_with: str | None = None  # a tied tensor held once (counted under the name it reads)
-
-
-def held_tensors(config, layout, rank: int, *, plans: dict | None = None, stage_sizes=None,
-                 dtype: str = "float32", attention: str | None = None) -> list[Held]:
-    """Every parameter and buffer the rank ``rank`` of ``layout`` holds, as the engines load it
-    (:func:`cut_stage`, then each tensor's slices): its stage's tensors, split by its tp and ep
-    rules (experts by ep, the vocabulary by tp). What the planner counts.
-
-    The whole model's tensors are read once per (config, plans, dtype, attention); a rank's
-    are then picked from them, with each rule resolved once per tensor name pattern, so asking
-    for every rank of many layouts stays cheap."""
-    s = structure(config, plans, attention=attention)
-    part = rank_part(s, layout, layout.coords(rank), stage_sizes=stage_sizes)
-    params, buffers = _inventory(config, plans, dtype, attention)
-    layer_prefix = s.layer_prefix
-    last_only = tuple(s.full(p) + "." for p in s.post) + tuple(h + "." for h in s.head)
-
-    def held(name: str) -> bool:
-        if name.startswith(layer_prefix):
-            return int(name[len(layer_prefix):].split(".", 1)[0]) in part.layers
-        if name.startswith(s.embedding + "."):
-            return part.first
-        if name.startswith(last_only):
-            return part.last
-        return True  # glue every stage keeps (GPT-2's position embedding, rotary buffers)
-
-    memo: dict[tuple, tuple[list, tuple, str]] = {}  # (pattern, shape, transposed) -> pieces, local shape, kind
-    out: list[Held] = []
-    seen: dict[int, tuple[str, list]] = {}  # a tensor held under two names (a tied head): its first name, slices
-    for name, pattern, key, full, element_size, transposed in params:
-        if not held(name):
-            continue
-        found = memo.get((pattern, full, transposed))
-        if found is None:
-            pieces = part.pieces(name, full, transposed=transposed)
-            found = memo[(pattern, full, transposed)] = (pieces, _local_shape(full, pieces), _kind(s, name))
-        pieces, shape, kind = found
-        first = seen.get(key)
-        if first is not None and first[1] == pieces:
-            # tied, and both sides take the same slice: one tensor (the loader ties them again)
-            out.append(Held(name, (), 0, kind, shared_with=first[0]))
-            continue
-        seen.setdefault(key, (name, pieces))
-        out.append(Held(name, shape, _prod(shape) * element_size, kind))
-    for name, full, element_size in buffers:
-        if held(name):
-            out.append(Held(name, full, _prod(full) * element_size, "buffer"))
-    return out
-
-
-_INVENTORY: dict[tuple, tuple[list, list]] = {}
-
-
-def _inventory(config, plans, dtype: str, attention):
-    """The whole model's parameters (name, its pattern, identity, shape, element size,
-    Conv1D-transposed) and buffers (name, shape, element size), from its meta-device tree."""
-    import copy
-
-    import torch
-
-    from ..parallel.tensor import _transposed
-    from ..protocol import DTYPES
-
-    key = (type(config).__name__, config.to_json_string(use_diff=False), _plans_key(plans), dtype, attention)
-    if key not in _INVENTORY:
-        model = meta_model(copy.deepcopy(config), attention=attention, dtype=getattr(torch, DTYPES[dtype]))
-        modules = dict(model.named_modules())
-        params = [(name, generic(name), id(p), tuple(p.shape), p.element_size(),
-                   _transposed(modules[name.rpartition(".")[0]]))
-                  for name, p in model.named_parameters(remove_duplicate=False)]
-        buffers = [(name, tuple(b.shape), b.element_size()) for name, b in model.named_buffers()]
-        if len(_INVENTORY) > 16:
-            _INVENTORY.pop(next(iter(_INVENTORY)))
-        _INVENTORY[key] = (params, buffers)
-    return _INVENTORY[key]
-
-
-def held_bytes(tensors: list[Held]) -> dict[str, int]:
-    """Bytes by kind ("embedding", "layers", "experts", "norm", "head", "other", "buffer") of
-    :func:`held_tensors`' answer, and their "parameters" total (buffers apart)."""
-    out: dict[str, int] = {}
-    for t in tensors:
-        out[t.kind] = out.get(t.kind, 0) + t.nbytes
-    out["parameters"] = sum(t.nbytes for t in tensors if t.kind != "buffer")
-    return out
-
-
-def _kind(s: Structure, name: str) -> str:
-    """Where a tensor belongs: "embedding" (the token embedding), "layers", "experts", "norm"
-    (the modules after the layers), "head", or "other" (glue every stage keeps)."""
-    g = generic(name)
-    if any(g.startswith(e + ".") for e in s.experts):
-        return "experts"
-    if g.startswith(s.layer_prefix):
-        return "layers"
-    if name.startswith(s.embedding + "."):
-        return "embedding"
-    if any(name.startswith(h + ".") for h in s.head):
-        return "head"
-    if any(name.startswith(s.full(p) + ".") for p in s.post):
-        return "norm"
-    return "other"
-
-
-def _local_shape(shape: tuple[int, ...], pieces) -> tuple[int, ...]:
-    out = list(shape)
-    by_dim: dict[int, int] = {}
-    for p in pieces:
-        d = p.dim % len(shape)
-        by_dim[d] = by_dim.get(d, 0) + (p.stop - p.start)
-    for d, n in by_dim.items():
-        out[d] = n
-    return tuple(out)
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def kv_heads_per_rank(s: Structure, tp: int) -> int:
-    """KV heads each rank caches: split by tp when its plan splits the heads, else all of them
-    (a gathered qkv, or expert parallel, which replicates attention)."""
-    return s.kv_heads // tp if tp > 1 and s.heads_split_by_tp else s.kv_heads
-
-
-# ----------------------------------------------------------------------------- the README's table
-def architecture_table(model_types=None, *, markdown: bool = True) -> str:
-    """Which causal-LM families get which strategies in mpbook, from what mpbook reads: each
-    family's default config's plans (and, without a pp plan, its module order). Families whose
-    default config transformers cannot build are left out."""
-    import warnings
-
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    rows = []
-    for model_type in sorted(model_types or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                config = _small(AutoConfig.for_model(model_type))
-                strategies = supported_strategies(config)
-                order = "plan" if _config_plans(config, None)[1] else "module order"
-        except Exception:  # noqa: BLE001  a family transformers cannot build from its defaults
-            continue
-        rows.append((model_type, strategies, order))
-    head = ["architecture (`model_type`)", "data", "pipeline", "tensor", "expert"]
-    lines = []
-    if markdown:
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
-    for model_type, strategies, order in rows:
-        marks = []
-        for s in STRATEGIES:
-            mark = "yes" if s in strategies else "-"
-            if s == "pipeline" and s in strategies and order == "module order":
-                mark = "yes (module order)"
-            marks.append(mark)
-        lines.append("| " + " | ".join([f"`{model_type}`", *marks]) + " |" if markdown else
-                     f"{model_type:<28} " + " ".join(f"{m:<18}" for m in marks))
-    return "\n".join(lines)
-
-
-def _small(config):
-    """The same family with 2 layers (the plans do not depend on the depth), quick to build on meta."""
-    text = _text(config)
-    try:
-        if isinstance(getattr(text, "num_hidden_layers", None), int):
-            text.num_hidden_layers = 2
-        if getattr(text, "layer_types", None):
-            text.layer_types = list(text.layer_types)[:2]
-    except (AttributeError, NotImplementedError, ValueError):  # a family that derives these: its defaults
-        return type(config)()
-    return config

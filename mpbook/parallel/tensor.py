@@ -216,9 +216,9 @@ def _transposed(module) -> bool:
 def validate_tp(config, tp: int, plans: dict | None = None) -> None:
     """``tp`` must divide what the model's plan splits by heads; the error names the model's
     numbers and the valid choices. (Kept for callers of the old name: see
-    :func:`mpbook.models.structure.check_layout`, which checks a whole layout.)"""
+    :func:`mpbook.models.support.check_layout`, which checks a whole layout.)"""
     from ..layout import Layout
-    from ..models.structure import check_layout
+    from ..models.support import check_layout
 
     check_layout(config, Layout(tp=tp), plans)
 

@@ -1,7 +1,7 @@
 """What the model holds: every parameter and buffer, and what each rank of a layout keeps.
 
 The interface is one function, :func:`model_tensors` ``(config, dtype, plans=None) ->
-ModelTensors``. What a rank holds comes from :mod:`mpbook.models.structure`, the module the
+ModelTensors``. What a rank holds comes from :mod:`mpbook.models.parts`, the module the
 engines' loader reads too: the model's own parallel plans (its config's pp / tp / ep plans, or a
 user's) turned into each rank's stage and slices, so the planner counts what the engines hold
 for every family mpbook splits: layers by pp, the plan's projections and the vocabulary
@@ -32,9 +32,9 @@ class ModelTensors:
     _held: dict = field(default_factory=dict, repr=False, compare=False)
 
     def held(self, layout, rank: int, stage_sizes=None) -> list:
-        """What rank ``rank`` of ``layout`` holds (:func:`mpbook.models.structure.held_tensors`),
+        """What rank ``rank`` of ``layout`` holds (:func:`mpbook.models.parts.held_tensors`),
         kept: every plan of the same model (and each suggested layout) asks again."""
-        from ..models.structure import held_tensors
+        from ..models.parts import held_tensors
 
         key = (layout, rank, tuple(stage_sizes) if stage_sizes else None)
         if key not in self._held:
@@ -87,6 +87,7 @@ def _read(config, dtype: str, plans) -> ModelTensors:
     import copy
 
     from ..layout import Layout
+    from ..models import parts
     from ..models import structure as st
 
     config = copy.deepcopy(config)  # from_config writes the dtype into the config it is given
@@ -99,7 +100,7 @@ def _read(config, dtype: str, plans) -> ModelTensors:
             f"transformers has no causal LM for model_type {getattr(config, 'model_type', '?')!r} ({exc}); "
             "give the config of a causal LM"
         ) from None
-    whole = st.held_tensors(config, Layout(), 0, plans=plans, dtype=dtype)
+    whole = parts.held_tensors(config, Layout(), 0, plans=plans, dtype=dtype)
     layers: list[list] = [[] for _ in range(s.num_layers)]
     for t in whole:
         if t.name.startswith(s.layer_prefix):

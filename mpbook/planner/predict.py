@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import MpbookError
 from ..layout import Layout
 from ..options import check_dtype
-from ..models.structure import check_layout
+from ..models.support import check_layout
 from .devices import devices_for, engine_count, fit
 from .memory_plan import MemoryPlan
 from .model_tensors import ModelTensors, model_tensors
@@ -64,7 +64,7 @@ def plan(
     and the MLP width divided by tp:
 
     - weights: the rank's own parameters and buffers of the meta-built model, cut as the
-      engines cut it (:mod:`mpbook.models.structure`: the model's own plans; exact);
+      engines cut it (:mod:`mpbook.models.parts`: the model's own plans; exact);
     - KV cache: 2 x layers of the stage x rows of the replica x (prompt + new tokens - 1: the
       last new token is never fed back; or the sliding window) x KV heads/tp (all of them where
       the plan gathers attention; ep replicates attention) x head_dim x e

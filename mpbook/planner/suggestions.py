@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import MpbookError
 from ..layout import Layout
-from ..models.structure import check_layout
+from ..models.support import check_layout
 from ..units import format_bytes as fb
 from .devices import Device, fit
 from .ranks import PlannedModel, rank_plans

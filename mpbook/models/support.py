@@ -1,0 +1,220 @@
+"""Which strategies a model supports, and whether a layout can split it: checked on the client
+before any engine works, each error one line with the model's own numbers and the valid
+choices. Also the README's families x strategies table, produced from what mpbook reads."""
+
+from __future__ import annotations
+
+from ..errors import MpbookError
+from ..units import divisors
+from .structure import EXPERT_COUNTS, OWN_DIM, STRATEGIES, NoPipeline, check_plans, structure
+
+
+def _text(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _config_plans(config, plans: dict | None) -> tuple[dict, dict, dict]:
+    """The config's own (base-relative) tp / pp / ep plans with a user's rules merged in."""
+    plans = check_plans(plans)
+    out = []
+    for kind, attr in (("tp", "base_model_tp_plan"), ("pp", "base_model_pp_plan"), ("ep", "base_model_ep_plan")):
+        own = getattr(config, attr, None) or getattr(_text(config), attr, None) or {}
+        rules = dict(own)
+        for key, value in (plans.get(kind) or {}).items():
+            if value is None:
+                rules.pop(key, None)
+            else:
+                rules[key] = value
+        out.append(rules)
+    return tuple(out)
+
+
+def recurrent_state(config) -> bool:
+    """Whether some of the model's layers keep a recurrent state (state-space models such as
+    Mamba, linear attention, hybrids such as Jamba) instead of, or besides, a KV cache: the
+    cache transformers builds for the config says."""
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+        return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in DynamicCache(config=config).layers)
+    except Exception:  # noqa: BLE001  a config the cache cannot read: an attention model
+        return False
+
+
+def takes_a_cache(config) -> bool:
+    """Whether the model's forward takes transformers' ``cache`` (RWKV keeps a state of its own
+    that generate threads through, which mpbook's decode loop does not)."""
+    import inspect
+
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except Exception:  # noqa: BLE001  not a causal LM transformers knows: let loading say so
+        return True
+    return "cache" in inspect.signature(model_class.forward).parameters
+
+
+def supported_strategies(config, plans: dict | None = None) -> tuple[str, ...]:
+    """The strategies mpbook can run ``config``'s model with: data for every causal LM whose
+    forward takes a cache (all but RWKV); for models with a KV cache only (no recurrent state),
+    pipeline when a pp plan (the config's or ``plans``') or the module order gives its layers,
+    tensor when a tp plan splits its decoder layers with styles mpbook implements, expert when
+    an ep plan names its experts."""
+    return tuple(s for s in STRATEGIES if why_not(config, s, plans) is None)
+
+
+def why_not(config, strategy: str, plans: dict | None = None) -> str | None:
+    """Why ``strategy`` cannot split ``config``'s model (None: it can), in a few words."""
+    from ..parallel.tensor import IMPLEMENTED
+
+    tp, pp, ep = _config_plans(config, plans)
+    mt = config.model_type
+    if not takes_a_cache(config):
+        return f"{mt}'s forward takes no cache (it threads a state of its own), which mpbook's decode loop does not carry"
+    if strategy == "data":
+        return None
+    if strategy in OWN_DIM and recurrent_state(config):
+        return (f"{mt}'s layers keep a recurrent state (state-space or linear attention), which mpbook's "
+                "stages and shards do not carry")
+    if strategy == "pipeline":
+        if pp:
+            return None
+        try:
+            structure(config, plans)
+        except NoPipeline as exc:
+            return f"{exc}, so mpbook cannot find its stages"
+        except MpbookError as exc:
+            return str(exc)
+        return None
+    if strategy == "tensor":
+        if not any("*" in k for k in tp):
+            return f"{mt} has no tensor-parallel plan for its decoder layers (its config carries no base_model_tp_plan)"
+        odd = {k: v for k, v in tp.items() if v not in IMPLEMENTED}
+        if odd:
+            key, style = next(iter(odd.items()))
+            return f"{mt}'s tensor-parallel plan gives {key} the style {style!r}, which mpbook does not implement"
+        return None
+    if strategy == "expert":
+        if not ep:
+            return f"{mt} has no expert-parallel plan (its config carries no base_model_ep_plan: not a mixture of experts)"
+        odd = {k: v for k, v in ep.items() if v not in IMPLEMENTED}
+        if odd:
+            key, style = next(iter(odd.items()))
+            return f"{mt}'s expert-parallel plan gives {key} the style {style!r}, which mpbook does not implement"
+        return None
+    raise MpbookError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def _user_plan_hint(strategy: str) -> str:
+    example = {
+        "pipeline": "plans={'pp': {'embed_tokens': ..., 'layers': ..., 'norm': ...}} (base_model_pp_plan's format)",
+        "tensor": "plans={'tp': {'layers.*.self_attn.q_proj': 'colwise', ...}} (base_model_tp_plan's format)",
+        "expert": "plans={'ep': {...}} (base_model_ep_plan's format)",
+    }[strategy]
+    return f"to split it anyway, pass {example}"
+
+
+def check_layout(config, layout, plans: dict | None = None, *, stage_sizes=None) -> None:
+    """Raise :class:`MpbookError` unless ``layout`` can split ``config``'s model: each error one
+    line with the model's own numbers and the valid choices."""
+    from ..parallel.pipeline import split_layers
+
+    allowed = supported_strategies(config, plans)
+    if not allowed:
+        raise MpbookError(f"{why_not(config, 'data', plans)}; mpbook cannot run {config.model_type} models")
+    for strategy, dim in OWN_DIM.items():
+        degree = getattr(layout, dim)
+        if degree > 1 and strategy not in allowed:
+            reason = why_not(config, strategy, plans)
+            # A plan cannot carry a recurrent state across stages or shards: no hint then.
+            hint = "" if recurrent_state(config) else f"; {_user_plan_hint(strategy)}"
+            raise MpbookError(
+                f"{dim}={degree}: {reason}; {config.model_type} works with {', '.join(allowed)} parallelism{hint}"
+            )
+    text = _text(config)
+    if layout.pp > 1:
+        split_layers(text.num_hidden_layers, layout.pp, stage_sizes)
+    if layout.tp > 1:
+        s = structure(config, plans)
+        if s.heads_split_by_tp and (s.heads % layout.tp or s.kv_heads % layout.tp):
+            valid = ", ".join(str(d) for d in divisors(s.heads) if s.kv_heads % d == 0)
+            if s.heads % layout.tp:
+                what = f"the {s.heads} attention heads ({s.kv_heads} KV heads)"
+            else:
+                what = f"the {s.kv_heads} KV heads ({s.heads} attention heads)"
+            raise MpbookError(
+                f"tp={layout.tp} does not divide {what} of this {config.model_type} model; choose tp in {{{valid}}}"
+            )
+    if layout.ep > 1:
+        experts = num_experts(config, plans)
+        if experts is None or experts % layout.ep:
+            valid = ", ".join(str(d) for d in divisors(experts or 1))
+            raise MpbookError(
+                f"ep={layout.ep} does not divide the {experts} experts of this {config.model_type} model; "
+                f"choose ep in {{{valid}}}"
+            )
+
+
+def num_experts(config, plans: dict | None = None) -> int | None:
+    """How many routed experts each MoE layer of ``config``'s model has (None: not a MoE)."""
+    text = _text(config)
+    for attr in EXPERT_COUNTS:
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return structure(config, plans).num_experts
+
+
+# ----------------------------------------------------------------------------- the README's table
+def architecture_table(model_types=None, *, markdown: bool = True) -> str:
+    """Which causal-LM families get which strategies in mpbook, from what mpbook reads: each
+    family's default config's plans (and, without a pp plan, its module order). Families whose
+    default config transformers cannot build are left out."""
+    import warnings
+
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    rows = []
+    for model_type in sorted(model_types or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = _small(AutoConfig.for_model(model_type))
+                strategies = supported_strategies(config)
+                order = "plan" if _config_plans(config, None)[1] else "module order"
+        except Exception:  # noqa: BLE001  a family transformers cannot build from its defaults
+            continue
+        rows.append((model_type, strategies, order))
+    head = ["architecture (`model_type`)", "data", "pipeline", "tensor", "expert"]
+    lines = []
+    if markdown:
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+    for model_type, strategies, order in rows:
+        marks = []
+        for s in STRATEGIES:
+            mark = "yes" if s in strategies else "-"
+            if s == "pipeline" and s in strategies and order == "module order":
+                mark = "yes (module order)"
+            marks.append(mark)
+        lines.append("| " + " | ".join([f"`{model_type}`", *marks]) + " |" if markdown else
+                     f"{model_type:<28} " + " ".join(f"{m:<18}" for m in marks))
+    return "\n".join(lines)
+
+
+def _small(config):
+    """The same family with 2 layers (the plans do not depend on the depth), quick to build on meta."""
+    text = _text(config)
+    try:
+        if isinstance(getattr(text, "num_hidden_layers", None), int):
+            text.num_hidden_layers = 2
+        if getattr(text, "layer_types", None):
+            text.layer_types = list(text.layer_types)[:2]
+    except (AttributeError, NotImplementedError, ValueError):  # a family that derives these: its defaults
+        return type(config)()
+    return config
