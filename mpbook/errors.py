@@ -94,7 +94,7 @@ class CollectiveError(RankError):
         if finished:
             parts.append(f"{_ranks(finished)} finished {what} without error, so the ranks did not meet in the same collectives")
         if rebuilt is None:
-            parts.append("the process group was rebuilt on every rank, so the next cell can use it (models reload on demand)")
+            parts.append("the process group was rebuilt on every rank, so the next cell can use it (the loaded models stay)")
         else:
             parts.append(f"rebuilding the process group failed ({rebuilt}); run `%mp restart` (or Workbench.restart())")
         super().__init__(failures, what=what, message="; ".join(parts))

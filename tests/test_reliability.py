@@ -229,10 +229,24 @@ def test_an_error_outside_collectives_keeps_the_group_and_the_models(wb_short):
     assert type(info.value) is RankError and info.value.ranks == [1]
     assert rendezvous(wb_short) == before
     assert wb_short.apply(lambda s: s.cache.get("model"), stream=False) == ["loaded", "loaded"]
-    # whereas a failed collective forgets them (they reload on demand)
+    # whereas a failed collective forgets what the cache held, except a loaded model
     with pytest.raises(CollectiveError):
         wb_short.run("if rank == 0:\n    dist.barrier()")
     assert wb_short.apply(lambda s: s.cache.get("model"), stream=False) == [None, None]
+
+
+def test_a_loaded_model_stays_across_a_rebuilt_group(wb_short, tiny_folder):
+    """A failed collective (or an interrupt) forms the group again; the model loaded before is
+    kept and its collectives move to the new group: the next run loads nothing and gives the
+    same tokens."""
+    prompts = ["Explain pipeline parallelism.", "Hi"]
+    first = wb_short.generate(prompts, strategy="tensor", model=tiny_folder, max_new_tokens=4)
+    with pytest.raises(CollectiveError):
+        wb_short.run("if rank == 0:\n    dist.barrier()")
+    again = wb_short.generate(prompts, strategy="tensor", model=tiny_folder, max_new_tokens=4)
+    assert again.load_seconds == [0.0, 0.0]
+    assert again.token_ids == first.token_ids
+    assert again.total_collectives()["all_reduce"] == first.total_collectives()["all_reduce"]
 
 
 @pytest.mark.parametrize("timeout", [0, -1, 61, 3600, math.nan, math.inf])

@@ -237,8 +237,9 @@ class Cluster:
         self.engines = calls.wait(result, self.ranks, stream=False, what="forming the process group")
 
     def rebuild_group(self) -> None:
-        """Destroy the process group on every rank and form it again at a fresh rendezvous."""
-        self.client[self._engine_ids].apply_async(engine.teardown).get(timeout=self.timeout_s)
+        """Destroy the process group on every rank and form it again at a fresh rendezvous;
+        the engines keep their loaded models (their collectives move to the new group)."""
+        self.client[self._engine_ids].apply_async(engine.teardown, keep_model=True).get(timeout=self.timeout_s)
         self._form_group(hosts=self._hosts)
 
     # ----------------------------------------------------------------- properties

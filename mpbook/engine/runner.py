@@ -12,7 +12,7 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..layout import Coords, Mesh
@@ -52,6 +52,11 @@ class Runner:
     # (vocab-parallel); None when every rank of the last stage has the full logits.
     vocab: VocabShard | None = None
     part: Stage | None = None  # what runs: the family's own forward on this stage (models.loading.Stage)
+    # Every process group the model's collectives use, by dims. After the cluster's process
+    # group is formed again (a failed collective, an interrupt), the model stays loaded and
+    # these are pointed at the new groups (rebind) instead of the whole model reloading.
+    groups: list = field(default_factory=list)  # (dims, mpbook.parallel.collectives.Group)
+    stale: bool = False  # the groups belong to a process group that is gone
 
     @property
     def hidden_size(self) -> int:
@@ -79,6 +84,17 @@ class Runner:
         tokens with :func:`mpbook.parallel.vocab.greedy_tokens` or gathers them with
         :func:`mpbook.parallel.vocab.gather_logits`."""
         return self.part.forward(x, attention_mask, position_ids, cache, logits_to_keep=0 if all_logits else 1)
+
+    def rebind(self, state) -> None:
+        """Point the model's collectives at this engine's current process groups."""
+        from ..layout import Mesh
+
+        mesh = self.mesh = Mesh(self.key[1], state.rank, state.device.type)
+        state.cache.setdefault("meshes", {})[mesh.layout] = mesh
+        for dims, group in self.groups:  # the same order on every rank: new_group is collective
+            group.group = mesh.group(*dims)
+        self.peers.drop_pending()
+        self.stale = False
 
     def close(self) -> None:
         self.peers.drop_pending()  # a live gloo Work keeps its connection open
@@ -142,6 +158,7 @@ def _build_runner(state, request: Request) -> Runner:
         start, stop = stage.vocab
         # The decode loop counts the vocabulary's collectives itself (it names them).
         vocab = VocabShard(start, stop, stage.structure.vocab_size, groups[("tp",)].uncounted())
+        groups[("tp", "uncounted")] = vocab.group
     return Runner(
         key=request.model_key,
         stage=stage.model,
@@ -155,6 +172,7 @@ def _build_runner(state, request: Request) -> Runner:
         whole=whole,
         vocab=vocab,
         part=stage,
+        groups=[(tuple(d for d in dims if d != "uncounted"), g) for dims, g in groups.items()],
     )
 
 
@@ -192,6 +210,8 @@ def prepare(state, request: Request) -> dict:
 def _prepare(state, request: Request) -> dict:
     runner = state.cache.get("runner")
     if runner is not None and runner.key == request.model_key:
+        if runner.stale:
+            runner.rebind(state)
         return {"weight_bytes": runner.weight_bytes, "load_seconds": 0.0, "reused": True}
     if runner is not None:
         state.cache.pop("runner").close()  # free the old layout's memory before loading

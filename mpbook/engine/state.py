@@ -17,6 +17,7 @@ from ..protocol import EngineInfo, Rendezvous
 from .telemetry import Telemetry
 
 STATE_NAME = "_mpbook"
+KEPT_RUNNER = "_mpbook_kept_runner"  # a model kept across a rebuild of the group (teardown)
 
 
 @dataclass
@@ -225,6 +226,9 @@ def setup(
         telemetry=Telemetry(rank, device),
         peer_pids=[int(pid) for host, pid in peers if host == hostname()],
     )
+    kept = ns.pop(KEPT_RUNNER, None)
+    if kept is not None and kept[:2] == (rank, world_size):
+        state.cache["runner"], state.telemetry = kept[2], kept[3]
     state.publisher = publish.install(state)
     _abort_after_interrupted_cells(state)
     ns[STATE_NAME] = state
@@ -283,9 +287,12 @@ def abort_group(state: EngineState | None = None) -> None:
     state = state or _namespace().get(STATE_NAME)
     if state is not None:
         state.cache.pop("meshes", None)  # they hold subgroups of the group being dropped
-        runner = state.cache.pop("runner", None)
+        runner = state.cache.get("runner")
         if runner is not None:
-            runner.close()
+            # The model stays: its collectives are pointed at the new groups when the client
+            # has formed them again (teardown(keep_model=True), then Runner.rebind).
+            runner.peers.drop_pending()
+            runner.stale = True
     gc.collect()  # what still refers to the groups' work through reference cycles
     torch_compat.abort_process_groups()
     if state is not None:
@@ -296,8 +303,12 @@ def abort_group(state: EngineState | None = None) -> None:
         close_connections_to(state.peer_pids)
 
 
-def teardown(state: EngineState | None = None) -> None:
-    """Leave the process group and forget models, so a restart starts clean."""
+def teardown(state: EngineState | None = None, *, keep_model: bool = False) -> None:
+    """Leave the process group and forget models, so a restart starts clean.
+
+    ``keep_model``: the group is about to be formed again on the same engines (after a failed
+    collective or an interrupt): the loaded model stays for the next run, its collectives
+    pointed at the new groups then (Runner.rebind)."""
     import shutil
 
     import torch.distributed as dist
@@ -312,6 +323,11 @@ def teardown(state: EngineState | None = None) -> None:
     ns.pop("_mpbook_tcp_store", None)
     if state is not None:
         publish.uninstall(state.publisher)
+        runner = state.cache.get("runner")
+        if keep_model and runner is not None:
+            runner.stale = True
+            # its hooks report into this telemetry: the next state keeps it too
+            ns[KEPT_RUNNER] = (state.rank, state.world_size, runner, state.telemetry)
         state.cache.clear()
         rdzv = state.rendezvous
         if state.rank == 0 and rdzv is not None and rdzv.kind == "file":
