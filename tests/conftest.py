@@ -113,11 +113,14 @@ def _heal_the_shared_workbench(request):
         wb.restart()
 
 
+SHORT_TIMEOUT_S = 3.0
+
+
 @pytest.fixture(scope="module")
 def short_timeout(workbench):
-    """The shared workbench with collectives that give up after 5 s, for one module."""
+    """The shared workbench with collectives that give up after SHORT_TIMEOUT_S, for one module."""
     before = workbench.timeout_s
-    workbench.cluster.timeout_s = 5.0
+    workbench.cluster.timeout_s = SHORT_TIMEOUT_S
     workbench.cluster.rebuild_group()
     yield workbench
     workbench.cluster.timeout_s = before

@@ -11,9 +11,8 @@ import pytest
 
 from cluster_probe import gone_within, snapshot
 from conftest import alive, process_tree
-from mpbook import MpbookError, RankError, Workbench
+from mpbook import RankError, Workbench
 from mpbook.devices import StartPlan
-from mpbook.options import parse_ranks
 
 
 @pytest.mark.cluster
@@ -112,25 +111,3 @@ def test_keyboard_interrupt_reaches_the_engines(workbench):
     began = time.monotonic()
     assert workbench.apply(lambda s: s.rank) == [0, 1]
     assert time.monotonic() - began < 5
-
-
-def test_bad_start_arguments_fail_before_anything_starts():
-    with pytest.raises(MpbookError, match="at least one engine"):
-        Workbench.start(0, cpu=True)
-    with pytest.raises(MpbookError, match=r"-n 4: one engine per GPU and 2 GPUs are visible; use -n 2 or fewer"):
-        StartPlan.choose(4, gpus=2)
-    with pytest.raises(MpbookError, match="no CUDA GPU is visible"):
-        StartPlan.choose(2, gpu=True, gpus=0)
-    assert StartPlan.choose(None, gpus=3) == StartPlan(n=3, use_gpu=True, threads=StartPlan.choose(None, gpus=3).threads)
-    assert StartPlan.choose(3, cpu=True, gpus=8).use_gpu is False
-
-
-def test_parse_ranks():
-    assert parse_ranks(None, 4) == [0, 1, 2, 3]
-    assert parse_ranks("all", 4) == [0, 1, 2, 3]
-    assert parse_ranks("0,2", 4) == [0, 2]
-    assert parse_ranks("1-3", 4) == [1, 2, 3]
-    with pytest.raises(MpbookError, match="rank 5 does not exist"):
-        parse_ranks("5", 4)
-    with pytest.raises(MpbookError, match="write ranks as numbers"):
-        parse_ranks("one", 4)

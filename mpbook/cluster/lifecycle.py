@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any
 from ..devices import StartPlan, visible_gpu_count
 from ..engine import state as engine
 from ..errors import EngineDiedError, MpbookError, NoClusterError
-from ..options import DEFAULT_TIMEOUT_S, check_timeout
+from ..options import DEFAULT_TIMEOUT_S, check_engine_count, check_threads, check_timeout
 from ..protocol import EngineInfo, Rendezvous
 from . import calls
 from .health import EngineWatch, process_running, signal_engines
@@ -41,10 +42,10 @@ class Cluster:
     """Engines, one per device, joined in one torch.distributed process group."""
 
     def __init__(self, *, owned: bool, plan: StartPlan, timeout_s: float, rendezvous: str, client=None):
-        # Use Cluster.start() or Cluster.attach().
+        # Use Cluster.start() or Cluster.attach(), which check the options.
         self.owned = owned
         self.plan = plan
-        self.timeout_s = check_timeout(timeout_s)
+        self.timeout_s = timeout_s
         self.rendezvous_kind = rendezvous
         self.client = client
         self.ipp_cluster = None  # ipyparallel's Cluster, for one mpbook started
@@ -53,6 +54,7 @@ class Cluster:
         self._hosts: list[str] | None = None  # by rank, for an attached cluster
         self.stopped = False
         self._started_procs: list = []  # psutil.Process of everything launched, for the last reap
+        self._rendezvous: Rendezvous | None = None  # where the current process group met
         self._arm_exit_hook()
 
     def _arm_exit_hook(self) -> None:
@@ -74,11 +76,10 @@ class Cluster:
         """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines (gloo).
 
         ``threads``: intra-op threads per engine (default: the cores divided among engines)."""
-        check_timeout(timeout_s)
+        timeout_s = check_timeout(timeout_s)
+        threads = check_threads(threads)
         plan = StartPlan.choose(n, cpu=cpu, gpu=gpu)
         if threads is not None:
-            if threads < 1:
-                raise MpbookError(f"threads={threads}: each engine needs at least one thread")
             plan = dataclasses.replace(plan, threads=threads)
         cluster = cls(owned=True, plan=plan, timeout_s=timeout_s, rendezvous="file")
         cluster._launch()
@@ -158,11 +159,9 @@ class Cluster:
         import ipyparallel as ipp
         from IPython.paths import get_ipython_dir
 
-        from ..options import check_engine_count
-
         if n is not None:
             check_engine_count(n)
-        check_timeout(timeout_s)
+        timeout_s = check_timeout(timeout_s)
         if profile is not None:
             from IPython.core.profiledir import ProfileDir, ProfileDirError
 
@@ -221,6 +220,7 @@ class Cluster:
         hosts = hosts or [""] * len(ids)
         self._hosts = hosts
         rdzv: Rendezvous = self.client[ids[0]].apply_sync(engine.make_rendezvous, self.rendezvous_kind)
+        self._rendezvous = rdzv
         table = {}
         for rank, (eid, host) in enumerate(zip(ids, hosts)):
             table[eid] = dict(
@@ -360,6 +360,11 @@ class Cluster:
             _quiet(ipp_cluster.stop_engines_sync)
             _quiet(ipp_cluster.stop_controller_sync)
             _reap(procs)
+            # Rank 0 removes its rendezvous folder on its way out, unless it was killed; the
+            # engines of a cluster mpbook started are on this host, so the folder is here.
+            rdzv = self._rendezvous
+            if rdzv is not None and rdzv.kind == "file":
+                _quiet(lambda: shutil.rmtree(os.path.dirname(rdzv.path), ignore_errors=True))
         elif client is not None:
             _quiet(client.close)
 
