@@ -19,6 +19,11 @@ def processes(wb) -> list[psutil.Process]:
     return _process_trees(wb.pids())
 
 
+def process_tree(wb) -> list[int]:
+    """The pids of :func:`processes`."""
+    return [p.pid for p in processes(wb)]
+
+
 def sockets(procs, *, status: str | None = None) -> list[tuple[int, str, int, str]]:
     """(pid, local ip, local port, remote ip or "") of each inet socket of ``procs``."""
     found = []

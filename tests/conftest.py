@@ -8,6 +8,7 @@ the pure logic, in seconds.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -17,14 +18,20 @@ import tempfile
 # connection files and engine logs (IPYTHONDIR), the built-in models (MPBOOK_CACHE), the
 # engines' rendezvous folders (TMPDIR). Set before anything imports IPython; children
 # inherit it.
-SYSTEM_TMP = tempfile.gettempdir()
-ROOT = tempfile.mkdtemp(prefix="mpbook-test-")
-for name in ("ipython", "cache", "tmp"):
-    os.mkdir(os.path.join(ROOT, name))
-os.environ["IPYTHONDIR"] = os.path.join(ROOT, "ipython")
-os.environ["MPBOOK_CACHE"] = os.path.join(ROOT, "cache")
-os.environ["TMPDIR"] = os.path.join(ROOT, "tmp")
-tempfile.tempdir = None  # this process, too, asks TMPDIR again
+# A process that imports this module again (an engine unpickling a test's function imports
+# its test module) finds the folder in its environment and leaves everything as it is.
+OWNER = "MPBOOK_TEST_ROOT" not in os.environ
+ROOT = os.environ.get("MPBOOK_TEST_ROOT") or tempfile.mkdtemp(prefix="mpbook-test-")
+if OWNER:
+    for name in ("ipython", "cache", "tmp"):
+        os.mkdir(os.path.join(ROOT, name))
+    os.environ.update(
+        MPBOOK_TEST_ROOT=ROOT,
+        IPYTHONDIR=os.path.join(ROOT, "ipython"),
+        MPBOOK_CACHE=os.path.join(ROOT, "cache"),
+        TMPDIR=os.path.join(ROOT, "tmp"),
+    )
+    tempfile.tempdir = None  # this process, too, asks TMPDIR again
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Nothing downloads models in the tests: the notebooks' suggested model is then the preset.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -35,12 +42,20 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PY
 
 import pytest  # noqa: E402
 
-from cluster_probe import alive  # noqa: E402,F401  (tests import it from here)
 from mpbook import Workbench  # noqa: E402
 
 # Fixtures that start engines, a kernel or an outside cluster: a test using one (directly or
-# through another fixture) is a `cluster` test.
+# through another fixture) is a `cluster` test; so is every `browser` test (JupyterLab, a
+# kernel and its cluster).
 CLUSTER_FIXTURES = {"workbench", "wb4", "ipcluster", "kernel", "gpu_wb", "wb"}
+CLUSTER_MARKERS = {"browser", "gpu"}
+# Tests that start a cluster in a subprocess or a kernel of their own, in files whose owners
+# have been asked to mark them `cluster` there (an entry is harmless once they have).
+MARKED_HERE = (
+    "tests/test_dashboard.py::test_text_fallback_in_a_terminal_shell",
+    "tests/test_dashboard.py::test_text_fallback_in_a_script",
+    "tests/test_dashboard.py::test_in_a_jupyter_kernel_the_widgets_update_live_and_the_standing_dashboard_refreshes",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,7 +63,11 @@ def pytest_collection_modifyitems(config, items):
 
     no_gpu = visible_gpu_count() == 0
     for item in items:
-        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if (
+            CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or CLUSTER_MARKERS & set(item.keywords)
+            or item.nodeid.startswith(MARKED_HERE)
+        ):
             item.add_marker(pytest.mark.cluster)
         if no_gpu and "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine"))
@@ -151,13 +170,6 @@ def shared_shell(shell, workbench):
         magics.workbench = None  # so that close() leaves it running
 
 
-def process_tree(wb: Workbench) -> list[int]:
-    """Every process the workbench started, children (nannies) included."""
-    from mpbook.cluster.lifecycle import process_tree as tree
-
-    return tree(wb.cluster)
-
-
 # ----------------------------------------------------------------------------- models
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
@@ -192,6 +204,16 @@ def leftovers() -> list[str]:
 
 @pytest.hookimpl(trylast=True)  # after the session's fixtures have stopped their clusters
 def pytest_sessionfinish(session, exitstatus):
+    if not OWNER:
+        return
+    from IPython.core.interactiveshell import InteractiveShell
+
+    if InteractiveShell.initialized():
+        # What IPython would do at exit (close its history database), now, while the folder
+        # still exists; and only now.
+        shell = InteractiveShell.instance()
+        shell.atexit_operations()
+        atexit.unregister(shell.atexit_operations)
     left = leftovers()
     shutil.rmtree(ROOT, ignore_errors=True)
     if os.path.exists(ROOT):

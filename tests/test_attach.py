@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import alive
+from cluster_probe import alive
 from mpbook import Workbench
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 
 from hypothesis import HealthCheck, example, given, settings
@@ -21,7 +22,11 @@ from IPython.core.error import UsageError
 from mpbook.compat.argparse import actions, subcommands
 from mpbook.magics import HelpRequested, build_parser, parse
 
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 150 examples per property keep the quick suite quick (each parse builds the whole parser);
+# FUZZ_EXAMPLES=5000 searches harder. What earlier searches found is pinned with @example.
+SETTINGS = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 COMMANDS = subcommands(build_parser())

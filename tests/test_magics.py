@@ -8,8 +8,7 @@ import psutil
 import pytest
 from IPython.core.error import UsageError
 
-from cluster_probe import gone_within, snapshot
-from conftest import alive, process_tree
+from cluster_probe import alive, gone_within, process_tree, snapshot
 from mpbook.magics import parse
 
 

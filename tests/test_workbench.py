@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from cluster_probe import gone_within, snapshot
-from conftest import alive, process_tree
+from cluster_probe import alive, gone_within, process_tree, snapshot
 from mpbook import RankError, Workbench
 from mpbook.devices import StartPlan
 
