@@ -14,9 +14,9 @@ import psutil
 
 def processes(wb) -> list[psutil.Process]:
     """Every process the workbench started: controller (and its forks), engines, nannies."""
-    from mpbook.cluster.lifecycle import _process_trees
+    from mpbook.cluster.lifecycle import process_trees
 
-    return _process_trees(wb.pids())
+    return process_trees(wb.pids())
 
 
 def process_tree(wb) -> list[int]:

@@ -129,7 +129,7 @@ class Cluster:
             self._form_group(hosts=None)
             # Children (the controller's heart monitor, the nannies) can no longer be found
             # from a parent that was killed; remember them now to reap them at stop.
-            self._started_procs = _process_trees(self.pids())
+            self._started_procs = process_trees(self.pids())
         except BaseException as exc:
             self.stop()
             if isinstance(exc, (KeyboardInterrupt, MpbookError)):
@@ -352,7 +352,7 @@ class Cluster:
             for pid in self.pids()["engines"]:
                 _quiet(lambda: os.kill(pid, signal.SIGINT) if process_running(pid) else None)
         if self.owned and ipp_cluster is not None:
-            procs = list({p.pid: p for p in [*self._started_procs, *_process_trees(self.pids())]}.values())
+            procs = list({p.pid: p for p in [*self._started_procs, *process_trees(self.pids())]}.values())
             if client is not None:
                 _quiet(client.close)
             # Engines first: each engine's nanny tells the controller it is leaving, and would
@@ -402,7 +402,7 @@ def _quiet(fn: Callable[[], Any]) -> None:
         log.debug("clean-up step failed", exc_info=True)
 
 
-def _process_trees(pids: dict[str, list[int]]):
+def process_trees(pids: dict[str, list[int]]):
     """The processes mpbook started, with their children (schedulers, nannies)."""
     import psutil
 
@@ -415,11 +415,6 @@ def _process_trees(pids: dict[str, list[int]]):
         except psutil.NoSuchProcess:
             pass
     return found
-
-
-def process_tree(cluster: Cluster) -> list[int]:
-    """Every process the cluster's owner started, children (nannies) included."""
-    return [p.pid for p in _process_trees(cluster.pids())]
 
 
 def _reap(procs, timeout_s: float = 5.0) -> None:
