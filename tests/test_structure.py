@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def imports(name: str, *, runtime_only: bool) -> dict[str, int]:
     return found
 
 
+@functools.cache
 def graph(*, runtime_only: bool) -> dict[str, dict[str, int]]:
     return {name: imports(name, runtime_only=runtime_only) for name in MODULES}
 
