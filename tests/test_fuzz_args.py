@@ -1,8 +1,9 @@
 """Property-based tests of the %mp / %%mp argument parsing.
 
-Whatever a person types after ``%mp``, parsing gives either a Namespace whose values are
-what their options declare, or IPython's UsageError with a one-line message; never another
-exception from inside mpbook, and never SystemExit (argparse's habit on errors and --help).
+Whatever a person types after ``%mp``, parsing gives a Namespace whose values are what their
+options declare, IPython's UsageError with a one-line message, or (for ``-h``/``--help``)
+the help text to print; never another exception from inside mpbook, and never SystemExit
+(argparse's habit on errors and --help).
 
 The structured strategy walks ``build_parser()``, so sub-commands and options added later
 are fuzzed without touching this file.
@@ -122,6 +123,10 @@ def check(line: str, cell: bool) -> None:
         message = str(exc)
         assert message.strip(), "an empty usage message"
         assert "\n" not in message and "\r" not in message, message
+        return
+    except HelpRequested as help:
+        assert "-h" in line or "help" in line, (line, str(help)[:200])
+        assert str(help).strip(), "an empty help text"
         return
     # Anything else (SystemExit included) escapes and fails the test with its traceback.
     check_namespace(args)

@@ -317,3 +317,20 @@ def test_every_adapter_names_the_versions_it_was_checked_against(library):
     adapter = importlib.import_module(f"mpbook.compat.{library}")
     assert re.fullmatch(r"\d+\.\d+(-\d+\.\d+)?", adapter.CHECKED), adapter.CHECKED
     assert callable(adapter.verify)
+
+
+def test_loading_the_extension_does_not_import_torch_or_transformers():
+    """``%load_ext mpbook`` and ``import mpbook`` stay quick (torch alone takes seconds to
+    import): the client imports torch and transformers when it first needs them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mpbook, mpbook.magics, mpbook.workbench\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", (
+        f"importing mpbook imports {done.stdout.strip()}; import them inside the functions that need them"
+    )
