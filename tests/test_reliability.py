@@ -128,8 +128,8 @@ def test_engine_killed_during_apply_names_its_rank(tmp_path):
             time.sleep(0.05)
         assert eid not in wb.client.ids
         print(f"controller unregistered it {time.monotonic() - killer.killed_at:.2f} s after the kill")
-        wb.restart()
-        assert wb.apply(lambda s: s.rank, stream=False) == [0, 1]
+    # (a restart after a kill: test_engine_killed_mid_cell...; the killed rank 0's rendezvous
+    # folder is removed by the stop: conftest checks that nothing is left at the end)
 
 
 @pytest.mark.cluster

@@ -152,7 +152,8 @@ class Cluster:
     ) -> Cluster:
         """Join a cluster that is already running (``ipcluster start``, MPI, SSH, Slurm ...).
 
-        Waits up to ``wait_s`` for ``n`` engines (default: those registered, at least one).
+        Waits up to ``wait_s`` for the cluster (at most 10 s for its connection file to appear)
+        and for ``n`` engines (default: those registered, at least one).
         The process group's rendezvous is a file when every engine is on one host, else a
         TCP store served by rank 0 at its own address.
         """
@@ -174,7 +175,8 @@ class Cluster:
                 ) from None
         where = f"profile {profile or 'default'}" + (f", cluster id {cluster_id}" if cluster_id else "")
         try:
-            client = ipp.Client(profile=profile or "default", cluster_id=cluster_id or "", timeout=10)
+            # (the client waits this long for the cluster's connection file to appear)
+            client = ipp.Client(profile=profile or "default", cluster_id=cluster_id or "", timeout=min(wait_s, 10))
         except Exception as exc:
             raise MpbookError(
                 f"no running cluster found for {where} ({exc}); start one with "
