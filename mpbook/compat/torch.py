@@ -3,8 +3,8 @@
 - ``torch.distributed._tools.mem_tracker.MemTracker``: tensor memory counted op by op, for
   comparing a rank's tensor peak with the planner on CPU engines (where the process peak
   includes the Python runtime);
-- ``torch.distributed.distributed_c10d._abort_process_group``: end NCCL communicators that
-  may have work in flight without waiting for it (an interrupted rank).
+- ``torch.distributed.distributed_c10d._abort_process_group``: end the process groups of an
+  interrupted rank at once, without waiting for work in flight (gloo and NCCL).
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ class TensorPeak:
 def abort_process_groups() -> None:
     """Drop every process group of this process now, not waiting for work in flight.
 
-    gloo: destroying the group closes its connections, so a peer blocked in a collective
-    with this rank gets "connection closed" at once. NCCL: communicators are aborted first,
-    since destroying one with a kernel in flight can block.
+    Aborted (``_abort_process_group``), not destroyed, on every backend: destroying an NCCL
+    communicator with a kernel in flight can block, and a destroyed gloo group keeps its
+    connections open while work handles of the run still refer to it. Destroyed where this
+    torch cannot abort.
     """
     import torch.distributed as dist
 
