@@ -49,13 +49,6 @@ from mpbook import Workbench  # noqa: E402
 # kernel and its cluster).
 CLUSTER_FIXTURES = {"workbench", "wb4", "ipcluster", "kernel", "gpu_wb", "wb"}
 CLUSTER_MARKERS = {"browser", "gpu"}
-# Tests that start a cluster in a subprocess or a kernel of their own, in files whose owners
-# have been asked to mark them `cluster` there (an entry is harmless once they have).
-MARKED_HERE = (
-    "tests/test_dashboard.py::test_text_fallback_in_a_terminal_shell",
-    "tests/test_dashboard.py::test_text_fallback_in_a_script",
-    "tests/test_dashboard.py::test_in_a_jupyter_kernel_the_widgets_update_live_and_the_standing_dashboard_refreshes",
-)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -63,11 +56,7 @@ def pytest_collection_modifyitems(config, items):
 
     no_gpu = visible_gpu_count() == 0
     for item in items:
-        if (
-            CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
-            or CLUSTER_MARKERS & set(item.keywords)
-            or item.nodeid.startswith(MARKED_HERE)
-        ):
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())) or CLUSTER_MARKERS & set(item.keywords):
             item.add_marker(pytest.mark.cluster)
         if no_gpu and "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine"))
