@@ -77,7 +77,7 @@ def test_the_engine_records_a_stop_asked_by_sigterm_and_still_runs_its_own_handl
 def test_tensor_peak_counts_weights_inputs_and_the_largest_step():
     import torch
 
-    layer = torch.nn.Linear(128, 128, bias=False)
+    layer = torch.nn.Linear(128, 128, bias=False).requires_grad_(False)  # as the engines load weights
     x = torch.ones(16, 128)
     with torch.inference_mode(), torch_compat.TensorPeak(layer, x) as peak:
         y = layer(x)

@@ -23,7 +23,8 @@ from ..errors import RankFailure
 # torch.distributed's own error types (all RuntimeError subclasses).
 _DIST_ERRORS = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_DIST_FRAME = re.compile(r"torch[/\\]distributed[/\\]")
+# (torch/distributed/_tools holds measuring tools such as MemTracker, not communication)
+_DIST_FRAME = re.compile(r"torch[/\\]distributed[/\\](?!_tools[/\\])")
 # What gloo and NCCL say when a peer timed out, closed the connection or went away.
 _COMM_MESSAGE = re.compile(r"gloo|nccl|pair closure|connection (?:closed|reset)|timed out waiting", re.IGNORECASE)
 

@@ -21,9 +21,11 @@ class TensorPeak:
     creates, until its storage is freed, as torch's MemTracker counts them. MemTracker sees
     every op, so it slows the run: use it to measure, not to serve.
 
-    MemTracker takes a root module's second call for a second training iteration and refuses
-    it; a generation calls the same modules once per step, so each such call starts a fresh
-    set of per-module statistics here. The peak spans the whole block.
+    MemTracker is made for training, and two of its habits are changed here: it takes a root
+    module's second call for a second iteration and refuses it (a generation calls the same
+    modules once per step, so each such call starts a fresh set of per-module statistics; the
+    peak spans the whole block), and it hooks every parameter's gradient, which fails for
+    parameters that do not require one (the engines' weights).
 
     >>> with TensorPeak(model, inputs) as peak: model(inputs)   # doctest: +SKIP
     >>> peak.bytes                                              # doctest: +SKIP
@@ -33,6 +35,11 @@ class TensorPeak:
         from torch.distributed._tools.mem_tracker import MemTracker
 
         class _Tracker(MemTracker):
+            def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+                # Nothing here runs backward, and a gradient hook cannot be registered on a
+                # parameter that does not require one (every loaded or sharded weight here).
+                return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
             def _pre_fw_hook(self, module, inputs):
                 try:
                     super()._pre_fw_hook(module, inputs)
@@ -81,14 +88,15 @@ def abort_process_groups() -> None:
 def verify() -> None:
     """Raise with a clear message if this torch lacks what the adapter uses.
 
-    Runs TensorPeak on a small module called twice under ``inference_mode`` (as a decode loop
-    calls it): the peak must be the weights, the input and the largest step's outputs.
+    Runs TensorPeak on a small module without gradients, called twice under
+    ``inference_mode`` (as a decode loop calls it): the peak must be the weights, the input
+    and the largest step's outputs.
     """
     import torch
 
     problems = []
     try:
-        layer = torch.nn.Linear(64, 64, bias=False)  # 16 KiB of weights
+        layer = torch.nn.Linear(64, 64, bias=False).requires_grad_(False)  # 16 KiB of weights, as loaded
         x = torch.ones(8, 64)  # 2 KiB
         with torch.inference_mode(), TensorPeak(layer, x) as peak:
             y = layer(x)  # + 2 KiB
