@@ -76,7 +76,7 @@ class StartPlan:
         if cpu and gpu:
             raise MpbookError("--cpu and --gpu contradict each other: choose one")
         if n is not None:
-            check_engine_count(n)
+            n = check_engine_count(n)
         if cpu:
             gpus = 0
         elif gpus is None:

@@ -59,6 +59,16 @@ def check_engine_count(n: Any) -> int:
     return n
 
 
+def check_threads(threads: Any) -> int | None:
+    """Intra-op threads per engine; ``None``: the cores divided among the engines."""
+    if threads is None:
+        return None
+    threads = _number(threads, int, "--threads", "1")
+    if threads < 1:
+        raise MpbookError(f"--threads {threads}: each engine needs at least one thread")
+    return threads
+
+
 def check_timeout(timeout_s: Any) -> float:
     """The collective timeout: more than 0 and at most MAX_TIMEOUT_S seconds."""
     value = _number(timeout_s, float, "--timeout", f"{DEFAULT_TIMEOUT_S:g}", finite=False)

@@ -14,9 +14,14 @@ import psutil
 
 def processes(wb) -> list[psutil.Process]:
     """Every process the workbench started: controller (and its forks), engines, nannies."""
-    from mpbook.cluster.lifecycle import _process_trees
+    from mpbook.cluster.lifecycle import process_trees
 
-    return _process_trees(wb.pids())
+    return process_trees(wb.pids())
+
+
+def process_tree(wb) -> list[int]:
+    """The pids of :func:`processes`."""
+    return [p.pid for p in processes(wb)]
 
 
 def sockets(procs, *, status: str | None = None) -> list[tuple[int, str, int, str]]:

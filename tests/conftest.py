@@ -1,18 +1,40 @@
-"""Shared fixtures: real ipyparallel engines (CPU, gloo) and a private IPython directory."""
+"""Shared fixtures: real ipyparallel engines (CPU, gloo), shared where a test does not need
+its own, and one private temporary folder for everything the test session writes.
+
+Tests that start engines, kernels or other clusters are marked ``cluster`` (those that use a
+cluster fixture are marked here, automatically); ``pytest -m "not cluster"`` runs the rest,
+the pure logic, in seconds.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
-# Profiles, connection files and engine logs of the test clusters go to a private folder,
-# set before anything imports IPython; engines and `ipcluster` inherit it.
-os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="mpbook-test-ipython-")
+# Everything the session and the processes it starts (engines, kernels, `ipcluster`) write
+# to a temporary folder lands in one folder, removed at the end: IPython profiles,
+# connection files and engine logs (IPYTHONDIR), the built-in models (MPBOOK_CACHE), the
+# engines' rendezvous folders (TMPDIR). Set before anything imports IPython; children
+# inherit it.
+# A process that imports this module again (an engine unpickling a test's function imports
+# its test module) finds the folder in its environment and leaves everything as it is.
+OWNER = "MPBOOK_TEST_ROOT" not in os.environ
+ROOT = os.environ.get("MPBOOK_TEST_ROOT") or tempfile.mkdtemp(prefix="mpbook-test-")
+if OWNER:
+    for name in ("ipython", "cache", "tmp"):
+        os.mkdir(os.path.join(ROOT, name))
+    os.environ.update(
+        MPBOOK_TEST_ROOT=ROOT,
+        IPYTHONDIR=os.path.join(ROOT, "ipython"),
+        MPBOOK_CACHE=os.path.join(ROOT, "cache"),
+        TMPDIR=os.path.join(ROOT, "tmp"),
+    )
+    tempfile.tempdir = None  # this process, too, asks TMPDIR again
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Nothing downloads models in the tests: the notebooks' suggested model is then the preset.
 os.environ["HF_HUB_OFFLINE"] = "1"
-# The built-in tiny model is built into this folder (once per test session), not ~/.cache.
-os.environ["MPBOOK_CACHE"] = tempfile.mkdtemp(prefix="mpbook-test-cache-")
 # Functions that tests send to engines are pickled by reference to their test module, so
 # the engines (which inherit this environment) must be able to import it.
 _here = os.path.dirname(os.path.abspath(__file__))
@@ -20,25 +42,98 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PY
 
 import pytest  # noqa: E402
 
-from cluster_probe import alive  # noqa: E402,F401  (tests import it from here)
 from mpbook import Workbench  # noqa: E402
+
+# Fixtures that start engines, a kernel or an outside cluster: a test using one (directly or
+# through another fixture) is a `cluster` test; so is every `browser` test (JupyterLab, a
+# kernel and its cluster).
+CLUSTER_FIXTURES = {"workbench", "wb4", "ipcluster", "kernel", "gpu_wb", "wb"}
+CLUSTER_MARKERS = {"browser", "gpu"}
 
 
 def pytest_collection_modifyitems(config, items):
     from mpbook.devices import visible_gpu_count
 
-    if visible_gpu_count() == 0:
-        skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+    no_gpu = visible_gpu_count() == 0
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())) or CLUSTER_MARKERS & set(item.keywords):
+            item.add_marker(pytest.mark.cluster)
+        if no_gpu and "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine"))
+
+
+@pytest.fixture(autouse=True)
+def _no_engines_outside_cluster_tests(request, monkeypatch):
+    """A test that is not marked `cluster` must not start engines: it would make
+    ``-m "not cluster"`` slow without anyone noticing. Starting one fails it instead."""
+    if "cluster" in request.node.keywords:
+        return
+    from mpbook.cluster.lifecycle import Cluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a cluster: mark it @pytest.mark.cluster")
+
+    monkeypatch.setattr(Cluster, "_launch", refuse)
+    monkeypatch.setattr(Cluster, "_form_group", refuse)
+
+
+# ----------------------------------------------------------------------------- clusters
+@pytest.fixture(scope="session")
+def workbench():
+    """Two CPU engines with a gloo process group, shared by every test (and module fixture)
+    that asks for it, started on first use.
+
+    A test may load models, fail cells, break the process group or even stop it: after each
+    test the workbench is checked and, if needed, restarted in place, so the next test gets
+    it whole. A test that needs its own engines (it kills or stops them, or wants other
+    options) starts its own cluster and is marked ``cluster``."""
+    wb = Workbench.start(2, cpu=True)
+    yield wb
+    wb.stop()
+
+
+def _all_reduce(state):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([state.rank + 1.0])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def whole(wb: Workbench) -> bool:
+    """Whether every rank answers and the process group works."""
+    if wb.stopped:
+        return False
+    try:
+        wb.cluster.check_running("the next test")
+        expected = [float(wb.world_size * (wb.world_size + 1) // 2)] * wb.world_size
+        return wb.apply(_all_reduce, stream=False) == expected
+    except Exception:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _heal_the_shared_workbench(request):
+    wb = request.getfixturevalue("workbench") if "workbench" in request.fixturenames else None
+    yield
+    if wb is not None and not whole(wb):
+        wb.restart()
+
+
+SHORT_TIMEOUT_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def workbench():
-    """Two CPU engines with a gloo process group, shared by the tests of one module."""
-    with Workbench.start(2, cpu=True) as wb:
-        yield wb
+def short_timeout(workbench):
+    """The shared workbench with collectives that give up after SHORT_TIMEOUT_S, for one module."""
+    before = workbench.timeout_s
+    workbench.cluster.timeout_s = SHORT_TIMEOUT_S
+    workbench.cluster.rebuild_group()
+    yield workbench
+    workbench.cluster.timeout_s = before
+    if not workbench.stopped:
+        workbench.cluster.rebuild_group()
 
 
 @pytest.fixture
@@ -53,13 +148,18 @@ def shell():
     magics.close()
 
 
-def process_tree(wb: Workbench) -> list[int]:
-    """Every process the workbench started, children (nannies) included."""
-    from mpbook.cluster.lifecycle import _process_trees
+@pytest.fixture
+def shared_shell(shell, workbench):
+    """The shell, its magics using the shared workbench as if `%mp start` had started it
+    (left running afterwards: the next test gets it)."""
+    magics = shell.magics_manager.registry["MpMagics"]
+    magics.workbench = workbench
+    yield shell
+    if magics.workbench is workbench:
+        magics.workbench = None  # so that close() leaves it running
 
-    return [p.pid for p in _process_trees(wb.pids())]
 
-
+# ----------------------------------------------------------------------------- models
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """The tiny Llama-family model (GQA, tied embeddings, RoPE), saved with save_pretrained."""
@@ -81,3 +181,35 @@ def qwen2_folder(tmp_path_factory):
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **TOKENIZER_IDS,
     )
     return str(save_random(config, tmp_path_factory.mktemp("tiny-qwen2"), seed=2))
+
+
+# ----------------------------------------------------------------------------- the end
+def leftovers() -> list[str]:
+    """What the session left that it should not have: mpbook's folders in the session's
+    temporary folder (a rendezvous folder whose rank 0 did not remove it, for example)."""
+    tmp = os.path.join(ROOT, "tmp")
+    return sorted(os.path.join(tmp, name) for name in os.listdir(tmp) if name.startswith("mpbook-"))
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures have stopped their clusters
+def pytest_sessionfinish(session, exitstatus):
+    if not OWNER:
+        return
+    from IPython.core.interactiveshell import InteractiveShell
+
+    if InteractiveShell.initialized():
+        # What IPython would do at exit (close its history database), now, while the folder
+        # still exists; and only now.
+        shell = InteractiveShell.instance()
+        shell.atexit_operations()
+        atexit.unregister(shell.atexit_operations)
+    left = leftovers()
+    shutil.rmtree(ROOT, ignore_errors=True)
+    if os.path.exists(ROOT):
+        left.append(ROOT)
+    if left and getattr(session.config, "workerinput", None) is None:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"the test session left these behind (removed now): {', '.join(left)}", red=True)
+        if session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

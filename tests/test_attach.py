@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import alive
+from cluster_probe import alive
 from mpbook import Workbench
 
 
@@ -67,4 +67,4 @@ def test_attach_to_a_missing_cluster_says_how_to_start_one():
     from mpbook import MpbookError
 
     with pytest.raises(MpbookError, match="ipcluster start"):
-        Workbench.attach(profile="default", cluster_id="never-started", wait_s=1)
+        Workbench.attach(profile="default", cluster_id="never-started", wait_s=1)  # waits 1 s, no more

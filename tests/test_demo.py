@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
 
+@pytest.mark.cluster
 def test_demo_runs_and_stops_its_cluster():
     proc = subprocess.Popen(
         [sys.executable, "-m", "mpbook", "demo", "--cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

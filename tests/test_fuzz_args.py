@@ -1,8 +1,9 @@
 """Property-based tests of the %mp / %%mp argument parsing.
 
-Whatever a person types after ``%mp``, parsing gives either a Namespace whose values are
-what their options declare, or IPython's UsageError with a one-line message; never another
-exception from inside mpbook, and never SystemExit (argparse's habit on errors and --help).
+Whatever a person types after ``%mp``, parsing gives a Namespace whose values are what their
+options declare, IPython's UsageError with a one-line message, or (for ``-h``/``--help``)
+the help text to print; never another exception from inside mpbook, and never SystemExit
+(argparse's habit on errors and --help).
 
 The structured strategy walks ``build_parser()``, so sub-commands and options added later
 are fuzzed without touching this file.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 
 from hypothesis import HealthCheck, example, given, settings
@@ -21,7 +23,11 @@ from IPython.core.error import UsageError
 from mpbook.compat.argparse import actions, subcommands
 from mpbook.magics import HelpRequested, build_parser, parse
 
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 150 examples per property keep the quick suite quick (each parse builds the whole parser);
+# FUZZ_EXAMPLES=5000 searches harder. What earlier searches found is pinned with @example.
+SETTINGS = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 COMMANDS = subcommands(build_parser())
@@ -112,6 +118,7 @@ def check(line: str, cell: bool) -> None:
         args = parse(line, cell=cell)
     except HelpRequested as help:  # -h/--help: the magic prints this text instead of running
         assert "usage" in str(help).lower() or "Commands:" in str(help)
+        assert "-h" in line or "help" in line, (line, str(help)[:200])  # asked for, not a fallback
         return
     except UsageError as exc:
         message = str(exc)

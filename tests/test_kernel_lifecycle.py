@@ -78,28 +78,25 @@ def report(what: str, seconds: float) -> None:
     print(f"\n{what}: cluster gone {seconds:.2f} s after")
 
 
-def test_kernel_shutdown_stops_the_cluster(kernel):
-    km, kc = kernel
-    snap = start_cluster(kc)
-    pid = kernel_pid(km)
-    began = time.monotonic()
-    km.shutdown_kernel()  # a shutdown request, as JupyterLab's "Shut Down Kernel" sends
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert gone_within(snap, 10) == ([], [])
-    report("kernel shutdown", time.monotonic() - began)
-    assert not os.path.exists(snap["rendezvous_dir"])
-
-
-def test_kernel_restart_stops_the_cluster_and_the_new_kernel_starts_another(kernel):
+def test_kernel_restart_and_shutdown_each_stop_the_cluster(kernel):
     km, kc = kernel
     snap = start_cluster(kc)
     began = time.monotonic()
     km.restart_kernel()
     assert gone_within(snap, 10) == ([], [])
     report("kernel restart", time.monotonic() - began)
+    assert not os.path.exists(snap["rendezvous_dir"])
+
     kc.wait_for_ready(timeout=60)
-    again = start_cluster(kc)
+    again = start_cluster(kc)  # the new kernel starts another
     assert set(again["pids"]).isdisjoint(snap["pids"])
+    pid = kernel_pid(km)
+    began = time.monotonic()
+    km.shutdown_kernel()  # a shutdown request, as JupyterLab's "Shut Down Kernel" sends
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert gone_within(again, 10) == ([], [])
+    report("kernel shutdown", time.monotonic() - began)
+    assert not os.path.exists(again["rendezvous_dir"])
 
 
 def test_killed_kernel_leaves_no_orphan(kernel):

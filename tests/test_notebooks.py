@@ -10,6 +10,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from mpbook.cluster import launch
+
+LAUNCH = launch.__name__  # every process mpbook starts runs `python -m mpbook.cluster.launch`
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 EXPECTED = [
@@ -25,14 +28,14 @@ CELL_TIMEOUT_S = 240  # one cell; the slowest takes seconds on 2 shared cores
 # Run in the kernel after the notebook: processes mpbook started that are still alive. The
 # await first lets the kernel's event loop run: ipyparallel reports the engines' exits from it,
 # and whatever it prints then lands in this cell's output.
-LEFT_RUNNING = """
+LEFT_RUNNING = f"""
 import asyncio
 import psutil
 await asyncio.sleep(1.0)
 left = []
 for p in psutil.Process().children(recursive=True):
     try:
-        if p.status() != psutil.STATUS_ZOMBIE and "mpbook._launch" in " ".join(p.cmdline()):
+        if p.status() != psutil.STATUS_ZOMBIE and {LAUNCH!r} in " ".join(p.cmdline()):
             left.append(p.pid)
     except psutil.NoSuchProcess:
         pass
@@ -57,6 +60,7 @@ def test_committed_without_outputs_with_a_parameters_cell(path):
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_a_kernel_and_stops_its_cluster(path, monkeypatch):
     from nbclient import NotebookClient
@@ -76,7 +80,6 @@ def test_notebook_runs_in_a_kernel_and_stops_its_cluster(path, monkeypatch):
         nb.cells.append(check)
         client.execute_cell(check, len(nb.cells) - 1)
 
-    import sys; print([(c.source[:30], o) for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"][-3:], file=sys.stderr)
     streams = [(i, o) for i, c in enumerate(nb.cells) if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"]
     # Nothing on stderr, and no traceback printed anywhere (a library's log of a crashed
     # process goes to stdout): a reader sees only what the notebook means to show.

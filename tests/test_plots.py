@@ -40,9 +40,16 @@ def _pipeline(state, m):
 
 
 @pytest.fixture(scope="module")
-def events(workbench):
+def pipeline_run(workbench):
+    """The engines' snapshots before the pipeline (running totals of earlier calls), and its events."""
+    before = workbench.client[workbench.engine_ids()].apply_sync(telemetry_snapshot)
     per_rank = workbench.apply(_pipeline, MICROBATCHES, stream=False)
-    return [e for rank_events in per_rank for e in rank_events]
+    return before, [e for rank_events in per_rank for e in rank_events]
+
+
+@pytest.fixture(scope="module")
+def events(pipeline_run):
+    return pipeline_run[1]
 
 
 def _bars(ax) -> list[Rectangle]:
@@ -73,8 +80,9 @@ def test_timeline_has_a_bar_per_microbatch_and_stage_and_shows_the_bubble(events
     assert "(p-1)/(m+p-1) = 20% for GPipe" in title
     measured = bubble_fraction(events)
     assert f"bubble {measured:.0%} measured" in title
-    # stage 1 waits for the first micro-batch and stage 0 is done before the last: a real bubble
-    assert 0.05 < measured < 0.9
+    # stage 1 waits for the first micro-batch and stage 0 is done before the last: a real
+    # bubble (how large depends on how busy the machine's cores are: no upper bound here)
+    assert 0.05 < measured < 1
 
 
 def test_bubble_arithmetic():
@@ -134,13 +142,17 @@ def test_throughput_per_layout():
     assert [t.get_text() for t in prefill.get_yticklabels()] == ["data (dp2)", "pipeline (pp2)", "tensor (tp2)"]
 
 
-def test_collectives_from_engine_snapshots(workbench, events):
+def test_collectives_from_engine_snapshots(workbench, pipeline_run):
+    before, _ = pipeline_run
     snapshots = workbench.client[workbench.engine_ids()].apply_sync(telemetry_snapshot)
+    # the pipeline's sends (rank 0) and receives (rank 1), on top of what the engines did before
+    grew = [{k: n - b["collectives"].get(k, 0) for k, n in s["collectives"].items()} for b, s in zip(before, snapshots)]
+    assert grew[0].get("send") == MICROBATCHES and grew[1].get("recv") == MICROBATCHES
     fig = plot_collectives(snapshots)
     counts, seconds = fig.axes
-    # the pipeline's sends (rank 0) and receives (rank 1), stacked by kind
-    heights = {(round(b.get_x() + b.get_width() / 2), round(b.get_height())) for b in _bars(counts) if b.get_height()}
-    assert (0, MICROBATCHES) in heights and (1, MICROBATCHES) in heights
+    # one bar per rank and kind, stacked, each as high as that count
+    heights = sorted((round(b.get_x() + b.get_width() / 2), round(b.get_height())) for b in _bars(counts) if b.get_height())
+    assert heights == sorted((s["rank"], n) for s in snapshots for n in s["collectives"].values() if n)
     assert all(b.get_height() >= 0 for b in _bars(seconds))
     assert sum(b.get_height() for b in _bars(seconds)) == pytest.approx(
         sum(s["collective_seconds"] for s in snapshots)

@@ -16,7 +16,6 @@ import psutil
 import pytest
 
 from cluster_probe import processes, rendezvous_path, sockets
-from mpbook import Workbench
 from mpbook.engine import state as engine
 
 
@@ -63,16 +62,18 @@ def test_every_socket_of_the_cluster_is_on_loopback_after_a_collective(workbench
         assert is_loopback(local) and (not remote or is_loopback(remote)), (pid, local, port, remote)
 
 
-def test_gloo_listens_on_loopback():
-    with Workbench.start(2, cpu=True) as wb:
-        assert wb.apply(reduce_sum, stream=False) == [3.0, 3.0]
-        engines = roles(wb)["engine"]
-        with_group = {p.pid: listening([p]) for p in engines}
-        wb.apply(engine.teardown, stream=False)  # leave the process group: gloo closes its listener
+def test_gloo_listens_on_loopback(workbench):
+    assert workbench.apply(reduce_sum, stream=False) == [3.0, 3.0]
+    engines = roles(workbench)["engine"]
+    with_group = {p.pid: listening([p]) for p in engines}
+    try:
+        workbench.apply(engine.teardown, stream=False)  # leave the process group: gloo closes its listener
         gloo = {p.pid: with_group[p.pid] - listening([p]) for p in engines}
-        for pid, addrs in gloo.items():
-            assert addrs, f"engine {pid}: no socket closed with the process group, so none was gloo's"
-            assert all(is_loopback(ip) for ip, _ in addrs), f"engine {pid}: gloo listens on {addrs}"
+    finally:
+        workbench.cluster.rebuild_group()
+    for pid, addrs in gloo.items():
+        assert addrs, f"engine {pid}: no socket closed with the process group, so none was gloo's"
+        assert all(is_loopback(ip) for ip, _ in addrs), f"engine {pid}: gloo listens on {addrs}"
 
 
 def test_rendezvous_is_a_private_file_and_nothing_listens_for_it(workbench):

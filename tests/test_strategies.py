@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpbook import MpbookError, Workbench
+from mpbook import MpbookError
 from mpbook.models.tokenizer import TOKENIZER_IDS
 from mpbook.reference import reference
 
@@ -17,12 +17,6 @@ PROMPTS = [
     "Tensor parallel splits every weight matrix",
 ]
 NEW_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def wb():
-    with Workbench.start(2, cpu=True) as wb:
-        yield wb
 
 
 @pytest.fixture(scope="module")
@@ -50,43 +44,43 @@ def assert_matches_one_device(result, expected_logits, expected_tokens):
         ("tensor", {}),
     ],
 )
-def test_two_engines_match_one_device(wb, tiny_folder, expected, strategy, options):
+def test_two_engines_match_one_device(workbench, tiny_folder, expected, strategy, options):
     logits, tokens = expected
-    forward = wb.forward(PROMPTS, strategy=strategy, model=tiny_folder, **options)
+    forward = workbench.forward(PROMPTS, strategy=strategy, model=tiny_folder, **options)
     assert_matches_one_device(forward, logits, None)
-    generated = wb.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS, **options)
+    generated = workbench.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS, **options)
     assert_matches_one_device(generated, None, tokens)
     assert len(generated.texts) == len(PROMPTS)
     assert generated.prefill_tokens_per_s > 0 and generated.decode_tokens_per_s > 0
 
 
-def test_collectives_per_forward_come_from_telemetry(wb, tiny_folder):
+def test_collectives_per_forward_come_from_telemetry(workbench, tiny_folder):
     layers = 6  # the tiny preset
-    data = wb.forward(PROMPTS, strategy="data", model=tiny_folder)
+    data = workbench.forward(PROMPTS, strategy="data", model=tiny_folder)
     assert data.total_collectives() == {}  # replicas never talk
-    tensor = wb.forward(PROMPTS, strategy="tensor", model=tiny_folder)
+    tensor = workbench.forward(PROMPTS, strategy="tensor", model=tiny_folder)
     # 2 all-reduces per decoder layer (after attention, after the MLP) and 1 for the
     # vocab-parallel embedding; the vocab-parallel logits are gathered once, onto the reporting rank.
     assert tensor.collectives == [{"all_reduce": 2 * layers + 1, "gather": 1}] * 2
     for m in (1, 2, 4):
-        pipe = wb.forward(PROMPTS, strategy="pipeline", model=tiny_folder, microbatches=m)
+        pipe = workbench.forward(PROMPTS, strategy="pipeline", model=tiny_folder, microbatches=m)
         # p-1 = 1 activation send (and recv) per micro-batch
         assert pipe.total_collectives() == {"send": m, "recv": m}
 
 
-def test_pipeline_stage_holds_only_its_layers(wb, tiny_folder):
-    full = wb.forward(PROMPTS[:2], strategy="data", model=tiny_folder).weight_bytes
-    split = wb.forward(PROMPTS[:2], strategy="pipeline", model=tiny_folder, stage_sizes=[3, 3]).weight_bytes
-    tensor = wb.forward(PROMPTS[:2], strategy="tensor", model=tiny_folder).weight_bytes
+def test_pipeline_stage_holds_only_its_layers(workbench, tiny_folder):
+    full = workbench.forward(PROMPTS[:2], strategy="data", model=tiny_folder).weight_bytes
+    split = workbench.forward(PROMPTS[:2], strategy="pipeline", model=tiny_folder, stage_sizes=[3, 3]).weight_bytes
+    tensor = workbench.forward(PROMPTS[:2], strategy="tensor", model=tiny_folder).weight_bytes
     assert full[0] == full[1]
     assert split[0] < full[0] and split[1] < full[0]
     # tensor parallel splits the vocabulary (embedding and head) too: 394 = 197 + 197
     assert tensor[0] < full[0] and tensor[0] == tensor[1]
 
 
-def test_timeline_has_every_microbatch_on_every_stage_without_overlap(wb, tiny_folder):
+def test_timeline_has_every_microbatch_on_every_stage_without_overlap(workbench, tiny_folder):
     m = 4
-    result = wb.forward(PROMPTS, strategy="pipeline", model=tiny_folder, microbatches=m)
+    result = workbench.forward(PROMPTS, strategy="pipeline", model=tiny_folder, microbatches=m)
     prefill = [e for e in result.timeline if e.phase == "prefill"]
     assert sorted((e.stage, e.microbatch) for e in prefill) == [(s, j) for s in range(2) for j in range(m)]
     for stage in range(2):
@@ -99,17 +93,17 @@ def test_timeline_has_every_microbatch_on_every_stage_without_overlap(wb, tiny_f
         assert s1.start >= s0.end
 
 
-def test_same_model_and_layout_reuse_the_loaded_model(wb, tiny_folder):
-    wb.forward(PROMPTS, strategy="tensor", model=tiny_folder)
-    again = wb.forward(PROMPTS, strategy="tensor", model=tiny_folder)
+def test_same_model_and_layout_reuse_the_loaded_model(workbench, tiny_folder):
+    workbench.forward(PROMPTS, strategy="tensor", model=tiny_folder)
+    again = workbench.forward(PROMPTS, strategy="tensor", model=tiny_folder)
     assert again.load_seconds == [0.0, 0.0]
 
 
-def test_qwen2_with_biases_and_untied_head(wb, qwen2_folder):
+def test_qwen2_with_biases_and_untied_head(workbench, qwen2_folder):
     logits, tokens = reference(qwen2_folder, PROMPTS, max_new_tokens=NEW_TOKENS)
     for strategy in ("data", "pipeline", "tensor"):
-        assert_matches_one_device(wb.forward(PROMPTS, strategy=strategy, model=qwen2_folder), logits, None)
-        result = wb.generate(PROMPTS, strategy=strategy, model=qwen2_folder, max_new_tokens=NEW_TOKENS)
+        assert_matches_one_device(workbench.forward(PROMPTS, strategy=strategy, model=qwen2_folder), logits, None)
+        result = workbench.generate(PROMPTS, strategy=strategy, model=qwen2_folder, max_new_tokens=NEW_TOKENS)
         assert_matches_one_device(result, None, tokens)
 
 
@@ -127,14 +121,14 @@ def test_qwen2_with_biases_and_untied_head(wb, qwen2_folder):
         ({"strategy": "sideways"}, "unknown strategy 'sideways'"),
     ],
 )
-def test_bad_input_fails_before_the_engines_work(wb, tiny_folder, options, message):
+def test_bad_input_fails_before_the_engines_work(workbench, tiny_folder, options, message):
     options = {"model": tiny_folder, **options}
-    before = [e.pid for e in wb.engines]
+    before = [e.pid for e in workbench.engines]
     with pytest.raises(MpbookError, match=message):
-        wb.generate(PROMPTS, **options)
+        workbench.generate(PROMPTS, **options)
     # the cluster is unharmed
-    assert [e.pid for e in wb.status()] == before
-    wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
+    assert [e.pid for e in workbench.status()] == before
+    workbench.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
 
 
 def test_tp_that_does_not_divide_the_heads_names_the_valid_choices(tiny_folder):
@@ -158,10 +152,10 @@ def test_more_stages_than_layers(tiny_folder):
         split_layers(6, 8)
 
 
-def test_tensor_parallel_shards_are_dtensors_shards(wb, tiny_folder):
+def test_tensor_parallel_shards_are_dtensors_shards(workbench, tiny_folder):
     from test_models import _shards_against_dtensor
 
-    styles, count = wb.apply(_shards_against_dtensor, tiny_folder, stream=False)[0]
+    styles, count = workbench.apply(_shards_against_dtensor, tiny_folder, stream=False)[0]
     assert styles == ["colwise", "embedding_rowwise", "rowwise"]
     assert count == 1 + 6 * 7  # the embedding (the head is tied to it), 7 projections per layer
 
@@ -177,10 +171,10 @@ def biased_folder(tmp_path_factory):
     return str(save_random(config, tmp_path_factory.mktemp("llama-biases"), seed=3))
 
 
-def test_row_split_biases_are_added_once(wb, biased_folder):
+def test_row_split_biases_are_added_once(workbench, biased_folder):
     logits, tokens = reference(biased_folder, PROMPTS, max_new_tokens=NEW_TOKENS)
-    assert_matches_one_device(wb.forward(PROMPTS, strategy="tensor", model=biased_folder), logits, None)
-    generated = wb.generate(PROMPTS, strategy="tensor", model=biased_folder, max_new_tokens=NEW_TOKENS)
+    assert_matches_one_device(workbench.forward(PROMPTS, strategy="tensor", model=biased_folder), logits, None)
+    generated = workbench.generate(PROMPTS, strategy="tensor", model=biased_folder, max_new_tokens=NEW_TOKENS)
     assert_matches_one_device(generated, None, tokens)
 
 
@@ -195,21 +189,21 @@ def gpt2_folder(tmp_path_factory):
     return str(save_random(config, tmp_path_factory.mktemp("tiny-gpt2"), seed=4))
 
 
-def test_other_architectures_run_data_parallel(wb, gpt2_folder):
+def test_other_architectures_run_data_parallel(workbench, gpt2_folder):
     logits, tokens = reference(gpt2_folder, PROMPTS, max_new_tokens=NEW_TOKENS)
-    assert_matches_one_device(wb.forward(PROMPTS, strategy="data", model=gpt2_folder), logits, None)
+    assert_matches_one_device(workbench.forward(PROMPTS, strategy="data", model=gpt2_folder), logits, None)
     assert_matches_one_device(
-        wb.generate(PROMPTS, strategy="data", model=gpt2_folder, max_new_tokens=NEW_TOKENS), None, tokens
+        workbench.generate(PROMPTS, strategy="data", model=gpt2_folder, max_new_tokens=NEW_TOKENS), None, tokens
     )
     # GPT-2 has no pp plan (its stages come from its module order: tests/test_models.py) and no
     # tp plan: tensor parallel needs a plan from the user.
     with pytest.raises(MpbookError, match="gpt2 has no tensor-parallel plan .* gpt2 works with data, pipeline parallelism"):
-        wb.generate(PROMPTS, strategy="tensor", model=gpt2_folder)
+        workbench.generate(PROMPTS, strategy="tensor", model=gpt2_folder)
 
 
-def test_result_plots_come_from_the_run(wb, tiny_folder):
+def test_result_plots_come_from_the_run(workbench, tiny_folder):
     m = 3
-    result = wb.generate(PROMPTS[:3], strategy="pipeline", model=tiny_folder, microbatches=m, max_new_tokens=3)
+    result = workbench.generate(PROMPTS[:3], strategy="pipeline", model=tiny_folder, microbatches=m, max_new_tokens=3)
     timeline = result.plot_timeline()
     bars = [p for p in timeline.axes[0].patches]
     assert len(bars) == m * 2  # m micro-batches on each of 2 stages
@@ -238,18 +232,18 @@ def huge_config_folder(tmp_path_factory):
     return str(folder)
 
 
-def test_predicted_out_of_memory_names_rank_bytes_and_layouts(wb, huge_config_folder):
-    loaded = [e.model_bytes for e in wb.status()]
+def test_predicted_out_of_memory_names_rank_bytes_and_layouts(workbench, huge_config_folder):
+    loaded = [e.model_bytes for e in workbench.status()]
     with pytest.raises(MpbookError) as info:
-        wb.generate(PROMPTS, strategy="tensor", model=huge_config_folder, max_new_tokens=4)
+        workbench.generate(PROMPTS, strategy="tensor", model=huge_config_folder, max_new_tokens=4)
     message = str(info.value)
     assert message.startswith("out of memory (predicted): rank ")
     assert "GiB (weights " in message and "GiB shared by the engines on this host" in message
     assert "no layout of 2 engines fits" in message
     assert "\n" not in message
     # nothing was loaded (what the engines held is still there), the cluster is fine
-    assert [e.model_bytes for e in wb.status()] == loaded
-    wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
+    assert [e.model_bytes for e in workbench.status()] == loaded
+    workbench.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
 
 
 def test_a_tensor_parallel_rank_holds_only_its_shards(tiny_folder):
@@ -270,6 +264,6 @@ def test_a_tensor_parallel_rank_holds_only_its_shards(tiny_folder):
 
 @pytest.mark.parametrize("prompts, message", [([], "no prompts"), (["fine", ""], "prompt 1 is empty"),
                                               (["fine", None], "prompt 1 is empty")])
-def test_missing_or_empty_prompts_fail_before_tokenizing(wb, tiny_folder, prompts, message):
+def test_missing_or_empty_prompts_fail_before_tokenizing(workbench, tiny_folder, prompts, message):
     with pytest.raises(MpbookError, match=message):
-        wb.generate(prompts, strategy="data", model=tiny_folder)
+        workbench.generate(prompts, strategy="data", model=tiny_folder)

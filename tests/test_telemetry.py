@@ -105,7 +105,7 @@ def test_an_apply_publishes_through_state_telemetry(workbench):
         assert {"prefill", "decode"} <= phases
         decode = [s["tokens"].get("decode", 0) for s in seen[rank]]
         assert decode == sorted(decode) and len(set(decode)) >= 3
-        assert seen[rank][-1]["memory_parts"] == {"weights": 1234}
+        assert seen[rank][-1]["memory_parts"]["weights"] == 1234
 
 
 def test_nothing_is_published_between_tasks(workbench):

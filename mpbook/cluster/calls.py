@@ -12,7 +12,6 @@ tick. This module never imports the dashboard.
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ from ..compat import ipyparallel as ipp_compat
 from ..engine import state as engine
 from ..errors import CollectiveError, EngineDiedError, MpbookError, RankError, RankFailure
 from ..options import parse_ranks
-from .health import EngineWatch, is_collective_failure, signal_engines
+from .health import EngineWatch, is_collective_failure
 
 if TYPE_CHECKING:
     from .lifecycle import Cluster
@@ -92,9 +91,6 @@ class Calls:
             import logging
 
             logging.getLogger("mpbook").debug("rebuilding the group after an interrupt failed", exc_info=True)
-
-    def interrupt(self, ranks: Sequence[int] | None = None) -> None:
-        signal_engines(self.cluster.client, signal.SIGINT, self.cluster.engine_ids(ranks))
 
 
 class RankStreams:

@@ -10,7 +10,7 @@ Two things can leave the cluster unusable after a cell, and each has its own rem
 - a collective did not complete on every rank (a rank raised inside it, or only some ranks
   entered it). gloo times out on the ranks that wait, and from then on the group is broken on
   *every* rank, even on those whose cell succeeded. :func:`is_collective_failure` recognises
-  such an error so the workbench can rebuild the group.
+  such an error so that :mod:`mpbook.cluster.calls` can rebuild the group.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from ..errors import RankFailure
 # torch.distributed's own error types (all RuntimeError subclasses).
 _DIST_ERRORS = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_DIST_FRAME = re.compile(r"torch[/\\]distributed[/\\]")
+# (torch/distributed/_tools holds measuring tools such as MemTracker, not communication)
+_DIST_FRAME = re.compile(r"torch[/\\]distributed[/\\](?!_tools[/\\])")
 # What gloo and NCCL say when a peer timed out, closed the connection or went away.
 _COMM_MESSAGE = re.compile(r"gloo|nccl|pair closure|connection (?:closed|reset)|timed out waiting", re.IGNORECASE)
 
@@ -44,7 +45,7 @@ def is_collective_failure(failure: RankFailure) -> bool:
 
 
 class EngineWatch:
-    """Which of a workbench's engines have died, asked cheaply many times a second.
+    """Which of a cluster's engines have died, asked cheaply many times a second.
 
     An engine counts as dead when the controller unregistered it (``client.ids`` no longer
     holds it) or, for engines that mpbook started on this host, when its process is gone.

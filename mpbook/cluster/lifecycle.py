@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any
 from ..devices import StartPlan, visible_gpu_count
 from ..engine import state as engine
 from ..errors import EngineDiedError, MpbookError, NoClusterError
-from ..options import DEFAULT_TIMEOUT_S, check_timeout
+from ..options import DEFAULT_TIMEOUT_S, check_engine_count, check_threads, check_timeout
 from ..protocol import EngineInfo, Rendezvous
 from . import calls
 from .health import EngineWatch, process_running, signal_engines
@@ -41,10 +42,10 @@ class Cluster:
     """Engines, one per device, joined in one torch.distributed process group."""
 
     def __init__(self, *, owned: bool, plan: StartPlan, timeout_s: float, rendezvous: str, client=None):
-        # Use Cluster.start() or Cluster.attach().
+        # Use Cluster.start() or Cluster.attach(), which check the options.
         self.owned = owned
         self.plan = plan
-        self.timeout_s = check_timeout(timeout_s)
+        self.timeout_s = timeout_s
         self.rendezvous_kind = rendezvous
         self.client = client
         self.ipp_cluster = None  # ipyparallel's Cluster, for one mpbook started
@@ -53,6 +54,7 @@ class Cluster:
         self._hosts: list[str] | None = None  # by rank, for an attached cluster
         self.stopped = False
         self._started_procs: list = []  # psutil.Process of everything launched, for the last reap
+        self._rendezvous: Rendezvous | None = None  # where the current process group met
         self._arm_exit_hook()
 
     def _arm_exit_hook(self) -> None:
@@ -74,11 +76,10 @@ class Cluster:
         """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines (gloo).
 
         ``threads``: intra-op threads per engine (default: the cores divided among engines)."""
-        check_timeout(timeout_s)
+        timeout_s = check_timeout(timeout_s)
+        threads = check_threads(threads)
         plan = StartPlan.choose(n, cpu=cpu, gpu=gpu)
         if threads is not None:
-            if threads < 1:
-                raise MpbookError(f"threads={threads}: each engine needs at least one thread")
             plan = dataclasses.replace(plan, threads=threads)
         cluster = cls(owned=True, plan=plan, timeout_s=timeout_s, rendezvous="file")
         cluster._launch()
@@ -128,7 +129,7 @@ class Cluster:
             self._form_group(hosts=None)
             # Children (the controller's heart monitor, the nannies) can no longer be found
             # from a parent that was killed; remember them now to reap them at stop.
-            self._started_procs = _process_trees(self.pids())
+            self._started_procs = process_trees(self.pids())
         except BaseException as exc:
             self.stop()
             if isinstance(exc, (KeyboardInterrupt, MpbookError)):
@@ -151,18 +152,17 @@ class Cluster:
     ) -> Cluster:
         """Join a cluster that is already running (``ipcluster start``, MPI, SSH, Slurm ...).
 
-        Waits up to ``wait_s`` for ``n`` engines (default: those registered, at least one).
+        Waits up to ``wait_s`` for the cluster (at most 10 s for its connection file to appear)
+        and for ``n`` engines (default: those registered, at least one).
         The process group's rendezvous is a file when every engine is on one host, else a
         TCP store served by rank 0 at its own address.
         """
         import ipyparallel as ipp
         from IPython.paths import get_ipython_dir
 
-        from ..options import check_engine_count
-
         if n is not None:
             check_engine_count(n)
-        check_timeout(timeout_s)
+        timeout_s = check_timeout(timeout_s)
         if profile is not None:
             from IPython.core.profiledir import ProfileDir, ProfileDirError
 
@@ -175,7 +175,8 @@ class Cluster:
                 ) from None
         where = f"profile {profile or 'default'}" + (f", cluster id {cluster_id}" if cluster_id else "")
         try:
-            client = ipp.Client(profile=profile or "default", cluster_id=cluster_id or "", timeout=10)
+            # (the client waits this long for the cluster's connection file to appear)
+            client = ipp.Client(profile=profile or "default", cluster_id=cluster_id or "", timeout=min(wait_s, 10))
         except Exception as exc:
             raise MpbookError(
                 f"no running cluster found for {where} ({exc}); start one with "
@@ -221,6 +222,7 @@ class Cluster:
         hosts = hosts or [""] * len(ids)
         self._hosts = hosts
         rdzv: Rendezvous = self.client[ids[0]].apply_sync(engine.make_rendezvous, self.rendezvous_kind)
+        self._rendezvous = rdzv
         table = {}
         for rank, (eid, host) in enumerate(zip(ids, hosts)):
             table[eid] = dict(
@@ -353,7 +355,7 @@ class Cluster:
             for pid in self.pids()["engines"]:
                 _quiet(lambda: os.kill(pid, signal.SIGINT) if process_running(pid) else None)
         if self.owned and ipp_cluster is not None:
-            procs = list({p.pid: p for p in [*self._started_procs, *_process_trees(self.pids())]}.values())
+            procs = list({p.pid: p for p in [*self._started_procs, *process_trees(self.pids())]}.values())
             if client is not None:
                 _quiet(client.close)
             # Engines first: each engine's nanny tells the controller it is leaving, and would
@@ -361,6 +363,11 @@ class Cluster:
             _quiet(ipp_cluster.stop_engines_sync)
             _quiet(ipp_cluster.stop_controller_sync)
             _reap(procs)
+            # Rank 0 removes its rendezvous folder on its way out, unless it was killed; the
+            # engines of a cluster mpbook started are on this host, so the folder is here.
+            rdzv = self._rendezvous
+            if rdzv is not None and rdzv.kind == "file":
+                _quiet(lambda: shutil.rmtree(os.path.dirname(rdzv.path), ignore_errors=True))
         elif client is not None:
             _quiet(client.close)
 
@@ -398,7 +405,7 @@ def _quiet(fn: Callable[[], Any]) -> None:
         log.debug("clean-up step failed", exc_info=True)
 
 
-def _process_trees(pids: dict[str, list[int]]):
+def process_trees(pids: dict[str, list[int]]):
     """The processes mpbook started, with their children (schedulers, nannies)."""
     import psutil
 
@@ -411,11 +418,6 @@ def _process_trees(pids: dict[str, list[int]]):
         except psutil.NoSuchProcess:
             pass
     return found
-
-
-def process_tree(cluster: Cluster) -> list[int]:
-    """Every process the cluster's owner started, children (nannies) included."""
-    return [p.pid for p in _process_trees(cluster.pids())]
 
 
 def _reap(procs, timeout_s: float = 5.0) -> None:

@@ -1,10 +1,15 @@
-"""What mpbook needs from ipyparallel beyond its public API (checked against 9.2).
+"""What mpbook needs from ipyparallel beyond its documented API (checked against 9.2).
 
-- the futures of an AsyncResult's targets (``AsyncResult._children``), to wait for some
-  targets only (the survivors after an engine died);
-- a hook into an engine's stop on SIGTERM (``IPEngine._signal_stop``), to exit cleanly.
+- per-target output and published data: ``AsyncResult.metadata`` (public; a dict for a
+  single target, a list otherwise);
+- waiting for some targets only (the survivors after an engine died): ``AsyncResult.split()``
+  (public since 8.0), whose parts are futures for ``concurrent.futures.wait``;
+- a hook into an engine's stop on SIGTERM, to exit cleanly: the engine application's
+  ``init_signal`` (not underscored, but not documented either), wrapped, not replaced.
 
-Per-target output and published data come from the public ``AsyncResult.metadata``.
+mpbook prints each rank's output itself (``[rank N]`` labels) rather than through
+``AsyncResult.stream_output``, which labels by engine id: on an attached cluster the ids are
+not the ranks.
 """
 
 from __future__ import annotations
@@ -18,47 +23,62 @@ CHECKED = "9.2"
 
 def target_metadata(result) -> list[dict[str, Any]]:
     """One metadata dict per target of ``result`` (stdout, stderr, data ...), never blocking."""
-    metadata = result.metadata  # public; a single dict for a single-target result
+    metadata = result.metadata
     return [metadata] if isinstance(metadata, dict) else list(metadata)
 
 
 def wait_for_targets(result, positions: Sequence[int], timeout_s: float) -> bool:
     """Wait up to ``timeout_s`` for the targets at ``positions`` of ``result``; True if done."""
-    children = getattr(result, "_children", None)
-    if not children or len(children) <= max(positions, default=-1):
+    parts = result.split()
+    if len(parts) <= max(positions, default=-1):
         return result.wait(timeout_s)
-    done, pending = concurrent.futures.wait([children[i] for i in positions], timeout=timeout_s)
+    done, pending = concurrent.futures.wait([parts[i] for i in positions], timeout=timeout_s)
     return not pending
 
 
 def engine_class():
     """ipyparallel's engine application, recording whether a stop was asked for (SIGTERM)."""
+    import signal
+
     from ipyparallel.engine.app import IPEngine
 
     class Engine(IPEngine):
         stopping = False
 
-        def _signal_stop(self, sig, frame):
-            Engine.stopping = True
-            super()._signal_stop(sig, frame)
+        def init_signal(self):
+            super().init_signal()
+            stop = signal.getsignal(signal.SIGTERM)
+
+            def on_sigterm(sig, frame):
+                Engine.stopping = True
+                if callable(stop):
+                    stop(sig, frame)
+
+            signal.signal(signal.SIGTERM, on_sigterm)
 
     return Engine
 
 
 def verify() -> None:
     """Raise with a clear message if this ipyparallel lacks what the adapter uses."""
+    import inspect
+
     import ipyparallel
     from ipyparallel.client.asyncresult import AsyncResult
     from ipyparallel.engine.app import IPEngine
 
     problems = []
-    if not callable(getattr(IPEngine, "_signal_stop", None)):
-        problems.append("IPEngine._signal_stop (the engine's SIGTERM handler) is gone")
-    if "metadata" not in dir(AsyncResult):
-        problems.append("AsyncResult.metadata is gone")
-    init = AsyncResult.__init__.__code__
-    if "_children" not in init.co_names:
-        problems.append("AsyncResult no longer keeps its targets' futures in _children")
+    if not isinstance(inspect.getattr_static(AsyncResult, "metadata", None), property):
+        problems.append("AsyncResult.metadata is no longer a property")
+    if not callable(getattr(AsyncResult, "split", None)):
+        problems.append("AsyncResult.split() is gone")
+    if not issubclass(AsyncResult, concurrent.futures.Future):
+        problems.append("an AsyncResult is no longer a concurrent.futures.Future")
+    init_signal = getattr(IPEngine, "init_signal", None)
+    if not callable(init_signal):
+        problems.append("IPEngine.init_signal (where the engine installs its SIGTERM handler) is gone")
+    elif "SIGTERM" not in inspect.getsource(init_signal):
+        problems.append("IPEngine.init_signal no longer installs the SIGTERM handler")
     if problems:
         raise RuntimeError(
             f"mpbook.compat.ipyparallel was checked against ipyparallel {CHECKED}; "

@@ -1,10 +1,10 @@
 """What mpbook needs from torch beyond its public API (checked against torch 2.13).
 
-- ``torch.utils._python_dispatch.TorchDispatchMode`` and ``torch.utils._pytree.tree_leaves``:
-  tensor memory counted op by op, for comparing a rank's tensor peak with the planner on CPU
-  engines (where the process peak includes the Python runtime);
-- ``torch.distributed.distributed_c10d._abort_process_group``: end NCCL communicators that
-  may have work in flight without waiting for it (an interrupted rank).
+- ``torch.distributed._tools.mem_tracker.MemTracker``: tensor memory counted op by op, for
+  comparing a rank's tensor peak with the planner on CPU engines (where the process peak
+  includes the Python runtime);
+- ``torch.distributed.distributed_c10d._abort_process_group``: end the process groups of an
+  interrupted rank at once, without waiting for work in flight (gloo and NCCL).
 """
 
 from __future__ import annotations
@@ -13,81 +13,64 @@ CHECKED = "2.13"
 
 
 class TensorPeak:
-    """Peak bytes of live tensors while the block runs, what existed before included.
+    """Peak bytes of live tensors while the block runs, the given ones included.
 
     A CPU engine's process peak includes the Python runtime and the allocator's slack, so it
     cannot be compared with what the planner predicts; this counts tensors alone: the given
-    ``existing`` tensors (or every parameter and buffer of given modules) plus every tensor
-    an op creates, until its storage is freed. Storages are keyed by their address, so views
-    and in-place results count once. A TorchDispatchMode sees every op, so it slows the run:
-    use it to measure, not to serve.
+    ``existing`` tensors and modules (their parameters and buffers) plus every tensor an op
+    creates, until its storage is freed, as torch's MemTracker counts them. MemTracker sees
+    every op, so it slows the run: use it to measure, not to serve.
 
-    torch's own MemTracker would be the library for this, but it registers gradient hooks on
-    module outputs and fails under ``inference_mode`` ("cannot register a hook on a tensor
-    that doesn't require gradient", torch 2.13), which is how every run here executes.
+    MemTracker is made for training, and two of its habits are changed here: it takes a root
+    module's second call for a second iteration and refuses it (a generation calls the same
+    modules once per step, so each such call starts a fresh set of per-module statistics; the
+    peak spans the whole block), and it hooks every parameter's gradient, which fails for
+    parameters that do not require one (the engines' weights).
 
     >>> with TensorPeak(model, inputs) as peak: model(inputs)   # doctest: +SKIP
     >>> peak.bytes                                              # doctest: +SKIP
     """
 
     def __init__(self, *existing):
-        import weakref
+        from torch.distributed._tools.mem_tracker import MemTracker
 
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
+        class _Tracker(MemTracker):
+            def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+                # Nothing here runs backward, and a gradient hook cannot be registered on a
+                # parameter that does not require one (every loaded or sharded weight here).
+                return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
 
-        tracker = self
-        self.current = 0
-        self.bytes = 0
-        self._live: dict[int, int] = {}
+            def _pre_fw_hook(self, module, inputs):
+                try:
+                    super()._pre_fw_hook(module, inputs)
+                except NotImplementedError:  # the module's next call: the next decode step
+                    self.reset_mod_stats()
+                    super()._pre_fw_hook(module, inputs)
 
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for leaf in tree_leaves(out):
-                    tracker.track(leaf)
-                return out
+        self._tracker = _Tracker()
+        self._tracker.track_external(*existing)
 
-        self._mode = _Mode()
-        self._finalize = weakref.finalize
-        self.track(*existing)
-
-    def track(self, *objects) -> None:
-        """Count tensors (or every parameter and buffer of modules) from now on."""
-        import torch
-
-        for obj in objects:
-            if isinstance(obj, torch.nn.Module):
-                self.track(*obj.parameters(), *obj.buffers())
-                continue
-            if not isinstance(obj, torch.Tensor) or obj.is_meta:
-                continue
-            storage = obj.untyped_storage()
-            key = storage.data_ptr()
-            if key in self._live or storage.nbytes() == 0:
-                continue
-            self._live[key] = storage.nbytes()
-            self.current += storage.nbytes()
-            self.bytes = max(self.bytes, self.current)
-            self._finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
+    @property
+    def bytes(self) -> int:
+        """The peak so far, over every device the tensors were on."""
+        peak = self._tracker.get_tracker_snapshot("peak")
+        return int(sum(per_device["Total"] for per_device in peak.values()))
 
     def __enter__(self) -> TensorPeak:
-        self._mode.__enter__()
+        self._tracker.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
+        self._tracker.__exit__(*exc)
 
 
 def abort_process_groups() -> None:
     """Drop every process group of this process now, not waiting for work in flight.
 
-    gloo: destroying the group closes its connections, so a peer blocked in a collective
-    with this rank gets "connection closed" at once. NCCL: communicators are aborted first,
-    since destroying one with a kernel in flight can block.
+    Aborted (``_abort_process_group``), not destroyed, on every backend: destroying an NCCL
+    communicator with a kernel in flight can block, and a destroyed gloo group keeps its
+    connections open while work handles of the run still refer to it. Destroyed where this
+    torch cannot abort.
     """
     import torch.distributed as dist
 
@@ -103,17 +86,27 @@ def abort_process_groups() -> None:
 
 
 def verify() -> None:
+    """Raise with a clear message if this torch lacks what the adapter uses.
+
+    Runs TensorPeak on a small module without gradients, called twice under
+    ``inference_mode`` (as a decode loop calls it): the peak must be the weights, the input
+    and the largest step's outputs.
+    """
     import torch
 
     problems = []
     try:
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves  # noqa: F401
-
-        if "__torch_dispatch__" not in dir(TorchDispatchMode):
-            problems.append("TorchDispatchMode no longer dispatches through __torch_dispatch__")
+        layer = torch.nn.Linear(64, 64, bias=False).requires_grad_(False)  # 16 KiB of weights, as loaded
+        x = torch.ones(8, 64)  # 2 KiB
+        with torch.inference_mode(), TensorPeak(layer, x) as peak:
+            y = layer(x)  # + 2 KiB
+            y = layer(y)  # the first output is freed only after the second exists: + 2 KiB
+        if peak.bytes != (64 * 64 + 3 * 8 * 64) * 4:
+            problems.append(f"MemTracker counted {peak.bytes} bytes for a peak of {(64 * 64 + 3 * 8 * 64) * 4}")
     except ImportError as exc:
-        problems.append(f"{exc.name or exc} is gone")
+        problems.append(f"{exc.name or exc} is gone (MemTracker)")
+    except Exception as exc:  # a changed hook or snapshot format
+        problems.append(f"MemTracker under inference_mode: {type(exc).__name__}: {exc}")
     from torch.distributed import distributed_c10d
 
     if not callable(getattr(distributed_c10d, "_abort_process_group", None)):
