@@ -55,7 +55,7 @@ class Plan:
 def candidate_layouts(config, engines: int, batch: int, *, sweep: bool) -> list[Plan]:
     """The layouts to measure: each strategy at full degree, or (sweep) every valid one."""
     from .errors import MpbookError
-    from .parallel.tensor import validate_tp
+    from .models.support import validate_tp
 
     def valid(layout: Layout) -> bool:
         try:

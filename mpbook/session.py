@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .engine import decode as engine_side
 from .errors import MpbookError, RankError
 from .layout import DIMS, Layout
 from .options import (
@@ -332,8 +331,10 @@ class Session:
         if describe is not None:
             describe(RunInfo(strategy=strategy, layout=layout, prompts=encoded.shown, max_new_tokens=max_new_tokens,
                              decode=lambda ids: info.tokenizer.decode(ids, skip_special_tokens=True)))
+        from .engine import decode  # sent to the engines; imports torch, so not before it is needed
+
         try:
-            outputs = self.calls.apply(engine_side.run, request, what=f"the {strategy} run", follow=follow)
+            outputs = self.calls.apply(decode.run, request, what=f"the {strategy} run", follow=follow)
         except RankError as exc:
             oom = [f for f in exc.failures if f.ename == "DeviceOutOfMemory"]
             if not oom:

@@ -170,7 +170,7 @@ def test_gathered_heads_need_no_divisibility():
 
 def test_old_names_still_check():
     from mpbook.models import supported_strategies
-    from mpbook.parallel.tensor import validate_tp
+    from mpbook.models.support import validate_tp
 
     with pytest.raises(MpbookError, match=r"tp=3 does not divide the 4 attention heads .* choose tp in \{1, 2, 4\}"):
         validate_tp(config_of("gpt_neox"), 3)

@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen2Config
 
 import mpbook
 from mpbook import Layout, MpbookError, plan
 from mpbook.models import build_tiny, tiny_config
 from mpbook.parallel.pipeline import split_layers
-from mpbook.parallel.tensor import LAYER_PLAN
 from mpbook.planner import layouts, model_tensors
 from mpbook.units import shard_size
+
+# The Llama family's tensor-parallel plan inside one decoder layer, as its config carries it.
+LAYER_PLAN = {k.split("layers.*.", 1)[1]: v for k, v in LlamaConfig().base_model_tp_plan.items()}
 
 
 def qwen2_config():
@@ -206,8 +208,7 @@ def _tensor_parallel_tiny(state, folder: str, rows: int, prompt_len: int) -> dic
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from mpbook.parallel.tensor import LAYER_PLAN
-
+    
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     mesh = init_device_mesh("cpu", (state.world_size,))
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}

@@ -133,7 +133,7 @@ def test_bad_input_fails_before_the_engines_work(workbench, tiny_folder, options
 
 def test_tp_that_does_not_divide_the_heads_names_the_valid_choices(tiny_folder):
     from mpbook.models import load_config
-    from mpbook.parallel.tensor import validate_tp
+    from mpbook.models.support import validate_tp
 
     with pytest.raises(MpbookError, match=r"tp=3 does not divide the 8 attention heads .* choose tp in \{1, 2, 4\}"):
         validate_tp(load_config(tiny_folder), 3)

@@ -157,6 +157,14 @@ def check_layout(config, layout, plans: dict | None = None, *, stage_sizes=None)
             )
 
 
+def validate_tp(config, tp: int, plans: dict | None = None) -> None:
+    """``tp`` must divide what the model's plan splits by heads; the error names the model's
+    numbers and the valid choices (tp alone; :func:`check_layout` checks a whole layout)."""
+    from ..layout import Layout
+
+    check_layout(config, Layout(tp=tp), plans)
+
+
 def num_experts(config, plans: dict | None = None) -> int | None:
     """How many routed experts each MoE layer of ``config``'s model has (None: not a MoE)."""
     text = _text(config)

@@ -211,28 +211,3 @@ def install(module, style: str, group, full_shapes: dict[str, tuple[int, ...]], 
 def _transposed(module) -> bool:
     """GPT-2 style ``Conv1D``: weight (in, out), ``y = x @ W + b``."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def validate_tp(config, tp: int, plans: dict | None = None) -> None:
-    """``tp`` must divide what the model's plan splits by heads; the error names the model's
-    numbers and the valid choices. (Kept for callers of the old name: see
-    :func:`mpbook.models.support.check_layout`, which checks a whole layout.)"""
-    from ..layout import Layout
-    from ..models.support import check_layout
-
-    check_layout(config, Layout(tp=tp), plans)
-
-
-# Megatron's layer plan of Llama-family models, in the old form. The engines no longer read it
-# (they read each model's own plan, mpbook.models.structure); the planner still does until it
-# reads the same structure.
-LAYER_PLAN: dict[str, str] = {
-    "self_attn.q_proj": "colwise",
-    "self_attn.k_proj": "colwise",
-    "self_attn.v_proj": "colwise",
-    "self_attn.o_proj": "rowwise",
-    "mlp.gate_proj": "colwise",
-    "mlp.up_proj": "colwise",
-    "mlp.down_proj": "rowwise",
-}
-ALL_REDUCES_PER_LAYER = sum(1 for style in LAYER_PLAN.values() if style == "rowwise")
