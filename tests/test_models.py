@@ -51,7 +51,7 @@ def family_folder(model_type: str, **overrides) -> str:
     from mpbook.models.presets import FAMILIES as KNOWN, family_config, save_random
 
     config = family_config(model_type, **overrides) if model_type in KNOWN else _config(model_type, **overrides)
-    folder = tempfile.mkdtemp(prefix=f"mpbook-test-{model_type}-")
+    folder = tempfile.mkdtemp(prefix=f"family-{model_type}-")  # in the session's temporary folder
     return str(save_random(config, folder, seed=sorted(KNOWN).index(model_type) if model_type in KNOWN else 99))
 
 
@@ -447,8 +447,8 @@ def _shards_against_dtensor(state, folder):
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    from torch.distributed.tensor.placement_types import _StridedShard
 
+    from mpbook.compat.torch import strided_shard
     from mpbook.models import load_config
     from mpbook.models.checkpoint import Checkpoint
     from mpbook.models.parts import rank_part
@@ -472,7 +472,7 @@ def _shards_against_dtensor(state, folder):
             "colwise": Shard(ndim - 2 if ndim > 1 else 0),
             "rowwise": Shard(ndim - 1) if not name.endswith("bias") else Replicate(),
             "embedding_rowwise": Shard(0),
-            "packed_colwise": _StridedShard(ndim - 2, split_factor=2),
+            "packed_colwise": strided_shard(ndim - 2, split_factor=2),
         }.get(style)
         if placement is None:
             continue

@@ -272,24 +272,22 @@ def test_fit_is_judged_against_the_engines_own_memory(workbench):
 # --------------------------------------------------------------------------- activations
 def tracked_peak(model, rows: int, prompt_len: int, new: int) -> int:
     """Peak bytes of every tensor alive (weights included) through a prefill and ``new - 1``
-    decode steps, as mpbook's generation runs them, tracked op by op by torch's MemTracker."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+    decode steps, as mpbook's generation runs them, tracked op by op (mpbook.compat.torch's
+    TensorPeak: torch's MemTracker)."""
+    from mpbook.compat.torch import TensorPeak
 
     ids = torch.randint(0, 250, (rows, prompt_len), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # a left-padded row, so the attention mask is real
     cache = DynamicCache(config=model.config)
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with torch.inference_mode(), tracker:
+    with torch.inference_mode(), TensorPeak(model) as peak:
         keep = 1 if new else 0  # generating keeps the last position's logits; a forward pass all
         out = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=keep)
         for _ in range(new - 1):
-            tracker.reset_mod_stats()  # MemTracker's per-module stats cover one call; the peak stays
             mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
             out = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, cache=cache,
                         use_cache=True, logits_to_keep=1)
-    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    return peak.bytes
 
 
 @pytest.mark.parametrize(

@@ -291,8 +291,6 @@ def test_private_apis_of_ipyparallel_argparse_and_torch_are_used_only_in_compat(
 # Known uses in tests that their owners have been asked to move behind mpbook.compat; a
 # new one fails, and so does an entry here that is no longer needed (remove it then).
 KNOWN_IN_TESTS = {
-    "tests/test_planner.py": "imports torch.distributed._tools.mem_tracker",  # -> compat.torch.TensorPeak
-    "tests/test_models.py": "imports torch.distributed.tensor.placement_types._StridedShard",  # -> compat.torch
 }
 
 

@@ -64,6 +64,15 @@ class TensorPeak:
         self._tracker.__exit__(*exc)
 
 
+def strided_shard(dim: int, *, split_factor: int):
+    """DTensor's placement for a fused weight packed along ``dim`` (gate|up): each rank's shard
+    is its slice of every one of the ``split_factor`` parts (``_StridedShard``, private), the
+    placement transformers' ``packed_colwise`` style uses; the tests compare mpbook's shards with it."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return _StridedShard(dim, split_factor=split_factor)
+
+
 def abort_process_groups() -> None:
     """Drop every process group of this process now, not waiting for work in flight.
 
@@ -107,6 +116,10 @@ def verify() -> None:
         problems.append(f"{exc.name or exc} is gone (MemTracker)")
     except Exception as exc:  # a changed hook or snapshot format
         problems.append(f"MemTracker under inference_mode: {type(exc).__name__}: {exc}")
+    try:
+        strided_shard(0, split_factor=2)
+    except (ImportError, TypeError) as exc:
+        problems.append(f"_StridedShard(dim, split_factor=) changed: {exc}")
     from torch.distributed import distributed_c10d
 
     if not callable(getattr(distributed_c10d, "_abort_process_group", None)):
