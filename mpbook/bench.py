@@ -183,12 +183,13 @@ def _median_record(results) -> dict[str, Any]:
 
 
 def _row(record: dict[str, Any], base: dict[str, Any]) -> str:
-    mib = 1024**2
+    from .units import format_bytes
+
     ratio = record["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base["decode_tokens_per_s"] else 0.0
     return (
         f"  {record['strategy']:<8} dp={record['dp']} pp={record['pp']} tp={record['tp']}: "
         f"prefill {record['prefill_tokens_per_s']:>9,.0f} tok/s, decode {record['decode_tokens_per_s']:>8,.1f} tok/s "
-        f"({ratio:.2f}x one device), weights/rank {max(record['weight_bytes']) / mib:.2f} MiB, "
+        f"({ratio:.2f}x one device), weights/rank {format_bytes(max(record['weight_bytes']))}, "
         f"max|dlogit| {record['max_abs_logit_diff']:.1e}, tokens {'match' if record['tokens_match'] else 'DIFFER'}"
     )
 

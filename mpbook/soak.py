@@ -41,9 +41,11 @@ class SoakReport:
         return max(self.growth().values(), default=0.0)
 
     def summary(self) -> str:
-        mib = 1024**2
+        from .units import format_bytes
+
         rows = [
-            f"pid {pid}: {self.rss_after_warmup[pid] / mib:.1f} -> {self.rss_end[pid] / mib:.1f} MiB ({g:+.2%})"
+            f"pid {pid}: {format_bytes(self.rss_after_warmup[pid], unit='MiB')} -> "
+            f"{format_bytes(self.rss_end[pid], unit='MiB')} ({g:+.2%})"
             for pid, g in sorted(self.growth().items())
         ]
         done = len(self.seconds)

@@ -194,10 +194,11 @@ def _out_of_memory_reported(state) -> Iterator[None]:
         del exc  # its traceback holds the frames, and they hold the tensors
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(state.device)
-        gib = 1024**3
+        from ..units import format_bytes
+
         raise DeviceOutOfMemory(
             f"out of memory on rank {state.rank} ({state.device}): asked for {asked.group(1) if asked else 'more'}, "
-            f"{free / gib:.2f} GiB free of {total / gib:.2f} GiB"
+            f"{format_bytes(free, unit='GiB')} free of {format_bytes(total, unit='GiB')}"
         ) from None
 
 

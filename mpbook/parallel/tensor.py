@@ -28,6 +28,8 @@ Inference only: styles whose only job is gradient bookkeeping (``replicated_with
 
 from __future__ import annotations
 
+from ..units import shard_range
+
 from typing import NamedTuple
 
 COLWISE = frozenset({"colwise", "colwise_gather_output", "colwise_rep"})
@@ -56,9 +58,8 @@ class Piece(NamedTuple):
 
 def chunk_range(n: int, rank: int, size: int) -> tuple[int, int]:
     """This rank's [start, stop) of n items, cut as torch.chunk / DTensor's Shard cut them."""
-    step = -(-n // size)
-    start = min(rank * step, n)
-    return start, min(start + step, n)
+    piece = shard_range(n, size, rank)
+    return piece.start, piece.stop
 
 
 def chunk_sizes(n: int, size: int) -> list[int]:

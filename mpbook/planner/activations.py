@@ -76,7 +76,7 @@ def activations(dims: ModelDims, work: Workload, *, rows: int, microbatch_rows: 
         if last:
             # The LM head: generation keeps the last position of a micro-batch; a forward
             # pass returns every position of every row of the replica.
-            local = -(-dims.vocab // vocab_tp)  # this rank's slice of a vocab-parallel head
+            local = shard_size(dims.vocab, vocab_tp, 0)  # this rank's slice of a vocab-parallel head (the largest)
             logits = mb * 1 * local * LOGITS_BYTES if generate else rows * q * local * LOGITS_BYTES
             if not generate and vocab_tp > 1 and tp_rank == 0:
                 # a forward pass gathers the slices onto the tp group's first rank: the slices
