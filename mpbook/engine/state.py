@@ -33,7 +33,7 @@ class EngineState:
     mesh: Mesh | None = None
     cache: dict[str, Any] = field(default_factory=dict)  # models and other per-engine state kept between cells
     peer_pids: list[int] = field(default_factory=list)  # the other engines of the group on this host
-    telemetry: Any = None  # mpbook.telemetry.Telemetry
+    telemetry: Any = None  # mpbook.engine.telemetry.Telemetry
     publisher: Any = None  # mpbook.engine.publish.Publisher: sends telemetry to the client while a task runs
 
 

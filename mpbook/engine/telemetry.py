@@ -9,7 +9,7 @@ A run (one generate or forward call) is bracketed by :meth:`Telemetry.run`, whic
 a :class:`RunStats` with that run's own counts for the result object.
 
 Strategies only report; they never publish. While a task runs on the engine,
-:mod:`mpbook.publish` sends :meth:`Telemetry.snapshot` to the client a few times a second
+:mod:`mpbook.engine.publish` sends :meth:`Telemetry.snapshot` to the client a few times a second
 from a background thread, so everything here must be cheap and safe to read from that thread
 (reads copy dicts whole, which the GIL makes atomic).
 """
