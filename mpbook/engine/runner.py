@@ -85,6 +85,14 @@ class Runner:
         :func:`mpbook.parallel.vocab.gather_logits`."""
         return self.part.forward(x, attention_mask, position_ids, cache, logits_to_keep=0 if all_logits else 1)
 
+    def detach(self) -> None:
+        """Let go of the process groups (about to be destroyed); :meth:`rebind` takes new ones."""
+        for _, group in self.groups:
+            group.group = None
+        self.mesh = None
+        self.peers.drop_pending()
+        self.stale = True
+
     def rebind(self, state) -> None:
         """Point the model's collectives at this engine's current process groups."""
         from ..layout import Mesh

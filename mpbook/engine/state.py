@@ -291,8 +291,7 @@ def abort_group(state: EngineState | None = None) -> None:
         if runner is not None:
             # The model stays: its collectives are pointed at the new groups when the client
             # has formed them again (teardown(keep_model=True), then Runner.rebind).
-            runner.peers.drop_pending()
-            runner.stale = True
+            runner.detach()
     gc.collect()  # what still refers to the groups' work through reference cycles
     torch_compat.abort_process_groups()
     if state is not None:
@@ -309,6 +308,7 @@ def teardown(state: EngineState | None = None, *, keep_model: bool = False) -> N
     ``keep_model``: the group is about to be formed again on the same engines (after a failed
     collective or an interrupt): the loaded model stays for the next run, its collectives
     pointed at the new groups then (Runner.rebind)."""
+    import gc
     import shutil
 
     import torch.distributed as dist
@@ -318,17 +318,21 @@ def teardown(state: EngineState | None = None, *, keep_model: bool = False) -> N
     ns = _namespace()
     if state is None:
         state = ns.get(STATE_NAME)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    ns.pop("_mpbook_tcp_store", None)
     if state is not None:
         publish.uninstall(state.publisher)
         runner = state.cache.get("runner")
         if keep_model and runner is not None:
-            runner.stale = True
-            # its hooks report into this telemetry: the next state keeps it too
+            # Its collectives let go of the old groups (a group referred to keeps its sockets
+            # open after it is destroyed) and take the new ones at the next run (rebind); its
+            # hooks report into this telemetry, which the next state keeps too.
+            runner.detach()
             ns[KEPT_RUNNER] = (state.rank, state.world_size, runner, state.telemetry)
         state.cache.clear()
+    gc.collect()  # models and meshes dropped above may sit in reference cycles
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    ns.pop("_mpbook_tcp_store", None)
+    if state is not None:
         rdzv = state.rendezvous
         if state.rank == 0 and rdzv is not None and rdzv.kind == "file":
             shutil.rmtree(os.path.dirname(rdzv.path), ignore_errors=True)
