@@ -253,9 +253,11 @@ def prefill(ctx: Run, microbatches: list[MicroBatch]) -> None:
                                                              runner.device)
         began = ctx.clock.now()
         out = runner.forward(x, mb.mask, mb.positions, mb.cache, all_logits=not ctx.generate)
+        # The bar ends with the stage's work, before the hand-over: the next stage may start
+        # as soon as the send is on its way.
+        ctx.clock.record(peers.stage, mb.index, "prefill", began)
         if not peers.last:
             peers.send_activation(out)
-        ctx.clock.record(peers.stage, mb.index, "prefill", began)
         tel.add_tokens("prefill", int(mb.mask.sum()))
         if not peers.last:
             return
@@ -294,9 +296,9 @@ def decode_one_token(ctx: Run, mb: MicroBatch, step: int) -> None:
     mb.positions = mb.positions[:, -1:] + 1
     began = ctx.clock.now()
     out = runner.forward(x, mb.mask, mb.positions, mb.cache, all_logits=False)
+    ctx.clock.record(peers.stage, mb.index, "decode", began)
     if not peers.last:
         peers.send_step(out, rows=mb.rows, hidden=runner.hidden_size, dtype=runner.dtype, device=runner.device)
-    ctx.clock.record(peers.stage, mb.index, "decode", began)
     if peers.last:
         active = int((~mb.stopper.finished).sum())
         take_tokens(ctx, mb, out[:, -1, :], more=step < ctx.request.max_new_tokens - 1)
