@@ -49,9 +49,9 @@ CAP = 12  # --max-new-tokens of the runs that stop early
 
 
 @pytest.fixture(scope="module")
-def wb():
-    with Workbench.start(2, cpu=True) as wb:
-        yield wb
+def wb(workbench):
+    """The session's shared two engines."""
+    return workbench
 
 
 @pytest.fixture(scope="module")

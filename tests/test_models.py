@@ -241,11 +241,9 @@ CASES += [(mt, "tensor", {"ep": 2}) for mt in MOE_LAYERS]  # tp=1 x ep=2: expert
 
 
 @pytest.fixture(scope="module")
-def wb():
-    from mpbook import Workbench
-
-    with Workbench.start(2, cpu=True) as wb:
-        yield wb
+def wb(workbench):
+    """The session's shared two engines."""
+    return workbench
 
 
 def held_weight_bytes(folder, layout, *, plans=None) -> list[int]:

@@ -20,9 +20,9 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def wb():
-    with Workbench.start(2, cpu=True) as wb:
-        yield wb
+def wb(workbench):
+    """The session's shared two engines."""
+    return workbench
 
 
 @pytest.mark.parametrize("strategy, microbatches", [("data", 1), ("pipeline", 2), ("tensor", 1)])
