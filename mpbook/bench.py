@@ -113,13 +113,16 @@ def bench_strategies(
         log(f"model {model}, {batch} prompts, {new_tokens} new tokens, {dtype}; "
             f"one device vs {wb.world_size} engines ({wb.device_type}); {repeats} interleaved rounds")
 
+        # ignore_eos: every run generates the same number of tokens, whatever the model says.
         def one_device(max_new_tokens):
-            return single.generate(prompts, strategy="data", model=model, max_new_tokens=max_new_tokens, dtype=dtype)
+            return single.generate(prompts, strategy="data", model=model, max_new_tokens=max_new_tokens, dtype=dtype,
+                                   ignore_eos=True)
 
         def layout_run(plan, max_new_tokens):
             return wb.generate(
                 prompts, strategy=plan.strategy, model=model, max_new_tokens=max_new_tokens, dtype=dtype,
                 dp=plan.layout.dp, pp=plan.layout.pp, tp=plan.layout.tp, microbatches=plan.microbatches,
+                ignore_eos=True,
             )
 
         # Correctness first (a forward pass each), then the timed generations.
@@ -178,11 +181,14 @@ def _median_record(results) -> dict[str, Any]:
     record["prefill_tokens_per_s"] = statistics.median(r.prefill_tokens_per_s for r in results)
     record["decode_tokens_per_s"] = statistics.median(r.decode_tokens_per_s for r in results)
     record["peak_memory_bytes"] = [max(r.peak_memory_bytes[i] for r in results) for i in range(results[0].engines)]
+    latencies = [r.latency() for r in results]
+    record["latency"] = {key: statistics.median(l[key] for l in latencies) for key in latencies[0]}
     record["repeats"] = len(results)
     return record
 
 
 def _row(record: dict[str, Any], base: dict[str, Any]) -> str:
+    from .results import latency_words
     from .units import format_bytes
 
     ratio = record["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base["decode_tokens_per_s"] else 0.0
@@ -191,6 +197,7 @@ def _row(record: dict[str, Any], base: dict[str, Any]) -> str:
         f"prefill {record['prefill_tokens_per_s']:>9,.0f} tok/s, decode {record['decode_tokens_per_s']:>8,.1f} tok/s "
         f"({ratio:.2f}x one device), weights/rank {format_bytes(max(record['weight_bytes']))}, "
         f"max|dlogit| {record['max_abs_logit_diff']:.1e}, tokens {'match' if record['tokens_match'] else 'DIFFER'}"
+        + (f"; {latency_words(record['latency'])}" if record.get("latency") else "")
     )
 
 

@@ -84,16 +84,21 @@ class RunResult:
         consecutive new tokens), e.g. ``itl_s(50)`` the median, ``itl_s(90)`` the p90."""
         return [_percentile([b - a for a, b in zip(times, times[1:])], q) for times in self.token_times]
 
-    def latency_summary(self) -> str:
-        """TTFT and inter-token latency over the prompts (median and p90), in milliseconds."""
+    def latency(self) -> dict[str, float]:
+        """TTFT and inter-token latency pooled over the prompts, median and p90, in seconds
+        (empty for a forward pass); ITL keys only when some prompt has two tokens or more."""
         ttft = [t for t in self.ttft_s if t is not None]
         gaps = [b - a for times in self.token_times for a, b in zip(times, times[1:])]
         if not ttft:
-            return ""
-        parts = [f"TTFT median {_percentile(ttft, 50) * 1e3:.0f} ms p90 {_percentile(ttft, 90) * 1e3:.0f} ms"]
+            return {}
+        out = {"ttft_median_s": _percentile(ttft, 50), "ttft_p90_s": _percentile(ttft, 90)}
         if gaps:
-            parts.append(f"ITL median {_percentile(gaps, 50) * 1e3:.1f} ms p90 {_percentile(gaps, 90) * 1e3:.1f} ms")
-        return ", ".join(parts)
+            out.update(itl_median_s=_percentile(gaps, 50), itl_p90_s=_percentile(gaps, 90))
+        return out
+
+    def latency_summary(self) -> str:
+        """TTFT and inter-token latency over the prompts (median and p90), in milliseconds."""
+        return latency_words(self.latency())
 
     def total_collectives(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -159,6 +164,7 @@ class RunResult:
             "ttft_s": list(self.ttft_s),
             "itl_median_s": self.itl_s(50),
             "itl_p90_s": self.itl_s(90),
+            "latency": self.latency(),
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_tokens_per_s": self.decode_tokens_per_s,
             "peak_memory_bytes": list(self.peak_memory_bytes),
@@ -274,3 +280,13 @@ def merge(
         sampling=request.sampling,
         engine_seconds=[out.engine_seconds for out in outputs],
     )
+
+
+def latency_words(latency: dict[str, float]) -> str:
+    """``Result.latency()`` (or a bench record's) as the summary line says it, in milliseconds."""
+    if not latency:
+        return ""
+    parts = [f"TTFT median {latency['ttft_median_s'] * 1e3:.0f} ms p90 {latency['ttft_p90_s'] * 1e3:.0f} ms"]
+    if "itl_median_s" in latency:
+        parts.append(f"ITL median {latency['itl_median_s'] * 1e3:.1f} ms p90 {latency['itl_p90_s'] * 1e3:.1f} ms")
+    return ", ".join(parts)

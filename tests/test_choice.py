@@ -549,6 +549,10 @@ def test_record_carries_latency_per_prompt():
     assert record["ttft_s"] == [0.1, 0.3]
     assert record["itl_median_s"][0] == pytest.approx(0.15) and record["itl_median_s"][1] is None
     assert record["generated_tokens"] == 4
+    # Pooled over the prompts, as the summary line and the bench table say them.
+    assert record["latency"] == pytest.approx(
+        {"ttft_median_s": 0.2, "ttft_p90_s": 0.28, "itl_median_s": 0.15, "itl_p90_s": 0.19})
+    assert result_with_times([[]]).record()["latency"] == {}
 
 
 # --------------------------------------------------------------------------- the reference's rows
