@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 # Everything the session and the processes it starts (engines, kernels, `ipcluster`) write
@@ -35,6 +36,11 @@ if OWNER:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Nothing downloads models in the tests: the notebooks' suggested model is then the preset.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# jsonschema (under nbformat, which the notebook tests use) imports the optional
+# rfc3987-syntax checker when it is installed, and that builds 38 parser grammars at import:
+# about 5 s in every test process. Notebook schemas use no IRI formats; jsonschema skips the
+# checker when its import fails.
+sys.modules.setdefault("rfc3987_syntax", None)
 # Functions that tests send to engines are pickled by reference to their test module, so
 # the engines (which inherit this environment) must be able to import it.
 _here = os.path.dirname(os.path.abspath(__file__))

@@ -67,8 +67,6 @@ def supported_strategies(config, plans: dict | None = None) -> tuple[str, ...]:
 
 def why_not(config, strategy: str, plans: dict | None = None) -> str | None:
     """Why ``strategy`` cannot split ``config``'s model (None: it can), in a few words."""
-    from ..parallel.tensor import IMPLEMENTED
-
     tp, pp, ep = _config_plans(config, plans)
     mt = config.model_type
     if not takes_a_cache(config):
@@ -91,19 +89,11 @@ def why_not(config, strategy: str, plans: dict | None = None) -> str | None:
     if strategy == "tensor":
         if not any("*" in k for k in tp):
             return f"{mt} has no tensor-parallel plan for its decoder layers (its config carries no base_model_tp_plan)"
-        odd = {k: v for k, v in tp.items() if v not in IMPLEMENTED}
-        if odd:
-            key, style = next(iter(odd.items()))
-            return f"{mt}'s tensor-parallel plan gives {key} the style {style!r}, which mpbook does not implement"
-        return None
+        return _unimplemented_style(mt, "tensor", tp)
     if strategy == "expert":
         if not ep:
             return f"{mt} has no expert-parallel plan (its config carries no base_model_ep_plan: not a mixture of experts)"
-        odd = {k: v for k, v in ep.items() if v not in IMPLEMENTED}
-        if odd:
-            key, style = next(iter(odd.items()))
-            return f"{mt}'s expert-parallel plan gives {key} the style {style!r}, which mpbook does not implement"
-        return None
+        return _unimplemented_style(mt, "expert", ep)
     raise MpbookError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 
@@ -226,3 +216,14 @@ def _small(config):
     except (AttributeError, NotImplementedError, ValueError):  # a family that derives these: its defaults
         return type(config)()
     return config
+
+
+def _unimplemented_style(model_type: str, kind: str, plan: dict[str, str]) -> str | None:
+    """The first entry of a ``kind`` ("tensor", "expert") parallel plan whose style mpbook
+    does not implement, said as the refusal; None when it implements every one."""
+    from ..parallel.tensor import IMPLEMENTED
+
+    for key, style in plan.items():
+        if style not in IMPLEMENTED:
+            return f"{model_type}'s {kind}-parallel plan gives {key} the style {style!r}, which mpbook does not implement"
+    return None
