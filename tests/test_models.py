@@ -26,7 +26,8 @@ PROMPTS = [
 ]
 NEW_TOKENS = 4
 LAYERS = 4  # every family config in mpbook.models.presets.FAMILIES
-FAMILIES = ("gemma2", "phi3", "mixtral", "qwen3_moe", "gpt_neox")
+# Granite: embedding, residual, attention and logit multipliers; OLMo 2: q/k norms over all heads.
+FAMILIES = ("gemma2", "phi3", "mixtral", "qwen3_moe", "gpt_neox", "olmo2", "granite")
 MOE_LAYERS = {"mixtral": 4, "qwen3_moe": 3}  # qwen3_moe's layer 1 is dense (mlp_only_layers)
 # GPT-2 has neither a pp nor a tp plan; a user plan in the config's format splits it anyway.
 # Its fused c_attn holds q|k|v one after the other, so a plain column split would cut across
@@ -126,6 +127,8 @@ def test_supported_strategies_read_the_plans():
         "mixtral": ("data", "pipeline", "tensor", "expert"),
         "qwen3_moe": ("data", "pipeline", "tensor", "expert"),
         "gpt_neox": ("data", "pipeline", "tensor"),
+        "olmo2": ("data", "pipeline", "tensor"),
+        "granite": ("data", "pipeline", "tensor"),
         "gpt2": ("data", "pipeline"),
     }
     assert supported_strategies(config_of("gpt2"), GPT2_TP_PLAN) == ("data", "pipeline", "tensor")
@@ -270,10 +273,13 @@ def expected_collectives(model_type: str, layout: Layout) -> list[dict[str, int]
     if layout.tp > 1:
         # 2 all-reduces per layer (after attention, after the MLP or the MoE), 1 for the
         # vocab-parallel embedding; Phi-3's plan gathers its fused qkv and gate_up in every
-        # layer too; the vocab-parallel logits are gathered once, onto the reporting rank.
+        # layer too, OLMo 2's its q, k and v (its q/k norms span all heads); the vocab-parallel
+        # logits are gathered once, onto the reporting rank.
         counts = {"all_reduce": 2 * LAYERS + 1, "gather": 1}
         if model_type == "phi3":
             counts["all_gather"] = 2 * LAYERS
+        if model_type == "olmo2":
+            counts["all_gather"] = 3 * LAYERS
         return [counts] * 2
     if layout.ep > 1:
         return [{"all_reduce": MOE_LAYERS[model_type]}] * 2  # one per MoE layer, nothing else
