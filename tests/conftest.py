@@ -66,6 +66,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cluster)
         if no_gpu and "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine"))
+    # The tests on four engines side by side, so that one worker runs them all on one cluster.
+    four = [item for item in items if "wb4" in getattr(item, "fixturenames", ())]
+    if four:
+        first, chosen = items.index(four[0]), {id(item) for item in four}
+        rest = [item for item in items if id(item) not in chosen]
+        items[:] = rest[:first] + four + rest[first:]
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +104,14 @@ def workbench():
     wb.stop()
 
 
+@pytest.fixture(scope="session")
+def wb4():
+    """Four CPU engines, for the layouts that combine two degrees; shared like ``workbench``."""
+    wb = Workbench.start(4, cpu=True)
+    yield wb
+    wb.stop()
+
+
 def _all_reduce(state):
     import torch
     import torch.distributed as dist
@@ -120,11 +134,12 @@ def whole(wb: Workbench) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _heal_the_shared_workbench(request):
-    wb = request.getfixturevalue("workbench") if "workbench" in request.fixturenames else None
+def _heal_the_shared_workbenches(request):
+    shared = [request.getfixturevalue(name) for name in ("workbench", "wb4") if name in request.fixturenames]
     yield
-    if wb is not None and not whole(wb):
-        wb.restart()
+    for wb in shared:
+        if not whole(wb):
+            wb.restart()
 
 
 SHORT_TIMEOUT_S = 3.0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from cluster_probe import alive
@@ -22,9 +24,13 @@ def ipcluster():
            f"--cluster-id={cluster_id}", "--ip=127.0.0.1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     yield proc, profile, cluster_id
-    subprocess.run([sys.executable, "-m", "ipyparallel.cluster", "stop", f"--profile={profile}",
-                    f"--cluster-id={cluster_id}"], capture_output=True, timeout=60)
+    # Ctrl-C, as in the terminal it was started from: ipcluster stops its engines and controller
+    # and exits (`ipcluster stop` does the same through a second process, seconds slower).
+    started = psutil.Process(proc.pid).children(recursive=True)  # controller, engines, their nannies
+    proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
+    _, left = psutil.wait_procs(started, timeout=30)
+    assert not left, f"ipcluster left {left} running"
 
 
 @pytest.mark.parametrize("rendezvous", [None, "tcp"])

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mpbook import Workbench
 from mpbook.reference import reference
 from test_strategies import NEW_TOKENS, PROMPTS, assert_matches_one_device
-
-
-@pytest.fixture(scope="module")
-def wb4():
-    with Workbench.start(4, cpu=True) as wb:
-        yield wb
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from mpbook import Workbench
 from test_models import (
     LAYERS, MOE_LAYERS, NEW_TOKENS, PROMPTS, assert_matches, family_folder, held_weight_bytes, planned,
 )
@@ -19,12 +18,6 @@ CASES = [
     ("qwen3_moe", "tensor", {"ep": 2}),
     ("qwen3_moe", "data", {"ep": 2}),  # dp=2 x ep=2
 ]
-
-
-@pytest.fixture(scope="module")
-def wb4():
-    with Workbench.start(4, cpu=True) as wb:
-        yield wb
 
 
 def expected_all_reduces(model_type: str, layout) -> int:
