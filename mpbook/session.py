@@ -242,7 +242,15 @@ class Session:
         """Resolve ``name`` once: its folder, config and tokenizer (padding on the left)."""
         key = str(name)
         if key not in self.models:
-            self.models[key] = ModelInfo.load(key)
+            from . import models
+            from .interrupts import interrupt_held
+
+            # The first model of a kernel imports torch and transformers here, and each
+            # model its family's code: an interrupt waits until they are in (see interrupts).
+            with interrupt_held():
+                info = ModelInfo.load(key)
+                models.causal_lm_class(info.config)
+            self.models[key] = info
         return self.models[key]
 
     def generate(

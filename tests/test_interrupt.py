@@ -75,10 +75,10 @@ def execute(km, kc, code: str, *, interrupt_after_s: float | None = None, timeou
     return cell
 
 
-@pytest.fixture(scope="module")
-def kernel():
+def start_kernel():
     """A real kernel (it inherits this environment: PYTHONPATH, the private IPYTHONDIR and
-    model cache) with the extension loaded and 2 CPU engines started."""
+    model cache) with the extension loaded and 2 CPU engines started; torch is not imported
+    in it yet (``import mpbook`` and ``%mp start`` do not)."""
     from jupyter_client.manager import KernelManager
 
     km = KernelManager(kernel_name="python3")
@@ -97,6 +97,17 @@ def kernel():
             pass
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    yield from start_kernel()
+
+
+@pytest.fixture
+def fresh_kernel():
+    """A kernel of its own: its first generation cell is the test's."""
+    yield from start_kernel()
 
 
 def report(what: str, cell: Cell) -> None:
@@ -132,6 +143,8 @@ def test_interrupt_mid_decode_ends_the_cell_at_once_and_the_next_cell_works(kern
 def test_two_interrupts_in_a_row_and_then_a_cell(kernel):
     """A person who presses stop on the next long cell too: each ends at once."""
     km, kc = kernel
+    warm = execute(km, kc, f"%%mp pipeline {SHORT}")  # loaded: the interrupts land in the decode
+    assert warm.status == "ok" and not warm.errors, warm
     for _ in range(2):
         cell = execute(km, kc, f"%%mp pipeline {LONG}", interrupt_after_s=INTERRUPT_AFTER_S + 1.0)
         report("pipeline again: interrupted cell", cell)
@@ -139,3 +152,27 @@ def test_two_interrupts_in_a_row_and_then_a_cell(kernel):
     after = execute(km, kc, f"%%mp tensor {SHORT}", timeout_s=120)
     report("tensor after two interrupts", after)
     assert after.status == "ok" and any("4 new tokens" in line for line in after.text), after
+
+
+
+def test_stop_pressed_while_the_first_cell_imports_torch_leaves_the_kernel_whole(fresh_kernel):
+    """Two seconds into a kernel's first generation cell the kernel is importing torch and
+    transformers. An import cut by KeyboardInterrupt would leave torch half registered, and
+    every later cell would fail (or the kernel abort) on importing it again: mpbook holds the
+    interrupt until the imports are in, then ends the cell as any interrupted cell."""
+    km, kc = fresh_kernel
+    # mpbook's own modules (and the widgets) in, torch not yet: the first strategy cell goes
+    # straight to importing torch and transformers, for seconds, and the interrupt lands there.
+    ready = execute(km, kc, "import sys, ipywidgets, mpbook.session, mpbook.dashboard.live, mpbook.dashboard.widget\n"
+                            "print('torch imported:', 'torch' in sys.modules)")
+    assert ready.text == ["torch imported: False"], ready
+    cell = execute(km, kc, f"%%mp pipeline {LONG}", interrupt_after_s=2.2)
+    report("pipeline: first cell interrupted at 2.2 s", cell)
+    assert cell.after_interrupt_s is not None and cell.after_interrupt_s < 30, cell  # the imports, then the end
+    assert not any("new tokens" in line for line in cell.text), "the cell ended before the interrupt"
+    assert cell.lines <= 3, (cell.text, cell.errors)
+    assert any("interrupted" in line for line in cell.text) or any("Interrupt" in e for e, _, _ in cell.errors)
+    after = execute(km, kc, f"%%mp pipeline {SHORT}", timeout_s=120)
+    report("pipeline: the next cell", after)
+    assert after.status == "ok" and not after.errors, after
+    assert any("4 new tokens" in line for line in after.text), after.text

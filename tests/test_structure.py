@@ -178,7 +178,7 @@ def test_engine_side_never_imports_the_client_side():
 # Layers of the client, top to bottom (CONTRACTS: magics -> workbench -> session -> cluster ->
 # engines), with the tools that drive the whole (bench, the one-device reference) on top. A
 # module may import its own layer and those below, never one above; what is not listed
-# (engine, parallel, models, protocol, layout, units, options, errors, devices, compat,
+# (engine, parallel, models, protocol, layout, units, options, errors, devices, interrupts, compat,
 # plots, results, soak) is the bottom layer, shared by both sides.
 LAYERS = {
     "mpbook": 5, "mpbook.__main__": 5, "mpbook.bench": 5, "mpbook.reference": 5,

@@ -42,7 +42,6 @@ class Runner:
     stage: Any  # the causal LM, cut down to this rank's layers and shards
     peers: StagePeers
     coords: Coords
-    mesh: Mesh | None
     device: Any
     dtype: Any
     weight_bytes: int
@@ -89,15 +88,12 @@ class Runner:
         """Let go of the process groups (about to be destroyed); :meth:`rebind` takes new ones."""
         for _, group in self.groups:
             group.group = None
-        self.mesh = None
         self.peers.drop_pending()
         self.stale = True
 
     def rebind(self, state) -> None:
         """Point the model's collectives at this engine's current process groups."""
-        from ..layout import Mesh
-
-        mesh = self.mesh = Mesh(self.key[1], state.rank, state.device.type)
+        mesh = Mesh(self.key[1], state.rank, state.device.type)
         state.cache.setdefault("meshes", {})[mesh.layout] = mesh
         for dims, group in self.groups:  # the same order on every rank: new_group is collective
             group.group = mesh.group(*dims)
@@ -137,7 +133,6 @@ def _build_runner(state, request: Request) -> Runner:
     coords = layout.coords(state.rank)
     dtype = torch_dtype(request.dtype)
     whole = layout.pp == layout.tp == layout.ep == 1
-    mesh = None
     groups: dict[tuple, Group] = {}
     if whole:
         # Nothing to split: transformers' own loader, whatever the family (data parallel works
@@ -172,7 +167,6 @@ def _build_runner(state, request: Request) -> Runner:
         stage=stage.model,
         peers=StagePeers(layout.group_ranks("pp", state.rank), coords.pp, state.telemetry),
         coords=coords,
-        mesh=mesh,
         device=state.device,
         dtype=dtype,
         weight_bytes=stage.param_bytes(),
@@ -225,6 +219,13 @@ def _prepare(state, request: Request) -> dict:
     if runner is not None:
         state.cache.pop("runner").close()  # free the old layout's memory before loading
     with state.telemetry.phase_scope("loading"):
+        # The first load on an engine imports transformers and the family's code: an
+        # interrupt waits until they are in (mpbook.interrupts), the loading itself does not.
+        from .. import models
+        from ..interrupts import interrupt_held
+
+        with interrupt_held():
+            models.causal_lm_class(models.load_config(request.model))
         runner = state.cache["runner"] = _build_runner(state, request)
     # The ranks of one replica (its stages and shards) work on the same tokens: the
     # dashboard counts each replica's tokens once.

@@ -47,13 +47,21 @@ def takes_a_cache(config) -> bool:
     that generate threads through, which mpbook's decode loop does not)."""
     import inspect
 
+    model_class = causal_lm_class(config)
+    if model_class is None:  # not a causal LM transformers knows: let loading say so
+        return True
+    return "cache" in inspect.signature(model_class.forward).parameters
+
+
+def causal_lm_class(config):
+    """transformers' causal-LM class for ``config`` (importing its family's code), or None
+    when transformers has none."""
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except Exception:  # noqa: BLE001  not a causal LM transformers knows: let loading say so
-        return True
-    return "cache" in inspect.signature(model_class.forward).parameters
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except Exception:  # noqa: BLE001  a config transformers maps to no causal LM
+        return None
 
 
 def supported_strategies(config, plans: dict | None = None) -> tuple[str, ...]:
