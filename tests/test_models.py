@@ -292,22 +292,36 @@ def expected_collectives(model_type: str, layout: Layout) -> list[dict[str, int]
 @pytest.mark.parametrize("model_type, strategy, degrees", CASES,
                          ids=[f"{mt}-{s}{'-ep2' if d else ''}" for mt, s, d in CASES])
 def test_every_strategy_matches_one_device(wb, model_type, strategy, degrees):
+    forward = forward_checked(wb, model_type, strategy, degrees)
+    assert forward.collectives == expected_collectives(model_type, forward.layout)
+    generate_checked(wb, model_type, strategy, degrees)
+
+
+def forward_checked(wb, model_type: str, strategy: str, degrees: dict):
+    """A forward pass of the family's tiny checkpoint against one device: every logit, what
+    each rank holds, and the planner's figures for the same layout."""
     folder = family_folder(model_type)
     forward = wb.forward(PROMPTS, strategy=strategy, model=folder, **degrees)
     assert_matches(forward, folder)
     layout = forward.layout
-    assert forward.collectives == expected_collectives(model_type, layout)
     assert forward.weight_bytes == held_weight_bytes(folder, layout)
-    # The planner reads the same structure: weights per rank, exact; the KV cache too where
-    # every row is padded to the longest prompt (one replica) and no layer slides a window (the
-    # planner counts a sliding layer's storage, the engines the elements of its view).
+    # The planner reads the same structure: weights per rank, exact (experts split by ep,
+    # the vocabulary by tp); the KV cache too where every row is padded to the longest prompt
+    # (one replica) and no layer slides a window (the planner counts a sliding layer's
+    # storage, the engines the elements of its view).
     predicted = planned(folder, layout, prompt_len=max(forward.prompt_tokens))
     assert [r.parameters for r in predicted.ranks] == forward.weight_bytes
     if layout.dp == 1 and model_type != "gemma2":
         assert [r.kv_cache for r in predicted.ranks] == forward.kv_cache_bytes
+    return forward
+
+
+def generate_checked(wb, model_type: str, strategy: str, degrees: dict):
+    """Greedy generation on the layout the forward pass loaded: tokens as transformers' own."""
+    folder = family_folder(model_type)
     generated = wb.generate(PROMPTS, strategy=strategy, model=folder, max_new_tokens=NEW_TOKENS, **degrees)
     assert_matches(generated, folder, logits=False)
-    assert generated.load_seconds == [0.0, 0.0]  # the model loaded for the forward pass was kept
+    assert generated.load_seconds == [0.0] * wb.world_size  # the model loaded for the forward pass was kept
 
 
 @pytest.mark.cluster

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_models import (
-    LAYERS, MOE_LAYERS, NEW_TOKENS, PROMPTS, assert_matches, family_folder, held_weight_bytes, planned,
-)
+from test_models import LAYERS, MOE_LAYERS, PROMPTS, forward_checked, generate_checked
 
 pytestmark = pytest.mark.cluster
 
@@ -33,18 +31,10 @@ def expected_all_reduces(model_type: str, layout) -> int:
 @pytest.mark.parametrize("model_type, strategy, degrees", CASES,
                          ids=[f"{mt}-{s}-{'-'.join(f'{k}{v}' for k, v in d.items())}" for mt, s, d in CASES])
 def test_expert_parallel_combinations_match_one_device(wb4, model_type, strategy, degrees):
-    folder = family_folder(model_type)
-    forward = wb4.forward(PROMPTS, strategy=strategy, model=folder, **degrees)
-    assert_matches(forward, folder)
+    forward = forward_checked(wb4, model_type, strategy, degrees)
     layout = forward.layout
-    assert forward.weight_bytes == held_weight_bytes(folder, layout)
-    predicted = planned(folder, layout, prompt_len=max(forward.prompt_tokens))  # experts split by ep
-    assert [r.parameters for r in predicted.ranks] == forward.weight_bytes
-    if layout.dp == 1:
-        assert [r.kv_cache for r in predicted.ranks] == forward.kv_cache_bytes
     for rank, counts in enumerate(forward.collectives):
         if forward.layout.dp > 1 and layout.coords(rank).dp >= len(PROMPTS):
             continue
         assert counts.get("all_reduce", 0) == expected_all_reduces(model_type, layout), (rank, counts)
-    generated = wb4.generate(PROMPTS, strategy=strategy, model=folder, max_new_tokens=NEW_TOKENS, **degrees)
-    assert_matches(generated, folder, logits=False)
+    generate_checked(wb4, model_type, strategy, degrees)

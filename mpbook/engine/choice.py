@@ -22,12 +22,11 @@ tokens of a finished row are the pad id, as generate() fills finished rows.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from ..protocol import Sampling, Stopping
-
-if TYPE_CHECKING:  # torch is imported where it is used: the client imports this module's names
-    import torch
 
 MASK64 = (1 << 64) - 1
 REASONS = (None, "eos", "stop", "length")
@@ -55,8 +54,6 @@ def penalize_repeats(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -
     """RepetitionPenaltyLogitsProcessor's rule on the tokens a row has seen (its prompt without
     padding, and what it generated): a negative score is multiplied by the penalty, a positive
     one divided, once per token however often it occurred."""
-    import torch
-
     if penalty == 1.0:
         return scores
     penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
@@ -82,8 +79,6 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """For each row, the first token (in vocabulary order) whose cumulative probability exceeds
     ``uniform * total``; zero-probability (filtered) tokens are never chosen. float64 on the
     CPU: the same sums on any device."""
-    import torch
-
     cdf = probs.detach().to("cpu", torch.float64).cumsum(-1)
     totals = cdf[:, -1:].contiguous()
     tokens = torch.searchsorted(cdf, uniforms.to(torch.float64)[:, None] * totals, right=True)
@@ -101,8 +96,6 @@ class TokenChooser:
 
     def __init__(self, sampling: Sampling, *, prompt_indices: Sequence[int], prompt_ids: torch.Tensor,
                  attention_mask: torch.Tensor, vocab_size: int):
-        import torch
-
         self.sampling = sampling
         self.warpers = warpers(sampling)
         seed = sampling.seed or 0
@@ -132,8 +125,6 @@ class TokenChooser:
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row, on the logits' device. ``logits``: (rows, vocab)."""
-        import torch
-
         scores = self.scores(logits)
         if not self.sampling.do_sample:
             return scores.argmax(-1)  # the first of equal maxima
@@ -144,8 +135,6 @@ class TokenChooser:
 
     def update(self, tokens: torch.Tensor) -> None:
         """Record the tokens the rows now hold (finished rows padded)."""
-        import torch
-
         if self.seen is not None:
             rows = torch.arange(len(tokens), device=tokens.device)
             fits = tokens < self.seen.shape[1]
@@ -171,8 +160,6 @@ class Stopper:
 
     def __init__(self, stopping: Stopping, *, pad_id: int, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
                  criteria: Any = None):
-        import torch
-
         device = prompt_ids.device
         self.pad_id = pad_id
         self.eos = torch.tensor([] if stopping.ignore_eos else list(stopping.eos_token_ids), dtype=torch.long,
@@ -207,8 +194,6 @@ class Stopper:
     def update(self, tokens: torch.Tensor) -> torch.Tensor:
         """Take this step's chosen tokens; return them with finished rows padded, and mark the
         rows that finish with them."""
-        import torch
-
         tokens = torch.where(self.finished, torch.full_like(tokens, self.pad_id), tokens)
         active = ~self.finished
         self.steps += 1
