@@ -89,21 +89,42 @@ class Mesh:
     Making a group is a collective step every rank takes together (``dist.new_group`` for
     every group along the same dims, in the same order), so groups are made on first use of
     a set of dims, on every rank at the same point of the run, and kept.
+
+    ``world``: when the engines share an MPI world, its communicator over all ranks
+    (:mod:`mpbook.parallel.mpi`); :meth:`comm` splits it along dims as :meth:`group` does.
     """
 
-    def __init__(self, layout: Layout, rank: int, device_type: str):
+    def __init__(self, layout: Layout, rank: int, device_type: str, world=None):
         self.layout = layout
         self.rank = rank
         self.device_type = device_type
+        self.world = world
         self.coords = layout.coords(rank)
         self._groups: dict[tuple[str, ...], object] = {}
+        self._comms: dict[tuple[str, ...], object] = {}
         self._device_mesh = None
+
+    def _key(self, dims) -> tuple[str, ...]:
+        # Dims of degree 1 add no rank, so ("ep", "tp") with ep=1 is ("tp",).
+        return tuple(d for d in DIMS if d in dims and getattr(self.layout, d) > 1) or tuple(d for d in DIMS if d in dims)
+
+    def comm(self, *dims: str):
+        """This rank's MPI communicator along ``dims``, ranked as :meth:`ranks` lists them;
+        None without an MPI world. Collective, like :meth:`group`."""
+        if self.world is None:
+            return None
+        key = self._key(dims)
+        if key not in self._comms:
+            groups = self.layout.groups(key)
+            color = next(i for i, ranks in enumerate(groups) if self.rank in ranks)
+            self._comms[key] = self.world.split(color, groups[color].index(self.rank))
+        return self._comms[key]
 
     def group(self, *dims: str):
         """This rank's process group along ``dims`` (e.g. ``group("tp")``, ``group("ep", "tp")``).
 
         Dims of degree 1 add no rank, so ``group("ep", "tp")`` with ep=1 is ``group("tp")``."""
-        key = tuple(d for d in DIMS if d in dims and getattr(self.layout, d) > 1) or tuple(d for d in DIMS if d in dims)
+        key = self._key(dims)
         if key not in self._groups:
             import torch.distributed as dist
 

@@ -83,6 +83,9 @@ def build_parser() -> MagicArgumentParser:
     devices = start.add_mutually_exclusive_group()
     devices.add_argument("--cpu", action="store_true", help="CPU engines (gloo) even if GPUs are visible")
     devices.add_argument("--gpu", action="store_true", help="GPU engines (NCCL); an error when none is visible")
+    start.add_argument("--transport", choices=("auto", "mpi", "gloo"), default="auto",
+                       help="CPU engines' collectives: mpi (engines started by mpiexec, shared memory), gloo, "
+                            "or auto (default: mpi when installed)")
     start.add_argument("--profile", default=None, help="attach to the running cluster of this IPython profile")
     start.add_argument("--cluster-id", default=None, help="attach to the running cluster with this id")
     start.add_argument(
@@ -248,11 +251,13 @@ class MpMagics(Magics):
         began = time.perf_counter()
         if args.profile or args.cluster_id:
             self.workbench = Workbench.attach(
-                profile=args.profile, cluster_id=args.cluster_id, cpu=args.cpu, n=args.n, timeout_s=args.timeout
+                profile=args.profile, cluster_id=args.cluster_id, cpu=args.cpu, n=args.n, timeout_s=args.timeout,
+                transport=args.transport,
             )
             verb = "attached to"
         else:
-            self.workbench = Workbench.start(args.n, cpu=args.cpu, gpu=args.gpu, timeout_s=args.timeout)
+            self.workbench = Workbench.start(args.n, cpu=args.cpu, gpu=args.gpu, timeout_s=args.timeout,
+                                             transport=args.transport)
             verb = "started"
         wb = self.workbench
         print(f"{verb} {wb.world_size} engine{'s' if wb.world_size != 1 else ''} in {time.perf_counter() - began:.1f} s")

@@ -88,6 +88,7 @@ class EngineInfo:
     memory_total_bytes: int
     threads: int
     model_bytes: int = 0  # weights of the model loaded on this engine (freed when another loads)
+    transport: str = ""  # what mpbook's collectives travel over: "mpi", or the backend ("gloo", "nccl")
 
 
 # ----------------------------------------------------------------------------- a run
@@ -185,3 +186,7 @@ class RankOutput:
     token_times: list[list[float]] | None = None  # per row: seconds since the run began, one per new token
     expert_tokens: int = 0  # tokens routed to this rank's experts (expert parallel)
     stop_reasons: list[str] | None = None  # per row: "eos", "stop", "length"
+    # What each of this rank's groups moved its tensors over, by dims: {"tp": "mpi", "pp": "gloo"}.
+    transports: dict[str, str] = field(default_factory=dict)
+    # Where this rank's decode steps went, in seconds (mpbook.engine.steps.StepBreakdown).
+    step_breakdown: dict[str, float] = field(default_factory=dict)

@@ -34,11 +34,13 @@ class Workbench:
     # ----------------------------------------------------------------- construction
     @classmethod
     def start(cls, n: int | None = None, *, cpu: bool = False, gpu: bool = False,
-              timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None) -> Workbench:
-        """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines (gloo).
+              timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None, transport: str = "auto") -> Workbench:
+        """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines.
 
-        ``threads``: intra-op threads per engine (default: the cores divided among engines)."""
-        return cls(Cluster.start(n, cpu=cpu, gpu=gpu, timeout_s=timeout_s, threads=threads))
+        ``threads``: intra-op threads per engine (default: the cores divided among engines).
+        ``transport``: what CPU engines' collectives use: ``"mpi"`` (mpiexec-started engines,
+        MPICH's shared memory), ``"gloo"``, or ``"auto"`` (MPI when installed)."""
+        return cls(Cluster.start(n, cpu=cpu, gpu=gpu, timeout_s=timeout_s, threads=threads, transport=transport))
 
     @classmethod
     def attach(cls, **options: Any) -> Workbench:

@@ -29,6 +29,7 @@ from ..protocol import EngineInfo, Rendezvous
 from . import calls
 from .health import EngineWatch, process_running, signal_engines
 from .launch import OWNER_ENV
+from .transport import TransportChoice, attached_transport, choose_transport, configure_mpi_engines
 
 ENGINE_TIMEOUT_S = 60.0  # for engines to register after they are launched
 # ipyparallel's default heartbeat (3 s) makes engine registration take ~6.5 s for two
@@ -41,10 +42,13 @@ log = logging.getLogger("mpbook")
 class Cluster:
     """Engines, one per device, joined in one torch.distributed process group."""
 
-    def __init__(self, *, owned: bool, plan: StartPlan, timeout_s: float, rendezvous: str, client=None):
+    def __init__(self, *, owned: bool, plan: StartPlan, timeout_s: float, rendezvous: str, client=None,
+                 transport: TransportChoice | None = None):
         # Use Cluster.start() or Cluster.attach(), which check the options.
         self.owned = owned
         self.plan = plan
+        # What mpbook's collectives travel over (mpbook.cluster.transport).
+        self.transport = transport or TransportChoice("nccl" if plan.use_gpu else "gloo")
         self.timeout_s = timeout_s
         self.rendezvous_kind = rendezvous
         self.client = client
@@ -72,16 +76,20 @@ class Cluster:
         gpu: bool = False,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         threads: int | None = None,
+        transport: str = "auto",
     ) -> Cluster:
-        """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines (gloo).
+        """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines.
 
-        ``threads``: intra-op threads per engine (default: the cores divided among engines)."""
+        ``threads``: intra-op threads per engine (default: the cores divided among engines).
+        ``transport``: for CPU engines, ``"mpi"`` (engines started by mpiexec, collectives over
+        MPICH's shared memory), ``"gloo"``, or ``"auto"``: MPI when it is installed."""
         timeout_s = check_timeout(timeout_s)
         threads = check_threads(threads)
         plan = StartPlan.choose(n, cpu=cpu, gpu=gpu)
         if threads is not None:
             plan = dataclasses.replace(plan, threads=threads)
-        cluster = cls(owned=True, plan=plan, timeout_s=timeout_s, rendezvous="file")
+        choice = choose_transport(transport, use_gpu=plan.use_gpu)
+        cluster = cls(owned=True, plan=plan, timeout_s=timeout_s, rendezvous="file", transport=choice)
         cluster._launch()
         return cluster
 
@@ -97,14 +105,20 @@ class Cluster:
         config.LocalControllerLauncher.environment = {OWNER_ENV: str(os.getpid())}
         config.LocalEngineLauncher.engine_cmd = [*launch, "engine"]
         threads = str(plan.threads)
-        config.LocalEngineSetLauncher.environment = {
+        environment = {
             OWNER_ENV: str(os.getpid()),
             "OMP_NUM_THREADS": threads,
             "MKL_NUM_THREADS": threads,
             "TOKENIZERS_PARALLELISM": "false",
         }
+        config.LocalEngineSetLauncher.environment = environment
+        engines = "local"
+        if self.transport.name == "mpi":
+            configure_mpi_engines(config, self.transport, [*launch, "engine"], environment)
+            engines = "mpi"
         self.ipp_cluster = ipp_cluster = ipp.Cluster(
             n=plan.n,
+            engines=engines,
             config=config,
             controller_ip="127.0.0.1",  # the controller listens on loopback only
             # Schedulers in threads rather than 8 forked processes: a faster start, and
@@ -149,6 +163,7 @@ class Cluster:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         wait_s: float = 30.0,
         rendezvous: str | None = None,
+        transport: str = "auto",
     ) -> Cluster:
         """Join a cluster that is already running (``ipcluster start``, MPI, SSH, Slurm ...).
 
@@ -201,6 +216,11 @@ class Cluster:
         if not cpu:
             cluster.plan = StartPlan(n=len(ids), use_gpu=cluster._engines_have_gpus(ids, hosts), threads=0)
         try:
+            cluster.transport = attached_transport(client, ids, transport, use_gpu=cluster.plan.use_gpu)
+        except BaseException:
+            client.close()
+            raise
+        try:
             cluster._form_group(hosts=hosts)
         except BaseException:
             cluster.stop()
@@ -234,6 +254,7 @@ class Cluster:
                 threads=self.plan.threads or None,
                 rendezvous=rdzv,
                 timeout_s=self.timeout_s,
+                mpi=self.transport.name == "mpi",
             )
         result = self.client[ids].apply_async(engine.setup_from_table, table)
         self.engines = calls.wait(result, self.ranks, stream=False, what="forming the process group")
@@ -265,12 +286,13 @@ class Cluster:
         if not self.owned or self.ipp_cluster is None:
             return {"controller": [], "engines": []}
         controller = self.ipp_cluster.controller
-        engines = [
-            launcher.pid
-            for engine_set in self.ipp_cluster.engines.values()
-            for launcher in engine_set.launchers.values()
-            if launcher.pid
-        ]
+        engines = []
+        for engine_set in self.ipp_cluster.engines.values():
+            # One launcher per engine, or (MPI) one mpiexec whose process tree holds the engines.
+            launchers = getattr(engine_set, "launchers", None)
+            for launcher in launchers.values() if launchers is not None else [engine_set]:
+                if launcher.pid:
+                    engines.append(launcher.pid)
         return {"controller": [controller.pid] if controller and controller.pid else [], "engines": engines}
 
     def watch(self) -> EngineWatch:
@@ -300,7 +322,15 @@ class Cluster:
         signal_engines(self.client, signal.SIGINT, self.engine_ids(ranks))
 
     def table(self) -> str:
-        return format_engines(self.engines)
+        transport = self.transport
+        line = {
+            "mpi": "collectives: MPI (mpi4py over MPICH's shared memory), engines started by mpiexec",
+            "gloo": "collectives: gloo (TCP over loopback)" if self.owned else "collectives: gloo",
+            "nccl": "collectives: NCCL",
+        }[transport.name]
+        if transport.note:
+            line += f"; {transport.note}"
+        return format_engines(self.engines) + "\n" + line
 
     # ----------------------------------------------------------------- lifecycle
     def restart(self) -> Cluster:
@@ -382,11 +412,11 @@ def format_engines(infos: Sequence[EngineInfo]) -> str:
     """The engines table, as text."""
     from ..units import format_bytes
 
-    rows = [("rank", "host", "pid", "device", "backend", "threads", "free / total memory")]
+    rows = [("rank", "host", "pid", "device", "backend", "transport", "threads", "free / total memory")]
     for i in infos:
         device = i.device if i.device_name == "cpu" else f"{i.device} ({i.device_name})"
         memory = f"{format_bytes(i.memory_free_bytes, unit='GiB')} / {format_bytes(i.memory_total_bytes, unit='GiB')}"
-        rows.append((str(i.rank), i.host, str(i.pid), device, i.backend, str(i.threads), memory))
+        rows.append((str(i.rank), i.host, str(i.pid), device, i.backend, i.transport or i.backend, str(i.threads), memory))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 

@@ -2,9 +2,10 @@
 
 Every rank runs the same loop. A rank holds one pipeline stage (all layers when pp=1),
 tensor-parallel over its tp group when tp>1, and serves the prompts of its dp replica. The
-replica's prompts are cut into micro-batches that flow through the stages in GPipe
-fill-drain order (:func:`mpbook.parallel.pipeline.fill_drain`), in the prefill and in every
-decode step; each micro-batch keeps its own KV cache on every stage.
+replica's prompts are cut into micro-batches that flow through the stages: in GPipe
+fill-drain order in the prefill (:func:`mpbook.parallel.pipeline.fill_drain`), and in decode
+round-robin without draining between steps (:func:`mpbook.parallel.pipeline.interleaved`);
+each micro-batch keeps its own KV cache on every stage.
 
 The loop has small named parts, after gpt-fast: :func:`prefill` (every prompt token, the
 first new token), :func:`decode_one_token` (one micro-batch one step further),
@@ -29,11 +30,13 @@ from typing import Any
 
 from ..compat.torch import TensorPeak
 from ..parallel.data import replica_rows
-from ..parallel.pipeline import fill_drain
+from ..parallel.pipeline import fill_drain, interleaved
 from ..protocol import RankOutput, Request
 from ..units import split_evenly
 from .choice import Stopper, TokenChooser, stop_string_criteria
 from .runner import Runner, _out_of_memory_reported, _prepare
+from .state import engine_mesh
+from .steps import StepBreakdown
 from .stream import TokenStream
 
 
@@ -109,9 +112,9 @@ class Run:
     clock: StepClock
     stream: TokenStream | None
     reports: bool  # this rank chooses (and reports) its replica's tokens
-    stage_group: Any  # the last stage's (ep, tp) group, or None when it is this rank alone
-    chooser_rank: int  # global rank that chooses tokens for this replica
+    stage_group: Any  # the last stage's (ep, tp) group (a collectives.Group), or None when it is this rank alone
     independent: bool  # every rank of the last stage chooses the same token by itself
+    steps: StepBreakdown  # where this rank's decode steps spend their time
 
     @property
     def peers(self):
@@ -143,7 +146,13 @@ def _run(state, request: Request) -> RankOutput:
     # Groups are made by every rank at the same point of every run (dist.new_group is a
     # collective step), before a replica without prompts returns.
     stage_ranks = layout.group_ranks(("ep", "tp"), state.rank)
-    stage_group = runner_mesh(state, layout).group("ep", "tp") if len(stage_ranks) > 1 else None
+    stage_group = None
+    if len(stage_ranks) > 1:
+        from ..parallel.collectives import Group
+
+        mesh = engine_mesh(state, layout)
+        stage_group = Group(mesh.group("ep", "tp"), rank=stage_ranks.index(state.rank), size=len(stage_ranks),
+                            ranks=stage_ranks, comm=mesh.comm("ep", "tp"))
     common = dict(
         rank=state.rank, coords=coords, stage=coords.pp, rows=rows, reports_tokens=reports,
         weight_bytes=runner.weight_bytes, load_seconds=loaded["load_seconds"],
@@ -167,8 +176,8 @@ def _run(state, request: Request) -> RankOutput:
             runner=runner, request=request, telemetry=tel, clock=StepClock(runner.device),
             stream=TokenStream([p for mb in microbatches for p in mb.prompts], started=stats.started)
             if reports and request.stream and request.max_new_tokens else None,
-            reports=reports, stage_group=stage_group, chooser_rank=stage_ranks[0],
-            independent=greedy and layout.ep == 1,
+            reports=reports, stage_group=stage_group,
+            independent=greedy and layout.ep == 1, steps=StepBreakdown(tel),
         )
         tel.stream = ctx.stream
         try:
@@ -214,7 +223,19 @@ def _run(state, request: Request) -> RankOutput:
         token_times=times,
         stop_reasons=reasons,
         expert_tokens=stats.expert_tokens,
+        transports=transports(runner, stage_group),
+        step_breakdown=ctx.steps.report(),
     )
+
+
+def transports(runner: Runner, stage_group) -> dict[str, str]:
+    """What each of this rank's groups moved its tensors over, by their dims."""
+    out = {"+".join(dims): group.transport for dims, group in runner.groups}
+    if runner.peers.stages > 1:
+        out["pp"] = runner.peers.transport
+    if stage_group is not None:
+        out.setdefault("+".join(d for d in ("ep", "tp") if getattr(runner.key[1], d) > 1), stage_group.transport)
+    return out
 
 
 def make_microbatches(state, runner: Runner, request: Request, rows: range, reports: bool) -> list[MicroBatch]:
@@ -275,6 +296,11 @@ def prefill(ctx: Run, microbatches: list[MicroBatch]) -> None:
 
 def decode_one_token(ctx: Run, mb: MicroBatch, step: int) -> None:
     """Micro-batch ``mb`` one token further on this stage (step ``step`` of the decode)."""
+    with ctx.steps.step():
+        _decode_one_token(ctx, mb, step)
+
+
+def _decode_one_token(ctx: Run, mb: MicroBatch, step: int) -> None:
     import torch
 
     runner, peers, tel = ctx.runner, ctx.peers, ctx.telemetry
@@ -295,25 +321,24 @@ def decode_one_token(ctx: Run, mb: MicroBatch, step: int) -> None:
     mb.mask = torch.cat([mb.mask, mb.mask.new_ones(mb.rows, 1)], dim=1)
     mb.positions = mb.positions[:, -1:] + 1
     began = ctx.clock.now()
-    out = runner.forward(x, mb.mask, mb.positions, mb.cache, all_logits=False)
+    with ctx.steps.part("forward"):
+        out = runner.forward(x, mb.mask, mb.positions, mb.cache, all_logits=False)
     ctx.clock.record(peers.stage, mb.index, "decode", began)
     if not peers.last:
         peers.send_step(out, rows=mb.rows, hidden=runner.hidden_size, dtype=runner.dtype, device=runner.device)
     if peers.last:
-        active = int((~mb.stopper.finished).sum())
-        take_tokens(ctx, mb, out[:, -1, :], more=step < ctx.request.max_new_tokens - 1)
+        with ctx.steps.part("choice"):
+            active = int((~mb.stopper.finished).sum())
+            take_tokens(ctx, mb, out[:, -1, :], more=step < ctx.request.max_new_tokens - 1)
         tel.add_tokens("decode", active)
 
 
 def decode_n_tokens(ctx: Run, microbatches: list[MicroBatch]) -> None:
-    """Decode steps until every micro-batch has finished or the cap: one fill-drain pass per
-    step over the micro-batches still going."""
+    """Decode steps until every micro-batch has finished or the cap: the micro-batches take
+    turns on every stage, and none waits for the others at a step's end (pipeline.interleaved)."""
     ctx.telemetry.set_phase("decode")
-    for step in range(1, ctx.request.max_new_tokens):
-        going = [mb for mb in microbatches if mb.alive]
-        if not going:
-            break
-        fill_drain(going, lambda mb, step=step: decode_one_token(ctx, mb, step), ctx.peers)
+    interleaved(microbatches, range(1, ctx.request.max_new_tokens), lambda mb, step: decode_one_token(ctx, mb, step),
+                ctx.peers)
 
 
 def end_microbatch(ctx: Run, mb: MicroBatch) -> None:
@@ -344,7 +369,6 @@ def choose(ctx: Run, mb: MicroBatch, logits):
     """One token per row from this stage's logits (a vocabulary slice when the head is
     vocab-parallel), the same on every rank of the last stage's (ep, tp) group."""
     import torch
-    import torch.distributed as dist
 
     runner, tel = ctx.runner, ctx.telemetry
     vocab = runner.vocab
@@ -363,10 +387,11 @@ def choose(ctx: Run, mb: MicroBatch, logits):
     if ctx.stage_group is None:
         return mb.chooser.choose(logits)
     # One rank chooses; the others receive its tokens (never sample separately per rank).
-    tokens = mb.chooser.choose(logits) if dist.get_rank() == ctx.chooser_rank else torch.empty(
-        mb.rows, dtype=torch.long, device=runner.device)
+    group = ctx.stage_group
+    tokens = mb.chooser.choose(logits) if group.rank == 0 else torch.empty(mb.rows, dtype=torch.long,
+                                                                            device=runner.device)
     with tel.timed_collective("broadcast"):
-        dist.broadcast(tokens, src=ctx.chooser_rank, group=ctx.stage_group)
+        group.broadcast(tokens, src=0)
     return tokens
 
 
@@ -399,17 +424,6 @@ def stop_criteria(state, request: Request):
 
         state.cache[key] = stop_string_criteria(load_tokenizer(request.model), request.stopping.stop_strings)
     return state.cache[key]
-
-
-def runner_mesh(state, layout):
-    """This engine's mesh of ``layout``, made once and kept: its groups are made once (a
-    collective step) and reused when a later run comes back to the same layout."""
-    from ..layout import Mesh
-
-    meshes = state.cache.setdefault("meshes", {})
-    if layout not in meshes:
-        meshes[layout] = Mesh(layout, state.rank, state.device.type)
-    return meshes[layout]
 
 
 def left_padded(rows: list, pad_id: int, device):

@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..layout import Coords, Mesh
+from ..layout import Coords
 from ..models.loading import Stage
 from ..parallel.pipeline import StagePeers
 from ..protocol import DTYPES, Request
+from .state import engine_mesh
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,12 @@ class Runner:
 
     def rebind(self, state) -> None:
         """Point the model's collectives at this engine's current process groups."""
-        mesh = Mesh(self.key[1], state.rank, state.device.type)
-        state.cache.setdefault("meshes", {})[mesh.layout] = mesh
+        mesh = engine_mesh(state, self.key[1])
         for dims, group in self.groups:  # the same order on every rank: new_group is collective
             group.group = mesh.group(*dims)
+            group.comm = mesh.comm(*dims)  # the old communicators may hold messages out of step
         self.peers.drop_pending()
+        self.peers.comm = state.mpi
         self.stale = False
 
     def close(self) -> None:
@@ -141,14 +143,13 @@ def _build_runner(state, request: Request) -> Runner:
     else:
         # One mesh per layout for the engine's lifetime: its subgroups are made once (a
         # collective step) and reused when a later run comes back to the same layout.
-        meshes = state.cache.setdefault("meshes", {})
-        mesh = meshes.get(layout) or meshes.setdefault(layout, Mesh(layout, state.rank, state.device.type))
+        mesh = engine_mesh(state, layout)
 
         def group(dims: tuple[str, ...]) -> Group:
             if dims not in groups:
                 ranks = mesh.ranks(*dims)
                 groups[dims] = Group(mesh.group(*dims), rank=ranks.index(state.rank), size=len(ranks),
-                                     telemetry=state.telemetry, ranks=ranks)
+                                     telemetry=state.telemetry, ranks=ranks, comm=mesh.comm(*dims))
             return groups[dims]
 
         stage = models.load_stage(
@@ -165,7 +166,7 @@ def _build_runner(state, request: Request) -> Runner:
     return Runner(
         key=request.model_key,
         stage=stage.model,
-        peers=StagePeers(layout.group_ranks("pp", state.rank), coords.pp, state.telemetry),
+        peers=StagePeers(layout.group_ranks("pp", state.rank), coords.pp, state.telemetry, comm=state.mpi),
         coords=coords,
         device=state.device,
         dtype=dtype,

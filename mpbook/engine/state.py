@@ -35,6 +35,23 @@ class EngineState:
     peer_pids: list[int] = field(default_factory=list)  # the other engines of the group on this host
     telemetry: Any = None  # mpbook.engine.telemetry.Telemetry
     publisher: Any = None  # mpbook.engine.publish.Publisher: sends telemetry to the client while a task runs
+    # When the engines share an MPI world: a communicator over every rank, split afresh each
+    # time the group is formed (mpbook.parallel.mpi); mpbook's own collectives go through it.
+    mpi: Any = None
+
+    @property
+    def transport(self) -> str:
+        """What mpbook's collectives between this engine and the others travel over."""
+        return "mpi" if self.mpi is not None else self.backend
+
+
+def engine_mesh(state: EngineState, layout: Layout) -> Mesh:
+    """This engine's mesh of ``layout``, made once and kept: its groups are made once (a
+    collective step) and reused when a later run comes back to the same layout."""
+    meshes = state.cache.setdefault("meshes", {})
+    if layout not in meshes:
+        meshes[layout] = Mesh(layout, state.rank, state.device.type, world=state.mpi)
+    return meshes[layout]
 
 
 def _namespace() -> dict:
@@ -163,8 +180,12 @@ def setup(
     threads: int | None,
     rendezvous: Rendezvous,
     timeout_s: float,
+    mpi: bool = False,
 ) -> EngineInfo:
-    """Pin this engine to its device, join the process group and bind the cell names."""
+    """Pin this engine to its device, join the process group and bind the cell names.
+
+    ``mpi``: the engines share an MPI world (started by mpiexec): mpbook's collectives use a
+    fresh communicator split from it (every engine of the world takes part)."""
     from datetime import timedelta
 
     import torch
@@ -212,6 +233,11 @@ def setup(
         device_id=device if use_gpu else None,
     )
     peers = [store.get(f"mpbook/pid/{other}").decode().split() for other in range(world_size) if other != rank]
+    comm = None
+    if mpi:
+        from ..parallel import mpi as mpi_transport
+
+        comm = mpi_transport.world(rank, timeout_s=timeout_s)
 
     state = EngineState(
         rank=rank,
@@ -222,9 +248,10 @@ def setup(
         backend=backend,
         timeout_s=timeout_s,
         rendezvous=rendezvous,
-        mesh=Mesh(Layout(dp=world_size), rank, device.type),
+        mesh=Mesh(Layout(dp=world_size), rank, device.type, world=comm),
         telemetry=Telemetry(rank, device),
         peer_pids=[int(pid) for host, pid in peers if host == hostname()],
+        mpi=comm,
     )
     kept = ns.pop(KEPT_RUNNER, None)
     if kept is not None and kept[:2] == (rank, world_size):
@@ -234,7 +261,8 @@ def setup(
     ns[STATE_NAME] = state
     # The names a `%%mp run` cell can use directly.
     ns.update(
-        rank=rank, world_size=world_size, device=device, mesh=state.mesh, telemetry=state.telemetry, torch=torch, dist=dist
+        rank=rank, world_size=world_size, device=device, mesh=state.mesh, telemetry=state.telemetry, torch=torch, dist=dist,
+        comm=comm.comm if comm is not None else None,  # the mpi4py communicator, ranked as mpbook ranks
     )
     return describe(state)
 
@@ -262,6 +290,7 @@ def describe(state: EngineState) -> EngineInfo:
         memory_total_bytes=int(total),
         threads=torch.get_num_threads(),
         model_bytes=getattr(state.cache.get("runner"), "weight_bytes", 0),
+        transport=state.transport,
     )
 
 

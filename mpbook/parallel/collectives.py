@@ -3,6 +3,11 @@
 Every collective of tensor, expert and vocab parallelism goes through a :class:`Group`, so a
 run can say how many of each kind a forward pass needed (the dashboard's and the result's
 ``collectives``). Plain local tensors only: no DTensor dispatch on the hot path.
+
+A group moves its tensors over one of two transports: the process group's own backend (gloo
+on CPU engines, NCCL on GPUs), or, when the engines share an MPI world, an MPI communicator
+over the same ranks (:mod:`mpbook.parallel.mpi`), microseconds instead of a millisecond per
+call between CPU engines on one host. ``transport`` says which.
 """
 
 from __future__ import annotations
@@ -17,16 +22,26 @@ class Group:
     ``telemetry``: an engine's :class:`mpbook.engine.telemetry.Telemetry` (or anything with
     ``timed_collective(kind)``); None counts nothing (unit tests)."""
 
-    def __init__(self, group: Any, *, rank: int, size: int, telemetry: Any = None, ranks: list[int] | None = None):
+    def __init__(self, group: Any, *, rank: int, size: int, telemetry: Any = None, ranks: list[int] | None = None,
+                 comm: Any = None):
         self.group = group
         self.rank = rank
         self.size = size
         self.telemetry = telemetry
         self.ranks = ranks  # the global ranks of the group, in group order (for gather's destination)
+        self.comm = comm  # an mpbook.parallel.mpi.MpiComm over the same ranks in the same order, or None
+
+    @property
+    def transport(self) -> str:
+        if self.comm is not None:
+            return "mpi"
+        import torch.distributed as dist
+
+        return dist.get_backend(self.group) if dist.is_initialized() else "none"
 
     def uncounted(self) -> Group:
         """The same group, its collectives counted by the caller instead."""
-        return Group(self.group, rank=self.rank, size=self.size, ranks=self.ranks)
+        return Group(self.group, rank=self.rank, size=self.size, ranks=self.ranks, comm=self.comm)
 
     def _timed(self, kind: str):
         return self.telemetry.timed_collective(kind) if self.telemetry is not None else contextlib.nullcontext()
@@ -35,8 +50,10 @@ class Group:
         """The sum of ``tensor`` over the group (in place when it is contiguous)."""
         import torch.distributed as dist
 
-        tensor = tensor.contiguous()  # gloo needs dense memory; a no-op when it already is
+        tensor = tensor.contiguous()  # gloo and MPI need dense memory; a no-op when it already is
         with self._timed("all_reduce"):
+            if self.comm is not None:
+                return self.comm.all_reduce(tensor)
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
@@ -51,9 +68,8 @@ class Group:
         padded = local.contiguous()
         if local.shape[-1] < width:
             padded = torch.nn.functional.pad(padded, (0, width - local.shape[-1]))
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
         with self._timed("all_gather"):
-            dist.all_gather(parts, padded, group=self.group)
+            parts = self._all_gather(padded)
         return torch.cat([part[..., :n] for part, n in zip(parts, sizes)], dim=-1)
 
     def gather_last_dim(self, local, sizes: list[int]):
@@ -67,6 +83,10 @@ class Group:
         if local.shape[-1] < width:
             padded = torch.nn.functional.pad(padded, (0, width - local.shape[-1]))
         first = self.rank == 0
+        if self.comm is not None:
+            with self._timed("gather"):
+                parts = self.comm.gather(padded, root=0)
+            return None if parts is None else torch.cat([part[..., :n] for part, n in zip(parts, sizes)], dim=-1)
         parts = [torch.empty_like(padded) for _ in range(self.size)] if first else None
         if self.ranks is not None:
             dst = self.ranks[0]
@@ -83,11 +103,31 @@ class Group:
         import torch
         import torch.distributed as dist
 
-        local = local.contiguous()
-        parts = [torch.empty_like(local) for _ in range(self.size)]
         with self._timed("all_gather"):
-            dist.all_gather(parts, local, group=self.group)
-        return torch.stack(parts)
+            parts = self._all_gather(local.contiguous())
+        return parts if self.comm is not None else torch.stack(parts)
+
+    def broadcast(self, tensor, *, src: int = 0):
+        """Group rank ``src``'s ``tensor`` on every rank of the group, in place."""
+        import torch.distributed as dist
+
+        with self._timed("broadcast"):
+            if self.comm is not None:
+                return self.comm.broadcast(tensor, root=src)
+            global_src = self.ranks[src] if self.ranks is not None else dist.get_global_rank(self.group, src)
+            dist.broadcast(tensor, src=global_src, group=self.group)
+        return tensor
+
+    def _all_gather(self, local):
+        """Every rank's ``local``, in rank order: one (size, ...) tensor under MPI, a list otherwise."""
+        import torch
+        import torch.distributed as dist
+
+        if self.comm is not None:
+            return self.comm.all_gather(local)
+        parts = [torch.empty_like(local) for _ in range(self.size)]
+        dist.all_gather(parts, local, group=self.group)
+        return parts
 
     def __repr__(self) -> str:
-        return f"Group(rank {self.rank} of {self.size})"
+        return f"Group(rank {self.rank} of {self.size}, {'mpi' if self.comm is not None else 'process group'})"

@@ -38,6 +38,28 @@ def split_layers(num_layers: int, pp: int, sizes: Sequence[int] | None = None) -
     return stages
 
 
+def default_microbatches(stages: int, rows: int) -> int:
+    """Micro-batches per replica when none are asked for: one per stage (as many as rows allow).
+
+    In decode a micro-batch's next step can start only when its token is back at the first
+    stage, so with m < p micro-batches every stage idles (p - m) / p of each step; with m = p
+    each stage always has one to work on. More than p buys nothing in decode and costs: a
+    decode step is memory-bound, and a stage reads its weights once per micro-batch per step.
+    (The prefill's fill and drain, (p-1)/(m+p-1) of it, shrinks with more; ask for them with
+    ``--microbatches``.)
+
+    >>> default_microbatches(2, 8), default_microbatches(4, 3), default_microbatches(1, 8)
+    (2, 3, 1)
+    """
+    return max(1, min(stages, rows))
+
+
+def decode_bubble(stages: int, microbatches: int) -> float:
+    """The share of a decode step each stage idles in steady state, under :func:`interleaved`:
+    (p - m) / p when fewer micro-batches than stages, else 0."""
+    return max(0, stages - microbatches) / stages
+
+
 class StagePeers:
     """Point-to-point transfers of one pipeline stage, counted in telemetry.
 
@@ -49,14 +71,26 @@ class StagePeers:
     micro-batch goes on, 0 once every row of it has finished. The first stage learns that
     from the tokens it receives, and the stages after it from the header, so a finished
     micro-batch leaves the pipeline without any message beyond those already sent.
+
+    ``comm``: the engines' MPI world (:class:`mpbook.parallel.mpi.MpiComm`, ranked as mpbook
+    ranks) when they share one; else the process group's own send and recv.
     """
 
-    def __init__(self, pipeline_ranks: list[int], stage: int, telemetry):
+    def __init__(self, pipeline_ranks: list[int], stage: int, telemetry, *, comm=None):
         self.ranks = pipeline_ranks
         self.stage = stage
         self.stages = len(pipeline_ranks)
         self.telemetry = telemetry
+        self.comm = comm
         self._pending: list = []
+
+    @property
+    def transport(self) -> str:
+        if self.comm is not None:
+            return "mpi"
+        import torch.distributed as dist
+
+        return dist.get_backend() if dist.is_initialized() else "none"
 
     @property
     def first(self) -> bool:
@@ -99,35 +133,57 @@ class StagePeers:
 
     def _recv(self, src: int, shape, dtype, device, kind: str):
         import torch
-        import torch.distributed as dist
 
         buffer = torch.empty(shape, dtype=dtype, device=device)
         with self.telemetry.timed_collective(kind):
-            dist.recv(buffer, src=src)
+            if self.comm is not None:
+                from .mpi import ACTIVATION_TAG, TOKENS_TAG
+
+                self.comm.recv(buffer, src, TOKENS_TAG if kind == "recv_tokens" else ACTIVATION_TAG)
+            else:
+                import torch.distributed as dist
+
+                dist.recv(buffer, src=src)
         return buffer
 
     def _send(self, dst: int, tensor, kind: str) -> None:
-        import torch.distributed as dist
-
-        # isend: the sender moves on to its next micro-batch while this one is in flight
-        # (GPipe's overlap); the handle is kept until flush() so the buffer stays alive.
+        # Sends do not wait: the sender moves on to its next micro-batch while this one is in
+        # flight; the handle keeps the buffer alive until the send is done.
         tensor = tensor.contiguous()
+        self._pending = [p for p in self._pending if not self._done(p)]
         with self.telemetry.timed_collective(kind):
-            self._pending.append((dist.isend(tensor, dst=dst), tensor))
+            if self.comm is not None:
+                from .mpi import ACTIVATION_TAG, TOKENS_TAG
+
+                self._pending.append(self.comm.isend(tensor, dst, TOKENS_TAG if kind == "send_tokens" else ACTIVATION_TAG))
+            else:
+                import torch.distributed as dist
+
+                self._pending.append((dist.isend(tensor, dst=dst), tensor))
+
+    def _done(self, pending) -> bool:
+        handle, _ = pending
+        return handle.Test() if self.comm is not None else handle.is_completed()
 
     def drop_pending(self) -> None:
         """Forget the sends in flight without waiting (the run was interrupted)."""
+        if self.comm is not None:
+            for pending in self._pending:
+                self.comm.abandon(pending)
         self._pending.clear()
 
     def flush(self) -> None:
-        """Wait for every send in flight (end of a step); the wait is timed, not counted."""
+        """Wait for every send in flight (end of a pass); the wait is timed, not counted."""
         import time
 
         if not self._pending:
             return
         began = time.perf_counter()
-        for work, _ in self._pending:
-            work.wait()
+        for pending in self._pending:
+            if self.comm is not None:
+                self.comm.wait(pending)
+            else:
+                pending[0].wait()
         self._pending.clear()
         self.telemetry.collective("send", time.perf_counter() - began, n=0)
 
@@ -139,4 +195,20 @@ def fill_drain(microbatches, work, peers: StagePeers) -> None:
     pass (the bubble: (p-1)/(m+p-1) of the pass for p stages and m micro-batches)."""
     for mb in microbatches:
         work(mb)
+    peers.flush()
+
+
+def interleaved(microbatches, steps: range, work, peers: StagePeers) -> None:
+    """Decode without draining: ``work(mb, step)`` round-robin over the micro-batches still
+    going (mb 0 step 1, mb 1 step 1, ..., mb 0 step 2, ...), the same order on every stage,
+    and nothing waits at a step's end. A micro-batch starts its next step as soon as its
+    token is back at the first stage, while the others are still in flight on later stages,
+    so with as many micro-batches as stages no stage waits (:func:`decode_bubble`); the
+    pipeline fills and drains once per generation, not once per token."""
+    for step in steps:
+        going = [mb for mb in microbatches if mb.alive]
+        if not going:
+            break
+        for mb in going:
+            work(mb, step)
     peers.flush()

@@ -1,0 +1,107 @@
+"""Which transport mpbook's collectives use between engines, decided before anything starts.
+
+- ``nccl`` between GPU engines (the process group's backend).
+- ``mpi`` between CPU engines when MPI can start them: ipyparallel's own MPI launcher runs the
+  engines under ``mpiexec``, so they share one MPI world, and mpbook's collectives go over
+  MPICH's shared memory (:mod:`mpbook.parallel.mpi`), microseconds per all-reduce instead of
+  gloo's millisecond. mpi4py and MPICH come from PyPI with mpbook (the ``mpich`` wheel puts
+  ``mpiexec`` beside the Python that runs the kernel).
+- ``gloo`` otherwise: no MPI here, or asked for (``transport="gloo"``).
+
+``auto`` picks ``mpi`` for CPU engines when it can and says in one line why not when it
+cannot; asking for ``mpi`` where it cannot start is an error that says what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+from ..errors import MpbookError
+
+TRANSPORTS = ("auto", "mpi", "gloo")
+
+
+@dataclass(frozen=True)
+class TransportChoice:
+    name: str  # "mpi", "gloo" or "nccl"
+    note: str = ""  # why not MPI, when auto fell back to gloo
+    mpiexec: str = ""
+
+
+def mpiexec_path() -> str | None:
+    """The ``mpiexec`` that belongs to this Python (the ``mpich`` wheel's), else the one on PATH.
+
+    ipyparallel runs ``mpiexec`` from PATH; a kernel started without its environment activated
+    would not find the wheel's, so mpbook passes the full path."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("mpiexec")
+
+
+def mpi_missing() -> str | None:
+    """Why MPI cannot start engines here, or None when it can."""
+    try:
+        import mpi4py  # noqa: F401  (the package alone: MPI starts only with mpi4py.MPI)
+    except ImportError:
+        return "mpi4py is not installed (pip install mpi4py mpich)"
+    if mpiexec_path() is None:
+        return "no mpiexec beside this Python or on PATH (pip install mpich)"
+    return None
+
+
+def choose_transport(transport: str, *, use_gpu: bool) -> TransportChoice:
+    if transport not in TRANSPORTS:
+        raise MpbookError(f"transport={transport!r}: choose one of {', '.join(TRANSPORTS)}")
+    if use_gpu:
+        if transport == "mpi":
+            raise MpbookError("transport='mpi' is for CPU engines; GPU engines use NCCL (leave out transport)")
+        return TransportChoice("nccl")
+    if transport == "gloo":
+        return TransportChoice("gloo")
+    missing = mpi_missing()
+    if missing is None:
+        return TransportChoice("mpi", mpiexec=mpiexec_path() or "")
+    if transport == "mpi":
+        raise MpbookError(f"transport='mpi': {missing}; or use transport='gloo'")
+    return TransportChoice("gloo", note=f"MPI unavailable ({missing}): collectives over gloo, ~1 ms each")
+
+
+def configure_mpi_engines(config, choice: TransportChoice, engine_cmd: list[str], environment: dict[str, str]) -> None:
+    """ipyparallel's MPI engine launcher: ``mpiexec -n N`` of mpbook's engine command.
+
+    Its ranks use only MPICH's shared memory (no socket on any interface); the ``fork``
+    launcher keeps mpiexec from reaching for ssh on one host."""
+    from ..parallel.mpi import LOCAL_ONLY_ENV
+
+    config.MPIEngineSetLauncher.mpi_cmd = [choice.mpiexec]
+    config.MPIEngineSetLauncher.mpi_args = ["-launcher", "fork"]
+    config.MPIEngineSetLauncher.engine_cmd = engine_cmd
+    config.MPIEngineSetLauncher.environment = {**environment, **LOCAL_ONLY_ENV}
+
+
+def attached_transport(client, engine_ids: list[int], transport: str, *, use_gpu: bool) -> TransportChoice:
+    """The transport for engines mpbook did not start: MPI when they are exactly one MPI world
+    (ipyparallel's MPI launcher, ``ipcluster start --engines mpi``), else the backend."""
+    from ..parallel.mpi import in_mpi_world
+
+    if transport not in TRANSPORTS:
+        raise MpbookError(f"transport={transport!r}: choose one of {', '.join(TRANSPORTS)}")
+    if use_gpu:
+        return choose_transport("gloo" if transport == "auto" else transport, use_gpu=True)
+    if transport == "gloo":
+        return TransportChoice("gloo")
+    worlds = client[engine_ids].apply_sync(in_mpi_world)
+    n = len(engine_ids)
+    one_world = all(w is not None and w[1] == n for w in worlds) and sorted(w[0] for w in worlds) == list(range(n))
+    if one_world:
+        return TransportChoice("mpi")
+    why = ("the engines were not started by mpiexec" if all(w is None for w in worlds)
+           else f"the {n} engines are not exactly one MPI world ({worlds})")
+    if transport == "mpi":
+        raise MpbookError(f"transport='mpi': {why}; start them with `ipcluster start --engines mpi -n {n}`, "
+                          "or use transport='gloo'")
+    return TransportChoice("gloo", note=f"no MPI world ({why}): collectives over gloo")
