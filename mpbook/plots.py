@@ -37,6 +37,12 @@ PART_COLOURS = {"weights": "#1f77b4", "kv_cache": "#ff7f0e", "activations": "#2c
 PHASE_COLOURS = {"prefill": "#1f77b4", "decode": "#2ca02c", "loading": "#b8860b", "idle": "#c7c7c7"}
 
 
+def _is_result(value: Any) -> bool:
+    """A run's result (:class:`mpbook.results.RunResult`), told by what it carries: this
+    module draws results without importing them (results imports the plots)."""
+    return all(hasattr(value, name) for name in ("timeline", "peak_memory_bytes", "collectives", "record"))
+
+
 def _by_rank(per_rank: Mapping[int, Any] | Sequence[Mapping[str, Any]]) -> dict[int, Any]:
     """Accept {rank: value} or a list of dicts that carry "rank" (e.g. telemetry snapshots)."""
     if isinstance(per_rank, Mapping):
@@ -54,7 +60,7 @@ def plot_memory(
 ) -> Figure:
     """Memory per rank, stacked into weights, KV cache and activations where known.
 
-    ``per_rank``: {rank: figures} or a list of telemetry snapshots. Figures in bytes:
+    ``per_rank``: a run's result, {rank: figures} or a list of telemetry snapshots. Figures in bytes:
     ``weights``, ``kv_cache``, ``activations`` (or a snapshot's ``memory_parts``), ``total``
     (or a snapshot's ``memory_in_use_bytes``) and ``peak`` (``peak_memory_bytes``). What the
     total holds beyond the known parts is drawn as "other"; the peak as a tick above the bar.
@@ -62,7 +68,7 @@ def plot_memory(
     ``unit``: "GiB", "MiB", "KiB" or "bytes" (default: the largest that the largest bar reaches;
     give one to panels that share an axis).
     """
-    ranks = _by_rank(per_rank)
+    ranks = _memory_of_result(per_rank) if _is_result(per_rank) else _by_rank(per_rank)
     if not ranks:
         raise ValueError("plot_memory: no ranks given; pass {rank: {'weights': bytes, ...}} or snapshots")
     if ax is None:
@@ -111,20 +117,35 @@ def plot_memory(
     return fig
 
 
+def _memory_of_result(result) -> dict[int, dict[str, int]]:
+    """Per rank: weights and KV cache, and the run's peak above them (activations on a GPU; on
+    a CPU engine the peak is the process's, runtime included, so no part of it is named)."""
+    per_rank = {}
+    for rank, (weights, kv, peak) in enumerate(zip(result.weight_bytes, result.kv_cache_bytes, result.peak_memory_bytes)):
+        parts = {"weights": weights, "kv_cache": kv, "total": peak, "peak": peak}
+        if result.device_type == "cuda":
+            parts["activations"] = max(0, peak - weights - kv)
+        per_rank[rank] = parts
+    return per_rank
+
+
 # --------------------------------------------------------------------------- throughput
 def _layout_label(rec: Mapping[str, Any]) -> str:
     dims = [f"{d}{rec[d]}" for d in ("dp", "pp", "tp") if rec.get(d, 1) != 1] or ["1 device"]
     return f"{rec.get('strategy', '?')} ({' '.join(dims)})"
 
 
-def plot_throughput(records: Iterable[Mapping[str, Any]]) -> Figure:
-    """Prefill and decode tokens/s per strategy and layout, from benchmark records.
+def plot_throughput(records: Iterable[Mapping[str, Any]] | Any) -> Figure:
+    """Prefill and decode tokens/s per strategy and layout, from runs' results or benchmark
+    records (one result alone draws its own two bars).
 
     Each record: ``strategy``, ``dp``, ``pp``, ``tp``, ``prefill_tokens_per_s``,
     ``decode_tokens_per_s``. Prefill runs orders of magnitude faster than decode, so each
     gets its own panel (and scale).
     """
-    records = list(records)
+    if _is_result(records):
+        records = [records]
+    records = [r.record() if _is_result(r) else r for r in records]
     if not records:
         raise ValueError("plot_throughput: no records; pass dicts with strategy, dp, pp, tp and tokens/s")
     labels = [_layout_label(r) for r in records]
@@ -153,23 +174,27 @@ def _aligned(events: Iterable[Event]) -> list[tuple[Event, float, float]]:
 
 
 def bubble_fraction(events: Sequence[Event]) -> float:
-    """Measured idle share of the stages between the first start and the last end."""
+    """Measured idle share of the ranks between the first start and the last end.
+
+    Each rank is a worker of its stage (ranks of one stage under tensor parallel work side by
+    side, and replicas are pipelines of their own), so each rank's busy time counts once."""
     spans = _aligned(events)
     if not spans:
         return 0.0
-    span = max(t for _, _, t in spans)
-    stages = sorted({e.stage for e, _, _ in spans})
+    first = min(s for _, s, _ in spans)
+    span = max(t for _, _, t in spans) - first
+    ranks = sorted({e.rank for e, _, _ in spans})
     if span <= 0:
         return 0.0
     busy = 0.0
-    for stage in stages:
-        # Union of this stage's intervals: overlapping bars must not count twice.
-        covered = 0.0
-        for _, s, t in sorted((x for x in spans if x[0].stage == stage), key=lambda x: x[1]):
+    for rank in ranks:
+        # Union of this rank's intervals: overlapping bars must not count twice.
+        covered = first
+        for _, s, t in sorted((x for x in spans if x[0].rank == rank), key=lambda x: x[1]):
             if t > covered:
                 busy += t - max(s, covered)
                 covered = t
-    return 1.0 - busy / (span * len(stages))
+    return 1.0 - busy / (span * len(ranks))
 
 
 def gpipe_bubble(p: int, m: int) -> float:
@@ -177,46 +202,98 @@ def gpipe_bubble(p: int, m: int) -> float:
     return (p - 1) / (m + p - 1)
 
 
-def plot_timeline(events: Iterable[Event]) -> Figure:
-    """The pipeline as a Gantt chart: one row per stage, one bar per micro-batch.
+TIMELINE_PHASES = ("prefill", "decode")
+LABEL_PX_PER_CHAR = 6.5  # a micro-batch's number in x-small type, and room around it
+THIN_PX = 3.0  # bars narrower than this lose their white edge (it would hide them)
 
-    The gaps are the bubble; its measured share is annotated next to GPipe's
-    (p-1)/(m+p-1) for the p stages and m micro-batches of the run.
+
+def _timeline_phrase(events: Sequence[Event]) -> str:
+    """``"prefill and 15 decode steps"``: what the chart holds, named for its title."""
+    parts = []
+    if any(e.phase == "prefill" for e in events):
+        parts.append("prefill")
+    per_bar: dict[tuple[int, int], int] = {}
+    for e in events:
+        if e.phase == "decode":
+            per_bar[(e.rank, e.microbatch)] = per_bar.get((e.rank, e.microbatch), 0) + 1
+    if per_bar:
+        steps = max(per_bar.values())
+        parts.append(f"{steps} decode step{'s' if steps != 1 else ''}")
+    return " and ".join(parts)
+
+
+def plot_timeline(run: Any, phase: str | None = None) -> Figure:
+    """The pipeline as a Gantt chart: one row per rank (its stage), one bar per micro-batch
+    and step, coloured by micro-batch.
+
+    ``run``: a run's result, or its timeline (the :class:`~mpbook.protocol.Event` list).
+    ``phase``: "prefill" or "decode" alone; by default both, the prefill and then every
+    decode step. A bar carries its micro-batch's number where the number fits in it (a long
+    decode has hundreds of thin bars). The title names what is drawn, and the measured
+    bubble of each phase next to GPipe's (p-1)/(m+p-1) for the run's p stages and m
+    micro-batches.
     """
-    events = list(events)
+    events = list(run.timeline if _is_result(run) else run)
+    if phase is not None:
+        if phase not in TIMELINE_PHASES:
+            raise ValueError(f"plot_timeline: phase={phase!r}; use one of {', '.join(TIMELINE_PHASES)}, or None for both")
+        events = [e for e in events if e.phase == phase]
     if not events:
-        raise ValueError("plot_timeline: no events; a pipeline run records them with telemetry.event(...)")
+        raise ValueError("plot_timeline: no events; a pipeline run records them with telemetry.event(...)"
+                         + (f" (none in the {phase})" if phase else ""))
     stages = sorted({e.stage for e in events})
+    ranks = sorted({e.rank for e in events}, key=lambda r: (min(e.stage for e in events if e.rank == r), r))
+    one_rank_a_stage = len(ranks) == len(stages)
     microbatches = sorted({e.microbatch for e in events})
     p, m = len(stages), len(microbatches)
     spans = _aligned(events)
-    fig = PlotFigure(figsize=(9.0, 0.6 * p + 1.6), layout="constrained")
+    width_in = 9.0
+    fig = PlotFigure(figsize=(width_in, 0.6 * len(ranks) + 1.8), layout="constrained")
     ax = fig.add_subplot()
     cmap = _colours(m)
-    for stage in stages:
-        row = sorted((x for x in spans if x[0].stage == stage), key=lambda x: x[1])
-        lefts = [s * 1000 for _, s, _ in row]
-        widths = [(t - s) * 1000 for _, s, t in row]
-        # One rectangle per (stage, micro-batch) step, coloured by micro-batch.
+    end_ms = max(t for _, _, t in spans) * 1000
+    ax.set_xlim(0, end_ms * 1.01 or 1.0)
+    # Pixels per millisecond, near enough to decide which numbers fit (the axes take most of
+    # the figure's width; the rest is the row labels).
+    px_per_ms = 0.8 * width_in * fig.dpi / (end_ms * 1.01 or 1.0)
+    for row, rank in enumerate(ranks):
+        bars = sorted((x for x in spans if x[0].rank == rank), key=lambda x: x[1])
+        lefts = [s * 1000 for _, s, _ in bars]
+        widths = [(t - s) * 1000 for _, s, t in bars]
+        thin = [w * px_per_ms < THIN_PX for w in widths]
+        # One rectangle per (micro-batch, step) of this rank, coloured by micro-batch.
         ax.barh(
-            [stage] * len(row),
+            [row] * len(bars),
             widths,
             left=lefts,
             height=0.8,
-            color=[cmap[microbatches.index(e.microbatch)] for e, _, _ in row],
+            color=[cmap[microbatches.index(e.microbatch)] for e, _, _ in bars],
             edgecolor="white",
-            linewidth=0.5,
+            linewidth=[0.0 if t else 0.5 for t in thin],
         )
-        for (e, _, _), x, w in zip(row, lefts, widths):
-            ax.text(x + w / 2, stage, str(e.microbatch), ha="center", va="center", fontsize="x-small", color="white")
-    ax.set_yticks(stages, [f"stage {s}" for s in stages])
+        for (e, _, _), x, w in zip(bars, lefts, widths):
+            label = str(e.microbatch)
+            if w * px_per_ms >= LABEL_PX_PER_CHAR * (len(label) + 1):
+                ax.text(x + w / 2, row, label, ha="center", va="center", fontsize="x-small", color="white")
+    names = {r: f"stage {min(e.stage for e in events if e.rank == r)}" for r in ranks}
+    ax.set_yticks(range(len(ranks)), [names[r] if one_rank_a_stage else f"{names[r]} · rank {r}" for r in ranks])
     ax.invert_yaxis()
-    ax.set_xlabel("ms since the first micro-batch began")
-    measured = bubble_fraction(events)
+    ax.set_xlabel("ms since the first step began")
+    phases = [ph for ph in TIMELINE_PHASES if any(e.phase == ph for e in events)]
+    if len(phases) > 1:
+        # Where the decode begins: the prefill's last bar ends there.
+        decode_from = min(s for e, s, _ in spans if e.phase == "decode") * 1000
+        ax.axvline(decode_from, color="#555555", linewidth=0.8, linestyle="--")
+        above = ax.get_xaxis_transform()  # x in ms, y in the axes' height: just above the rows
+        ax.text(decode_from, 1.01, "← prefill ", transform=above, ha="right", va="bottom", fontsize="x-small", color="#555555")
+        ax.text(decode_from, 1.01, " decode →", transform=above, ha="left", va="bottom", fontsize="x-small", color="#555555")
+    measured = ", ".join(f"{ph} {bubble_fraction([e for e in events if e.phase == ph]):.0%}" for ph in phases)
     ax.set_title(
-        f"pipeline timeline: p={p} stages, m={m} micro-batches · bubble {measured:.0%} measured, "
-        f"(p-1)/(m+p-1) = {gpipe_bubble(p, m):.0%} for GPipe",
+        f"pipeline timeline, {_timeline_phrase(events)}: p={p} stage{'s' if p != 1 else ''}, "
+        f"m={m} micro-batch{'es' if m != 1 else ''}\n"
+        f"bubble measured: {measured} · (p-1)/(m+p-1) = {gpipe_bubble(p, m):.0%} for GPipe",
         fontsize="medium",
+        pad=14 if len(phases) > 1 else 6,
     )
     return fig
 
@@ -235,9 +312,12 @@ def plot_collectives(
 ) -> Figure:
     """Collectives per rank: how many of each kind, and the seconds spent in them.
 
-    ``counts``: {rank: {kind: count}} or telemetry snapshots (which also give the seconds).
-    ``seconds``: {rank: seconds} or {rank: {kind: seconds}}.
+    ``counts``: a run's result, {rank: {kind: count}} or telemetry snapshots (which also give
+    the seconds). ``seconds``: {rank: seconds} or {rank: {kind: seconds}}. One legend for both
+    panels, under them, so that it covers no bar.
     """
+    if _is_result(counts):
+        counts, seconds = dict(enumerate(counts.collectives)), dict(enumerate(counts.collective_seconds))
     by_rank = _by_rank(counts)
     if not by_rank:
         raise ValueError("plot_collectives: no ranks given; pass {rank: {'all_reduce': n, ...}} or snapshots")
@@ -260,8 +340,6 @@ def plot_collectives(
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax_n.set_title("collectives (count)")
     ax_n.set_xticks(order, [f"rank {r}" for r in order])
-    if kinds:
-        ax_n.legend(fontsize="small")
     seconds = seconds or {}
     bottom_s = [0.0] * len(order)
     per_kind = any(isinstance(v, Mapping) for v in seconds.values())
@@ -272,6 +350,10 @@ def plot_collectives(
             heights = [float(seconds.get(r, {}).get(kind, 0.0)) for r in order]
         ax_s.bar(order, heights, bottom=bottom_s, color=colours.get(kind, "#555555"), width=0.6, label=kind or "all")
         bottom_s = [b + h for b, h in zip(bottom_s, heights)]
-    ax_s.set_title("time in collectives (s)")
+    ax_s.set_title("time in collectives (s)" + ("" if per_kind or not kinds else ", all kinds"))
     ax_s.set_xticks(order, [f"rank {r}" for r in order])
+    if kinds:
+        # Outside the panels (constrained layout makes room): inside, it covered the bars.
+        handles, labels = ax_n.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(kinds), 6), fontsize="small")
     return fig

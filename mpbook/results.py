@@ -174,30 +174,26 @@ class RunResult:
         }
 
     # ------------------------------------------------------------------ plots
-    def plot_timeline(self, phase: str = "prefill"):
-        """The pipeline timeline of one phase ("prefill" or "decode") as a Gantt chart."""
+    def plot_timeline(self, phase: str | None = None):
+        """The pipeline timeline as a Gantt chart: the prefill and every decode step, or
+        ``phase`` ("prefill" or "decode") alone; as :func:`mpbook.plots.plot_timeline`."""
         from .plots import plot_timeline
 
-        return plot_timeline([e for e in self.timeline if e.phase == phase])
+        return plot_timeline(self, phase)
 
     def plot_memory(self, *, ax=None, title: str = "memory per rank"):
-        """Per-rank memory: weights and KV cache, and the rest of the peak above them
+        """Per-rank memory: weights and KV cache, and the rest of this run's peak above them
         (activations on a GPU; on a CPU engine the peak is the process's, runtime included).
         ``ax``/``title``: as :func:`mpbook.plots.plot_memory`."""
         from .plots import plot_memory
 
-        per_rank = {}
-        for rank, (weights, kv, peak) in enumerate(zip(self.weight_bytes, self.kv_cache_bytes, self.peak_memory_bytes)):
-            parts = {"weights": weights, "kv_cache": kv, "total": peak, "peak": peak}
-            if self.device_type == "cuda":
-                parts["activations"] = max(0, peak - weights - kv)
-            per_rank[rank] = parts
-        return plot_memory(per_rank, ax=ax, title=title)
+        return plot_memory(self, ax=ax, title=title)
 
     def plot_collectives(self):
+        """Collectives per rank, counts and seconds: :func:`mpbook.plots.plot_collectives`."""
         from .plots import plot_collectives
 
-        return plot_collectives(dict(enumerate(self.collectives)), dict(enumerate(self.collective_seconds)))
+        return plot_collectives(self)
 
     def __repr__(self) -> str:
         return f"<RunResult {self.summary()}>"

@@ -76,10 +76,11 @@ def test_timeline_has_a_bar_per_microbatch_and_stage_and_shows_the_bubble(events
     for first, second in zip(rows[0], rows[1]):
         assert second.get_x() >= first.get_x() + first.get_width() - 1.0  # ms; 1 ms for clock reading jitter
     title = ax.get_title()
-    assert "p=2 stages, m=4 micro-batches" in title
+    # the title names what is drawn: these events are all prefill steps
+    assert title.startswith("pipeline timeline, prefill: p=2 stages, m=4 micro-batches\n"), title
     assert "(p-1)/(m+p-1) = 20% for GPipe" in title
     measured = bubble_fraction(events)
-    assert f"bubble {measured:.0%} measured" in title
+    assert f"bubble measured: prefill {measured:.0%}" in title
     # stage 1 waits for the first micro-batch and stage 0 is done before the last: a real
     # bubble (how large depends on how busy the machine's cores are: no upper bound here)
     assert 0.05 < measured < 1
@@ -177,3 +178,84 @@ def test_figures_leave_pyplot_alone_show_in_a_notebook_and_empty_input_is_a_clea
     ):
         with pytest.raises(ValueError, match=word):
             fn(arg)
+
+
+# --------------------------------------------------------------------------- drawn from a result
+@pytest.fixture(scope="module")
+def pipeline_result(workbench, tiny_folder):
+    """A real pipeline generation: 2 stages, 2 micro-batches, 119 decode steps after the
+    prefill, so hundreds of bars (4 prompts each run to the cap)."""
+    prompts = ["Explain pipeline parallelism.", "What does an all-reduce do?", "The KV cache holds", "Hi"]
+    return workbench.generate(prompts, strategy="pipeline", model=tiny_folder, microbatches=2, max_new_tokens=120,
+                              ignore_eos=True)
+
+
+def _drawn(fig):
+    """``fig`` laid out and drawn (Agg), and its renderer: what a notebook's PNG shows."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    return fig.canvas.get_renderer()
+
+
+def test_every_plot_takes_a_result(pipeline_result):
+    result = pipeline_result
+    # the timeline: by default every step of the run, the prefill and each decode step
+    ax = plot_timeline(result).axes[0]
+    assert len(_bars(ax)) == len(result.timeline) == 2 * 2 + 2 * 2 * 119
+    assert ax.get_title().startswith("pipeline timeline, prefill and 119 decode steps: p=2 stages, m=2 micro-batches")
+    for phase, bars, named in (("prefill", 2 * 2, "prefill"), ("decode", 2 * 2 * 119, "119 decode steps")):
+        for fig in (plot_timeline(result, phase), result.plot_timeline(phase)):
+            assert len(_bars(fig.axes[0])) == bars
+            assert fig.axes[0].get_title().startswith(f"pipeline timeline, {named}: p=2 stages"), phase
+    assert len(_bars(result.plot_timeline().axes[0])) == len(result.timeline)
+    with pytest.raises(ValueError, match="phase='bogus'; use one of prefill, decode"):
+        plot_timeline(result, "bogus")
+    # memory: weights and KV cache per rank, and the run's peak as the tick
+    ax = plot_memory(result).axes[0]
+    unit = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10}[ax.get_ylabel()]
+    peaks = ax.collections[0].get_offsets()
+    assert [round(y * unit) for _, y in peaks] == pytest.approx(result.peak_memory_bytes, rel=1e-9)
+    # collectives: each rank's counts stacked, its seconds beside them
+    counts, seconds = plot_collectives(result).axes
+    heights = sorted((round(b.get_x() + b.get_width() / 2), round(b.get_height())) for b in _bars(counts) if b.get_height())
+    assert heights == sorted((r, n) for r, c in enumerate(result.collectives) for n in c.values() if n)
+    assert [b.get_height() for b in _bars(seconds)] == pytest.approx(result.collective_seconds)
+    # throughput: one result, or results and records mixed
+    prefill, decode = plot_throughput(result).axes
+    assert [b.get_width() for b in _bars(prefill)] == [result.prefill_tokens_per_s]
+    assert [b.get_width() for b in _bars(decode)] == [result.decode_tokens_per_s]
+    assert len(_bars(plot_throughput([result, result.record()]).axes[0])) == 2
+
+
+def test_the_timeline_labels_only_the_bars_its_numbers_fit_in(pipeline_result):
+    for phase in (None, "prefill"):
+        fig = plot_timeline(pipeline_result, phase)
+        renderer = _drawn(fig)
+        ax = fig.axes[0]
+        bars = _bars(ax)
+        labels = [t for t in ax.texts if t.get_text().isdigit()]
+        if phase == "prefill":  # four wide bars: each carries its micro-batch's number
+            assert sorted(t.get_text() for t in labels) == ["0", "0", "1", "1"]
+        else:  # hundreds of thin decode bars: few numbers, if any
+            assert len(labels) < len(bars) / 4, (len(labels), len(bars))
+        for label in labels:
+            x, y = label.get_position()
+            bar = next(b for b in bars
+                       if b.get_x() <= x <= b.get_x() + b.get_width() and b.get_y() <= y <= b.get_y() + b.get_height())
+            text, box = label.get_window_extent(renderer), bar.get_window_extent(renderer)
+            assert box.x0 <= text.x0 and text.x1 <= box.x1, (label.get_text(), text, box)
+
+
+def test_the_collectives_legend_covers_no_bar(pipeline_result):
+    fig = plot_collectives(pipeline_result)
+    renderer = _drawn(fig)
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 1
+    legend = legends[0].get_window_extent(renderer)
+    kinds = {k for c in pipeline_result.collectives for k in c}
+    assert sorted(t.get_text() for t in legends[0].get_texts()) == sorted(kinds)
+    for ax in fig.axes:
+        for bar in _bars(ax):
+            if bar.get_height():
+                assert not legend.overlaps(bar.get_window_extent(renderer)), (ax.get_title(), bar)

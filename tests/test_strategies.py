@@ -204,11 +204,11 @@ def test_other_architectures_run_data_parallel(workbench, gpt2_folder):
 def test_result_plots_come_from_the_run(workbench, tiny_folder):
     m = 3
     result = workbench.generate(PROMPTS[:3], strategy="pipeline", model=tiny_folder, microbatches=m, max_new_tokens=3)
-    timeline = result.plot_timeline()
-    bars = [p for p in timeline.axes[0].patches]
-    assert len(bars) == m * 2  # m micro-batches on each of 2 stages
+    prefill = result.plot_timeline("prefill")
+    assert len(prefill.axes[0].patches) == m * 2  # m micro-batches on each of 2 stages
     decode = result.plot_timeline("decode")
     assert len(decode.axes[0].patches) == m * 2 * 2  # two decode steps
+    assert len(result.plot_timeline().axes[0].patches) == m * 2 * 3  # both: the whole run
     memory = result.plot_memory()
     labels = memory.axes[0].get_legend_handles_labels()[1]
     assert {"weights", "kv cache", "peak"} <= set(labels)
