@@ -10,7 +10,7 @@ run :func:`mpbook.engine.decode.run`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -160,29 +160,136 @@ def choose_sampling(*, temperature=None, top_k=None, top_p=None, repetition_pena
                     top_p=top_p if top_p is not None else 1.0, repetition_penalty=penalty, seed=seed, do_sample=True)
 
 
-def choose_layout(strategy: str, engines: int, **given: int | None) -> Layout:
+def choose_layout(
+    strategy: str,
+    engines: int,
+    *,
+    dp: int | None = None,
+    pp: int | None = None,
+    tp: int | None = None,
+    ep: int | None = None,
+    config=None,
+    prompts: int | None = None,
+    microbatches: int = 1,
+    stage_sizes: Sequence[int] | None = None,
+    plans: dict | None = None,
+    cpu: bool = False,
+    attached: bool = False,
+    fits: Callable[[Layout], bool | None] | None = None,
+) -> Layout:
     """Degrees for ``strategy`` on ``engines`` engines: the strategy's own degree takes
-    whatever the given ones leave (``tensor --pp 2`` on 4 engines is tp=2 x pp=2)."""
+    whatever the given ones leave (``tensor --pp 2`` on 4 engines is tp=2 x pp=2).
+
+    Given the model's ``config`` and the number of ``prompts``, every problem is found before
+    any work and said at once: the model's limits (stages, heads, KV heads, experts), then
+    the prompts (a replica without one; more micro-batches than a replica's prompts), then
+    the engine count. The error ends with the layouts of these engines that this model and
+    these prompts allow, checked as the request itself is (and, where ``fits`` says, that fit
+    in memory), and, when the model takes the layout as asked, what else it needs (more
+    prompts; as many engines, started with a command that exists: ``cpu`` and ``attached``
+    say which)."""
     if strategy not in STRATEGIES:
         raise MpbookError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    degrees = {dim: check_degree(dim, given.get(dim)) for dim in DIMS}
+    given = {dim: check_degree(dim, value) for dim, value in (("dp", dp), ("pp", pp), ("ep", ep), ("tp", tp))}
     own = OWN_DIM[strategy]
-    others = math.prod(v for k, v in degrees.items() if k != own and v is not None)
-    if degrees[own] is None:
-        if engines % others:
-            raise MpbookError(
-                f"{' x '.join(f'{k}={v}' for k, v in degrees.items() if v is not None)} = {others} does not divide "
-                f"the {engines} engines that are up; choose degrees whose product divides {engines}"
-            )
-        degrees[own] = engines // others
+    others = math.prod(v for k, v in given.items() if k != own and v is not None)
+    degrees = dict(given)
+    divides = given[own] is not None or engines % others == 0
+    if given[own] is None:
+        degrees[own] = engines // others if divides else 1  # (1: the model's check of the others)
     layout = Layout(**{k: (v if v is not None else 1) for k, v in degrees.items()})
-    if layout.world_size != engines:
+
+    from .models.support import layout_problems
+
+    model = [] if config is None else layout_problems(config, layout, plans, stage_sizes=stage_sizes)
+    work = [] if prompts is None else _prompt_problems(layout, prompts, microbatches)
+    if not divides:
+        shown = " x ".join(f"{k}={v}" for k, v in given.items() if v is not None)
+        count = [f"{shown} = {others} does not divide the {engines} engines that are up"]
+    elif layout.world_size != engines:
         product = " x ".join(f"{d}={getattr(layout, d)}" for d in DIMS if d != "ep" or layout.ep > 1)
-        raise MpbookError(
-            f"{product} = {layout.world_size}, but {engines} engines are up; "
-            f"choose degrees whose product is {engines} (or `%mp restart` with -n {layout.world_size})"
-        )
-    return layout
+        count = [f"{product} = {layout.world_size}, but {engines} engines are up"]
+    else:
+        count = []
+    if not (model or work or count):
+        return layout
+
+    advice = [_valid_layouts_advice(strategy, engines, config=config, prompts=prompts, microbatches=microbatches,
+                                    stage_sizes=stage_sizes, plans=plans, fits=fits)]
+    if not model:  # the model takes the layout as asked: what else it needs
+        needs = []
+        if work:
+            needs.append(f"give at least {layout.dp * microbatches} prompts")
+        if count:
+            start = start_command(layout.world_size, cpu=cpu, attached=attached)
+            needs.append(f"run on {layout.world_size} engines ({start})")
+        advice.append(f"or, for {layout}, {' and '.join(needs)}")
+    raise MpbookError("; ".join(model + work + count + advice))
+
+
+def start_command(n: int, *, cpu: bool = False, attached: bool = False) -> str:
+    """How to have ``n`` engines instead, in commands that exist (`%mp restart` keeps the count)."""
+    if attached:
+        return (f"`%mp stop`, then attach to {n} of the cluster's engines: `%mp start --profile PROFILE -n {n}`, "
+                f"or Workbench.attach(profile=..., n={n})")
+    flag, kwarg = (" --cpu", ", cpu=True") if cpu else ("", "")
+    return f"`%mp stop`, then `%mp start -n {n}{flag}`, or Workbench.start({n}{kwarg})"
+
+
+def _prompt_problems(layout: Layout, prompts: int, microbatches: int) -> list[str]:
+    if prompts < layout.dp:
+        return [f"{prompts} prompt{'s' if prompts != 1 else ''} for dp={layout.dp} replicas: "
+                "every replica needs at least one"]
+    smallest = min(len(replica_rows(prompts, layout.dp, r)) for r in range(layout.dp))
+    if microbatches > smallest:
+        return [f"--microbatches {microbatches}: each replica gets at least {smallest} prompt"
+                f"{'s' if smallest != 1 else ''}, so choose microbatches in 1..{smallest} (or give more prompts)"]
+    return []
+
+
+def _valid_layouts_advice(strategy: str, engines: int, *, config, prompts, microbatches, stage_sizes, plans,
+                          fits) -> str:
+    """The layouts of ``engines`` engines the model and the prompts allow (the strategy's own
+    first), those that do not fit in memory left out; or, when there is none, each degree's
+    choices."""
+    from .planner.suggestions import layouts, valid_layouts, why_invalid
+    from .units import divisors
+
+    whom = " and ".join(
+        (["this model"] if config is not None else [])
+        + ([f"{prompts} prompt{'s' if prompts != 1 else ''}"] if prompts is not None else []))
+    whom = f" valid for {whom}" if whom else ""
+    where = f"{engines} engine{'s' if engines != 1 else ''}"
+
+    def allowed(micro: int) -> list[Layout]:
+        if config is not None:
+            return valid_layouts(config, engines, batch=prompts, plans=plans, microbatches=micro,
+                                 stage_sizes=stage_sizes)
+        return [x for x in layouts(engines) if not (prompts is not None and _prompt_problems(x, prompts, micro))]
+
+    valid = allowed(microbatches)
+    if not valid and microbatches > 1 and allowed(1):  # too many micro-batches for any layout
+        valid, whom = allowed(1), f"{whom} with --microbatches 1"
+        microbatches = 1
+    own = OWN_DIM[strategy]
+    valid.sort(key=lambda x: getattr(x, own) == 1)  # the strategy asked for first (a stable sort)
+    fitting = [x for x in valid if fits is None or fits(x) is not False]
+    if stage_sizes and any(x.pp > 1 and x.pp != len(stage_sizes) for x in fitting):
+        whom += f" (those with pp other than {len(stage_sizes)} without --stages)"
+    if fitting:
+        return f"layouts of {where}{whom}: {'; '.join(map(str, fitting))}"
+    if valid:
+        return (f"the layouts of {where}{whom} ({'; '.join(map(str, valid))}) would not fit in the "
+                "engines' memory: use more devices, a smaller dtype, fewer prompts or fewer new tokens")
+    if config is None:
+        return f"no layout of {where}{whom}"
+    choices = []
+    for dim in DIMS:
+        ok = [d for d in divisors(engines)
+              if why_invalid(config, Layout(**{dim: d}), prompts, plans=plans, microbatches=microbatches) is None]
+        if dim != "ep" or len(ok) > 1:
+            choices.append(f"{dim} in {{{', '.join(map(str, ok))}}}")
+    return f"no layout of {where} is{whom} (of the degrees that divide {engines}: {', '.join(choices)})"
 
 
 def check_prompts(prompts: Sequence) -> None:
@@ -197,27 +304,9 @@ def check_prompts(prompts: Sequence) -> None:
             raise MpbookError(f"prompt {i} is empty; every prompt needs at least one token")
 
 
-def check_request(request: Request, *, strategy: str, config, prompt_tokens: list[int]) -> None:
-    """Everything that can be known to fail before the engines start work.
-
-    ``prompt_tokens``: each prompt's length in tokens."""
-    from .models import support
-
-    layout = request.layout
-    # The model's own plans (or the user's) decide what can be split, with its own numbers.
-    support.check_layout(config, layout, request.plans, stage_sizes=request.stage_sizes)
-    prompts = len(request.input_ids)
-    if prompts < layout.dp:
-        raise MpbookError(
-            f"{prompts} prompt{'s' if prompts != 1 else ''} for dp={layout.dp} replicas: "
-            f"give at least {layout.dp} prompts, or use dp <= {prompts}"
-        )
-    smallest = min(len(replica_rows(prompts, layout.dp, r)) for r in range(layout.dp))
-    if request.microbatches > smallest:
-        raise MpbookError(
-            f"--microbatches {request.microbatches}: each replica gets at least {smallest} prompt"
-            f"{'s' if smallest != 1 else ''}, so choose microbatches in 1..{smallest} (or give more prompts)"
-        )
+def check_request(request: Request, *, config, prompt_tokens: list[int]) -> None:
+    """What the layout's check (:func:`choose_layout`) leaves: each prompt and its new tokens
+    within the model's context. ``prompt_tokens``: each prompt's length in tokens."""
     context = getattr(config, "max_position_embeddings", None)
     if context:
         for i, length in enumerate(prompt_tokens):
@@ -299,7 +388,10 @@ class Session:
         if isinstance(prompts, str):
             prompts = [prompts]
         cluster = self.cluster
-        layout = choose_layout(strategy, cluster.world_size, dp=dp, pp=pp, tp=tp, ep=ep)
+        if strategy not in STRATEGIES:
+            raise MpbookError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        for dim, degree in (("dp", dp), ("pp", pp), ("tp", tp), ("ep", ep)):
+            check_degree(dim, degree)
         dtype = check_dtype(dtype)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         microbatches = check_microbatches(microbatches)
@@ -311,6 +403,16 @@ class Session:
         info = self.model(model)
         encoded = encode_prompts(info.tokenizer, prompts, chat=chat, system=system)
         prompt_tokens = [len(ids) for ids in encoded.input_ids]
+        # The layout is checked against the model and the prompts as well as the engines, so
+        # that every problem is said at once and the advice is only what would run.
+        layout = choose_layout(
+            strategy, cluster.world_size, dp=dp, pp=pp, tp=tp, ep=ep, config=info.config, prompts=len(prompts),
+            microbatches=microbatches, stage_sizes=stage_sizes, plans=plans, cpu=cluster.device_type == "cpu",
+            attached=not cluster.owned,
+            fits=self._fit_test(info.config, plans=plans, prompts=len(prompts), prompt_len=max(prompt_tokens),
+                                max_new_tokens=max_new_tokens, dtype=dtype, microbatches=microbatches,
+                                stage_sizes=stage_sizes),
+        )
         request = Request(
             model=str(model),
             layout=layout,
@@ -328,7 +430,7 @@ class Session:
             track_tensors=track_tensors,
             stream=stream,
         )
-        check_request(request, strategy=strategy, config=info.config, prompt_tokens=prompt_tokens)
+        check_request(request, config=info.config, prompt_tokens=prompt_tokens)
         self.check_memory(request, config=info.config, prompt_len=max(prompt_tokens))
         if cluster.device_type == "cuda" and dtype == "bfloat16":
             if self._bf16 is None:
@@ -377,17 +479,7 @@ class Session:
             # out-of-memory on an engine is still reported with its rank and bytes).
             return
         cluster = self.cluster
-        engines = cluster.engines
-        if cluster.device_type == "cuda":
-            # A model already loaded on an engine is freed before another loads (or reused as is).
-            free = [e.memory_free_bytes + e.model_bytes for e in engines]
-        else:
-            # CPU engines on one host share its memory (each reports the host's available
-            # memory): each may count on an equal share of it, and of what its models free.
-            hosts = [e.host for e in engines]
-            pool = {h: next(e.memory_free_bytes for e in engines if e.host == h)
-                    + sum(e.model_bytes for e in engines if e.host == h) for h in set(hosts)}
-            free = [pool[h] // hosts.count(h) for h in hosts]
+        free = self._free_bytes()
         layout = request.layout
         predicted = plan(
             config, dp=layout.dp, pp=layout.pp, tp=layout.tp, ep=layout.ep, plans=request.plans,
@@ -413,6 +505,45 @@ class Session:
             f"+ KV cache {gib(worst.kv_cache)} + activations {gib(worst.activations)}) but has "
             f"{gib(free[worst.rank])} {where}; {advice}"
         )
+
+    def _free_bytes(self) -> list[int]:
+        """The bytes each rank may take on its device."""
+        cluster = self.cluster
+        engines = cluster.engines
+        if cluster.device_type == "cuda":
+            # A model already loaded on an engine is freed before another loads (or reused as is).
+            return [e.memory_free_bytes + e.model_bytes for e in engines]
+        # CPU engines on one host share its memory (each reports the host's available
+        # memory): each may count on an equal share of it, and of what its models free.
+        hosts = [e.host for e in engines]
+        pool = {h: next(e.memory_free_bytes for e in engines if e.host == h)
+                + sum(e.model_bytes for e in engines if e.host == h) for h in set(hosts)}
+        return [pool[h] // hosts.count(h) for h in hosts]
+
+    def _fit_test(self, config, *, plans, prompts: int, prompt_len: int, max_new_tokens: int, dtype: str,
+                  microbatches: int, stage_sizes) -> Callable[[Layout], bool | None] | None:
+        """Whether a layout of these engines would fit their memory, as the planner predicts
+        (None where it cannot predict): so that the layouts an error suggests also fit."""
+        from .models import support
+
+        if "pipeline" not in support.supported_strategies(config, plans):
+            return None  # a model the planner cannot cut into parts (see check_memory)
+
+        def fits(layout: Layout) -> bool | None:
+            from .planner import plan
+
+            try:
+                return plan(
+                    config, dp=layout.dp, pp=layout.pp, tp=layout.tp, ep=layout.ep, plans=plans, batch=prompts,
+                    prompt_len=prompt_len, max_new_tokens=max_new_tokens, dtype=dtype, microbatches=microbatches,
+                    stage_sizes=stage_sizes if stage_sizes and len(stage_sizes) == layout.pp > 1 else None,
+                    device_memory_bytes=self._free_bytes(),
+                    suggestions=False,
+                ).fits
+            except MpbookError:
+                return None
+
+        return fits
 
     def _layouts_that_fit(self, request: Request, config, prompt_len: int) -> str:
         try:

@@ -4,10 +4,13 @@ choice of degrees for a strategy on a number of engines."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mpbook import Layout, MpbookError
 from mpbook.layout import DIMS, Coords, Mesh
+from mpbook.models import tiny_config
 from mpbook.parallel.data import replica_rows
 from mpbook.parallel.pipeline import split_layers
 from mpbook.session import check_prompts, choose_layout
@@ -79,8 +82,9 @@ def test_choose_layout(strategy, engines, given, expected):
 @pytest.mark.parametrize(
     "strategy, engines, given, message",
     [
-        ("tensor", 2, {"tp": 3}, r"dp=1 x pp=1 x tp=3 = 3, but 2 engines are up; choose degrees whose product is 2 "
-                                 r"\(or `%mp restart` with -n 3\)"),
+        ("tensor", 2, {"tp": 3}, r"^dp=1 x pp=1 x tp=3 = 3, but 2 engines are up; layouts of 2 engines: dp=1 x pp=1 x "
+                                 r"tp=2; dp=1 x pp=2 x tp=1; dp=2 x pp=1 x tp=1; or, for dp=1 x pp=1 x tp=3, run on 3 "
+                                 r"engines \(`%mp stop`, then `%mp start -n 3`, or Workbench.start\(3\)\)$"),
         ("data", 2, {"pp": 3}, "pp=3 = 3 does not divide the 2 engines that are up"),
         ("tensor", 4, {"pp": 2, "dp": 4}, "dp=4 x pp=2 = 8 does not divide the 4 engines"),
         ("sideways", 2, {}, "unknown strategy 'sideways'; choose one of data, pipeline, tensor"),
@@ -119,3 +123,135 @@ def test_layers_per_stage_balanced_or_as_given():
         split_layers(6, 2, [2, 2])
     with pytest.raises(MpbookError, match="stage sizes"):
         split_layers(6, 2, [6, 0])
+
+
+# ----------------------------------------------------------------------------- advice that leads somewhere
+# A layout error ends with the layouts of these engines that this model and these prompts
+# allow, and, when the model takes the layout as asked, what else it needs. Every piece of
+# that advice, followed, must pass the same check (issue: `--dp 2` advised on 3 engines).
+LAYOUT_RE = re.compile(r"dp=(\d+) x pp=(\d+) x tp=(\d+)(?: x ep=(\d+))?")
+
+
+def _layouts_in(text: str) -> list[Layout]:
+    return [Layout(int(dp), int(pp), int(tp), int(ep or 1)) for dp, pp, tp, ep in LAYOUT_RE.findall(text)]
+
+
+def _degrees(layout: Layout) -> dict[str, int]:
+    return {d: getattr(layout, d) for d in DIMS}
+
+
+def llama4():
+    from mpbook.models.presets import family_config
+
+    return family_config("llama")  # 4 layers, 4 heads over 2 KV heads
+
+
+def mixtral():
+    from mpbook.models.presets import family_config
+
+    return family_config("mixtral")  # 4 layers, 4 heads over 2 KV heads, 4 experts
+
+
+@pytest.mark.parametrize(
+    "config, strategy, engines, prompts, given, problems",
+    [
+        # 2 prompts for dp=3: the old advice "or use dp <= 2" led to a wrong engine count
+        (tiny_config, "data", 3, 2, {}, ["2 prompts for dp=3 replicas: every replica needs at least one"]),
+        (tiny_config, "data", 3, 2, {"dp": 2}, ["dp=2 x pp=1 x tp=1 = 2, but 3 engines are up"]),
+        # the model's limit first, then the engine count, in one message
+        (llama4, "pipeline", 2, 2, {"pp": 8},
+         ["pp=8: the model has 4 decoder layers, so at most 4 stages; choose pp in 1..4",
+          "dp=1 x pp=8 x tp=1 = 8, but 2 engines are up"]),
+        (tiny_config, "tensor", 2, 1, {"tp": 3},
+         ["tp=3 does not divide the 8 attention heads (4 KV heads) of this llama model; choose tp in {1, 2, 4}",
+          "dp=1 x pp=1 x tp=3 = 3, but 2 engines are up"]),
+        (tiny_config, "tensor", 3, 4, {}, ["tp=3 does not divide the 8 attention heads"]),
+        (mixtral, "expert", 4, 4, {"ep": 3, "tp": 3},
+         ["tp=3 does not divide the 4 attention heads (2 KV heads) of this mixtral model; choose tp in {1, 2}",
+          "ep=3 does not divide the 4 experts of this mixtral model; choose ep in {1, 2, 4}",
+          "dp=1 x pp=1 x ep=3 x tp=3 = 9, but 4 engines are up"]),
+        (tiny_config, "pipeline", 2, 4, {"microbatches": 5},
+         ["--microbatches 5: each replica gets at least 4 prompts, so choose microbatches in 1..4"]),
+        (tiny_config, "data", 2, 4, {"pp": 3}, ["pp=3 = 3 does not divide the 2 engines that are up"]),
+        (tiny_config, "tensor", 3, 2, {"pp": 2, "stage_sizes": (4, 2)},
+         ["pp=2 = 2 does not divide the 3 engines that are up"]),
+        (tiny_config, "pipeline", 4, 1, {"dp": 2, "stage_sizes": (4, 2)}, ["1 prompt for dp=2 replicas"]),
+    ],
+)
+def test_layout_advice_is_checked_before_it_is_given(config, strategy, engines, prompts, given, problems):
+    config = config()
+    given = dict(given)
+    checks = dict(config=config, microbatches=given.pop("microbatches", 1), stage_sizes=given.pop("stage_sizes", None))
+    with pytest.raises(MpbookError) as info:
+        choose_layout(strategy, engines, prompts=prompts, **given, **checks)
+    message = str(info.value)
+    # every problem at once, the model's own limits first
+    for problem in problems:
+        assert problem in message
+    assert [message.index(p) for p in problems] == sorted(message.index(p) for p in problems)
+    assert "dp <=" not in message and "%mp restart" not in message
+
+    listing, _, asked = message.partition("; or, for ")
+    listing = listing[listing.index(f"layouts of {engines} engines"):]
+    suggested = _layouts_in(listing)
+    assert suggested, message
+    for layout in suggested:  # each one, followed, runs
+        assert layout.world_size == engines
+        keep = dict(checks)
+        if "with --microbatches 1" in listing:
+            keep["microbatches"] = 1
+        if checks["stage_sizes"] and len(checks["stage_sizes"]) != layout.pp:
+            assert "without --stages" in listing
+            keep["stage_sizes"] = None
+        assert choose_layout(strategy, engines, prompts=prompts, **_degrees(layout), **keep) == layout
+    if asked:  # the layout as asked, with more prompts or engines
+        layout = _layouts_in(asked)[0]
+        more = re.search(r"give at least (\d+) prompts", asked)
+        run_on = re.search(r"run on (\d+) engines", asked)
+        n_prompts = int(more.group(1)) if more else prompts
+        n_engines = int(run_on.group(1)) if run_on else engines
+        assert choose_layout(strategy, n_engines, prompts=n_prompts, **_degrees(layout), **checks) == layout
+    else:  # no such offer when the model itself refuses the layout
+        assert any(p.split(":")[0].split()[0] in ("pp=8", "tp=3", "ep=3") for p in problems)
+
+
+def test_no_layout_of_the_engines_fits_the_model_says_each_degree_choice():
+    from mpbook.models.presets import family_config
+
+    # 4 heads, 2 KV heads, 4 layers on 3 engines with 2 prompts: tp=3 and dp=3 are out, pp=3 is in
+    assert choose_layout("pipeline", 3, config=family_config("llama"), prompts=2) == Layout(pp=3)
+    # with 2 layers nothing over 3 engines works
+    with pytest.raises(MpbookError) as info:
+        choose_layout("pipeline", 3, config=family_config("llama", num_hidden_layers=2), prompts=2)
+    assert str(info.value) == (
+        "pp=3: the model has 2 decoder layers, so at most 2 stages; choose pp in 1..2; no layout of 3 engines is "
+        "valid for this model and 2 prompts (of the degrees that divide 3: dp in {1}, pp in {1}, tp in {1})"
+    )
+
+
+@pytest.mark.parametrize("cpu, attached", [(True, False), (False, False), (False, True)])
+def test_the_commands_layout_advice_names_exist(cpu, attached):
+    import inspect
+
+    from mpbook.cluster import Cluster
+    from mpbook.magics import parse
+    from mpbook.workbench import Workbench
+
+    with pytest.raises(MpbookError) as info:
+        choose_layout("tensor", 2, tp=4, config=tiny_config(), prompts=2, cpu=cpu, attached=attached)
+    message = str(info.value)
+    commands = re.findall(r"`(%mp [^`]*)`", message)
+    assert commands and "`%mp stop`" in message
+    for command in commands:  # each parses as the magic would (no UsageError)
+        parse(command.removeprefix("%mp "), cell=False)
+    calls = re.findall(r"Workbench\.(start|attach)\(([^)]*)\)", message)
+    assert len(calls) == 1
+    name, arguments = calls[0]
+    args = eval(f"(lambda *a, **k: (a, k))({arguments.replace('...', 'None')})")  # noqa: S307  our own text
+    target = Workbench.start if name == "start" else Cluster.attach  # (Workbench.attach passes its options on)
+    inspect.signature(target).bind(*args[0], **args[1])
+    # what the old advice said does not exist
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="unrecognized arguments: -n 4"):
+        parse("restart -n 4", cell=False)

@@ -405,8 +405,18 @@ def test_text_and_html_show_the_arithmetic():
          "(max_position_embeddings); keep the sum <= 512"),
         (dict(dtype="int8"), "--dtype int8: choose one of float32, bfloat16, float16"),
         (dict(attention="flash"), "attention='flash': choose one of sdpa, eager"),
-        (dict(dp=2, engines=3), "dp=2 x pp=1 x tp=1 uses 2 engines but there are 3; choose a layout whose product "
-                                "is 3: dp=1 x pp=3 x tp=1; dp=3 x pp=1 x tp=1"),
+        (dict(dp=2, engines=3), "dp=2 x pp=1 x tp=1 uses 2 engines but there are 3; layouts of 3 engines valid for "
+                                "this model and batch=1: dp=1 x pp=3 x tp=1"),
+        (dict(dp=2, batch=3, engines=3), "dp=2 x pp=1 x tp=1 uses 2 engines but there are 3; layouts of 3 engines "
+                                         "valid for this model and batch=3: dp=1 x pp=3 x tp=1; dp=3 x pp=1 x tp=1"),
+        # the model's limits and the engine count, all at once (tiny: 6 layers, 8 heads over 4 KV heads)
+        (dict(pp=8, tp=3, batch=2, engines=2),
+         "pp=8: the model has 6 decoder layers, so at most 6 stages; choose pp in 1..6; tp=3 does not divide the 8 "
+         "attention heads (4 KV heads) of this llama model; choose tp in {1, 2, 4}; dp=1 x pp=8 x tp=3 uses 24 "
+         "engines but there are 2; layouts of 2 engines valid for this model and batch=2: dp=1 x pp=1 x tp=2; "
+         "dp=1 x pp=2 x tp=1; dp=2 x pp=1 x tp=1"),
+        (dict(pp=8, tp=3), "pp=8: the model has 6 decoder layers, so at most 6 stages; choose pp in 1..6; tp=3 does "
+                           "not divide the 8 attention heads (4 KV heads) of this llama model; choose tp in {1, 2, 4}"),
         (dict(pp=2, stage_sizes=[2, 2]), "stage sizes [2, 2]: need 2 sizes of at least 1 layer that add up to the "
                                          "6 layers (they add up to 4)"),
         (dict(device_memory_bytes=[1, 2]), "device_memory_bytes lists 2 sizes for 1 ranks; give one size, or one per rank"),

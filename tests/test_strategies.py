@@ -246,6 +246,41 @@ def test_predicted_out_of_memory_names_rank_bytes_and_layouts(workbench, huge_co
     workbench.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
 
 
+def test_layout_advice_lists_only_layouts_that_fit_the_engines_memory(workbench, huge_config_folder):
+    # tp=3 does not divide the 64 heads, nor make 2 engines; the layouts the model allows on 2
+    # engines are named, but as not fitting (80 layers of width 8192 in float32), not as advice
+    with pytest.raises(MpbookError) as info:
+        workbench.generate(PROMPTS, strategy="tensor", tp=3, model=huge_config_folder, max_new_tokens=4)
+    assert str(info.value) == (
+        "tp=3 does not divide the 64 attention heads (8 KV heads) of this llama model; choose tp in {1, 2, 4, 8}; "
+        "dp=1 x pp=1 x tp=3 = 3, but 2 engines are up; the layouts of 2 engines valid for this model and 4 prompts "
+        "(dp=1 x pp=1 x tp=2; dp=1 x pp=2 x tp=1; dp=2 x pp=1 x tp=1) would not fit in the engines' memory: use "
+        "more devices, a smaller dtype, fewer prompts or fewer new tokens"
+    )
+
+
+def test_layout_advice_followed_runs_on_the_engines(workbench, tiny_folder):
+    import re
+
+    from mpbook.layout import Layout
+
+    # one prompt for the 2 replicas of `data` on 2 engines
+    with pytest.raises(MpbookError) as info:
+        workbench.generate(["Hi"], strategy="data", model=tiny_folder, max_new_tokens=2)
+    message = str(info.value)
+    assert message.startswith("1 prompt for dp=2 replicas: every replica needs at least one; layouts of 2 engines "
+                              "valid for this model and 1 prompt: ")
+    listing, _, asked = message.partition("; or, for ")
+    suggested = [Layout(*map(int, m)) for m in re.findall(r"dp=(\d+) x pp=(\d+) x tp=(\d+)", listing)]
+    assert sorted(map(str, suggested)) == ["dp=1 x pp=1 x tp=2", "dp=1 x pp=2 x tp=1"]
+    for layout in suggested:
+        result = workbench.generate(["Hi"], strategy="data", model=tiny_folder, max_new_tokens=2,
+                                    dp=layout.dp, pp=layout.pp, tp=layout.tp)
+        assert result.layout == layout and len(result.texts) == 1
+    assert asked == "dp=2 x pp=1 x tp=1, give at least 2 prompts"
+    assert len(workbench.generate(["Hi", "Ho"], strategy="data", model=tiny_folder, max_new_tokens=2).texts) == 2
+
+
 def test_a_tensor_parallel_rank_holds_only_its_shards(tiny_folder):
     from mpbook.layout import Layout
     from mpbook.models import load_stage

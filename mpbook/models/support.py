@@ -115,26 +115,42 @@ def _user_plan_hint(strategy: str) -> str:
 
 
 def check_layout(config, layout, plans: dict | None = None, *, stage_sizes=None) -> None:
-    """Raise :class:`MpbookError` unless ``layout`` can split ``config``'s model: each error one
-    line with the model's own numbers and the valid choices."""
+    """Raise :class:`MpbookError` unless ``layout`` can split ``config``'s model: one line with
+    every problem (the model's own numbers and the valid choices of each degree)."""
+    problems = layout_problems(config, layout, plans, stage_sizes=stage_sizes)
+    if problems:
+        raise MpbookError("; ".join(problems))
+
+
+def layout_problems(config, layout, plans: dict | None = None, *, stage_sizes=None) -> list[str]:
+    """Everything about ``layout`` that ``config``'s model does not allow, one clause per degree:
+    a strategy the model has no plan for, more stages than layers, a tp that does not divide the
+    heads or KV heads, an ep that does not divide the experts. [] when the model takes it.
+
+    (The vocabulary sets no limit: a tp rank whose slice of the vocabulary would be empty still
+    takes part in the logits' collectives, see mpbook.parallel.vocab.)"""
     from ..parallel.pipeline import split_layers
 
     allowed = supported_strategies(config, plans)
     if not allowed:
-        raise MpbookError(f"{why_not(config, 'data', plans)}; mpbook cannot run {config.model_type} models")
+        return [f"{why_not(config, 'data', plans)}; mpbook cannot run {config.model_type} models"]
+    problems = []
     for strategy, dim in OWN_DIM.items():
         degree = getattr(layout, dim)
         if degree > 1 and strategy not in allowed:
             reason = why_not(config, strategy, plans)
             # A plan cannot carry a recurrent state across stages or shards: no hint then.
             hint = "" if recurrent_state(config) else f"; {_user_plan_hint(strategy)}"
-            raise MpbookError(
+            problems.append(
                 f"{dim}={degree}: {reason}; {config.model_type} works with {', '.join(allowed)} parallelism{hint}"
             )
     text = _text(config)
-    if layout.pp > 1:
-        split_layers(text.num_hidden_layers, layout.pp, stage_sizes)
-    if layout.tp > 1:
+    if layout.pp > 1 and "pipeline" in allowed:
+        try:
+            split_layers(text.num_hidden_layers, layout.pp, stage_sizes)
+        except MpbookError as exc:
+            problems.append(str(exc))
+    if layout.tp > 1 and "tensor" in allowed:
         s = structure(config, plans)
         if s.heads_split_by_tp and (s.heads % layout.tp or s.kv_heads % layout.tp):
             valid = ", ".join(str(d) for d in divisors(s.heads) if s.kv_heads % d == 0)
@@ -142,17 +158,18 @@ def check_layout(config, layout, plans: dict | None = None, *, stage_sizes=None)
                 what = f"the {s.heads} attention heads ({s.kv_heads} KV heads)"
             else:
                 what = f"the {s.kv_heads} KV heads ({s.heads} attention heads)"
-            raise MpbookError(
+            problems.append(
                 f"tp={layout.tp} does not divide {what} of this {config.model_type} model; choose tp in {{{valid}}}"
             )
-    if layout.ep > 1:
+    if layout.ep > 1 and "expert" in allowed:
         experts = num_experts(config, plans)
         if experts is None or experts % layout.ep:
             valid = ", ".join(str(d) for d in divisors(experts or 1))
-            raise MpbookError(
+            problems.append(
                 f"ep={layout.ep} does not divide the {experts} experts of this {config.model_type} model; "
                 f"choose ep in {{{valid}}}"
             )
+    return problems
 
 
 def validate_tp(config, tp: int, plans: dict | None = None) -> None:

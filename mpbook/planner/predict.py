@@ -9,12 +9,12 @@ from typing import Any
 from ..errors import MpbookError
 from ..layout import Layout
 from ..options import check_dtype
-from ..models.support import check_layout
+from ..models.support import layout_problems
 from .devices import devices_for, engine_count, fit
 from .memory_plan import MemoryPlan
 from .model_tensors import ModelTensors, model_tensors
 from .ranks import PlannedModel, rank_plans
-from .suggestions import layouts, suggest, why_invalid
+from .suggestions import suggest, valid_layouts
 from .workload import ATTENTION, checked_workload
 
 
@@ -97,8 +97,7 @@ def plan(
         config, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, microbatches=microbatches,
         dtype=dtype, attention=attention, stage_sizes=stage_sizes,
     )
-    layout = _checked_layout(config, dp=dp, pp=pp, tp=tp, ep=ep, engines=engines, plans=plans)
-    check_layout(config, layout, plans, stage_sizes=work.stage_sizes)
+    layout = _checked_layout(config, dp=dp, pp=pp, tp=tp, ep=ep, engines=engines, plans=plans, work=work)
 
     planned = PlannedModel.read(
         config, _checked_tensors(tensors, config, dtype) or model_tensors(config, dtype, plans), plans)
@@ -118,18 +117,28 @@ def plan(
     )
 
 
-def _checked_layout(config, *, dp: int, pp: int, tp: int, ep: int, engines, plans=None) -> Layout:
+def _checked_layout(config, *, dp: int, pp: int, tp: int, ep: int, engines, plans=None, work=None) -> Layout:
+    """The layout asked for, or one MpbookError with everything wrong with it: the model's
+    limits first (stages, heads, experts), then the engine count, and then the layouts over
+    those engines that the model and the workload allow."""
     try:
         layout = Layout(dp, pp, tp, ep)
     except ValueError as exc:
         raise MpbookError(str(exc)) from None
+    stage_sizes = work.stage_sizes if work is not None else None
+    problems = layout_problems(config, layout, plans, stage_sizes=stage_sizes)
     count = engine_count(engines)
     if count is not None and layout.world_size != count:
-        valid = [str(x) for x in layouts(count) if why_invalid(config, x, plans=plans) is None]
-        raise MpbookError(
-            f"{layout} uses {layout.world_size} engines but there are {count}; choose a layout whose product is "
-            f"{count}: {'; '.join(valid) or 'none fits this model'}"
+        problems.append(f"{layout} uses {layout.world_size} engines but there are {count}")
+        batch, microbatches = (work.batch, work.microbatches) if work is not None else (None, 1)
+        valid = [str(x) for x in valid_layouts(config, count, batch=batch, plans=plans, microbatches=microbatches,
+                                              stage_sizes=stage_sizes)]
+        problems.append(
+            f"layouts of {count} engines valid for this model{'' if batch is None else f' and batch={batch}'}: "
+            + ("; ".join(valid) if valid else "none")
         )
+    if problems:
+        raise MpbookError("; ".join(problems))
     return layout
 
 

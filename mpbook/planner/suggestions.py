@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from ..errors import MpbookError
 from ..layout import Layout
-from ..models.support import check_layout
+from ..models.support import layout_problems
 from ..units import format_bytes as fb
 from .devices import Device, fit
 from .ranks import PlannedModel, rank_plans
@@ -29,25 +28,49 @@ class Suggestion:
         return suggestion_line(self)
 
 
-def layouts(world: int) -> list[Layout]:
-    """Every (dp, pp, tp) whose product is ``world`` (ep=1: expert parallel is not suggested yet)."""
+def layouts(world: int, *, experts: bool = False) -> list[Layout]:
+    """Every (dp, pp, tp) whose product is ``world``; with ``experts`` also every ep > 1
+    (the planner's suggestions leave expert parallel out: ep=1)."""
+    eps = range(1, world + 1) if experts else (1,)
     return [
-        Layout(dp, pp, world // (dp * pp))
+        Layout(dp, pp, world // (dp * pp * ep), ep)
         for dp in range(1, world + 1)
         for pp in range(1, world + 1)
-        if world % (dp * pp) == 0
+        for ep in eps
+        if world % (dp * pp * ep) == 0
     ]
 
 
-def why_invalid(config, layout: Layout, batch: int | None = None, *, plans: dict | None = None) -> str | None:
-    """The first reason ``layout`` cannot run the model (the error's first clause), or None."""
-    try:
-        check_layout(config, layout, plans)
-    except MpbookError as exc:
-        return str(exc).split(";")[0]
+def why_invalid(config, layout: Layout, batch: int | None = None, *, plans: dict | None = None,
+                microbatches: int = 1, stage_sizes=None) -> str | None:
+    """The first reason ``layout`` cannot run the model on ``batch`` prompts cut into
+    ``microbatches`` per replica (the error's first clause), or None."""
+    problems = layout_problems(config, layout, plans, stage_sizes=stage_sizes)
+    if problems:
+        return problems[0].split(";")[0]
     if batch is not None and layout.dp > batch:
         return f"dp={layout.dp} > {batch} prompt{'s' if batch != 1 else ''}: replicas would sit idle"
+    smallest = batch // layout.dp if batch is not None else None
+    if smallest is not None and microbatches > smallest:
+        return (f"{microbatches} micro-batches > the {smallest} prompt{'s' if smallest != 1 else ''} "
+                "of the smallest replica")
     return None
+
+
+def valid_layouts(config, world: int, *, batch: int | None = None, plans: dict | None = None,
+                  microbatches: int = 1, stage_sizes=None) -> list[Layout]:
+    """Every layout over ``world`` engines that can run the model (expert parallel included
+    for a mixture of experts) on ``batch`` prompts with ``microbatches`` per replica: what
+    advice may offer. ``stage_sizes`` (layers per stage) are checked for the layouts with as
+    many stages; the others split the layers evenly."""
+    from ..models.support import supported_strategies
+
+    experts = "expert" in supported_strategies(config, plans)
+    return [
+        x for x in layouts(world, experts=experts)
+        if why_invalid(config, x, batch, plans=plans, microbatches=microbatches,
+                       stage_sizes=stage_sizes if stage_sizes and len(stage_sizes) == x.pp else None) is None
+    ]
 
 
 def suggest(model: PlannedModel, work: Workload, world: int, devices: list[Device]) -> list[Suggestion]:
@@ -55,7 +78,7 @@ def suggest(model: PlannedModel, work: Workload, world: int, devices: list[Devic
     valid ones that do not fit, then the invalid ones."""
     good, bad = [], []
     for layout in layouts(world):
-        why = why_invalid(model.config, layout, work.batch, plans=model.plans)
+        why = why_invalid(model.config, layout, work.batch, plans=model.plans, microbatches=work.microbatches)
         if why is not None:
             bad.append(Suggestion(layout, False, False, None, why))
             continue
