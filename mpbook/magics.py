@@ -30,6 +30,7 @@ runs (``--no-dashboard`` leaves it out): widgets in a notebook, lines of text in
 from __future__ import annotations
 
 import argparse
+import difflib
 import time
 
 from IPython.core.error import UsageError
@@ -172,11 +173,14 @@ def parse(line: str, *, cell: bool) -> argparse.Namespace:
     if line.strip() in ("-h", "--help", "help"):
         raise HelpRequested(usage())
     try:
-        args = parser.parse_args(arg_split(line, posix=True))  # a shell's quoting: --stop "the end"
+        words = arg_split(line, posix=True)  # a shell's quoting: --stop "the end"
+        args, extras = parser.parse_known_args(words)
     except UsageError as exc:  # argparse's message may quote the input, newlines and all
-        raise UsageError(one_line(str(exc))) from None
+        raise UsageError(one_line(f"{exc}{_command_suggestion(parser, words)}")) from None
     except ValueError as exc:  # e.g. an unbalanced quote
         raise UsageError(one_line(f"%mp {line.strip()}: {exc}")) from None
+    if extras:
+        raise UsageError(one_line(f"unrecognized arguments: {' '.join(extras)}{_option_suggestion(parser, args, extras)}"))
     if getattr(args, "help", False):
         raise HelpRequested(argparse_compat.subcommands(parser)[args.command].format_help())
     _check_single_values(parser, args)
@@ -190,6 +194,46 @@ def parse(line: str, *, cell: bool) -> argparse.Namespace:
             f"`%mp {args.command}` needs a cell: write `%%mp {args.command}` as the first line of a cell{extra}"
         )
     return args
+
+
+def _close(word: str, choices) -> str | None:
+    """The one of ``choices`` that ``word`` most likely meant (a typo), or None; leading dashes
+    are left out of the likeness (``--model`` is not close to ``--help``)."""
+    bare = {choice.lstrip("-"): choice for choice in choices}
+    close = difflib.get_close_matches(word.lstrip("-"), list(bare), n=1, cutoff=0.7)
+    return bare[close[0]] if close else None
+
+
+def _command_suggestion(parser: argparse.ArgumentParser, words: list[str]) -> str:
+    # Python 3.11's argparse has no "did you mean" (3.14's suggest_on_error): the commands are few.
+    first = next((w for w in words if not w.startswith("-")), None)
+    commands = argparse_compat.subcommands(parser)
+    if first is None or first in commands:
+        return ""
+    close = _close(first, commands)
+    return f"; did you mean `%mp {close}`?" if close else "; `%mp?` lists the commands"
+
+
+def _option_suggestion(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> str:
+    """For each unknown option of ``extras``, the command's option it most likely meant."""
+    commands = argparse_compat.subcommands(parser)
+    if args.command not in commands:
+        return ""
+    options = {name: [o for a in argparse_compat.actions(sub) for o in a.option_strings]
+               for name, sub in commands.items()}
+    meant, elsewhere = [], []
+    for word in extras:
+        name = word.split("=", 1)[0]
+        if not name.startswith("-"):
+            continue
+        # an option of another command (`%mp restart -n 2`: -n is start's), else a typo
+        other = [f"{name} is an option of `%mp {c}`" for c, opts in options.items() if name in opts][:1]
+        close = None if other else _close(name, options[args.command])
+        elsewhere += other
+        meant += [close] if close is not None else []
+    hint = f"`%mp {args.command} --help` lists its options"
+    said = [f"did you mean {' or '.join(dict.fromkeys(meant))}?"] if meant else []
+    return "; " + "; ".join(said + elsewhere + [hint])
 
 
 def _check_single_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

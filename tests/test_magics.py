@@ -107,6 +107,30 @@ def test_parse_distinguishes_line_and_cell_commands():
     assert parse("run --ranks 0,1", cell=True).ranks == "0,1"
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("tensor --temprature 0.7", "unrecognized arguments: --temprature 0.7; did you mean --temperature?; "
+                                    "`%mp tensor --help` lists its options"),
+        ("data --temprature=0.7 --max-new-tokns 3", "did you mean --temperature or --max-new-tokens?"),
+        ("pipeline --micro-batches 2", "did you mean --microbatches?"),  # (a prefix would be taken as it)
+        ("tensor --sed 3", "did you mean --seed?"),
+        ("start --frob", "unrecognized arguments: --frob; `%mp start --help` lists its options"),
+        # an option of another command is named as that, not as a likeness
+        ("restart -n 2", "unrecognized arguments: -n 2; -n is an option of `%mp start`"),
+        ("run --model tiny", "--model is an option of `%mp data`"),
+        ("tensro --tp 2", "invalid choice: 'tensro'"),
+        ("tensro --tp 2", "did you mean `%mp tensor`?"),
+        ("launch", "`%mp?` lists the commands"),
+    ],
+)
+def test_a_typo_names_what_was_meant(line, message):
+    with pytest.raises(UsageError) as info:
+        parse(line, cell=True)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert "--help?" not in str(info.value)
+
+
 def test_strategy_cells_generate_and_store_the_result(shared_shell, capsys, tiny_folder):
     from mpbook.reference import reference
 
