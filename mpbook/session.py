@@ -42,14 +42,17 @@ class ModelInfo:
     config: Any
     tokenizer: Any
     eos_token_ids: tuple[int, ...] = ()
+    weights_fetched: bool = False  # a hub model's weights are in the local cache
 
     @classmethod
     def load(cls, name: str) -> ModelInfo:
+        """Everything but the weights: a hub model's weights are fetched once a run on it has
+        passed every check (:meth:`fetch_weights`)."""
         from transformers import GenerationConfig
 
         from . import models
 
-        folder = models.resolve(name)
+        folder = models.resolve(name, weights=False)
         config = models.load_config(folder)
         try:
             eos = GenerationConfig.from_pretrained(folder).eos_token_id
@@ -59,6 +62,14 @@ class ModelInfo:
             eos = getattr(config, "eos_token_id", None)
         eos_ids = tuple([eos] if isinstance(eos, int) else list(eos or []))
         return cls(name, folder, config, models.load_tokenizer(folder), eos_ids)
+
+    def fetch_weights(self) -> None:
+        """Download a hub model's weights to the cache the engines load from (once)."""
+        if not self.weights_fetched:
+            from . import models
+
+            models.resolve(self.name)
+            self.weights_fetched = True
 
     @property
     def has_chat_template(self) -> bool:
@@ -437,6 +448,7 @@ class Session:
                 self._bf16 = self.calls.apply(_bf16_supported, ranks=[0], stream=False, what="checking the dtype")[0]
             if not self._bf16:
                 raise MpbookError("--dtype bfloat16: these GPUs do not support it; use float16 or float32")
+        info.fetch_weights()  # only now: a run that cannot work downloads nothing large
         describe = getattr(follow, "describe_run", None)
         if describe is not None:
             describe(RunInfo(strategy=strategy, layout=layout, prompts=encoded.shown, max_new_tokens=max_new_tokens,

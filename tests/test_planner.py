@@ -439,6 +439,87 @@ def test_bad_model_and_qwen2_tp_choices():
         plan("./no-such-model")
 
 
+def test_a_hub_id_out_of_reach_says_in_python_that_a_config_plans_offline():
+    # the tests run with HF_HUB_OFFLINE=1 (conftest), and nothing caches this id
+    with pytest.raises(MpbookError) as info:
+        plan("mpbook-tests/not-cached", pp=2)
+    message = str(info.value)
+    assert message.startswith("plan('mpbook-tests/not-cached'): not a local folder, and the hub could not provide "
+                              "its config.json (")
+    assert "--model" not in message  # a magic's words in a Python call
+    assert "transformers.AutoConfig.from_pretrained(FOLDER)" in message and "needs no network" in message
+    # the error points at the caller's line, not at the planner's way to the check
+    import traceback
+
+    assert [frame.name for frame in traceback.extract_tb(info.value.__traceback__)] == [
+        "test_a_hub_id_out_of_reach_says_in_python_that_a_config_plans_offline", "plan"]
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    # the advice, followed: a config built by hand plans offline
+    config = LlamaConfig(num_hidden_layers=32, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)
+    assert plan(config, pp=2).layout == Layout(pp=2)
+
+
+def test_a_hub_id_is_planned_from_its_config_json_alone(tmp_path):
+    """With the hub reachable, plan() fetches config.json and nothing else (planning a 70 B
+    model used to download its weights). The hub is out of reach here, so a local server
+    answers for it, at HF_ENDPOINT, with one file; huggingface_hub, transformers and mpbook
+    are the real ones, in a process of their own that reads that endpoint at import."""
+    import http.server
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    body = LlamaConfig(num_hidden_layers=80, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256).to_json_string().encode()
+    asked: list[str] = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def answer(self, with_body: bool):
+            asked.append(f"{self.command} {self.path}")
+            if self.path.split("?")[0] != "/org/big-model/resolve/main/config.json":
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+            self.send_header("ETag", '"big-model-config"')
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+
+        def do_HEAD(self):
+            self.answer(False)
+
+        def do_GET(self):
+            self.answer(True)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HUB_OFFLINE": "0",
+           "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    code = ("import json, mpbook; p = mpbook.plan('org/big-model', pp=4, tp=2, dtype='bfloat16'); "
+            "print(json.dumps([p.architecture, str(p.layout), p.ranks[0].parameters]))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    architecture, layout, parameters = json.loads(done.stdout.splitlines()[-1])
+    assert (architecture, layout) == ("LlamaForCausalLM", "dp=1 x pp=4 x tp=2")
+    assert parameters > 1e9  # 20 of 80 layers of a 70 B model, half of each: planned, not loaded
+    assert asked and {a.split()[1] for a in asked} == {"/org/big-model/resolve/main/config.json"}, asked
+
+
 # --------------------------------------------------------------------------- config -> numbers, nothing else
 def test_weights_kv_cache_and_activations_by_hand_from_the_config():
     """The README's example counted by hand from the tiny preset's config: no engine, no file."""

@@ -12,25 +12,22 @@ from ..errors import MpbookError
 from .presets import PRESETS, build_preset
 
 
-def resolve(model: str | os.PathLike) -> Path:
-    """A local folder holding config.json (and weights) for ``model``."""
+def resolve(model: str | os.PathLike, *, weights: bool = True) -> Path:
+    """A local folder holding config.json and the weights for ``model`` (a hub id: its
+    repository's safetensors, configs and tokenizer files; what the engines load).
+    ``weights=False``: for a hub id, everything but the weights (config, generation config,
+    tokenizer): what the client checks a run with before anything large is downloaded."""
     name = str(model)
     if name in PRESETS:
         return build_preset(name)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise MpbookError(f"--model {name}: the folder has no config.json; point at a save_pretrained folder")
-        return path
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise MpbookError(
-            f"--model {name}: no such folder; give a save_pretrained folder, a hub id like "
-            f"HuggingFaceTB/SmolLM2-360M, or 'tiny'"
-        )
+    local = _local_folder(name, f"--model {name}")
+    if local is not None:
+        return local
+    patterns = ["*.json", "*.model", "*.txt"] + (["*.safetensors"] if weights else [])
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as exc:
         raise MpbookError(
             f"--model {name}: not a local folder, and the hub could not provide it ({type(exc).__name__}); "
@@ -38,10 +35,64 @@ def resolve(model: str | os.PathLike) -> Path:
         ) from None
 
 
-def load_config(model: str | os.PathLike):
+def _local_folder(name: str, asked: str) -> Path | None:
+    """``name`` as a save_pretrained folder; None when it can only be a hub id. ``asked``: the
+    words that name it in an error."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise MpbookError(f"{asked}: the folder has no config.json; point at a save_pretrained folder")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise MpbookError(
+            f"{asked}: no such folder; give a save_pretrained folder, a hub id like "
+            f"HuggingFaceTB/SmolLM2-360M, or 'tiny'"
+        )
+    return None
+
+
+def load_config(model: str | os.PathLike, *, asked: str | None = None):
+    """The transformers config of ``model``: a preset, a folder, or a hub id, of which only
+    ``config.json`` is fetched (planning a 70 B model must not download its weights).
+    ``asked``: the words that name the model in an error when a Python call asked for it
+    (``plan('org/name')``); by default a magic's (``--model org/name``)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve(model))
+    name = str(model)
+    if name in PRESETS:
+        return AutoConfig.from_pretrained(build_preset(name))
+    local = _local_folder(name, asked or f"--model {name}")
+    if local is not None:
+        return AutoConfig.from_pretrained(local)
+    try:
+        return AutoConfig.from_pretrained(_hub_config(name).parent)
+    except Exception as exc:
+        if asked is None:
+            fix = "download its config.json where the hub is reachable and pass the folder, or use --model tiny"
+        else:  # a Python call: a config object needs no hub at all
+            fix = ("give a config instead, which needs no network: transformers.AutoConfig.from_pretrained(FOLDER) "
+                   "of a folder holding the model's config.json, or a config built by hand such as "
+                   "transformers.LlamaConfig(num_hidden_layers=32, ...); or the preset 'tiny'")
+        raise MpbookError(
+            f"{asked or f'--model {name}'}: not a local folder, and the hub could not provide its config.json "
+            f"({type(exc).__name__}); {fix}"
+        ) from None
+
+
+def _hub_config(name: str) -> Path:
+    """A hub model's config.json, fetched alone (or the cache's copy when the hub is out of reach)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    try:
+        # One request: hf_hub_download, when the hub cannot be reached and nothing is cached,
+        # tries again and again for half a minute before it gives up.
+        get_hf_file_metadata(hf_hub_url(name, "config.json"))
+    except Exception as unreachable:  # offline, unknown, gated: the cache's copy, if any
+        try:
+            return Path(hf_hub_download(name, "config.json", local_files_only=True))
+        except Exception:
+            raise unreachable from None
+    return Path(hf_hub_download(name, "config.json"))
 
 
 def load_tokenizer(model: str | os.PathLike):

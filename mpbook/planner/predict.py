@@ -41,9 +41,10 @@ def plan(
 ) -> MemoryPlan:
     """Predict each rank's memory for running ``model`` on a (dp, pp, tp, ep) layout.
 
-    ``model``: a transformers config, a model name that :func:`mpbook.models.load_config`
-    understands ("tiny", a ``save_pretrained`` folder, a hub id), or a loaded model (its
-    config and dtype are used). Nothing is loaded: the module tree is built on the meta device.
+    ``model``: a transformers config (which plans offline), a model name that
+    :func:`mpbook.models.load_config` understands ("tiny", a ``save_pretrained`` folder, a hub
+    id: only its ``config.json`` is fetched), or a loaded model (its config and dtype are
+    used). Nothing is loaded: the module tree is built on the meta device.
 
     ``batch`` prompts, each padded to ``prompt_len`` tokens, generate ``max_new_tokens`` more
     (0: one forward pass returning every position's logits). ``microbatches`` cut each
@@ -88,33 +89,38 @@ def plan(
     :func:`mpbook.planner.model_tensors`), so planning again before every cell costs
     milliseconds; a caller that keeps it itself passes it as ``tensors``.
     """
-    config, loaded, label = _resolve(model)
-    dtype = check_dtype(dtype if dtype is not None else _own_dtype(loaded))
-    if attention is None:
-        attention = getattr(config, "_attn_implementation", None) if loaded is not None else None
-        attention = attention if attention in ATTENTION else "sdpa"
-    work = checked_workload(
-        config, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, microbatches=microbatches,
-        dtype=dtype, attention=attention, stage_sizes=stage_sizes,
-    )
-    layout = _checked_layout(config, dp=dp, pp=pp, tp=tp, ep=ep, engines=engines, plans=plans, work=work)
+    try:
+        config, loaded, label = _resolve(model)
+        dtype = check_dtype(dtype if dtype is not None else _own_dtype(loaded))
+        if attention is None:
+            attention = getattr(config, "_attn_implementation", None) if loaded is not None else None
+            attention = attention if attention in ATTENTION else "sdpa"
+        work = checked_workload(
+            config, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, microbatches=microbatches,
+            dtype=dtype, attention=attention, stage_sizes=stage_sizes,
+        )
+        layout = _checked_layout(config, dp=dp, pp=pp, tp=tp, ep=ep, engines=engines, plans=plans, work=work)
 
-    planned = PlannedModel.read(
-        config, _checked_tensors(tensors, config, dtype) or model_tensors(config, dtype, plans), plans)
-    devices, source = devices_for(engines, device_memory_bytes, layout.world_size)
-    return MemoryPlan(
-        model=label,
-        architecture=planned.tensors.architecture,
-        layout=layout,
-        workload=work,
-        ranks=fit(rank_plans(planned, layout, work), devices),
-        memory_source=source,
-        # Every layout over the engines, planned too: a caller that only asks "does it fit?"
-        # (the session, before every cell) leaves them out and asks plan.suggest() if not.
-        suggestions=suggest(planned, work, layout.world_size, devices) if suggestions else [],
-        _model=planned,
-        _devices=devices,
-    )
+        planned = PlannedModel.read(
+            config, _checked_tensors(tensors, config, dtype) or model_tensors(config, dtype, plans), plans)
+        devices, source = devices_for(engines, device_memory_bytes, layout.world_size)
+        return MemoryPlan(
+            model=label,
+            architecture=planned.tensors.architecture,
+            layout=layout,
+            workload=work,
+            ranks=fit(rank_plans(planned, layout, work), devices),
+            memory_source=source,
+            # Every layout over the engines, planned too: a caller that only asks "does it fit?"
+            # (the session, before every cell) leaves them out and asks plan.suggest() if not.
+            suggestions=suggest(planned, work, layout.world_size, devices) if suggestions else [],
+            _model=planned,
+            _devices=devices,
+        )
+    except MpbookError as exc:
+        # Bad input: the caller's own line is what matters, not the planner's frames on the way
+        # to the check that found it.
+        raise exc.with_traceback(None) from None
 
 
 def _checked_layout(config, *, dp: int, pp: int, tp: int, ep: int, engines, plans=None, work=None) -> Layout:
@@ -177,7 +183,7 @@ def _resolve(model) -> tuple[Any, Any, str]:
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
         # The preset needs no files: plan before anything is built or downloaded.
-        config = models.PRESETS[name]() if name in models.PRESETS else models.load_config(name)
+        config = models.PRESETS[name]() if name in models.PRESETS else models.load_config(name, asked=f"plan({name!r})")
         return config, None, name
     raise MpbookError(
         f"plan() got a {type(model).__name__}; give a transformers config, a model name or folder, or a loaded model"
