@@ -42,7 +42,13 @@ def demo(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from . import bench as benchmarks
 
-    if args.cluster:
+    if args.collectives:
+        from . import bench_transports
+
+        timings = bench_transports.bench_collectives(engines=args.n or 2)
+        print(bench_transports.format_timings(timings, args.n or 2))
+        payload = [t.__dict__ for t in timings]
+    elif args.cluster:
         payload = benchmarks.bench_cluster(engines=args.n or 2, cpu=True)
     elif args.cell_overhead:
         payload = benchmarks.bench_cell_overhead(cells=args.repeats * 5, model=args.model, engines=args.n, cpu=args.cpu)
@@ -99,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sweep", action="store_true",
                    help="every layout that fits the engines, not one per strategy; writes JSON and a PNG plot")
     b.add_argument("--cluster", action="store_true", help="measure cluster start-up and the %%%%mp run round trip")
+    b.add_argument("--collectives", action="store_true",
+                   help="all-reduce (4 KiB-4 MiB) and send/recv latency per transport (gloo, MPI), median and p90")
     b.add_argument("--cell-overhead", action="store_true",
                    help="a strategy cell's client time beyond the engines' own, on a loaded model")
     b.add_argument("--dashboard-overhead", action="store_true", help="generation with the dashboard and live text on and off")

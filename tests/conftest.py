@@ -53,7 +53,7 @@ from mpbook import Workbench  # noqa: E402
 # Fixtures that start engines, a kernel or an outside cluster: a test using one (directly or
 # through another fixture) is a `cluster` test; so is every `browser` test (JupyterLab, a
 # kernel and its cluster).
-CLUSTER_FIXTURES = {"workbench", "wb4", "ipcluster", "kernel", "gpu_wb", "wb"}
+CLUSTER_FIXTURES = {"workbench", "wb4", "ipcluster", "kernel", "gpu_wb", "wb", "gloo_workbench"}
 CLUSTER_MARKERS = {"browser", "gpu"}
 
 
@@ -92,14 +92,22 @@ def _no_engines_outside_cluster_tests(request, monkeypatch):
 # ----------------------------------------------------------------------------- clusters
 @pytest.fixture(scope="session")
 def workbench():
-    """Two CPU engines with a gloo process group, shared by every test (and module fixture)
-    that asks for it, started on first use.
+    """Two CPU engines (collectives over MPI when it is installed, as in a user's default
+    start), shared by every test (and module fixture) that asks for it, started on first use.
 
     A test may load models, fail cells, break the process group or even stop it: after each
     test the workbench is checked and, if needed, restarted in place, so the next test gets
     it whole. A test that needs its own engines (it kills or stops them, or wants other
     options) starts its own cluster and is marked ``cluster``."""
     wb = Workbench.start(2, cpu=True)
+    yield wb
+    wb.stop()
+
+
+@pytest.fixture(scope="session")
+def gloo_workbench():
+    """Two CPU engines whose collectives go over gloo: the transport where MPI is missing."""
+    wb = Workbench.start(2, cpu=True, transport="gloo")
     yield wb
     wb.stop()
 
@@ -135,7 +143,8 @@ def whole(wb: Workbench) -> bool:
 
 @pytest.fixture(autouse=True)
 def _heal_the_shared_workbenches(request):
-    shared = [request.getfixturevalue(name) for name in ("workbench", "wb4") if name in request.fixturenames]
+    shared = [request.getfixturevalue(name) for name in ("workbench", "wb4", "gloo_workbench")
+              if name in request.fixturenames]
     yield
     for wb in shared:
         if not whole(wb):

@@ -56,9 +56,11 @@ def magics_of(shell):
 
 # ------------------------------------------------------------------------ a killed engine
 @pytest.mark.cluster
-def test_engine_killed_mid_cell_names_its_rank_at_once_and_restart_brings_it_back(shell, tmp_path, capsys):
-    assert shell.run_cell("%mp start -n 2 --cpu").success
+@pytest.mark.parametrize("transport", ["gloo", "mpi"])
+def test_engine_killed_mid_cell_names_its_rank_at_once_and_restart_brings_it_back(shell, tmp_path, capsys, transport):
+    assert shell.run_cell(f"%mp start -n 2 --cpu --transport {transport}").success
     wb = magics_of(shell).workbench
+    assert {e.transport for e in wb.engines} == {transport}
     pid = wb.engines[1].pid
     killer = KillWhenStarted(pid, tmp_path / "started-1")
     killer.start()
@@ -77,15 +79,18 @@ def test_engine_killed_mid_cell_names_its_rank_at_once_and_restart_brings_it_bac
     with capsys.disabled():
         print(f"\nSIGKILL of rank 1 mid-cell -> EngineDiedError in {took:.3f} s")
 
-    # rank 0 was interrupted, not left sleeping: it answers at once
-    began = time.monotonic()
-    assert wb.client[wb.engine_ids([0])[0]].apply_sync(os.getpid) == wb.engines[0].pid
-    assert time.monotonic() - began < 5
+    if transport == "gloo":
+        # rank 0 was interrupted, not left sleeping: it answers at once
+        began = time.monotonic()
+        assert wb.client[wb.engine_ids([0])[0]].apply_sync(os.getpid) == wb.engines[0].pid
+        assert time.monotonic() - began < 5
+    # (Under MPI the world ends with the engine: MPICH's shared-memory peers do not outlive
+    # a peer's death. The dead rank is named all the same, and restart starts a new world.)
 
     # the next cell says so before it runs anything
     result = shell.run_cell("%%mp run\nprint(rank)")
     assert isinstance(result.error_in_exec, EngineDiedError)
-    assert f"rank 1 (pid {pid}) has died; run `%mp restart`" in str(result.error_in_exec)
+    assert f"rank 1 (pid {pid})" in str(result.error_in_exec) and "run `%mp restart`" in str(result.error_in_exec)
     capsys.readouterr()
 
     assert shell.run_cell("%mp restart").success

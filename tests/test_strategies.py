@@ -44,12 +44,19 @@ def assert_matches_one_device(result, expected_logits, expected_tokens):
         ("tensor", {}),
     ],
 )
-def test_two_engines_match_one_device(workbench, tiny_folder, expected, strategy, options):
+@pytest.mark.cluster
+@pytest.mark.parametrize("transport", ["mpi", "gloo"])
+def test_two_engines_match_one_device(request, tiny_folder, expected, strategy, options, transport):
+    workbench = request.getfixturevalue("workbench" if transport == "mpi" else "gloo_workbench")
+    assert {e.transport for e in workbench.engines} == {transport}
     logits, tokens = expected
     forward = workbench.forward(PROMPTS, strategy=strategy, model=tiny_folder, **options)
     assert_matches_one_device(forward, logits, None)
     generated = workbench.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS, **options)
     assert_matches_one_device(generated, None, tokens)
+    # every group of the run said which transport moved its tensors
+    used = {t for per_rank in generated.transports for t in per_rank.values()}
+    assert used == (set() if strategy == "data" else {transport})
     assert len(generated.texts) == len(PROMPTS)
     assert generated.prefill_tokens_per_s > 0 and generated.decode_tokens_per_s > 0
 

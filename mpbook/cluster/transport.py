@@ -78,7 +78,9 @@ def configure_mpi_engines(config, choice: TransportChoice, engine_cmd: list[str]
     from ..parallel.mpi import LOCAL_ONLY_ENV
 
     config.MPIEngineSetLauncher.mpi_cmd = [choice.mpiexec]
-    config.MPIEngineSetLauncher.mpi_args = ["-launcher", "fork"]
+    # An engine that dies leaves the others running (mpiexec would end the whole world), as
+    # with engines started one by one: the dead one is named and `%mp restart` replaces them.
+    config.MPIEngineSetLauncher.mpi_args = ["-launcher", "fork", "-disable-auto-cleanup"]
     config.MPIEngineSetLauncher.engine_cmd = engine_cmd
     config.MPIEngineSetLauncher.environment = {**environment, **LOCAL_ONLY_ENV}
 

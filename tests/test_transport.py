@@ -1,0 +1,106 @@
+"""Collectives over MPI between CPU engines: the fallback, failures, and what a step is made of."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mpbook import Workbench
+from mpbook.errors import RankError
+
+PROMPTS = ["Explain pipeline parallelism in one sentence.", "Hi", "What does an all-reduce do?", "Tensor parallel"]
+
+
+@pytest.mark.cluster
+def test_without_mpi4py_the_cluster_says_so_in_one_line_and_uses_gloo(tiny_folder):
+    # A fresh interpreter where mpi4py cannot be imported, as on a machine without it.
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["mpi4py"] = None
+        from mpbook import Workbench
+        from mpbook.reference import reference
+        with Workbench.start(2, cpu=True) as wb:
+            print(wb.table())
+            result = wb.generate({PROMPTS!r}, strategy="tensor", model={tiny_folder!r}, max_new_tokens=5)
+            print("TRANSPORTS", sorted({{t for r in result.transports for t in r.values()}}))
+        _, tokens = reference({tiny_folder!r}, {PROMPTS!r}, max_new_tokens=5)
+        print("SAME", result.token_ids == tokens)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    notes = [line for line in done.stdout.splitlines() if "MPI unavailable" in line]
+    assert len(notes) == 1 and "mpi4py is not installed" in notes[0] and "gloo" in notes[0]
+    assert "TRANSPORTS ['gloo']" in done.stdout and "SAME True" in done.stdout
+
+
+def test_asking_for_mpi_on_gpu_engines_or_an_unknown_transport_is_refused_before_starting():
+    from mpbook.cluster.transport import choose_transport
+    from mpbook.errors import MpbookError
+
+    with pytest.raises(MpbookError, match="GPU engines use NCCL"):
+        choose_transport("mpi", use_gpu=True)
+    with pytest.raises(MpbookError, match="choose one of auto, mpi, gloo"):
+        choose_transport("shm", use_gpu=False)
+    assert choose_transport("gloo", use_gpu=False).name == "gloo"
+
+
+def _all_reduce_on_rank_0_only(state):
+    import torch
+
+    from mpbook.parallel.collectives import Group
+
+    group = Group(None, rank=state.rank, size=state.world_size, ranks=list(range(state.world_size)), comm=state.mpi)
+    return group.all_reduce(torch.ones(4)).tolist()
+
+
+@pytest.mark.cluster
+def test_an_mpi_collective_one_rank_enters_times_out_and_the_next_run_is_right(tiny_folder):
+    from mpbook.reference import reference
+
+    with Workbench.start(2, cpu=True, timeout_s=3) as wb:
+        assert {e.transport for e in wb.engines} == {"mpi"}
+        with pytest.raises(RankError, match="timed out waiting") as caught:
+            wb.apply(_all_reduce_on_rank_0_only, ranks=[0], stream=False)
+        assert "rank 0" in str(caught.value)
+        # The communicator that timed out is never used again: the next run gets fresh ones.
+        result = wb.generate(PROMPTS, strategy="tensor", model=tiny_folder, max_new_tokens=5)
+        assert result.token_ids == reference(tiny_folder, PROMPTS, max_new_tokens=5)[1]
+        assert {t for r in result.transports for t in r.values()} == {"mpi"}
+
+
+@pytest.mark.parametrize("strategy, options", [("tensor", {}), ("pipeline", {"microbatches": 2})])
+def test_the_step_breakdown_adds_up_to_the_decode_phase(workbench, tiny_folder, strategy, options):
+    result = workbench.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=24, ignore_eos=True,
+                                **options)
+    for rank, (parts, phases) in enumerate(zip(result.step_breakdown, result.rank_phase_seconds)):
+        assert parts["count"] > 0, f"rank {rank} timed no decode step"
+        named = sum(parts[p] for p in ("compute", "collectives", "waiting", "token choice", "host"))
+        assert named == pytest.approx(parts["steps"], rel=1e-9)
+        assert all(parts[p] >= 0 for p in ("compute", "collectives", "waiting", "token choice"))
+        # the steps, timed one by one, are the decode phase the telemetry timed on its own
+        assert parts["steps"] == pytest.approx(phases["decode"], rel=0.05), (rank, parts, phases)
+    busy = result.step_breakdown
+    if strategy == "tensor":
+        assert all(b["collectives"] > 0 and b["waiting"] == 0 for b in busy)  # all-reduces, no stages
+    else:
+        assert busy[0]["waiting"] > 0 and busy[1]["waiting"] > 0  # tokens back, activations in
+    assert "decode step per rank, ms" in result.summary()
+
+
+def test_decode_steps_overlap_across_stages_without_draining(workbench, tiny_folder):
+    """Stage 0 starts a micro-batch's next step while stage 1 still works on the step before."""
+    result = workbench.generate(PROMPTS, strategy="pipeline", model=tiny_folder, max_new_tokens=12, ignore_eos=True,
+                                microbatches=2)
+    steps = {}  # (stage, microbatch) -> that pair's decode bars in order, each (start, end) on one clock
+    for e in sorted(result.timeline, key=lambda e: e.run_began + e.start):
+        if e.phase == "decode":
+            steps.setdefault((e.stage, e.microbatch), []).append((e.run_began + e.start, e.run_began + e.end))
+    overlapping = 0
+    for step in range(1, 11):
+        ahead_start, ahead_end = steps[(0, 0)][step]  # stage 0, micro-batch 0, one step ahead
+        behind_start, behind_end = steps[(1, 1)][step - 1]  # stage 1, micro-batch 1, the step before
+        overlapping += ahead_start < behind_end and behind_start < ahead_end
+    assert overlapping >= 5, steps
