@@ -219,3 +219,45 @@ def test_cuda_snapshot_has_allocator_and_nvml_memory():
     assert memory["in_use"] == allocated >= 256 * 2**20
     assert memory["reserved"] >= memory["in_use"] and memory["peak"] >= memory["in_use"]
     assert memory["device_total"] > memory["device_used"] >= memory["reserved"]
+
+
+MiB = 2**20
+
+
+def _run_holding(state, mib: int):
+    """One run (as a strategy brackets it) that holds ``mib`` MiB at its height, then frees them."""
+    import torch
+
+    with state.telemetry.run() as stats:
+        if mib:
+            block = torch.ones(mib * MiB // 4)  # written, so resident
+            del block  # a block this large is returned to the system at once
+    return stats.peak_memory_bytes
+
+
+def test_the_memory_peak_is_each_runs_and_each_cells_own(workbench, tiny_folder):
+    """A run that held 400 MiB, then runs that held nothing: their peaks are their own, not the
+    process's peak since it started (CPU engines: the kernel's peak RSS, reset as each begins)."""
+    from mpbook.dashboard import Dashboard
+
+    def generate():
+        return workbench.generate(["Hi there", "What is a tensor?"], strategy="pipeline", model=tiny_folder,
+                                  max_new_tokens=4)
+
+    generate()  # transformers imported and the model loaded: what the process holds from now on
+    big = workbench.apply(_run_holding, 400, stream=False)
+    small = workbench.apply(_run_holding, 0, stream=False)
+    for high, low in zip(big, small):
+        assert high - low > 300 * MiB, (high, low)
+    result = generate()
+    for high, peak in zip(big, result.peak_memory_bytes):
+        assert 0 < peak < high - 300 * MiB, (high, peak)
+    assert "peak memory per rank in this run (process RSS): [" in result.summary()
+    # the dashboard's peak is the cell's own too: each task starts it afresh
+    peaks = []
+    for code in ("block = torch.ones(100 * 2**20); del block", "x = rank"):
+        dash = Dashboard(workbench, mode="widget")
+        workbench.run(code, dashboard=dash)
+        peaks.append([dash.tracks[r].latest["memory"]["peak"] for r in workbench.ranks])
+    for high, low in zip(*peaks):
+        assert high - low > 300 * MiB, peaks

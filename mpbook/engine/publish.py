@@ -57,8 +57,12 @@ class Publisher:
         *,
         period_s: float = PERIOD_S,
         send: Callable[[str, dict[str, Any]], None] = send,
+        on_begin: Callable[[], None] | None = None,
     ):
         self.snapshot = snapshot
+        # Called as each task begins, before its first snapshot (the memory peak starts afresh,
+        # so that the peak a task's snapshots show is that task's own).
+        self.on_begin = on_begin
         self.period_s = period_s
         self.enabled = True  # off: tasks run without publishing (for the overhead benchmark)
         self.published = 0  # snapshots sent, for tests and the benchmark
@@ -74,7 +78,10 @@ class Publisher:
         """A task starts (``*_``: IPython's event arguments, unused)."""
         with self._cond:
             self._depth += 1
-            if self._depth > 1 or not self.enabled or self._closed:
+            if self._depth > 1 or self._closed:
+                return
+            self._begun()
+            if not self.enabled:
                 return
             if self._thread is None:
                 # A daemon: an engine that exits never waits for it. Started on first use
@@ -94,6 +101,14 @@ class Publisher:
                 self._cond.notify_all()
                 if self.enabled and not self._closed:
                     self._publish()
+
+    def _begun(self) -> None:
+        if self.on_begin is None:
+            return
+        try:
+            self.on_begin()
+        except Exception:  # like a failing snapshot: never the task's problem
+            log.warning("mpbook could not start a task's telemetry", exc_info=True)
 
     @contextmanager
     def task(self) -> Iterator[None]:
@@ -142,7 +157,7 @@ def install(state) -> Publisher:
     """Give the engine a publisher and bracket every executed cell with it."""
     from IPython import get_ipython
 
-    publisher = Publisher(lambda: state.telemetry.snapshot())
+    publisher = Publisher(lambda: state.telemetry.snapshot(), on_begin=lambda: state.telemetry.reset_peak())
     events = get_ipython().events
     events.register("pre_execute", publisher.begin)
     events.register("post_execute", publisher.end)

@@ -43,6 +43,8 @@ class RunStats:
     peak_memory_bytes: int = 0
     expert_tokens_at_start: int = 0  # the engine's running total when the run began
     expert_tokens_at_end: int | None = None  # ... and when it ended
+    number: int = 0  # this engine's runs, counted from 1
+    stream: Any = field(default=None, repr=False)  # the run's live tokens (engine.stream), on a choosing rank
     telemetry: Any = field(default=None, repr=False)
 
     @property
@@ -76,8 +78,14 @@ class Telemetry:
         # Each rank is its own replica until a strategy says otherwise.
         self.replica = rank
         # The live tokens of the run in progress, on the rank that chooses them (engine.stream).
-        self.stream = None
+        self._stream = None
+        self.runs = 0  # runs begun on this engine
         self._run: RunStats | None = None
+        self._last_run: RunStats | None = None
+        # CPU: whether the kernel's peak of this process's resident memory could be reset
+        # (None: not tried yet); where it cannot, the peak is the highest RSS sampled since.
+        self._peak_resettable: bool | None = None
+        self._sampled_peak = 0
         self._phase_started = time.perf_counter()
         self._nvml = None  # NVML handle of this engine's GPU, opened on first use
         self._process = None  # psutil.Process of this engine, made on first use
@@ -85,19 +93,39 @@ class Telemetry:
     # ---------------------------------------------------------------- reporting
     @contextmanager
     def run(self) -> Iterator[RunStats]:
-        """Bracket one generate/forward call; the stats cover that call alone."""
-        stats = self._run = RunStats(expert_tokens_at_start=self.expert_tokens, telemetry=self)
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats(self.device)
+        """Bracket one generate/forward call; the stats cover that call alone (its memory peak
+        too: the peak is reset as it begins)."""
+        self.runs += 1
+        self.reset_peak()
+        stats = self._run = RunStats(expert_tokens_at_start=self.expert_tokens, number=self.runs, telemetry=self)
         try:
             yield stats
         finally:
             self.set_phase("idle")
             stats.peak_memory_bytes = max(stats.peak_memory_bytes, self.peak_memory_bytes())
             stats.expert_tokens_at_end = self.expert_tokens
-            self._run = None
+            # Kept for the snapshots after the run: the final one carries its last tokens (a
+            # replica that finishes before the others shows all of its text at once).
+            self._last_run, self._run = stats, None
+
+    @property
+    def stream(self):
+        """The live tokens (:class:`mpbook.engine.stream.TokenStream`) of the run in progress."""
+        return self._stream
+
+    @stream.setter
+    def stream(self, value) -> None:
+        self._stream = value
+        if value is not None and self._run is not None:
+            self._run.stream = value
+
+    def _stream_figure(self) -> dict | None:
+        """The ``stream`` of a snapshot: the tokens of the run in progress, else of the last
+        run, numbered by run so that the client can tell one run's tokens from another's."""
+        stats = self._run if self._run is not None else self._last_run
+        if stats is None or stats.stream is None:
+            return None
+        return {**stats.stream.snapshot(), "run": stats.number}
 
     @contextmanager
     def phase_scope(self, phase: str) -> Iterator[None]:
@@ -116,7 +144,9 @@ class Telemetry:
         self.phase_seconds[self.phase] += spent
         if self._run is not None:
             self._run.phase_seconds[self.phase] += spent
-            self._run.peak_memory_bytes = max(self._run.peak_memory_bytes, self.memory_in_use_bytes())
+            in_use = self.memory_in_use_bytes()
+            self._sampled_peak = max(self._sampled_peak, in_use)
+            self._run.peak_memory_bytes = max(self._run.peak_memory_bytes, in_use)
         self.phase, self._phase_started = phase, now
 
     def add_tokens(self, phase: str, n: int) -> None:
@@ -188,17 +218,38 @@ class Telemetry:
             self._process = psutil.Process(os.getpid())
         return int(self._process.memory_info().rss)
 
+    def reset_peak(self) -> None:
+        """Start the memory peak afresh (a task or a run begins): CUDA, torch's peak
+        allocated; CPU, the kernel's peak RSS of this process (Linux's ``clear_refs``), or
+        where that cannot be reset, the highest RSS sampled from now on."""
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        if self._peak_resettable is not False:
+            try:
+                # "5" resets the peak resident set size (VmHWM, and with it ru_maxrss) to
+                # the current one (Linux >= 4.0, proc(5)); the process may write its own.
+                with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
+                    f.write("5")
+                self._peak_resettable = True
+            except OSError:
+                self._peak_resettable = False
+        self._sampled_peak = self.memory_in_use_bytes()
+
     def peak_memory_bytes(self, in_use: int | None = None) -> int:
-        """CUDA: peak allocated since the current run began; CPU: the process's peak RSS."""
+        """The peak since the current task or run began (:meth:`reset_peak`). CUDA: peak
+        allocated by torch; CPU: the process's peak RSS (the Python runtime included)."""
         if self.device.type == "cuda":
             import torch
 
             return int(torch.cuda.max_memory_allocated(self.device))
-        import resource
-
-        # ru_maxrss is in KiB on Linux, in bytes on macOS.
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return max(int(peak), self.memory_in_use_bytes() if in_use is None else in_use)
+        in_use = self.memory_in_use_bytes() if in_use is None else in_use
+        self._sampled_peak = max(self._sampled_peak, in_use)
+        if self._peak_resettable is False:
+            return self._sampled_peak
+        return max(_peak_rss(), in_use)
 
     def memory(self) -> dict[str, int | None]:
         """Memory figures for the dashboard; ``None`` where this device has no such figure.
@@ -270,8 +321,24 @@ class Telemetry:
             "peak_memory_bytes": memory["peak"],
             "replica": self.replica,
             "expert_tokens": self.expert_tokens,
-            **({"stream": self.stream.snapshot()} if self.stream is not None else {}),
+            **({"stream": stream} if (stream := self._stream_figure()) is not None else {}),
         }
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory: Linux's VmHWM (which ``clear_refs`` resets), else
+    ``ru_maxrss`` (on Linux that also counts the process this one was started from)."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
 
 
 def _nvml_handle(device: Any):
