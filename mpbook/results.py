@@ -48,6 +48,10 @@ class RunResult:
     sampling: Any = None  # mpbook.protocol.Sampling of the run
     cell_seconds: float = 0.0  # the whole call as the client saw it: loading, run and transfer
     engine_seconds: list[float] = field(default_factory=list)  # per rank: the run on the engine, loading included
+    expert_tokens: list[int] = field(default_factory=list)  # per rank: routes (token, expert) to its experts
+    rank_rows: list[list[int]] = field(default_factory=list)  # per rank: the prompts its replica served
+    rank_phase_seconds: list[dict[str, float]] = field(default_factory=list)  # per rank: seconds per phase
+    chat_template: bool | None = None  # whether the model's tokenizer has one (None: not known)
 
     @property
     def client_seconds(self) -> float:
@@ -108,30 +112,67 @@ class RunResult:
                     total[kind] = total.get(kind, 0) + n
         return total
 
+    def tokens_per_s_by_rank(self, phase: str) -> list[float | None]:
+        """Per rank: its replica's tokens/s in ``phase`` ("prefill" or "decode"), counted as
+        the run's own rates are: the replica's prompt tokens, or its new tokens after each
+        prompt's first, over the longest time any rank of the replica spent in that phase."""
+        seconds: dict[tuple[int, ...], float] = {}
+        for rows, phases in zip(self.rank_rows, self.rank_phase_seconds):
+            seconds[tuple(rows)] = max(seconds.get(tuple(rows), 0.0), phases.get(phase, 0.0))
+        out: list[float | None] = []
+        for rows in self.rank_rows:
+            if phase == "prefill":
+                tokens = sum(self.prompt_tokens[p] for p in rows)
+            else:
+                tokens = sum(max(len(self.token_ids[p]) - 1, 0) for p in rows) if self.max_new_tokens else 0
+            spent = seconds[tuple(rows)]
+            out.append(tokens / spent if tokens and spent > 0 else None)
+        return out
+
     def summary(self) -> str:
-        peak = ", ".join(format_bytes(b) for b in self.peak_memory_bytes)
-        comm = ", ".join(f"{k} {v}" for k, v in sorted(self.total_collectives().items())) or "none"
-        head = f"{self.strategy} ({self.layout}) on {self.engines} engine{'s' if self.engines != 1 else ''}"
-        parts = []
+        """What the run did, one short line per figure (a notebook wraps a long line anywhere,
+        mid-word too): the layout, tokens and why each prompt stopped, speeds, latency,
+        memory, collectives, the expert load, how tokens were chosen, the chat template."""
+        head = f"{self.strategy} ({self.layout}) on {self.engines} engine{'s' if self.engines != 1 else ''}:"
+        lines = []
         if self.max_new_tokens:
             ended = {}
             for reason in self.stop_reasons:
                 ended[reason] = ended.get(reason, 0) + 1
             why = ", ".join(f"{n} by {r}" for r, n in sorted(ended.items(), key=lambda kv: str(kv[0])) if r)
-            parts.append(f"{self.new_tokens} new tokens ({why})" if why else f"{self.new_tokens} new tokens")
-            parts.append(f"prefill {self.prefill_tokens_per_s:,.0f} tok/s, decode {self.decode_tokens_per_s:,.1f} tok/s")
+            lines.append(f"{self.new_tokens} new tokens ({why})" if why else f"{self.new_tokens} new tokens")
+            lines.append(f"prefill {self.prefill_tokens_per_s:,.0f} tok/s, decode {self.decode_tokens_per_s:,.1f} tok/s")
             latency = self.latency_summary()
             if latency:
-                parts.append(latency)
+                lines.append(latency)
         else:
-            parts.append(f"forward pass, {self.prefill_tokens_per_s:,.0f} tok/s")
-        parts.append(f"peak memory per rank [{peak}]")
-        parts.append(f"collectives: {comm}")
+            lines.append(f"forward pass, {self.prefill_tokens_per_s:,.0f} tok/s")
+        lines.append(f"{self.memory_words()}: [{', '.join(format_bytes(b) for b in self.peak_memory_bytes)}]")
+        comm = ", ".join(f"{k} {v}" for k, v in sorted(self.total_collectives().items())) or "none"
+        lines.append(f"collectives: {comm}")
+        if any(self.expert_tokens):
+            lines.append(f"expert load per rank (routes to its experts): [{', '.join(map(str, self.expert_tokens))}]")
         if self.max_new_tokens:
-            parts.append(self._how_chosen())
+            lines.append(f"tokens chosen: {self._how_chosen()}")
+        chat = self._chat_words()
+        if chat:
+            lines.append(chat)
+        return "\n".join([head] + [piece for line in lines for piece in _short_lines(line)])
+
+    def memory_words(self) -> str:
+        """What :attr:`peak_memory_bytes` is: this run's peak on each rank, of torch's allocator
+        on a GPU, of the whole process (the Python runtime included) on a CPU engine."""
+        what = "torch allocated" if self.device_type == "cuda" else "process RSS"
+        return f"peak memory per rank in this run ({what})"
+
+    def _chat_words(self) -> str:
         if self.messages is not None:
-            parts.append("chat template applied (--no-chat for plain text)")
-        return f"{head}: " + "; ".join(parts)
+            return "chat template applied (--no-chat for plain text)"
+        if self.chat_template is False:
+            return "no chat template (the model has none): plain text"
+        if self.chat_template:
+            return "plain text (--no-chat): chat template not applied"
+        return ""
 
     def _how_chosen(self) -> str:
         s = self.sampling
@@ -196,10 +237,22 @@ class RunResult:
         return plot_collectives(self)
 
     def __repr__(self) -> str:
-        return f"<RunResult {self.summary()}>"
+        return f"<RunResult {self.summary().splitlines()[0]} {self.new_tokens} new tokens>"
 
     def _repr_pretty_(self, printer, cycle) -> None:
         printer.text(self.summary())
+
+
+SUMMARY_WIDTH = 80  # characters a summary line has at most (unless one word is longer)
+
+
+def _short_lines(figure: str) -> list[str]:
+    """One figure of the summary, indented, in lines of at most SUMMARY_WIDTH characters, cut
+    between words only (a notebook would wrap a long line anywhere, mid-word too)."""
+    import textwrap
+
+    return textwrap.wrap(figure, SUMMARY_WIDTH, initial_indent="  ", subsequent_indent="      ",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -275,6 +328,10 @@ def merge(
         token_times=times if request.max_new_tokens else [],
         sampling=request.sampling,
         engine_seconds=[out.engine_seconds for out in outputs],
+        expert_tokens=[out.expert_tokens for out in outputs],
+        rank_rows=[list(out.rows) for out in outputs],
+        rank_phase_seconds=[dict(out.phase_seconds) for out in outputs],
+        chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
 
 

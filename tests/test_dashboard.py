@@ -28,6 +28,7 @@ from mpbook.dashboard.text import TextView
 from mpbook.dashboard.texts import PromptText, PromptTexts, call_stream
 from mpbook.dashboard.view import View
 from mpbook.dashboard.widget import WidgetView, memory_bar_html
+from mpbook.dashboard.words import duration
 from mpbook.errors import RankFailure
 from mpbook.layout import Layout
 from mpbook.results import RunResult
@@ -46,7 +47,8 @@ class Clock:
 
 
 def snapshot(t: float, *, rank: int = 0, phase: str = "decode", tokens=None, phase_seconds=None,
-             collective_seconds: float = 0.0, replica=None, memory=None, parts=None, stream=None) -> dict:
+             collective_seconds: float = 0.0, replica=None, memory=None, parts=None, stream=None,
+             expert_tokens: int = 0) -> dict:
     """A telemetry snapshot as an engine publishes it: running totals since the engine started."""
     snap = {
         "rank": rank, "host": "h", "device": "cpu", "phase": phase, "time": t,
@@ -55,6 +57,7 @@ def snapshot(t: float, *, rank: int = 0, phase: str = "decode", tokens=None, pha
         "memory": memory or {"in_use": 384 * MiB, "peak": 400 * MiB, "reserved": None,
                              "device_used": 8 * GiB, "device_total": 64 * GiB},
         "memory_parts": dict(parts or {}), "replica": rank if replica is None else replica,
+        "expert_tokens": expert_tokens,
     }
     if stream is not None:
         snap["stream"] = stream
@@ -289,6 +292,68 @@ def test_each_prompts_text_grows_while_a_generation_runs():
     assert dash.view.prompts.children == ()
 
 
+def test_once_merged_every_figure_is_the_results():
+    """The snapshots were last read a moment before the run ended (4 of prompt 0's tokens,
+    none of prompt 1's): once the result is merged, each prompt's token count and first
+    token, each rank's tokens/s, collectives, peak and expert load are the result's."""
+    clock = Clock()
+    dash = Dashboard(ranks=[0, 1], mode="widget", clock=clock)
+    dash.begin(run=SimpleNamespace(prompts=["a b", "c d"], decode=words_of))
+    start = {r: snapshot(0.0, rank=r, phase="idle", expert_tokens=1000) for r in (0, 1)}
+    latest = {
+        0: snapshot(0.5, tokens={"prefill": 12, "decode": 3}, phase_seconds={"prefill": 0.01, "decode": 0.3},
+                    collective_seconds=0.05, expert_tokens=1100, stream=stream(3, {0: [1, 1, 1, 1]})),
+        1: snapshot(0.5, rank=1, tokens={"prefill": 12}, phase_seconds={"prefill": 0.01}, expert_tokens=1040),
+    }
+    fed(dash, clock, [(0.5, latest, start)])
+    dash.finish()
+    values = dash.view.values()
+    assert [values[r]["expert load"] for r in (0, 1)] == ["100", "40"]  # the call's own routes, from the snapshots
+    assert "(4 tokens" in dash.view.prompt_values()[0]
+    result = a_result(
+        strategy="data", layout=Layout(dp=2), token_ids=[[1] * 16, [2] * 9], stop_reasons=["length", "eos"],
+        token_times=[[0.1 * (k + 1) for k in range(16)], [0.2 + 0.1 * k for k in range(9)]],
+        rank_rows=[[0], [1]], rank_phase_seconds=[{"prefill": 0.01, "decode": 0.5}, {"prefill": 0.012, "decode": 0.4}],
+        peak_memory_bytes=[500 * MiB, 510 * MiB], collective_seconds=[0.0, 0.0], expert_tokens=[120, 80],
+    )
+    dash.show_result(result)
+    assert [p.note() for p in dash.frame().prompts] == ["16 tokens · first after 0.10 s", "9 tokens · first after 0.20 s"]
+    assert "(16 tokens · first after 0.10 s)" in dash.view.prompt_values()[0]
+    assert "(9 tokens" in dash.view.prompt_values()[1]
+    # each replica's decode: 15 tokens after the first in 0.5 s, 8 in 0.4 s
+    assert result.tokens_per_s_by_rank("decode") == [30.0, 20.0]
+    values = dash.view.values()
+    assert [values[r]["tokens/s"] for r in (0, 1)] == ["30.0", "20.0"]
+    assert [values[r]["collectives"] for r in (0, 1)] == ["0.00 s", "0.00 s"]
+    assert [values[r]["peak"] for r in (0, 1)] == ["500.0 MiB", "510.0 MiB"]
+    assert [values[r]["expert load"] for r in (0, 1)] == ["120", "80"]
+
+
+def test_a_cell_without_tokens_shows_its_own_time_and_no_token_plot():
+    clock = Clock()
+    dash = Dashboard(ranks=[0, 1], mode="widget", clock=clock)
+    for _ in range(2):  # a quick `%%mp run` cell: 35 ms, no tokens
+        dash.begin()
+        start = {r: snapshot(clock.t, rank=r, phase="idle") for r in (0, 1)}
+        fed(dash, clock, [(0.035, {r: snapshot(clock.t + 0.03, rank=r, phase="idle") for r in (0, 1)}, start)])
+        assert dash.view.plot.layout.display == "none" and dash.view.plot.value == ""
+        dash.finish()
+        assert dash.headline == "done in 35 ms"
+        assert "✓" in dash.view.status.value and "done in 35 ms" in dash.view.status.value
+        assert dash.view.plot.layout.display == "none" and dash.view.plot.value == ""
+        # a cell that counts tokens has its plot back
+        dash.begin()
+        start = {r: snapshot(clock.t, rank=r, phase="idle") for r in (0, 1)}
+        fed(dash, clock, [(1.25, {r: snapshot(clock.t + 1.25, rank=r, tokens={"decode": 10},
+                                              phase_seconds={"decode": 1.0}) for r in (0, 1)}, start)])
+        dash.finish()
+        assert dash.headline.startswith("done in 1.2 s · decode 20 tokens, 20.0 tok/s"), dash.headline
+        assert dash.view.plot.layout.display is None and "this cell: decode 20.0 tok/s" in dash.view.plot.value
+    # a generation shows its plot from the start, before any token
+    dash.begin(run=SimpleNamespace(prompts=["x"], decode=None))
+    assert dash.view.plot.layout.display is None and "no tokens yet" in dash.view.plot.value
+
+
 def test_stream_figures_of_an_earlier_run_are_not_this_calls():
     assert call_stream({"stream": {"run": 1}}, {"stream": {"run": 1, "rows": {0: [5]}}}) is None
     assert call_stream({"stream": {"run": 1}}, {"stream": {"run": 2, "rows": {0: [5]}}})["run"] == 2
@@ -417,7 +482,7 @@ def test_a_generation_tells_one_story(workbench):
     (first, first_result, first_phases), (second, result, _) = stories
     assert "loading" in first_phases and f"loading {max(first_result.load_seconds):.1f} s" in first.headline
     # the call's time is the session's, loading included
-    assert f"done in {first_result.cell_seconds:.1f} s" in first.headline
+    assert f"done in {duration(first_result.cell_seconds)}" in first.headline
     assert first_result.cell_seconds >= max(first_result.load_seconds)
     assert "loading" not in second.headline  # the model was loaded already
     for dash, res in ((first, first_result), (second, result)):
@@ -461,6 +526,67 @@ def test_each_prompts_text_grows_live_during_a_generation(workbench):
     assert len(changes) - 1 >= 2 * span - 1, (len(changes), span)
     # the end state shows the result's text
     assert html.escape(result.texts[0][-20:]) in dash.view.prompt_values()[0]
+
+
+LATE = 400  # prompt 1's tokens: long enough that replica 1 runs on well after replica 0 stopped
+
+
+@pytest.fixture(scope="module")
+def early_and_late(workbench, tiny_folder):
+    """Two prompts for two data-parallel replicas, and a stop string that ends prompt 0
+    within a few tokens while prompt 1 runs to the cap: replica 0 finishes long before
+    replica 1. The stop string is a word prompt 0 says (greedy) that prompt 1 never does."""
+    from mpbook.models import load_tokenizer
+
+    prompts = ["Explain pipeline parallelism in one sentence.", "What does an all-reduce do?"]
+    free = workbench.generate(prompts, strategy="data", model=tiny_folder, max_new_tokens=LATE, ignore_eos=True)
+    tok = load_tokenizer(tiny_folder)
+    for i in range(2, 12):
+        word = tok.convert_ids_to_tokens(free.token_ids[0][i])
+        if word.isalpha() and len(word) >= 4 and word not in tok.decode(free.token_ids[0][:i]) and word not in free.texts[1]:
+            return prompts, word, i + 1
+    pytest.fail(f"no stop word in the first tokens of {free.texts[0]!r}")
+
+
+@pytest.mark.cluster
+def test_every_prompt_shows_its_last_tokens_and_a_replica_that_finishes_first_at_once(workbench, tiny_folder,
+                                                                                     early_and_late):
+    prompts, stop, length = early_and_late
+    dash = Dashboard(workbench, mode="widget")
+    seen = []  # (the call runs, each prompt's ids shown) at each tick of the wait loop
+
+    def tick():
+        seen.append((dash.state == "running", [list(p.ids) for p in dash.texts.lines()]))
+
+    result = workbench.generate(prompts, strategy="data", model=tiny_folder, max_new_tokens=LATE, ignore_eos=True,
+                                stop=[stop], dashboard=dash, on_tick=tick)
+    assert result.stop_reasons == ["stop", "length"]
+    assert [len(t) for t in result.token_ids] == [length, LATE]
+    # The last tick comes before the result is merged: the engines' final snapshots already
+    # carried every token of every prompt.
+    running, shown = seen[-1]
+    assert running and shown == result.token_ids
+    # Replica 0 was done while replica 1 still generated: all of its tokens were in view then.
+    assert any(running and ids[0] == result.token_ids[0] and len(ids[1]) < LATE for running, ids in seen)
+    # Merged: each prompt's count is the result's.
+    import re
+
+    notes = [re.search(r'class="mpbook-prompt-note"[^>]*>\((.*?)\)<', line).group(1) for line in dash.view.prompt_values()]
+    assert notes == [f"{len(t)} tokens · first after {times[0]:.2f} s" for t, times in zip(result.token_ids, result.token_times)]
+
+
+@pytest.mark.cluster
+def test_a_run_cell_without_tokens_shows_its_time_and_no_token_plot(workbench):
+    import re
+
+    dash = Dashboard(workbench, mode="widget")
+    began = time.monotonic()
+    workbench.run("import time\ntime.sleep(0.2)\nx = rank", dashboard=dash)
+    took = time.monotonic() - began
+    said = re.fullmatch(r"done in (\d+) ms", dash.headline)
+    assert said and 200 <= int(said.group(1)) <= took * 1000 + 1, (dash.headline, took)
+    assert "done in" in dash.view.status.value and "0.0 s" not in dash.view.status.value
+    assert dash.view.plot.layout.display == "none" and dash.view.plot.value == ""
 
 
 @pytest.mark.cluster

@@ -174,7 +174,8 @@ def test_one_seed_gives_the_same_tokens_on_every_layout(wb, tiny_folder, sampled
                          **SAMPLING, **options)
     assert result.sampling.do_sample and result.sampling.seed == 1234
     assert result.token_ids == sampled_expected
-    assert "sampled (temperature 0.9, top-k 50, top-p 0.95, repetition penalty 1.1, seed 1234)" in result.summary()
+    said = " ".join(result.summary().split())  # the summary's words, whatever its line breaks
+    assert "tokens chosen: sampled (temperature 0.9, top-k 50, top-p 0.95, repetition penalty 1.1, seed 1234)" in said
 
 
 def test_one_seed_gives_the_same_tokens_on_a_single_device(single, tiny_folder, sampled_expected):
@@ -366,3 +367,30 @@ def test_a_finished_run_reports_every_prompt_once(wb, early):
     assert [len(t) for t in result.token_ids] == finish
     assert [len(t) for t in result.token_times] == finish
     assert dataclasses.asdict(result.sampling)["do_sample"] is False
+
+
+# --------------------------------------------------------------------------- the summary
+@pytest.fixture(scope="module")
+def plain_folder(tiny_folder, tmp_path_factory):
+    """The tiny model with a tokenizer that has no chat template (a base model)."""
+    plain = tmp_path_factory.mktemp("plain-tiny") / "model"
+    shutil.copytree(tiny_folder, plain)
+    (plain / "chat_template.jinja").unlink()
+    return str(plain)
+
+
+@pytest.mark.parametrize("plain, chat, said", [
+    (False, None, "chat template applied (--no-chat for plain text)"),
+    (False, False, "plain text (--no-chat): chat template not applied"),
+    (True, None, "no chat template (the model has none): plain text"),
+])
+def test_the_summary_says_how_the_prompts_went_in_in_short_lines(wb, tiny_folder, plain_folder, plain, chat, said):
+    result = wb.generate(PROMPTS, strategy="pipeline", model=plain_folder if plain else tiny_folder, max_new_tokens=4,
+                         chat=chat)
+    lines = result.summary().splitlines()
+    assert lines[0] == f"pipeline ({result.layout}) on 2 engines:"
+    assert lines[-1] == f"  {said}"
+    assert "  tokens chosen: greedy" in lines
+    # short lines: a notebook wraps a long one anywhere, mid-word too
+    assert len(lines) >= 7 and all(len(line) <= 80 for line in lines), lines
+    assert repr(result) == f"<RunResult pipeline ({result.layout}) on 2 engines: {result.new_tokens} new tokens>"

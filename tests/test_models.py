@@ -343,6 +343,32 @@ def test_expert_parallel_counts_each_ranks_expert_load(wb):
 
 
 @pytest.mark.cluster
+def test_the_result_and_the_dashboard_show_each_ranks_expert_load(wb):
+    """What the engines count (routes to each rank's experts) reaches the result, its summary
+    and the dashboard's rows."""
+    from mpbook.dashboard import Dashboard
+
+    folder = family_folder("mixtral")
+
+    def routes(state):
+        return state.telemetry.snapshot()["expert_tokens"]
+
+    wb.generate(PROMPTS, strategy="expert", model=folder, max_new_tokens=NEW_TOKENS)  # loaded before
+    before = wb.apply(routes, stream=False)
+    dash = Dashboard(wb, mode="widget")
+    result = wb.generate(PROMPTS, strategy="expert", model=folder, max_new_tokens=NEW_TOKENS, dashboard=dash)
+    after = wb.apply(routes, stream=False)
+    per_rank = [a - b for a, b in zip(after, before)]
+    assert result.expert_tokens == per_rank and all(n > 0 for n in per_rank)
+    assert f"  expert load per rank (routes to its experts): [{', '.join(map(str, per_rank))}]" in (
+        result.summary().splitlines())
+    assert [dash.view.values()[r]["expert load"] for r in wb.ranks] == [f"{n:,}" for n in per_rank]
+    # a model without experts shows none
+    dense = wb.generate(PROMPTS, strategy="tensor", model=family_folder("granite"), max_new_tokens=2)
+    assert dense.expert_tokens == [0, 0] and "expert load" not in dense.summary()
+
+
+@pytest.mark.cluster
 def test_ep_not_dividing_the_experts_fails_on_the_engines_with_the_numbers(wb):
     """The engines check the layout too (the session's early check is the client's)."""
     folder = family_folder("mixtral", num_local_experts=3)

@@ -59,6 +59,7 @@ class CellTotals:
     phase_seconds: Mapping[str, float]
     collective_seconds: float
     seconds: float  # engine clock, first to latest snapshot
+    expert_tokens: int = 0  # routes (token, expert) that reached this rank's experts
 
     @classmethod
     def between(cls, start: Snapshot, latest: Snapshot) -> CellTotals:
@@ -71,6 +72,7 @@ class CellTotals:
             phase_seconds=delta("phase_seconds"),
             collective_seconds=max(0.0, latest.get("collective_seconds", 0.0) - start.get("collective_seconds", 0.0)),
             seconds=max(0.0, latest["time"] - start["time"]),
+            expert_tokens=max(0, latest.get("expert_tokens", 0) - start.get("expert_tokens", 0)),
         )
 
 
@@ -281,17 +283,38 @@ class Row:
     tensors: str
     reserved: str = NONE
     gpu: str = NONE
+    expert_load: str = NONE  # routes to this rank's experts during the call (expert parallel)
 
 
-def row_of(track: RankTrack, *, rate: float | None, live: bool) -> Row:
+def result_rates(result: Any) -> dict[int, float | None]:
+    """Each rank's tokens/s as a finished run's result counts them (its replica's, in the
+    decode once there is one): the rows then say what the result says."""
+    decode = result.max_new_tokens and any(len(ids) > 1 for ids in result.token_ids)
+    return dict(enumerate(result.tokens_per_s_by_rank("decode" if decode else "prefill")))
+
+
+def _of_rank(values: Sequence[Any] | None, rank: int) -> Any:
+    return values[rank] if values is not None and 0 <= rank < len(values) else None
+
+
+def row_of(track: RankTrack, *, rate: float | None, live: bool, result: Any = None) -> Row:
     """``rate``: the tokens/s to show; ``live``: the call runs (collectives show their share
-    of the last second too)."""
+    of the last second too); ``result``: the merged result of the call's run, whose figures
+    (collectives, peak, expert load) replace the snapshots' once it is known."""
     snap = track.latest
     if snap is None:
         return Row(track.rank, track.host, track.device, track.outcome or "waiting", NONE, NONE, NONE, None, NONE, NONE)
     memory = memory_of(snap)
-    seconds = track.cell().collective_seconds
+    cell = track.cell()
+    seconds = cell.collective_seconds
     share = track.collective_share() if live else 0.0
+    peak = memory.peak
+    experts = format_count(cell.expert_tokens) if cell.expert_tokens else NONE
+    if result is not None:
+        seconds = _of_rank(result.collective_seconds, track.rank) or 0.0
+        peak = _of_rank(result.peak_memory_bytes, track.rank) or peak
+        routed = _of_rank(getattr(result, "expert_tokens", None), track.rank)
+        experts = format_count(routed) if any(getattr(result, "expert_tokens", None) or ()) else NONE
     return Row(
         rank=track.rank,
         host=track.host,
@@ -301,8 +324,13 @@ def row_of(track: RankTrack, *, rate: float | None, live: bool) -> Row:
         collectives=f"{seconds:.2f} s" + (f" ({share:.0%})" if share >= 0.005 else ""),
         memory=memory.label(),
         memory_share=memory.share,
-        peak=format_memory(memory.peak),
+        peak=format_memory(peak),
         tensors=memory.tensors_label(),
         reserved=format_memory(memory.reserved),
         gpu=memory.device_label(),
+        expert_load=experts,
     )
+
+
+def format_count(n: int | None) -> str:
+    return NONE if n is None else f"{n:,}"

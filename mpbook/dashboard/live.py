@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from ..compat import ipyparallel as ipp_compat
 from ..protocol import TELEMETRY_LATEST, TELEMETRY_START
 from . import words
-from .figures import RankTrack, cell_figures, live_rate, replica_rates, row_of
+from .figures import RankTrack, cell_figures, live_rate, replica_rates, result_rates, row_of
 from .text import TextView
 from .texts import PromptTexts, call_stream
 from .view import Frame, View
@@ -140,7 +140,7 @@ class Dashboard:
             self.outcome = self.headline
         texts = list(getattr(result, "texts", None) or [])
         if texts:
-            self.texts.settle(texts)
+            self.texts.settle(texts, getattr(result, "token_ids", None), getattr(result, "token_times", None))
         self.refreshes += 1
         self.view.finish(self.frame())
 
@@ -190,13 +190,19 @@ class Dashboard:
         running = self.state == "running"
         tracks = [self.tracks[r] for r in self.ranks]
         figures = cell_figures(tracks)
+        result = self.result if not running else None
         if running or not self.calls:
             rates = {t.rank: t.rate(now) for t in tracks}
+        elif result is not None:  # merged: the result's figures, every one of them
+            rates = result_rates(result)
         else:  # a call is over: each rank shows its replica's tokens/s over that call
             phase = figures.main_phase
             per_replica = replica_rates(tracks, phase) if phase else {}
             rates = {t.rank: per_replica.get(t.replica) for t in tracks}
-        rows = tuple(row_of(t, rate=rates.get(t.rank), live=running) for t in tracks)
+        rows = tuple(row_of(t, rate=rates.get(t.rank), live=running, result=result) for t in tracks)
+        # A throughput plot only where there are tokens to plot (a `%%mp run` cell of plain
+        # code has none): a generation from its start, another call once tokens come.
+        tokens = bool(self.texts.prompts) or result is not None or figures.total_tokens > 0 or any(self.history)
         return Frame(
             call=self.calls,
             state=self.state,
@@ -207,6 +213,7 @@ class Dashboard:
             prompts=tuple(self.texts.lines()),
             elapsed=now - self._began,
             quiet=finished and not figures.total_tokens and self.result is None,
+            tokens=tokens,
         )
 
     def refresh(self, *, force: bool = False) -> None:

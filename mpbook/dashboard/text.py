@@ -26,9 +26,10 @@ def printable(text: str) -> str:
 
 def row_line(row: Row) -> str:
     tensors = f"; {row.tensors}" if row.tensors != "–" else ""
+    experts = f"  expert load {row.expert_load}" if row.expert_load != "–" else ""
     return (
         f"rank {row.rank} {row.device:<6} {row.phase:<8} mem {row.memory} (peak {row.peak}{tensors})  "
-        f"{row.tokens_per_s} tok/s  collectives {row.collectives}"
+        f"{row.tokens_per_s} tok/s  collectives {row.collectives}{experts}"
     )
 
 
@@ -76,7 +77,7 @@ class TextView:
             self.printed_rows = True
             stamp = f"[mpbook {frame.elapsed:5.1f} s]"
             lines = [f"{stamp} {row_line(r)}" for r in frame.rows]
-            if len(frame.rows) > 1 and frame.history:
+            if len(frame.rows) > 1 and frame.history and frame.tokens:
                 lines.append(f"{stamp} all ranks {frame.rate_label}")
             self._write("\n".join(lines) + "\n")
 

@@ -90,12 +90,18 @@ class PromptTexts:
         except Exception:  # a tokenizer's hiccup must not stop the dashboard: show the count
             return ""
 
-    def settle(self, texts: Sequence[str]) -> None:
-        """The run is over: each prompt shows the result's text (the streamed ids keep
-        their count and times)."""
+    def settle(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]] | None = None,
+               token_times: Sequence[Sequence[float]] | None = None) -> None:
+        """The run is over: each prompt shows the result's text, and its token count and first
+        token's time are the result's too (the stream may have been seen a moment before its
+        end, or not at all)."""
         for i, text in enumerate(texts):
             line = self.prompts.get(i) or self.prompts.setdefault(i, PromptText(i, ""))
             line.text, line.final = text, True
+            if token_ids is not None and i < len(token_ids):
+                line.ids = list(token_ids[i])
+            if token_times is not None and i < len(token_times):
+                line.times = list(token_times[i])
 
     def lines(self) -> list[PromptText]:
         return [self.prompts[i] for i in sorted(self.prompts)]

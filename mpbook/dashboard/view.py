@@ -30,6 +30,7 @@ class Frame:
     prompts: tuple[PromptText, ...]  # each prompt's text so far (a generation), else empty
     elapsed: float  # seconds since the call began (the client's clock)
     quiet: bool  # nothing worth a summary in text (no tokens, nothing printed during the call)
+    tokens: bool = True  # the call has tokens to plot (a generation, or a cell that counted some)
 
 
 class View(Protocol):

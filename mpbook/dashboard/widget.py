@@ -19,7 +19,7 @@ from .figures import Row
 from .texts import PromptText, visible
 from .view import Frame
 
-COLUMNS = ("rank", "host", "device", "phase", "tokens/s", "collectives", "memory", "peak", "tensors")
+COLUMNS = ("rank", "host", "device", "phase", "tokens/s", "collectives", "memory", "peak", "tensors", "expert load")
 CUDA_COLUMNS = ("reserved", "GPU used / total")
 PROMPT_CHARS = 60  # of each prompt a line shows before its generated text
 TEXT_CHARS = 600  # of each generated text a line shows (its end; the result keeps all of it)
@@ -56,7 +56,8 @@ def cell_texts(row: Row) -> dict[str, str]:
     return {
         "rank": str(row.rank), "host": row.host, "device": row.device, "phase": row.phase,
         "tokens/s": row.tokens_per_s, "collectives": row.collectives, "memory": row.memory,
-        "peak": row.peak, "tensors": row.tensors, "reserved": row.reserved, "GPU used / total": row.gpu,
+        "peak": row.peak, "tensors": row.tensors, "expert load": row.expert_load, "reserved": row.reserved,
+        "GPU used / total": row.gpu,
     }
 
 
@@ -176,7 +177,12 @@ class WidgetView:
                     cells[name].value = texts[name]
             cells["phase"].style.text_color = PHASE_COLOURS.get(row.phase, "#000000")
         self._render_prompts(frame.prompts)
-        self.plot.value = sparkline_svg(list(frame.history), frame.rate_label)
+        if frame.tokens:
+            self.plot.value = sparkline_svg(list(frame.history), frame.rate_label)
+            self.plot.layout.display = None
+        else:  # no tokens in this call: no empty plot of them
+            self.plot.value = ""
+            self.plot.layout.display = "none"
         self.status.value = status_html(frame.state, frame.headline)
 
     finish = render  # the end state is one more frame; the status line says how it ended

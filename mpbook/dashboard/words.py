@@ -16,6 +16,12 @@ from .figures import CellFigures, format_phase_rate, format_rate
 MIN_POINTS = 4  # fewer points than this with tokens in them: the plot's label gives the cell's rate
 
 
+def duration(seconds: float) -> str:
+    """A call's time as a person reads it: ``"35 ms"`` under a second (a quick `%%mp run` cell
+    is not "0.0 s"), ``"4.2 s"`` from there on."""
+    return f"{seconds * 1000:.0f} ms" if seconds < 0.9995 else f"{seconds:.1f} s"
+
+
 def running(elapsed: float, phases: Sequence[str]) -> str:
     """``"running · 4.2 s · loading"``: the ranks' phases, each named once, in run order."""
     working = [p for p in ("loading", "prefill", "decode") if p in phases]
@@ -24,7 +30,7 @@ def running(elapsed: float, phases: Sequence[str]) -> str:
 
 def _story(seconds: float, loading_s: float, phases: Sequence[tuple[str, int, float | None]],
            collectives_s: float) -> str:
-    parts = [f"done in {seconds:.1f} s"]
+    parts = [f"done in {duration(seconds)}"]
     if loading_s >= 0.05:
         parts.append(f"loading {loading_s:.1f} s")
     for phase, tokens, rate in phases:
@@ -57,11 +63,11 @@ def failed(seconds: float, error: BaseException) -> str:
     where = f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
     first = error.failures[0] if getattr(error, "failures", None) else None
     cause = f"{first.ename}: {first.evalue}" if first else f"{type(error).__name__}: {error}"
-    return f"failed{where} after {seconds:.1f} s: {cause}"
+    return f"failed{where} after {duration(seconds)}: {cause}"
 
 
 def interrupted(seconds: float) -> str:
-    return f"interrupted after {seconds:.1f} s"
+    return f"interrupted after {duration(seconds)}"
 
 
 def rate_label(history: Sequence[float], figures: CellFigures, *, live: bool, result: Any = None) -> str:
