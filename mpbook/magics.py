@@ -115,8 +115,8 @@ def build_parser() -> MagicArgumentParser:
         for dim in ("dp", "pp", "tp", "ep"):
             cmd.add_argument(f"--{dim}", type=argtype(lambda v, d=dim: check_degree(d, v), "int", f"--{dim}"),
                              default=None, help=f"{dim} degree (default: what the others leave)")
-        cmd.add_argument("--microbatches", type=argtype(check_microbatches, "int", "--microbatches"), default=1,
-                         help="micro-batches per replica (default 1)")
+        cmd.add_argument("--microbatches", type=argtype(check_microbatches, "int", "--microbatches"), default=None,
+                         help="micro-batches per replica (default: one per pipeline stage, as rows allow)")
         cmd.add_argument("--max-new-tokens", type=argtype(check_max_new_tokens, "int", "--max-new-tokens"),
                          default=32, help="at most this many new tokens (default 32); 0: a forward pass")
         cmd.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")

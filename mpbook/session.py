@@ -363,7 +363,7 @@ class Session:
         pp: int | None = None,
         tp: int | None = None,
         ep: int | None = None,
-        microbatches: int = 1,
+        microbatches: int | None = None,
         max_new_tokens: int = 32,
         dtype: str = "float32",
         stage_sizes: Sequence[int] | None = None,
@@ -383,6 +383,9 @@ class Session:
         follow: Follow | None = None,
     ) -> RunResult:
         """Generate (or, with ``max_new_tokens=0``, run a forward pass) with one layout.
+
+        ``microbatches``: per replica through the pipeline stages; by default one per stage
+        (:func:`mpbook.parallel.pipeline.default_microbatches`).
 
         Prompts: a str, or a list of str or of chat message lists. ``chat``: None (default)
         applies the tokenizer's chat template when it has one, True requires it, False sends
@@ -405,7 +408,8 @@ class Session:
             check_degree(dim, degree)
         dtype = check_dtype(dtype)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
-        microbatches = check_microbatches(microbatches)
+        chosen_microbatches = microbatches is None  # then one per pipeline stage, once the layout is known
+        microbatches = 1 if chosen_microbatches else check_microbatches(microbatches)
         stage_sizes = check_stage_sizes(stage_sizes)
         sampling = choose_sampling(temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty, seed=seed)
@@ -424,6 +428,10 @@ class Session:
                                 max_new_tokens=max_new_tokens, dtype=dtype, microbatches=microbatches,
                                 stage_sizes=stage_sizes),
         )
+        if chosen_microbatches:
+            from .parallel.pipeline import default_microbatches
+
+            microbatches = default_microbatches(layout.pp, len(prompts) // layout.dp)
         request = Request(
             model=str(model),
             layout=layout,

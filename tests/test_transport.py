@@ -104,3 +104,16 @@ def test_decode_steps_overlap_across_stages_without_draining(workbench, tiny_fol
         behind_start, behind_end = steps[(1, 1)][step - 1]  # stage 1, micro-batch 1, the step before
         overlapping += ahead_start < behind_end and behind_start < ahead_end
     assert overlapping >= 5, steps
+
+
+def test_the_pipeline_takes_one_microbatch_per_stage_unless_told(workbench, tiny_folder):
+    from mpbook.parallel.pipeline import decode_bubble, default_microbatches
+
+    assert [default_microbatches(2, rows) for rows in (1, 2, 8)] == [1, 2, 2]
+    assert default_microbatches(1, 8) == 1 and default_microbatches(4, 3) == 3
+    assert decode_bubble(2, 1) == 0.5 and decode_bubble(2, 2) == 0.0 and decode_bubble(4, 3) == 0.25
+    chosen = workbench.generate(PROMPTS, strategy="pipeline", model=tiny_folder, max_new_tokens=3)
+    asked = workbench.generate(PROMPTS, strategy="pipeline", model=tiny_folder, max_new_tokens=3, microbatches=1)
+    assert chosen.microbatches == 2 and asked.microbatches == 1
+    assert chosen.token_ids == asked.token_ids
+    assert {e.microbatch for e in chosen.timeline} == {0, 1}

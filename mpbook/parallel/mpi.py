@@ -30,7 +30,11 @@ from typing import Any
 # Tags of point-to-point messages between pipeline stages (one message stream per kind, so
 # that a stage that both receives tokens and activations never mistakes one for the other).
 ACTIVATION_TAG, TOKENS_TAG = 1, 2
-SPIN_TESTS = 2000  # polls before yielding the core between polls (a peer still computing)
+# A wait polls flat out for a moment (a peer a few microseconds behind), then yields the core
+# between polls (more engines than cores: the peer may need this very core to arrive), then
+# sleeps between polls (a peer still computing a layer, or a pipeline stage still busy).
+SPIN_TESTS = 200
+YIELD_TESTS = 2000
 WAIT_SLEEP_S = 50e-6
 
 # Where MPICH must not open sockets: only the shared-memory transport between processes of
@@ -143,7 +147,10 @@ class MpiComm:
                     continue
                 if tests == SPIN_TESTS:
                     deadline = time.monotonic() + self.timeout_s
-                time.sleep(WAIT_SLEEP_S)  # a peer still computing: let other work have the core
+                if tests < YIELD_TESTS:
+                    os.sched_yield()
+                    continue
+                time.sleep(WAIT_SLEEP_S)
                 if time.monotonic() > deadline:
                     raise CollectiveTimeout(
                         f"MPI {what} timed out waiting for its peers after {self.timeout_s:g} s "
