@@ -60,6 +60,16 @@ def test_committed_without_outputs_with_a_parameters_cell(path):
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
 
 
+def test_the_quickstart_introduces_every_strategy():
+    """Its first words count mpbook's strategies and name each one (expert parallel too)."""
+    from mpbook.session import STRATEGIES
+
+    intro = nbformat.read(NOTEBOOKS_DIR / "00_quickstart.ipynb", as_version=4).cells[0].source
+    count = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}[len(STRATEGIES)]
+    assert f"with one of {count} strategies:" in intro
+    assert [s for s in STRATEGIES if f"**{s} parallel**" not in intro] == []
+
+
 @pytest.mark.cluster
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_a_kernel_and_stops_its_cluster(path, monkeypatch):
