@@ -140,7 +140,7 @@ def test_strategy_cells_generate_and_store_the_result(shared_shell, capsys, tiny
     assert result.success, result.error_in_exec
     out = capsys.readouterr().out
     assert "[0] Explain pipeline parallelism." in out and "[1] Hi" in out
-    assert "tensor (dp=1 x pp=1 x tp=2) on 2 engines: " in out and "decode" in out
+    assert "tensor (dp=1 x pp=1 x tp=2) on 2 engines:\n" in out and "decode" in out
     mp = shell.user_ns["_mp"]
     _, tokens = reference(tiny_folder, ["Explain pipeline parallelism.", "Hi"], max_new_tokens=5)
     assert mp.token_ids == tokens
