@@ -13,6 +13,22 @@ class MpbookError(Exception):
     """A problem the user can fix; the message says how."""
 
 
+class CellInterrupted(KeyboardInterrupt):
+    """A cell the person interrupted: the engines stopped and the cluster is ready again.
+
+    Still a KeyboardInterrupt, so the cell ends as interrupted and Jupyter's "Run All" stops
+    there, as it does for plain Python; shown as one line, not a traceback through mpbook
+    (IPython renders an exception's ``_render_traceback_`` instead of its traceback)."""
+
+    MESSAGE = "interrupted: the engines stopped and the cluster is ready for the next cell"
+
+    def __str__(self) -> str:
+        return self.MESSAGE
+
+    def _render_traceback_(self) -> list[str]:
+        return [self.MESSAGE]
+
+
 class NoClusterError(MpbookError):
     def __init__(self, what: str = "this"):
         super().__init__(f"no cluster is running: start one with `%mp start` (or Workbench.start()) before {what}")

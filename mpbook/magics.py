@@ -39,7 +39,7 @@ from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.utils.process import arg_split
 
 from .compat import argparse as argparse_compat
-from .errors import MpbookError, NoClusterError
+from .errors import CellInterrupted, MpbookError, NoClusterError
 from .options import (
     DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, argtype, check_degree, check_engine_count, check_max_new_tokens,
     check_microbatches, check_period, check_repetition_penalty, check_seed, check_temperature, check_timeout,
@@ -273,10 +273,9 @@ class MpMagics(Magics):
                 raise
             raise UsageError(one_line(str(exc))) from None
         except KeyboardInterrupt:
-            # The engines were interrupted and the process group formed again: a short
-            # message, not a traceback through mpbook's waiting loop.
-            print("interrupted: the engines stopped and the cluster is ready for the next cell")
-            return None
+            # The engines were interrupted and the process group formed again. The cell still
+            # ends interrupted (the queue of a "Run All" stops here), in one line.
+            raise CellInterrupted from None
 
     mp.__doc__ = usage()
 

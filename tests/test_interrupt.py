@@ -155,6 +155,42 @@ def test_two_interrupts_in_a_row_and_then_a_cell(kernel):
 
 
 
+def test_an_interrupted_cell_stops_a_run_all_queue(kernel):
+    """As with plain Python, the cells queued after an interrupted one do not run: JupyterLab's
+    "Run All" sends them all at once, and the kernel aborts the queue after an error reply."""
+    km, kc = kernel
+    warm = execute(km, kc, f"%%mp tensor {SHORT}")
+    assert warm.status == "ok", warm
+    long_id = kc.execute(f"%%mp tensor {LONG}")
+    queued_id = kc.execute("print('SECOND CELL RAN')")  # waits behind the long cell, as "Run All" leaves it
+    time.sleep(INTERRUPT_AFTER_S)
+    km.interrupt_kernel()
+    replies, printed, errors = {}, [], []
+    deadline = time.monotonic() + 60
+    while len(replies) < 2 and time.monotonic() < deadline:
+        try:
+            reply = kc.get_shell_msg(timeout=1)
+        except queue.Empty:
+            continue
+        replies[reply["parent_header"].get("msg_id")] = reply["content"]
+    while True:  # what the two cells showed
+        try:
+            msg = kc.get_iopub_msg(timeout=0.5)
+        except queue.Empty:
+            break
+        if msg["header"]["msg_type"] == "stream":
+            printed.append(msg["content"]["text"])
+        elif msg["header"]["msg_type"] == "error":
+            errors.append((msg["content"]["ename"], msg["content"]["evalue"], len(msg["content"]["traceback"])))
+    assert replies[long_id]["status"] == "error" and replies[long_id]["ename"] == "CellInterrupted", replies
+    assert errors == [("CellInterrupted", "interrupted: the engines stopped and the cluster is ready for the next cell",
+                       1)], errors
+    assert replies[queued_id]["status"] == "aborted", replies
+    assert not any("SECOND CELL RAN" in text for text in printed)
+    after = execute(km, kc, "print('next')")
+    assert after.text == ["next"] and after.status == "ok", after
+
+
 def test_stop_pressed_while_the_first_cell_imports_torch_leaves_the_kernel_whole(fresh_kernel):
     """Two seconds into a kernel's first generation cell the kernel is importing torch and
     transformers. An import cut by KeyboardInterrupt would leave torch half registered, and

@@ -181,7 +181,8 @@ def test_engine_side_never_imports_the_client_side():
 # (engine, parallel, models, protocol, layout, units, options, errors, devices, interrupts, compat,
 # plots, results, soak) is the bottom layer, shared by both sides.
 LAYERS = {
-    "mpbook": 5, "mpbook.__main__": 5, "mpbook.bench": 5, "mpbook.reference": 5,
+    "mpbook": 5, "mpbook.__main__": 5, "mpbook.bench": 5, "mpbook.bench_transports": 5, "mpbook.bench_peers": 5,
+    "mpbook.reference": 5,
     "mpbook.magics": 4,
     "mpbook.workbench": 3,
     "mpbook.session": 2, "mpbook.dashboard": 2,
