@@ -52,6 +52,8 @@ class RunResult:
     rank_rows: list[list[int]] = field(default_factory=list)  # per rank: the prompts its replica served
     rank_phase_seconds: list[dict[str, float]] = field(default_factory=list)  # per rank: seconds per phase
     chat_template: bool | None = None  # whether the model's tokenizer has one (None: not known)
+    transports: list[dict[str, str]] = field(default_factory=list)  # per rank: group dims -> "mpi", "gloo", "nccl"
+    step_breakdown: list[dict[str, float]] = field(default_factory=list)  # per rank: where decode time went (s)
 
     @property
     def client_seconds(self) -> float:
@@ -129,6 +131,33 @@ class RunResult:
             out.append(tokens / spent if tokens and spent > 0 else None)
         return out
 
+    def step_words(self) -> str:
+        """Where a decode step's time went, per rank: mean milliseconds of each part per step
+        (:mod:`mpbook.engine.steps`); "" when no rank decoded."""
+        from .engine.steps import PARTS
+
+        ranks = [b for b in self.step_breakdown if b.get("count")]
+        if not ranks:
+            return ""
+
+        def per_step(b, part):
+            return f"{1e3 * b[part] / b['count']:.2f}"
+
+        parts = ", ".join(f"{part} {'/'.join(per_step(b, part) for b in ranks)}" for part in PARTS)
+        step = "/".join(per_step(b, "steps") for b in ranks)
+        return f"decode step per rank, ms: {step} = {parts}"
+
+    def transport_words(self) -> str:
+        """What the run's groups moved tensors over: ``"mpi"``, or ``"tp: mpi, pp: gloo"``."""
+        by_dims: dict[str, set[str]] = {}
+        for per_rank in self.transports:
+            for dims, transport in per_rank.items():
+                by_dims.setdefault(dims, set()).add(transport)
+        names = {t for found in by_dims.values() for t in found}
+        if len(names) <= 1:
+            return next(iter(names), "")
+        return ", ".join(f"{dims}: {'/'.join(sorted(found))}" for dims, found in sorted(by_dims.items()))
+
     def summary(self) -> str:
         """What the run did, one short line per figure (a notebook wraps a long line anywhere,
         mid-word too): the layout, tokens and why each prompt stopped, speeds, latency,
@@ -149,7 +178,11 @@ class RunResult:
             lines.append(f"forward pass, {self.prefill_tokens_per_s:,.0f} tok/s")
         lines.append(f"{self.memory_words()}: [{', '.join(format_bytes(b) for b in self.peak_memory_bytes)}]")
         comm = ", ".join(f"{k} {v}" for k, v in sorted(self.total_collectives().items())) or "none"
-        lines.append(f"collectives: {comm}")
+        over = self.transport_words()
+        lines.append(f"collectives: {comm}" + (f" over {over}" if over and comm != "none" else ""))
+        steps = self.step_words()
+        if steps:
+            lines.append(steps)
         if any(self.expert_tokens):
             lines.append(f"expert load per rank (routes to its experts): [{', '.join(map(str, self.expert_tokens))}]")
         if self.max_new_tokens:
@@ -331,6 +364,8 @@ def merge(
         expert_tokens=[out.expert_tokens for out in outputs],
         rank_rows=[list(out.rows) for out in outputs],
         rank_phase_seconds=[dict(out.phase_seconds) for out in outputs],
+        transports=[dict(out.transports) for out in outputs],
+        step_breakdown=[dict(out.step_breakdown) for out in outputs],
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
 
