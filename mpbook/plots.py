@@ -288,10 +288,19 @@ def plot_timeline(run: Any, phase: str | None = None) -> Figure:
         ax.text(decode_from, 1.01, "← prefill ", transform=above, ha="right", va="bottom", fontsize="x-small", color="#555555")
         ax.text(decode_from, 1.01, " decode →", transform=above, ha="left", va="bottom", fontsize="x-small", color="#555555")
     measured = ", ".join(f"{ph} {bubble_fraction([e for e in events if e.phase == ph]):.0%}" for ph in phases)
+    theory = []
+    if "prefill" in phases:
+        theory.append(f"prefill {gpipe_bubble(p, m):.0%} (GPipe, (p-1)/(m+p-1))")
+    if "decode" in phases:
+        from .parallel.pipeline import interleaved_bubble
+
+        steps = max((len([e for e in events if e.phase == "decode" and e.rank == r and e.microbatch == mb])
+                     for r in ranks for mb in microbatches), default=0)
+        theory.append(f"decode {interleaved_bubble(p, m, steps):.0%} (interleaved, {steps} steps)")
     ax.set_title(
         f"pipeline timeline, {_timeline_phrase(events)}: p={p} stage{'s' if p != 1 else ''}, "
         f"m={m} micro-batch{'es' if m != 1 else ''}\n"
-        f"bubble measured: {measured} · (p-1)/(m+p-1) = {gpipe_bubble(p, m):.0%} for GPipe",
+        f"bubble measured: {measured} · in theory: {', '.join(theory)}",
         fontsize="medium",
         pad=14 if len(phases) > 1 else 6,
     )

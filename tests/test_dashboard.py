@@ -491,7 +491,8 @@ def test_a_generation_tells_one_story(workbench):
         assert f"decode {len(prompts) * 23} tokens, {res.decode_tokens_per_s:,.1f} tok/s" in status  # ignore_eos: 24 each
         # collectives: this run's own seconds on each rank, not the engines' running total
         for rank in workbench.ranks:
-            assert dash.view.values()[rank]["collectives"] == f"{res.collective_seconds[rank]:.2f} s"
+            over = "".join(f" {t}" for t in sorted(set(res.transports[rank].values())))  # what they went over
+            assert dash.view.values()[rank]["collectives"] == f"{res.collective_seconds[rank]:.2f} s{over}"
         assert "this cell: prefill" in dash.view.plot.value and "max" not in dash.view.plot.value.split("</text>")[0]
         # the tensors beside the process figure: this rank's weights and KV cache
         for rank in workbench.ranks:
@@ -746,3 +747,18 @@ def test_in_a_jupyter_kernel_the_widgets_update_live_and_the_standing_dashboard_
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+@pytest.mark.cluster
+def test_the_dashboard_says_each_ranks_transport_and_decode_step_once_merged(workbench, tiny_folder):
+    dash = Dashboard(workbench, mode="widget")
+    result = workbench.generate(["Hello there", "What is an all-reduce?"], strategy="tensor", model=tiny_folder,
+                                max_new_tokens=8, ignore_eos=True, dashboard=dash)
+    values = dash.view.values()
+    for rank in (0, 1):
+        assert values[rank]["collectives"].endswith(" mpi"), values[rank]
+        step = values[rank]["decode step"]
+        parts = result.step_breakdown[rank]
+        # the rank's mean step and its parts, in ms, as the result measured them
+        assert step.startswith(f"{1e3 * parts['steps'] / parts['count']:.2f} ms: compute "), step
+        assert [w for w in ("coll", "wait", "choice", "host") if f" {w} " in step] == ["coll", "wait", "choice", "host"]

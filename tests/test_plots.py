@@ -78,7 +78,7 @@ def test_timeline_has_a_bar_per_microbatch_and_stage_and_shows_the_bubble(events
     title = ax.get_title()
     # the title names what is drawn: these events are all prefill steps
     assert title.startswith("pipeline timeline, prefill: p=2 stages, m=4 micro-batches\n"), title
-    assert "(p-1)/(m+p-1) = 20% for GPipe" in title
+    assert "in theory: prefill 20% (GPipe, (p-1)/(m+p-1))" in title and "decode" not in title
     measured = bubble_fraction(events)
     assert f"bubble measured: prefill {measured:.0%}" in title
     # stage 1 waits for the first micro-batch and stage 0 is done before the last: a real
@@ -87,7 +87,14 @@ def test_timeline_has_a_bar_per_microbatch_and_stage_and_shows_the_bubble(events
 
 
 def test_bubble_arithmetic():
+    from mpbook.parallel.pipeline import decode_bubble, interleaved_bubble
+
     assert gpipe_bubble(4, 8) == pytest.approx(3 / 11)
+    # one decode step is one GPipe pass; over many steps the fill and drain are paid once
+    assert interleaved_bubble(4, 8, 1) == pytest.approx(gpipe_bubble(4, 8))
+    assert interleaved_bubble(2, 2, 31) == pytest.approx(1 / 63)
+    # fewer micro-batches than stages: each stage waits for tokens to come round
+    assert interleaved_bubble(4, 2, 1000) == pytest.approx(decode_bubble(4, 2), abs=1e-3) == pytest.approx(0.5, abs=1e-3)
     assert gpipe_bubble(1, 5) == 0
 
 

@@ -27,9 +27,10 @@ def printable(text: str) -> str:
 def row_line(row: Row) -> str:
     tensors = f"; {row.tensors}" if row.tensors != "–" else ""
     experts = f"  expert load {row.expert_load}" if row.expert_load != "–" else ""
+    step = f"  decode step {row.decode_step}" if row.decode_step != "–" else ""
     return (
         f"rank {row.rank} {row.device:<6} {row.phase:<8} mem {row.memory} (peak {row.peak}{tensors})  "
-        f"{row.tokens_per_s} tok/s  collectives {row.collectives}{experts}"
+        f"{row.tokens_per_s} tok/s  collectives {row.collectives}{experts}{step}"
     )
 
 

@@ -19,7 +19,8 @@ from .figures import Row
 from .texts import PromptText, visible
 from .view import Frame
 
-COLUMNS = ("rank", "host", "device", "phase", "tokens/s", "collectives", "memory", "peak", "tensors", "expert load")
+COLUMNS = ("rank", "host", "device", "phase", "tokens/s", "collectives", "memory", "peak", "tensors", "expert load",
+           "decode step")
 CUDA_COLUMNS = ("reserved", "GPU used / total")
 PROMPT_CHARS = 60  # of each prompt a line shows before its generated text
 TEXT_CHARS = 600  # of each generated text a line shows (its end; the result keeps all of it)
@@ -56,7 +57,7 @@ def cell_texts(row: Row) -> dict[str, str]:
     return {
         "rank": str(row.rank), "host": row.host, "device": row.device, "phase": row.phase,
         "tokens/s": row.tokens_per_s, "collectives": row.collectives, "memory": row.memory,
-        "peak": row.peak, "tensors": row.tensors, "expert load": row.expert_load, "reserved": row.reserved,
+        "peak": row.peak, "tensors": row.tensors, "expert load": row.expert_load, "decode step": row.decode_step, "reserved": row.reserved,
         "GPU used / total": row.gpu,
     }
 

@@ -60,6 +60,22 @@ def decode_bubble(stages: int, microbatches: int) -> float:
     return max(0, stages - microbatches) / stages
 
 
+def interleaved_bubble(stages: int, microbatches: int, steps: int) -> float:
+    """The idle share of ``steps`` decode steps under :func:`interleaved`, every (stage,
+    micro-batch, step) of equal cost: the pipeline fills and drains once, (p-1) units over
+    steps*m + p - 1 when m >= p; with m < p a micro-batch's token needs p units to come
+    round, so a stage works m of every p units.
+
+    >>> round(interleaved_bubble(2, 2, 1), 3), round(interleaved_bubble(2, 2, 31), 3), interleaved_bubble(2, 1, 10)
+    (0.333, 0.016, 0.5)
+    """
+    p, m = stages, microbatches
+    if p <= 1 or steps <= 0:
+        return 0.0
+    span = steps * m + p - 1 if m >= p else steps * p + m - 1
+    return 1.0 - steps * m / span
+
+
 class StagePeers:
     """Point-to-point transfers of one pipeline stage, counted in telemetry.
 
