@@ -469,7 +469,12 @@ class Session:
             oom = [f for f in exc.failures if f.ename == "DeviceOutOfMemory"]
             if not oom:
                 raise
-            raise MpbookError(f"{oom[0].evalue}; {self._layouts_that_fit(request, info.config, max(prompt_tokens))}") from None
+            also = [f.rank for f in oom[1:]]
+            where = f" (rank{'s' if len(also) > 1 else ''} {', '.join(map(str, also))} too)" if also else ""
+            advice = smaller_layouts_advice(
+                info.config, request, engines=cluster.world_size, free=self._free_bytes(),
+                prompt_len=max(prompt_tokens), default_microbatches=chosen_microbatches)
+            raise MpbookError(f"{oom[0].evalue}{where}; {advice}") from None
         import dataclasses
 
         # What the engines hold and have free now, for the next cell's memory check (no extra call).
@@ -565,12 +570,60 @@ class Session:
 
         return fits
 
-    def _layouts_that_fit(self, request: Request, config, prompt_len: int) -> str:
+
+def smaller_layouts_advice(config, request: Request, *, engines: int, free: Sequence[int], prompt_len: int,
+                           default_microbatches: bool = False) -> str:
+    """What to try after ``request``'s layout ran out of memory on a device although the
+    planner predicted it would fit (``free``: each rank's bytes, as :meth:`Session._free_bytes`
+    says them): the layouts of these ``engines`` that the planner predicts need less memory
+    per rank than the one that failed (more stages, more tp, fewer rows per replica), each
+    valid for the model and the prompts and predicted to fit the engines, least memory first,
+    with their predicted peaks; or, where none needs less, what else would.
+
+    ``default_microbatches``: the run took the default micro-batches (one per stage), so each
+    layout is planned with its own default; else with the request's."""
+    from .models import support
+    from .parallel.pipeline import default_microbatches as one_per_stage
+    from .planner import plan
+    from .planner.suggestions import valid_layouts
+    from .units import format_bytes
+
+    generic = "fewer prompts or new tokens per run, or more engines, need less memory per device"
+    if "pipeline" not in support.supported_strategies(config, request.plans):
+        return generic  # a model the planner cannot cut into parts: it predicts nothing
+    batch = len(request.input_ids)
+
+    def peak(layout: Layout) -> int | None:
+        """The largest per-rank total the planner predicts for ``layout``; None where it
+        predicts the layout does not fit the engines (or cannot plan it)."""
+        micro = one_per_stage(layout.pp, batch // layout.dp) if default_microbatches else request.microbatches
+        stages = request.stage_sizes if request.stage_sizes and len(request.stage_sizes) == layout.pp > 1 else None
         try:
-            self.check_memory(request, config=config, prompt_len=prompt_len)
-        except MpbookError as exc:  # the planner agrees it does not fit: its advice
-            return str(exc).rsplit("; ", 1)[-1]
-        return "fewer prompts or new tokens per run, or more engines, need less memory per device"
+            planned = plan(
+                config, dp=layout.dp, pp=layout.pp, tp=layout.tp, ep=layout.ep, plans=request.plans, batch=batch,
+                prompt_len=prompt_len, max_new_tokens=request.max_new_tokens, dtype=request.dtype, microbatches=micro,
+                stage_sizes=stages, device_memory_bytes=list(free), suggestions=False,
+            )
+        except MpbookError:
+            return None
+        return planned.peak_bytes if planned.fits or layout == request.layout else None
+
+    need = peak(request.layout)
+    if need is None:
+        return generic
+    layouts = valid_layouts(config, engines, batch=batch, plans=request.plans,
+                            microbatches=1 if default_microbatches else request.microbatches,
+                            stage_sizes=request.stage_sizes)
+    smaller = sorted(
+        ((x, p) for x in layouts if x != request.layout and (p := peak(x)) is not None and p < need),
+        key=lambda item: (item[1], item[0].tp, item[0].pp),
+    )
+    than = f"than {request.layout} ({format_bytes(need)} predicted)"
+    if not smaller:
+        return (f"no layout of {engines} engines needs less memory per rank {than}: use more devices, "
+                "a smaller dtype, fewer prompts or fewer new tokens")
+    listed = "; ".join(f"{x} ({format_bytes(p)})" for x, p in smaller)
+    return f"layouts of {engines} engines that need less memory per rank {than}: {listed}"
 
 
 def _bf16_supported(state) -> bool:

@@ -183,26 +183,85 @@ class DeviceOutOfMemory(RuntimeError):
     """A device ran out of memory on this rank; the engine freed what it could and stays up."""
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed for want of memory.
+
+    CUDA raises ``torch.OutOfMemoryError``. A CPU engine gets a plain ``RuntimeError`` from
+    torch's allocator ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N
+    bytes. Error code 12 (Cannot allocate memory)") or from mapping a checkpoint ("unable to
+    mmap N bytes ... Cannot allocate memory (12)"), a ``MemoryError`` from Python, or an
+    ``OSError`` with ENOMEM."""
+    import errno
+
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    return isinstance(exc, RuntimeError) and bool(_CPU_OOM.search(str(exc)))
+
+
+_CPU_OOM = re.compile(r"can't allocate memory|not enough memory|Cannot allocate memory")
+_ASKED = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)|(?:allocate|mmap) (\d+) bytes")
+
+
+def _asked(exc: BaseException) -> str:
+    """What failed: the bytes the allocation asked for, as the error says them, else the
+    error itself (mapping a checkpoint says ``MemoryError: Cannot allocate memory (os error 12)``)."""
+    from ..units import format_bytes
+
+    found = _ASKED.search(str(exc))
+    if found is None:
+        said = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+    return f"asked for {found.group(1) or format_bytes(int(found.group(2)))}"
+
+
 @contextlib.contextmanager
 def _out_of_memory_reported(state) -> Iterator[None]:
     import torch
 
     try:
         yield
-    except torch.OutOfMemoryError as exc:
-        asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(exc))
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
+        what = _asked(exc)
         runner = state.cache.pop("runner", None)
         if runner is not None:
             runner.close()  # free this rank's model: the next run reloads it
         del exc  # its traceback holds the frames, and they hold the tensors
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(state.device)
-        from ..units import format_bytes
-
         raise DeviceOutOfMemory(
-            f"out of memory on rank {state.rank} ({state.device}): asked for {asked.group(1) if asked else 'more'}, "
-            f"{format_bytes(free, unit='GiB')} free of {format_bytes(total, unit='GiB')}"
+            f"out of memory on rank {state.rank} ({state.device}): {what}; {_memory_left(state.device)}"
         ) from None
+
+
+def _memory_left(device) -> str:
+    """What the device has left once this rank's model is freed: a GPU's free and total
+    memory; a CPU engine's host memory, and the process's own limit where one is set
+    (``RLIMIT_AS``: the address space it may map, whatever the host has free)."""
+    import gc
+
+    import torch
+
+    from ..units import format_bytes
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        return f"{format_bytes(free, unit='GiB')} free of {format_bytes(total, unit='GiB')}"
+    import resource
+
+    import psutil
+
+    host = psutil.virtual_memory()
+    words = f"{format_bytes(host.available, unit='GiB')} of the host's {format_bytes(host.total, unit='GiB')} available"
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        words += f"; this engine may map {format_bytes(limit)} at most (its RLIMIT_AS)"
+    return words
 
 
 def prepare(state, request: Request) -> dict:
