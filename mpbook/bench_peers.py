@@ -1,0 +1,565 @@
+"""The benchmark's two yardsticks: the machine's ceiling, and transformers' own distributed path.
+
+A layout's tokens/s alone say little; two numbers measured in the same run make them mean
+something.
+
+**The ceiling** (``python -m mpbook bench`` measures it before the layouts): the most N engines
+of this machine give on this work when they never talk to each other. Every engine loads the
+model with plain transformers and generates its share of the prompts, all at the same time;
+the tokens they finish in one fixed window are compared with one engine doing all the prompts
+over a window as long. On a GPU workstation N devices give nearly N x; CPU engines share one
+memory bus and a decode step is memory-bound (it reads every weight once per step), so two
+CPU engines were measured at 1.12-1.28x (DESIGN.md, "The CPU ceiling"), and a layout is shown
+as a % of the ceiling rather than of N. Timed as DESIGN says, because pairs timed separately
+ranged 0.84-1.52x: load and warm up first, then every engine starts on one signal (a
+wall-clock time the client sends, a little in the future) and stops at the same wall-clock
+end, counting the new tokens it finished (to the step: a stopping criterion ends the
+``generate`` in flight at the deadline).
+
+**The peer** (``python -m mpbook bench --against transformers``): transformers' own
+distributed inference on the same engines, with the same token ids and the same fixed number
+of new tokens, interleaved with mpbook's runs of the same layout: data (plain ``generate`` per
+replica on its contiguous share, as mpbook splits), tensor
+(``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))``) and pipeline
+(``DistributedConfig(pp_size=N)``). Both sides are timed on the engines, generation only
+(mpbook: its prefill and decode phases; transformers: the ``generate`` call after a barrier, on
+the slowest rank). A form that fails to load or run, or whose tokens differ from one device's,
+is a row that says ``fails: reason``: its numbers are still shown, never dropped.
+
+What transformers' distributed path needs, read in transformers 5.24 (``distributed/utils.py``
+and ``integrations/accelerate.py``):
+
+- the process group: ``_ensure_torch_distributed`` initializes one from RANK, LOCAL_RANK and
+  WORLD_SIZE only when none is up, so it takes the engines' default (gloo) group as it is;
+- the mesh covers the whole world (``pp * dp_replicate * fsdp * tp == world_size``), so only
+  the full degree of each strategy;
+- on an accelerator it binds each process to device ``LOCAL_RANK`` (default 0), so on GPU
+  engines LOCAL_RANK is set to the engine's own while it loads;
+- it hands ``from_pretrained`` a device map, which requires ``accelerate`` (``pip install
+  accelerate``, pure Python); without it the load fails alike on every rank, and the row says so.
+
+Fixed length: mpbook's ``ignore_eos`` still chooses end-of-sequence tokens and goes on; here
+``generate(..., eos_token_id=[])`` does the same. transformers' ``min_new_tokens`` would not: it
+forbids end-of-sequence and so changes the tokens (the ``tiny`` preset chooses one at the 10th
+step of the first benchmark prompt); ``eos_token_id=None`` is no better, generate then takes the
+model's own.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+CACHE_KEY = "bench_peers"  # the peer's models in the engine's cache (dropped when done)
+KINDS = ("data", "tensor", "pipeline")
+DEGREE_OF = {"tensor": "tp_size", "pipeline": "pp_size"}
+
+
+# --------------------------------------------------------------------------- on the engines
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _models(state) -> dict:
+    return state.cache.setdefault(CACHE_KEY, {})
+
+
+def plain_model(state, model: str, dtype: str):
+    """The whole model with plain transformers, on this engine's device (kept for the run)."""
+    key = ("plain", model, dtype)
+    models = _models(state)
+    if key not in models:
+        from transformers import AutoModelForCausalLM
+
+        from .models import resolve
+
+        lm = AutoModelForCausalLM.from_pretrained(resolve(model), dtype=_dtype(dtype), use_safetensors=True)
+        models[key] = lm.to(state.device).eval().requires_grad_(False)
+    return models[key]
+
+
+def drop_models(state) -> None:
+    """Let go of every model this module loaded on the engine (their memory is the layouts')."""
+    import gc
+
+    state.cache.pop(CACHE_KEY, None)
+    gc.collect()
+
+
+def _batch(state, ids: list[list[int]], pad_id: int) -> dict:
+    """Left-padded input ids and their mask, as mpbook pads a batch."""
+    import torch
+
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return {"input_ids": input_ids.to(state.device), "attention_mask": mask.to(state.device)}
+
+
+def _generate(lm, batch: dict, new_tokens: int, deadline: float | None = None):
+    """Greedy ``generate`` of exactly ``new_tokens`` per row (end-of-sequence chosen but not
+    stopping, as mpbook's ignore_eos); with ``deadline`` (perf_counter), it ends at the first
+    step past it. Returns the new ids, (rows, steps)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Deadline(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = time.perf_counter() >= deadline
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    stopping = StoppingCriteriaList([Deadline()]) if deadline is not None else None
+    with torch.inference_mode():
+        # eos_token_id=[]: no id ends a row. None would not do: generate takes a None from the
+        # model's own generation config.
+        out = lm.generate(**batch, do_sample=False, max_new_tokens=new_tokens, eos_token_id=[],
+                          stopping_criteria=stopping)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def _rows(state, prompts: int, share: bool) -> range:
+    """The prompts this engine serves: its contiguous share (as mpbook's data parallel splits
+    them), or all of them."""
+    from .units import split_evenly
+
+    return split_evenly(prompts, state.world_size)[state.rank] if share else range(prompts)
+
+
+def ceiling_warm_up(state, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int) -> None:
+    """Load the plain model and run once what the windows will run (first touch, allocator)."""
+    lm = plain_model(state, model, dtype)
+    mine = [ids[i] for i in _rows(state, len(ids), share=True)]
+    if mine:
+        _generate(lm, _batch(state, mine, pad_id), new_tokens)
+    if state.rank == 0:  # the one-engine run does every prompt
+        _generate(lm, _batch(state, ids, pad_id), new_tokens)
+
+
+def ceiling_window(state, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int, start_at: float,
+                   window_s: float, share: bool) -> dict:
+    """Generate this engine's prompts again and again from wall-clock ``start_at`` until
+    ``start_at + window_s``; count the new tokens finished."""
+    lm = plain_model(state, model, dtype)
+    mine = [ids[i] for i in _rows(state, len(ids), share)]
+    batch = _batch(state, mine, pad_id) if mine else None
+    wait = start_at - time.time()
+    if wait > 0:
+        time.sleep(wait)
+    late = max(0.0, time.time() - start_at)
+    began = time.perf_counter()
+    # The end is the signal's, not this engine's start plus the window: an engine that got the
+    # signal late must not run on alone at the end, when it has the machine to itself.
+    deadline = began + (start_at + window_s - time.time())
+    tokens = calls = 0
+    while batch is not None and time.perf_counter() < deadline:
+        new = _generate(lm, batch, new_tokens, deadline=deadline)
+        tokens += new.numel()
+        calls += 1
+    return {"rank": state.rank, "rows": len(mine), "tokens": tokens, "calls": calls,
+            "seconds": time.perf_counter() - began, "late_s": late}
+
+
+def reference_tokens(state, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int) -> list[list[int]]:
+    """One device's tokens: plain ``generate`` of every prompt in one batch on this engine."""
+    return _generate(plain_model(state, model, dtype), _batch(state, ids, pad_id), new_tokens).tolist()
+
+
+@contextmanager
+def _local_rank(state):
+    """transformers binds an accelerator to device LOCAL_RANK (default 0) while it loads a
+    distributed model: say which device this engine is on, for that load only."""
+    import os
+
+    before = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = str(state.local_rank)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = before
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "requires `accelerate`" in text:
+        return ("transformers' DistributedConfig path needs accelerate (pip install accelerate): "
+                "it loads with a device map")
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def peer_load(state, *, kind: str, model: str, dtype: str) -> str | None:
+    """Load transformers' form of ``kind`` on this engine; None, or why it failed."""
+    try:
+        if kind == "data":
+            plain_model(state, model, dtype)
+            return None
+        import transformers
+
+        if not hasattr(transformers, "DistributedConfig"):
+            return f"transformers {transformers.__version__} has no DistributedConfig"
+        from transformers import AutoModelForCausalLM, DistributedConfig
+
+        from .models import resolve
+
+        models = _models(state)
+        models.pop(("peer", kind), None)
+        with _local_rank(state):
+            lm = AutoModelForCausalLM.from_pretrained(
+                resolve(model), dtype=_dtype(dtype), use_safetensors=True,
+                distributed_config=DistributedConfig(**{DEGREE_OF[kind]: state.world_size}),
+            )
+        models[("peer", kind)] = lm.eval().requires_grad_(False)
+        return None
+    except Exception as exc:  # reported as the row's failure, on every rank alike
+        return _reason(exc)
+
+
+def peer_generate(state, *, kind: str, model: str, dtype: str, ids, pad_id: int, new_tokens: int) -> dict:
+    """One timed generation of transformers' form of ``kind``: this rank's new tokens and seconds."""
+    import torch.distributed as dist
+
+    lm = plain_model(state, model, dtype) if kind == "data" else _models(state)[("peer", kind)]
+    rows = _rows(state, len(ids), share=kind == "data")
+    batch = _batch(state, [ids[i] for i in rows], pad_id) if len(rows) else None
+    # Every rank starts together, as mpbook's ranks start on one request.
+    dist.barrier()
+    began = time.perf_counter()
+    try:
+        tokens = _generate(lm, batch, new_tokens).tolist() if batch is not None else []
+    except Exception as exc:
+        return {"error": _reason(exc)}
+    return {"rows": list(rows), "tokens": tokens, "seconds": time.perf_counter() - began}
+
+
+# --------------------------------------------------------------------------- on the client
+def encode(model: str, prompts: list[str], *, chat: bool | None) -> tuple[list[list[int]], int]:
+    """The prompts' token ids as mpbook sends them (``chat`` as ``generate``'s), and the pad id."""
+    from .models import load_tokenizer
+    from .session import encode_prompts
+
+    tokenizer = load_tokenizer(model)
+    encoded = encode_prompts(tokenizer, prompts, chat=chat)
+    return [list(row) for row in encoded.input_ids], tokenizer.pad_token_id
+
+
+def generation_tokens_per_s(result) -> float:
+    """A run's new tokens over its generation time: the slowest rank's prefill and decode
+    (what transformers' side and the ceiling's windows time). The result's own prefill and
+    decode seconds are each the slowest rank's, whose sum may be no rank's."""
+    per_rank = [p.get("prefill", 0.0) + p.get("decode", 0.0) for p in result.rank_phase_seconds]
+    seconds = max(per_rank) if per_rank else result.prefill_seconds + result.decode_seconds
+    return result.new_tokens / seconds if seconds else 0.0
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """N engines generating their shares at once against one engine doing every prompt."""
+
+    engines: int
+    window_s: float
+    together_tok_s: list[float]  # per round: all engines at once, their tokens/s added
+    alone_tok_s: list[float]  # per round: rank 0 alone with every prompt
+    late_s: float  # the longest any engine started after the signal
+    per_engine: list[list[dict]] = field(default_factory=list)  # per round: each engine's count
+
+    @property
+    def ratio(self) -> float:
+        """The ceiling: median over rounds of together / alone (pairs close in time)."""
+        return statistics.median(t / a for t, a in zip(self.together_tok_s, self.alone_tok_s))
+
+    @property
+    def together(self) -> float:
+        return statistics.median(self.together_tok_s)
+
+    @property
+    def alone(self) -> float:
+        return statistics.median(self.alone_tok_s)
+
+    def format(self) -> str:
+        late = f"; an engine started up to {self.late_s * 1e3:.0f} ms after the signal" if self.late_s > 0.01 else ""
+        return (f"the machine's ceiling: {self.engines} engines generating their shares with plain transformers "
+                f"at once give {self.ratio:.2f}x the tokens/s of one engine with every prompt ({self.together:,.1f} vs "
+                f"{self.alone:,.1f} tok/s; median of {len(self.alone_tok_s)} rounds over {self.window_s:g} s "
+                f"windows{late})")
+
+    def payload(self) -> dict:
+        return {"engines": self.engines, "window_s": self.window_s, "ratio": self.ratio,
+                "together_tok_s": self.together_tok_s, "alone_tok_s": self.alone_tok_s, "late_s": self.late_s}
+
+
+def measure_ceiling(wb, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int, window_s: float = 5.0,
+                    rounds: int = 3, lead_s: float = 0.5) -> Ceiling:
+    """The machine's ceiling on this work, on ``wb``'s engines (see the module's docstring).
+
+    ``lead_s``: how far in the future the start signal is, so that every engine has it in
+    time (one apply reaches 2 local engines in a few ms; a loaded machine takes longer, and a
+    window that an engine began more than a tenth of it late is run again with a longer lead).
+    Engines on several hosts need their clocks in step (NTP); ``late_s`` says how late the
+    latest start was."""
+    if window_s <= 0 or rounds < 1:
+        raise ValueError(f"window_s={window_s}, rounds={rounds}: need a positive window and at least one round")
+    work = dict(model=model, dtype=dtype, ids=ids, pad_id=pad_id, new_tokens=new_tokens)
+    wb.apply(ceiling_warm_up, **work, stream=False, what="loading the ceiling's model")
+
+    lead = lead_s
+
+    def window(ranks, share: bool) -> list[dict]:
+        nonlocal lead
+        for _ in range(3):
+            start_at = time.time() + lead
+            runs = wb.apply(ceiling_window, **work, start_at=start_at, window_s=window_s, share=share, ranks=ranks,
+                            stream=False, what="the ceiling's window")
+            late = max(c["late_s"] for c in runs)
+            if late <= 0.1 * window_s:
+                break
+            # The signal reached an engine after its time (a loaded machine): that engine's
+            # window was short, so the others ran alone for a while. Again, with more time.
+            lead = min(2 * lead + late, 10.0)
+        return runs
+
+    together, alone, counts, late = [], [], [], 0.0
+    for r in range(rounds):
+        # A B B A: drift of a noisy machine hits both alike.
+        order = ("together", "alone") if r % 2 == 0 else ("alone", "together")
+        for which in order:
+            if which == "together":
+                runs = window(None, share=True)
+                together.append(sum(c["tokens"] / c["seconds"] for c in runs))
+                counts.append(runs)
+            else:
+                runs = window([0], share=False)
+                alone.append(runs[0]["tokens"] / runs[0]["seconds"])
+            late = max([late] + [c["late_s"] for c in runs])
+    return Ceiling(wb.world_size, window_s, together, alone, late, counts)
+
+
+def ceiling_shares(ceiling: Ceiling, records: list[dict]) -> str:
+    """Each layout of ``bench``'s records as a % of the ceiling: its generation tokens/s over
+    one device's, against the ceiling's ratio. Adds ``ceiling`` and ``ceiling_percent`` to the
+    records (the JSON keeps them)."""
+    base = next(r for r in records if r["strategy"] == "single")
+    lines = [ceiling.format(), "  each layout's tokens/s (prefill and decode) over one device's, as a % of it:"]
+    for record in records:
+        if record is base or not base["generation_tokens_per_s"]:
+            continue
+        speedup = record["generation_tokens_per_s"] / base["generation_tokens_per_s"]
+        record["ceiling"] = ceiling.ratio
+        record["ceiling_percent"] = 100 * speedup / ceiling.ratio
+        lines.append(f"  {record['strategy']:<8} dp={record['dp']} pp={record['pp']} tp={record['tp']}: "
+                     f"{speedup:.2f}x one device = {record['ceiling_percent']:.0f}% of the ceiling")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the peer
+@dataclass
+class Side:
+    """One implementation's runs of one layout."""
+
+    tok_s: list[float] = field(default_factory=list)  # per round
+    tokens: list[list[int]] | None = None  # the first timed run's new tokens, per prompt
+    error: str | None = None  # why it could not run
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.tok_s) if self.tok_s and self.error is None else None
+
+
+@dataclass
+class PeerRow:
+    kind: str
+    layout: str  # "dp=2" ...
+    mpbook: Side
+    transformers: Side
+    reference: list[list[int]]
+
+    def verdict(self, side: Side) -> str:
+        """"= one device", or "fails: reason"."""
+        if side.error is not None:
+            return f"fails: {side.error}"
+        if side.tokens is None:
+            return "fails: no tokens came back"
+        differ = [i for i, (a, b) in enumerate(zip(side.tokens, self.reference)) if a != b]
+        if differ or len(side.tokens) != len(self.reference):
+            shown = ", ".join(map(str, differ[:6])) + (" ..." if len(differ) > 6 else "")
+            return f"fails: tokens of prompt{'s' if len(differ) != 1 else ''} {shown} differ from one device's"
+        return "= one device"
+
+    def ok(self, side: Side) -> bool:
+        return self.verdict(side) == "= one device"
+
+    @property
+    def ratio(self) -> float | None:
+        a, b = self.mpbook.median, self.transformers.median
+        return a / b if a and b else None
+
+    def payload(self) -> dict:
+        return {"layout": self.kind, "degrees": self.layout, "mpbook_tok_s": self.mpbook.median,
+                "transformers_tok_s": self.transformers.median, "mpbook_over_transformers": self.ratio,
+                "mpbook": self.verdict(self.mpbook), "transformers": self.verdict(self.transformers),
+                "mpbook_rounds": self.mpbook.tok_s, "transformers_rounds": self.transformers.tok_s}
+
+
+@dataclass
+class PeerReport:
+    engines: int
+    device_type: str
+    model: str
+    batch: int
+    new_tokens: int
+    dtype: str
+    rounds: int
+    transformers_version: str
+    rows: list[PeerRow]
+    ceiling: Ceiling | None
+
+    def percent(self, tok_s: float | None) -> str:
+        """``tok_s`` as a % of the ceiling's N engines together (that is, its speed-up over one
+        engine as a share of the ceiling's)."""
+        if tok_s is None or self.ceiling is None:
+            return "-"
+        return f"{100 * tok_s / self.ceiling.together:.0f}%"
+
+    def format(self) -> str:
+        def num(x):
+            return "-" if x is None else f"{x:,.1f}"
+
+        head = ("layout", "mpbook tok/s", "transformers tok/s", "mpbook/transformers", "mpbook % ceiling",
+                "transformers % ceiling", "mpbook", "transformers")
+        table = [head]
+        for row in self.rows:
+            table.append((f"{row.kind} {row.layout}", num(row.mpbook.median), num(row.transformers.median),
+                          "-" if row.ratio is None else f"{row.ratio:.2f}x", self.percent(row.mpbook.median),
+                          self.percent(row.transformers.median), row.verdict(row.mpbook),
+                          row.verdict(row.transformers)))
+        widths = [max(len(r[c]) for r in table) for c in range(len(head))]
+        lines = [
+            f"mpbook against transformers {self.transformers_version} on {self.engines} {self.device_type} engines: "
+            f"model {self.model}, {self.batch} prompts x {self.new_tokens} new tokens, {self.dtype}, greedy; median of "
+            f"{self.rounds} interleaved rounds",
+            "  tok/s: every prompt's new tokens over the engines' generation time (prefill and decode); "
+            "'= one device': the tokens of plain generate on one engine",
+        ]
+        if self.ceiling is not None:
+            lines.append("  " + self.ceiling.format())
+        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+        return "\n".join(lines)
+
+    def payload(self) -> dict:
+        return {"engines": self.engines, "device_type": self.device_type, "model": self.model, "batch": self.batch,
+                "new_tokens": self.new_tokens, "dtype": self.dtype, "rounds": self.rounds,
+                "transformers": self.transformers_version, "rows": [r.payload() for r in self.rows],
+                "ceiling": self.ceiling.payload() if self.ceiling else None}
+
+
+def _first_error(values) -> str | None:
+    return next((v for v in values if v), None)
+
+
+def compare_with_transformers(wb, *, model: str = "tiny", prompts: list[str], new_tokens: int = 16,
+                              dtype: str = "float32", rounds: int = 3, window_s: float = 5.0,
+                              kinds=KINDS, log=print) -> PeerReport:
+    """mpbook and transformers, layout by layout at full degree on ``wb``'s engines, interleaved."""
+    import transformers
+
+    from .errors import MpbookError
+
+    # Plain text (no chat template): transformers' generate gets the very ids mpbook does.
+    ids, pad_id = encode(model, prompts, chat=False)
+    work = dict(model=model, dtype=dtype, ids=ids, pad_id=pad_id, new_tokens=new_tokens)
+    ceiling = None
+    if window_s > 0:
+        ceiling = measure_ceiling(wb, **work, window_s=window_s, rounds=rounds)
+        log(ceiling.format())
+    reference = wb.apply(reference_tokens, **work, ranks=[0], stream=False, what="one device's tokens")[0]
+    n = wb.world_size
+    rows = []
+    try:
+        for kind in kinds:
+            degrees = {"data": dict(dp=n), "tensor": dict(tp=n), "pipeline": dict(pp=n)}[kind]
+            row = PeerRow(kind, " ".join(f"{k}={v}" for k, v in degrees.items()), Side(), Side(), reference)
+
+            def ours(timed: bool):
+                try:
+                    result = wb.generate(prompts, strategy=kind, model=model, max_new_tokens=new_tokens, dtype=dtype,
+                                         chat=False, ignore_eos=True, **degrees)
+                except MpbookError as exc:
+                    row.mpbook.error = str(exc).splitlines()[0]
+                    return
+                if timed:
+                    row.mpbook.tok_s.append(generation_tokens_per_s(result))
+                    if row.mpbook.tokens is None:
+                        row.mpbook.tokens = result.token_ids
+
+            def theirs(timed: bool):
+                try:
+                    runs = wb.apply(peer_generate, kind=kind, **work, stream=False, what=f"transformers' {kind}")
+                except MpbookError as exc:  # a rank failed alone, or a collective timed out
+                    row.transformers.error = str(exc).splitlines()[0]
+                    return
+                error = _first_error(r.get("error") for r in runs)
+                if error:
+                    row.transformers.error = error
+                    return
+                if timed:
+                    seconds = max(r["seconds"] for r in runs)
+                    row.transformers.tok_s.append(len(ids) * new_tokens / seconds)
+                    if row.transformers.tokens is None:
+                        # data: each replica's rows in order; tensor and pipeline: every rank
+                        # returns every row (rank 0's).
+                        row.transformers.tokens = ([t for r in runs for t in r["tokens"]] if kind == "data"
+                                                   else runs[0]["tokens"])
+
+            try:
+                loaded = wb.apply(peer_load, kind=kind, model=model, dtype=dtype, stream=False,
+                                  what=f"loading transformers' {kind}")
+                row.transformers.error = _first_error(loaded)
+            except MpbookError as exc:
+                row.transformers.error = str(exc).splitlines()[0]
+            ours(timed=False)  # warm-up: loads, first touch
+            if row.transformers.error is None:
+                theirs(timed=False)
+            for r in range(rounds):
+                order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
+                for run in order:
+                    side = row.mpbook if run is ours else row.transformers
+                    if side.error is None:
+                        run(timed=True)
+            if kind != "data":  # the plain model stays for the data row; a distributed one goes
+                wb.apply(_drop_peer, kind=kind, stream=False, what="dropping transformers' model")
+            rows.append(row)
+            log(f"  {kind}: mpbook {row.verdict(row.mpbook)}, transformers {row.verdict(row.transformers)}")
+    finally:
+        wb.apply(drop_models, stream=False, what="dropping the peer's models")
+    return PeerReport(n, wb.device_type, model, len(prompts), new_tokens, dtype, rounds, transformers.__version__, rows,
+                      ceiling)
+
+
+def _drop_peer(state, *, kind: str) -> None:
+    import gc
+
+    _models(state).pop(("peer", kind), None)
+    gc.collect()
+
+
+def bench_against_transformers(prompts: list[str], *, model: str = "tiny", engines: int | None = None,
+                               cpu: bool = False, new_tokens: int = 16, dtype: str = "float32", repeats: int = 3,
+                               window_s: float = 5.0, log=print) -> dict:
+    """``python -m mpbook bench --against transformers``: start the engines, compare, print the table."""
+    from .workbench import Workbench
+
+    with Workbench.start(engines, cpu=cpu) as wb:
+        log(wb.table())
+        report = compare_with_transformers(wb, model=model, prompts=prompts, new_tokens=new_tokens, dtype=dtype,
+                                           rounds=repeats, window_s=window_s, log=log)
+    log(report.format())
+    return report.payload()
