@@ -48,6 +48,14 @@ def bench(args: argparse.Namespace) -> int:
         timings = bench_transports.bench_collectives(engines=args.n or 2)
         print(bench_transports.format_timings(timings, args.n or 2))
         payload = [t.__dict__ for t in timings]
+    elif args.against:
+        from . import bench_peers
+
+        payload = bench_peers.bench_against_transformers(
+            benchmarks.bench_prompts(args.batch), model=args.model, engines=args.n, cpu=args.cpu,
+            new_tokens=args.new_tokens,
+            dtype=args.dtype, repeats=args.repeats, window_s=args.window,
+        )
     elif args.cluster:
         payload = benchmarks.bench_cluster(engines=args.n or 2, cpu=True)
     elif args.cell_overhead:
@@ -69,7 +77,7 @@ def bench(args: argparse.Namespace) -> int:
     else:
         payload = benchmarks.bench_strategies(
             model=args.model, engines=args.n, cpu=args.cpu, batch=args.batch, new_tokens=args.new_tokens,
-            dtype=args.dtype, repeats=args.repeats, sweep=args.sweep,
+            dtype=args.dtype, repeats=args.repeats, sweep=args.sweep, window_s=args.window,
         )
     path = args.json or ("bench-sweep.json" if args.sweep else None)
     if path:
@@ -104,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is kept (default 3)")
     b.add_argument("--sweep", action="store_true",
                    help="every layout that fits the engines, not one per strategy; writes JSON and a PNG plot")
+    b.add_argument("--window", type=float, default=5.0, metavar="S",
+                   help="seconds per round of the machine's ceiling (every engine generating its share with plain "
+                        "transformers at once, against one engine with every prompt), measured first; 0 skips it "
+                        "(default 5)")
+    b.add_argument("--against", choices=["transformers"], default=None,
+                   help="transformers' own data, tensor (DistributedConfig(tp_size=N)) and pipeline (pp_size=N) "
+                        "forms on the same engines, interleaved with mpbook's, in one table")
     b.add_argument("--cluster", action="store_true", help="measure cluster start-up and the %%%%mp run round trip")
     b.add_argument("--collectives", action="store_true",
                    help="all-reduce (4 KiB-4 MiB) and send/recv latency per transport (gloo, MPI), median and p90")

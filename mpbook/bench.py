@@ -6,6 +6,13 @@ median of each is kept, so that drift of a noisy machine hits every layout alike
 record also says how far its logits are from the one-device run and whether its greedy
 tokens are identical.
 
+The same run first measures the machine's ceiling (``--window`` seconds per round; ``0`` skips
+it): every engine generating its share with plain transformers at once, against one engine
+doing every prompt, and shows each layout as a % of it (:mod:`mpbook.bench_peers`).
+
+``--against transformers``: transformers' own distributed forms on the same engines, layout by
+layout, in one table (:mod:`mpbook.bench_peers`).
+
 ``--cluster``: the cluster's own costs: start to ready (median of 5) and an empty
 ``%%mp run`` round trip next to ipyparallel's ``dv.execute('pass')``.
 
@@ -40,6 +47,11 @@ BENCH_PROMPTS = [
     "A model too large for one GPU",
     "Throughput is measured in tokens per second",
 ]
+
+
+def bench_prompts(batch: int) -> list[str]:
+    """``batch`` prompts: the benchmark's own, repeated as needed."""
+    return (BENCH_PROMPTS * (batch // len(BENCH_PROMPTS) + 1))[:batch]
 
 
 @dataclass(frozen=True)
@@ -96,12 +108,13 @@ def bench_strategies(
     dtype: str = "float32",
     repeats: int = 3,
     sweep: bool = False,
+    window_s: float = 5.0,
     log=print,
 ) -> list[dict[str, Any]]:
-    from . import models
+    from . import bench_peers, models
     from .workbench import Workbench
 
-    prompts = (BENCH_PROMPTS * (batch // len(BENCH_PROMPTS) + 1))[:batch]
+    prompts = bench_prompts(batch)
     config = models.load_config(model)
     records: list[dict[str, Any]] = []
     with Workbench.start(engines, cpu=cpu) as wb, Workbench.start(1, cpu=cpu, threads=wb.plan.threads) as single:
@@ -112,6 +125,12 @@ def bench_strategies(
             plans = _that_fit(plans, model=model, wb=wb, batch=batch, new_tokens=new_tokens, dtype=dtype, log=log)
         log(f"model {model}, {batch} prompts, {new_tokens} new tokens, {dtype}; "
             f"one device vs {wb.world_size} engines ({wb.device_type}); {repeats} interleaved rounds")
+        ceiling = None
+        if window_s > 0:  # first, and its models dropped, so that the layouts have the memory
+            ids, pad_id = bench_peers.encode(model, prompts, chat=None)  # as generate encodes them
+            ceiling = bench_peers.measure_ceiling(wb, model=model, dtype=dtype, ids=ids, pad_id=pad_id,
+                                                  new_tokens=new_tokens, window_s=window_s, rounds=repeats)
+            wb.apply(bench_peers.drop_models, stream=False)
 
         # ignore_eos: every run generates the same number of tokens, whatever the model says.
         def one_device(max_new_tokens):
@@ -151,6 +170,8 @@ def bench_strategies(
                 record["tokens_match"] = all(r.token_ids == base_tokens for r in results)
             records.append(record)
             log(_row(record, records[0]))
+        if ceiling is not None:
+            log(bench_peers.ceiling_shares(ceiling, records))
     return records
 
 
@@ -177,7 +198,10 @@ def _that_fit(plans, *, model, wb, batch, new_tokens, dtype, log) -> list[Plan]:
 
 
 def _median_record(results) -> dict[str, Any]:
+    from .bench_peers import generation_tokens_per_s
+
     record = results[0].record()
+    record["generation_tokens_per_s"] = statistics.median(generation_tokens_per_s(r) for r in results)
     record["prefill_tokens_per_s"] = statistics.median(r.prefill_tokens_per_s for r in results)
     record["decode_tokens_per_s"] = statistics.median(r.decode_tokens_per_s for r in results)
     record["peak_memory_bytes"] = [max(r.peak_memory_bytes[i] for r in results) for i in range(results[0].engines)]

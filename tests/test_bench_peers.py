@@ -135,3 +135,29 @@ def test_a_failing_form_is_a_row_that_says_why_and_keeps_its_numbers():
     assert tensor.split()[:5] == ["tensor", "tp=2", "20.0", "-", "-"]
     assert tensor.endswith("= one device  fails: ValueError: tp=3 does not divide 8 heads")
 
+
+def test_each_layout_as_a_share_of_the_ceiling():
+    ceiling = bench_peers.Ceiling(2, 1.0, together_tok_s=[110.0], alone_tok_s=[100.0], late_s=0.0)
+    records = [
+        {"strategy": "single", "dp": 1, "pp": 1, "tp": 1, "generation_tokens_per_s": 100.0},
+        {"strategy": "data", "dp": 2, "pp": 1, "tp": 1, "generation_tokens_per_s": 110.0},
+        {"strategy": "tensor", "dp": 1, "pp": 1, "tp": 2, "generation_tokens_per_s": 55.0},
+    ]
+    text = bench_peers.ceiling_shares(ceiling, records)
+    assert records[1]["ceiling_percent"] == pytest.approx(100.0) and records[2]["ceiling_percent"] == pytest.approx(50)
+    assert "ceiling" not in records[0]
+    assert "1.10x one device = 100% of the ceiling" in text and "0.55x one device = 50% of the ceiling" in text
+
+
+def test_the_command_line_reaches_the_peer_and_the_ceiling(monkeypatch):
+    from mpbook import __main__ as cli
+
+    seen = {}
+    monkeypatch.setattr(bench_peers, "bench_against_transformers",
+                        lambda prompts, **kw: seen.update(kw, prompts=prompts))
+    assert cli.main(["bench", "--against", "transformers", "--batch", "3", "--window", "0.5", "--cpu"]) == 0
+    assert seen["prompts"] == BENCH_PROMPTS[:3] and seen["window_s"] == 0.5 and seen["cpu"] is True
+    args = cli.build_parser().parse_args(["bench"])
+    assert args.window == 5.0 and args.against is None
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--against", "vllm"])
