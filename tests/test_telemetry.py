@@ -261,3 +261,92 @@ def test_the_memory_peak_is_each_runs_and_each_cells_own(workbench, tiny_folder)
         peaks.append([dash.tracks[r].latest["memory"]["peak"] for r in workbench.ranks])
     for high, low in zip(*peaks):
         assert high - low > 300 * MiB, peaks
+
+
+# --------------------------------------------------------------------------- collective time
+def test_a_collective_on_a_cpu_is_timed_by_the_host_clock(monkeypatch):
+    import torch
+
+    def no_event(*args, **kwargs):
+        raise AssertionError("a CPU engine's collective asked for a CUDA event")
+
+    monkeypatch.setattr(torch.cuda, "Event", no_event)
+    tel = Telemetry(0, torch.device("cpu"))
+    with tel.run() as stats:
+        with tel.timed_collective("all_reduce"):
+            time.sleep(0.05)
+    assert 0.05 <= stats.collective_seconds < 1.0 and dict(stats.collectives) == {"all_reduce": 1}
+    assert tel.collective_seconds == stats.collective_seconds
+    assert tel.host_collective_seconds_by_kind == tel.collective_seconds_by_kind == {"all_reduce": stats.collective_seconds}
+
+
+class _StandInEvent:
+    """What the telemetry asks of a CUDA event, for the bookkeeping without a GPU: the test
+    says when the device passes it (``passed``) and at what device time (ms)."""
+
+    def __init__(self, enable_timing=False):
+        self.ms = None
+        self.passed = False
+
+    def record(self, stream=None):
+        self.recorded = stream
+
+    def query(self):
+        return self.passed
+
+    def synchronize(self):
+        self.passed = True
+
+    def elapsed_time(self, end):
+        return end.ms - self.ms
+
+
+def test_gpu_collectives_are_counted_at_once_and_timed_when_the_device_passes_them(monkeypatch):
+    import torch
+
+    events: list[_StandInEvent] = []
+
+    def event(enable_timing=False):
+        events.append(_StandInEvent(enable_timing))
+        return events[-1]
+
+    monkeypatch.setattr(torch.cuda, "Event", event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "stream")
+    tel = Telemetry(0, torch.device("cuda", 0))
+    for kind in ("all_reduce", "all_gather", "all_reduce"):
+        with tel.timed_collective(kind):
+            pass  # queued: the host is back at once
+    assert tel.collectives == {"all_reduce": 2, "all_gather": 1} and tel.collective_seconds == 0.0
+    assert all(e.recorded == "stream" for e in events)
+    # the device passes the first two: their device time is added, in order; the third waits
+    for i, ms in enumerate((0.0, 30.0, 40.0, 100.0, 100.0, 150.0)):
+        events[i].ms = ms
+    events[1].passed = events[3].passed = True
+    tel.settle_collectives()
+    assert tel.collective_seconds_by_kind == {"all_reduce": 0.03, "all_gather": 0.06}
+    tel.settle_collectives(wait=True)  # the end of a run: wait for the device
+    assert tel.collective_seconds_by_kind == pytest.approx({"all_reduce": 0.08, "all_gather": 0.06})
+    assert tel.host_collective_seconds_by_kind["all_reduce"] < 0.01  # the host only queued them
+    # a failed run gives up what the device has not passed: counted, never timed
+    with tel.timed_collective("broadcast"):
+        pass
+    tel.settle_collectives(give_up=True)
+    assert tel.collectives["broadcast"] == 1 and tel.collective_seconds_by_kind["broadcast"] == 0.0
+    tel.settle_collectives(wait=True)  # nothing left to wait for
+
+
+@pytest.mark.gpu
+def test_a_collective_on_a_gpu_is_timed_by_cuda_events_not_its_launch():
+    import torch
+
+    tel = Telemetry(0, torch.device("cuda", 0))
+    torch.cuda.synchronize()
+    with tel.run() as stats:
+        began = time.perf_counter()
+        with tel.timed_collective("all_reduce"):
+            torch.cuda._sleep(500_000_000)  # queued: the device spins (0.25 s at 2 GHz), the host goes on
+        launched = time.perf_counter() - began
+        assert dict(stats.collectives) == {"all_reduce": 1}  # counted at once
+    assert stats.collective_seconds >= 0.1 and launched < 0.5 * stats.collective_seconds
+    assert tel.collective_seconds_by_kind["all_reduce"] == stats.collective_seconds
+    assert tel.host_collective_seconds_by_kind["all_reduce"] <= launched

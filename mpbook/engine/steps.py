@@ -37,7 +37,9 @@ class StepBreakdown:
         self._inside: dict[str, float] | None = None  # the current step's timed parts
 
     def _collective_seconds(self) -> dict[str, float]:
-        return dict(self.telemetry.collective_seconds_by_kind)
+        # The host's clock, as every part here (on a GPU the collectives' own time is the
+        # device's, which the telemetry learns later from CUDA events).
+        return dict(self.telemetry.host_collective_seconds_by_kind)
 
     @contextlib.contextmanager
     def step(self):

@@ -67,6 +67,14 @@ class Telemetry:
         self.collectives: Counter = Counter()  # kind -> count (running total)
         self.collective_seconds = 0.0
         self.collective_seconds_by_kind: Counter = Counter()  # kind -> seconds (running total)
+        # The same collectives on the host's clock: on a GPU the time to queue them (what a
+        # decode step's host-side breakdown, mpbook.engine.steps, subtracts); on a CPU the same
+        # as collective_seconds_by_kind.
+        self.host_collective_seconds_by_kind: Counter = Counter()
+        # GPU collectives timed by CUDA events, waiting for the device to pass the end event:
+        # (kind, start, end, the run they belong to). Settled in order (settle_collectives).
+        self._timing: list[tuple[str, Any, Any, RunStats | None]] = []
+        self._timing_lock = threading.Lock()  # the run's thread and the publisher's both settle
         self.memory_parts: dict[str, int] = {}  # part -> bytes, as last noted by a strategy
         # Routes (token, expert) that reached this rank's experts (expert parallel). Counts may
         # arrive as 0-d device tensors (no host sync in the MoE layer): summed lazily.
@@ -100,7 +108,9 @@ class Telemetry:
         stats = self._run = RunStats(expert_tokens_at_start=self.expert_tokens, number=self.runs, telemetry=self)
         try:
             yield stats
+            self.settle_collectives(wait=True)  # the run's collectives all in its time (a GPU's)
         finally:
+            self.settle_collectives(give_up=True)  # after a failure the device may never get there
             self.set_phase("idle")
             stats.peak_memory_bytes = max(stats.peak_memory_bytes, self.peak_memory_bytes())
             stats.expert_tokens_at_end = self.expert_tokens
@@ -171,25 +181,73 @@ class Telemetry:
             return self._expert_tokens
 
     def collective(self, kind: str, seconds: float = 0.0, n: int = 1) -> None:
-        """Count ``n`` collectives of ``kind`` (all_reduce, all_gather, send, recv, ...).
+        """Count ``n`` collectives of ``kind`` (all_reduce, all_gather, send, recv, ...) that
+        took ``seconds`` on the host's clock.
 
         ``n=0`` adds time alone (waiting for sends already counted) and no count of 0."""
+        with self._timing_lock:
+            self._count(kind, seconds, n, self._run)
+            self.host_collective_seconds_by_kind[kind] += seconds
+
+    def _count(self, kind: str, seconds: float, n: int, run: RunStats | None) -> None:
         if n:
             self.collectives[kind] += n
         self.collective_seconds += seconds
         self.collective_seconds_by_kind[kind] += seconds
-        if self._run is not None:
+        if run is not None:
             if n:
-                self._run.collectives[kind] += n
-            self._run.collective_seconds += seconds
+                run.collectives[kind] += n
+            run.collective_seconds += seconds
 
     @contextmanager
     def timed_collective(self, kind: str) -> Iterator[None]:
+        """Count one collective of ``kind`` and time it.
+
+        On a CPU the host's clock times it: the call returns when the collective has finished.
+        A GPU's collectives (NCCL) are asynchronous: the call returns once the work is queued,
+        so the host's clock would time the launch. There, as the step clock does
+        (:class:`mpbook.engine.decode.StepClock`), CUDA events recorded on the device's
+        current stream before and after time the device's work, the wait for the other ranks
+        included (the stream waits for the collective); the time is added once the device has
+        passed the end event (:meth:`settle_collectives`)."""
+        if self.device.type != "cuda":
+            began = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.collective(kind, time.perf_counter() - began)
+            return
+        import torch
+
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
         began = time.perf_counter()
         try:
             yield
         finally:
-            self.collective(kind, time.perf_counter() - began)
+            end.record(stream)
+            with self._timing_lock:
+                self._count(kind, 0.0, 1, self._run)  # counted now, its time once the device says
+                self.host_collective_seconds_by_kind[kind] += time.perf_counter() - began
+                self._timing.append((kind, start, end, self._run))
+            self.settle_collectives(wait=False)
+
+    def settle_collectives(self, *, wait: bool = False, give_up: bool = False) -> None:
+        """Add the device time of the GPU collectives whose end the device has passed, in the
+        order they were queued; ``wait``: all of them, waiting for the device; ``give_up``:
+        forget those it has not passed (a failed run: their count stays, their time is lost)."""
+        with self._timing_lock:
+            while self._timing:
+                kind, start, end, run = self._timing[0]
+                if wait:
+                    end.synchronize()
+                elif not end.query():
+                    break
+                self._timing.pop(0)
+                self._count(kind, start.elapsed_time(end) / 1000, 0, run)
+            if give_up:
+                self._timing.clear()
 
     def event(self, stage: int, microbatch: int, phase: str, start: float, end: float) -> None:
         """Record a timeline bar; ``start``/``end`` are perf_counter readings."""
@@ -300,6 +358,7 @@ class Telemetry:
     # ---------------------------------------------------------------- snapshot
     def snapshot(self) -> dict[str, Any]:
         """Running totals for the dashboard (one dict, replaced whole on the client)."""
+        self.settle_collectives(wait=False)
         now = time.perf_counter()
         phase_seconds = Counter(self.phase_seconds)
         phase_seconds[self.phase] += now - self._phase_started
