@@ -265,7 +265,8 @@ def test_fit_is_judged_against_the_engines_own_memory(workbench):
     assert all(r.device.shared and r.device.free_bytes > 0 for r in p.ranks)
     assert p.fits and "engines" in p.memory_source
     assert [str(s.layout) for s in p.suggestions if s.fits] and all(s.layout.world_size == 2 for s in p.suggestions)
-    with pytest.raises(MpbookError, match=r"uses 4 engines but there are 2.*dp=2 x pp=1 x tp=1"):
+    # the advice: the layouts of these 2 engines that take one prompt (dp=2 would need two)
+    with pytest.raises(MpbookError, match=r"uses 4 engines but there are 2.*: dp=1 x pp=1 x tp=2; dp=1 x pp=2 x tp=1$"):
         plan("tiny", tp=4, engines=workbench)
 
 
@@ -300,7 +301,9 @@ def tracked_peak(model, rows: int, prompt_len: int, new: int) -> int:
         ("mistral", "sdpa", 4, 128, 0, torch.float32),
     ],
 )
-def test_peak_is_within_20_percent_of_tracked_tensor_memory(folders, name, attention, rows, prompt_len, new, dtype):
+def test_peak_is_within_4_percent_of_tracked_tensor_memory(folders, name, attention, rows, prompt_len, new, dtype):
+    """What the README says: the predicted peak within 4% of the tensor bytes tracked op by
+    op through a real prefill and decode steps on one device (measured: 3.8% low at most)."""
     model = AutoModelForCausalLM.from_pretrained(folders[name], dtype=dtype, attn_implementation=attention).eval()
     measured = tracked_peak(model, rows, prompt_len, new)
     p = plan(model, batch=rows, prompt_len=prompt_len, max_new_tokens=new, device_memory_bytes=1 << 40)
@@ -308,7 +311,7 @@ def test_peak_is_within_20_percent_of_tracked_tensor_memory(folders, name, atten
     r = p.ranks[0]
     # the activations are a real share of the peak here, not noise beside the weights
     assert r.activations > 0.25 * measured
-    assert abs(r.total - measured) <= 0.2 * measured, (r.total, measured, r.activation_parts)
+    assert abs(r.total - measured) <= 0.04 * measured, (r.total, measured, r.activation_parts)
 
 
 # --------------------------------------------------------------------------- fit, suggestions

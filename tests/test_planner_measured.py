@@ -41,8 +41,9 @@ def test_prediction_matches_the_engines(wb, tiny_folder, strategy, microbatches,
         tiny_folder, dp=layout.dp, pp=layout.pp, tp=layout.tp, batch=len(PROMPTS), prompt_len=lengths.pop(),
         max_new_tokens=new_tokens, microbatches=microbatches, device_memory_bytes=1 << 40,
     )
+    # What the README says: the weights exact, the peak within 12% of the tensor bytes each
+    # rank tracked op by op (measured: 0.2-3% low after 16 new tokens, 4-11% low for a forward pass).
     for rank, predicted in enumerate(plan.ranks):
-        measured_weights = result.weight_bytes[rank]
-        assert abs(predicted.parameters - measured_weights) <= 0.05 * measured_weights
+        assert predicted.parameters == result.weight_bytes[rank]
         measured_peak = result.tensor_peak_bytes[rank]
-        assert abs(predicted.total - measured_peak) <= 0.2 * measured_peak, (rank, predicted.total, measured_peak)
+        assert abs(predicted.total - measured_peak) <= 0.12 * measured_peak, (rank, predicted.total, measured_peak)
