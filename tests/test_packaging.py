@@ -36,14 +36,17 @@ def test_load_ext_works_from_the_folder_above_an_editable_clone(tmp_path):
         wheel.extractall(site_dir)
 
     # Jupyter's kernel started in the folder above the clone: its directory comes first on sys.path.
+    # (This checkout's own editable install, if any, is taken off the path: the copy is the one installed.)
     load = (
-        "import site, sys; site.addsitedir(%r)\n"
+        "import os, site, sys\n"
+        "sys.path[:] = [p for p in sys.path if os.path.realpath(p or '.') != %r]\n"
+        "site.addsitedir(%r)\n"
         "from IPython.core.interactiveshell import InteractiveShell\n"
         "shell = InteractiveShell.instance()\n"
         "print(shell.run_line_magic('load_ext', 'mpbook'))\n"
         "import mpbook; print(mpbook.__file__)\n"
         "print('mp' in shell.magics_manager.magics['line'])\n"
-    ) % str(site_dir)
+    ) % (str(ROOT), str(site_dir))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", load], cwd=clone.parent, env=env, capture_output=True, text=True,
                           timeout=300)

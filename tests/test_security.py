@@ -33,14 +33,17 @@ def is_loopback(ip: str) -> bool:
 
 
 def roles(wb) -> dict[str, list[psutil.Process]]:
-    """The cluster's processes by what they are: controller (and its forks), engines, nannies."""
+    """The cluster's processes by what they are: controller (and its forks), engines, nannies,
+    and (engines started by MPI) the launcher whose children they are."""
     pids = wb.pids()
     controller = psutil.Process(pids["controller"][0])
-    engines = [psutil.Process(pid) for pid in pids["engines"]]
+    engines = [psutil.Process(e.pid) for e in wb.engines]
+    launched = [psutil.Process(pid) for pid in pids["engines"] if pid not in {e.pid for e in wb.engines}]
     return {
         "controller": [controller, *controller.children(recursive=True)],
         "engine": engines,
         "nanny": [child for e in engines for child in e.children(recursive=True)],
+        "launcher": launched,
     }
 
 
@@ -52,6 +55,12 @@ def test_every_socket_of_the_cluster_is_on_loopback_after_a_collective(workbench
     assert workbench.apply(reduce_sum, stream=False) == [3.0, 3.0]
     by_role = roles(workbench)
     assert len(by_role["engine"]) == 2 and len(by_role["nanny"]) == 2
+    # Engines started by MPI (the shared workbench, when mpi4py is installed): MPICH's
+    # single-host launcher talks to them over inherited sockets and listens on nothing.
+    launcher = by_role.pop("launcher")
+    if {e.transport for e in workbench.engines} == {"mpi"}:
+        assert [p.name() for p in launcher] == ["mpiexec.gforker"]
+        assert listening(launcher) == set()
     for role, procs in by_role.items():
         found = listening(procs)
         assert found, f"no listening socket found for the {role}: the check would prove nothing"

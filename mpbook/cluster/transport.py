@@ -5,7 +5,7 @@
   engines under ``mpiexec``, so they share one MPI world, and mpbook's collectives go over
   MPICH's shared memory (:mod:`mpbook.parallel.mpi`), microseconds per all-reduce instead of
   gloo's millisecond. mpi4py and MPICH come from PyPI with mpbook (the ``mpich`` wheel puts
-  ``mpiexec`` beside the Python that runs the kernel).
+  its launchers beside the Python that runs the kernel).
 - ``gloo`` otherwise: no MPI here, or asked for (``transport="gloo"``).
 
 ``auto`` picks ``mpi`` for CPU engines when it can and says in one line why not when it
@@ -32,14 +32,18 @@ class TransportChoice:
 
 
 def mpiexec_path() -> str | None:
-    """The ``mpiexec`` that belongs to this Python (the ``mpich`` wheel's), else the one on PATH.
+    """MPICH's single-host launcher, ``mpiexec.gforker``, beside this Python (the ``mpich``
+    wheel's) or on PATH.
 
-    ipyparallel runs ``mpiexec`` from PATH; a kernel started without its environment activated
-    would not find the wheel's, so mpbook passes the full path."""
-    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    gforker forks the engines and hands each its process-manager connection over an inherited
+    socket: nothing listens on the network. MPICH's default launcher (Hydra, ``mpiexec``)
+    listens on a TCP port on every interface for as long as the engines run, and sends the
+    environment to whatever connects there as one of its proxies. The full path, since a
+    kernel started without its environment activated would not find the wheel's on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec.gforker")
     if os.access(beside, os.X_OK):
         return beside
-    return shutil.which("mpiexec")
+    return shutil.which("mpiexec.gforker")
 
 
 def mpi_missing() -> str | None:
@@ -49,7 +53,7 @@ def mpi_missing() -> str | None:
     except ImportError:
         return "mpi4py is not installed (pip install mpi4py mpich)"
     if mpiexec_path() is None:
-        return "no mpiexec beside this Python or on PATH (pip install mpich)"
+        return "no mpiexec.gforker beside this Python or on PATH (pip install mpich)"
     return None
 
 
@@ -71,16 +75,14 @@ def choose_transport(transport: str, *, use_gpu: bool) -> TransportChoice:
 
 
 def configure_mpi_engines(config, choice: TransportChoice, engine_cmd: list[str], environment: dict[str, str]) -> None:
-    """ipyparallel's MPI engine launcher: ``mpiexec -n N`` of mpbook's engine command.
+    """ipyparallel's MPI engine launcher: ``mpiexec.gforker -n N`` of mpbook's engine command.
 
-    Its ranks use only MPICH's shared memory (no socket on any interface); the ``fork``
-    launcher keeps mpiexec from reaching for ssh on one host."""
+    Neither the launcher nor the ranks listen on any interface: gforker talks to the ranks
+    over inherited sockets, and the ranks use only MPICH's shared memory."""
     from ..parallel.mpi import LOCAL_ONLY_ENV
 
     config.MPIEngineSetLauncher.mpi_cmd = [choice.mpiexec]
-    # An engine that dies leaves the others running (mpiexec would end the whole world), as
-    # with engines started one by one: the dead one is named and `%mp restart` replaces them.
-    config.MPIEngineSetLauncher.mpi_args = ["-launcher", "fork", "-disable-auto-cleanup"]
+    config.MPIEngineSetLauncher.mpi_args = []
     config.MPIEngineSetLauncher.engine_cmd = engine_cmd
     config.MPIEngineSetLauncher.environment = {**environment, **LOCAL_ONLY_ENV}
 
