@@ -117,3 +117,27 @@ def test_the_pipeline_takes_one_microbatch_per_stage_unless_told(workbench, tiny
     assert chosen.microbatches == 2 and asked.microbatches == 1
     assert chosen.token_ids == asked.token_ids
     assert {e.microbatch for e in chosen.timeline} == {0, 1}
+
+
+def _half_precision_over_mpi(state):
+    import torch
+
+    from mpbook.parallel.collectives import Group
+
+    group = Group(None, rank=state.rank, size=state.world_size, ranks=list(range(state.world_size)), comm=state.mpi)
+    out = {}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.tensor([0.5, 1.25, -3.0, 1024.0], dtype=dtype) * (state.rank + 1)
+        out[str(dtype)] = (group.all_reduce(x.clone()).float().tolist(),
+                           group.all_gather_stack(x).float().tolist(),
+                           group.broadcast(x.clone(), src=1).float().tolist())
+    return out
+
+
+def test_half_precision_travels_over_mpi_bit_for_bit(workbench):
+    per_rank = workbench.apply(_half_precision_over_mpi, stream=False)
+    base = [0.5, 1.25, -3.0, 1024.0]
+    for dtype, (summed, gathered, broadcast) in per_rank[0].items():
+        assert summed == [3 * v for v in base], dtype  # 1x + 2x, exact in every dtype here
+        assert gathered == [base, [2 * v for v in base]] and broadcast == [2 * v for v in base], dtype
+    assert per_rank[0] == per_rank[1]
