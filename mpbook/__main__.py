@@ -54,7 +54,7 @@ def bench(args: argparse.Namespace) -> int:
         payload = bench_peers.bench_against_transformers(
             benchmarks.bench_prompts(args.batch), model=args.model, engines=args.n, cpu=args.cpu,
             new_tokens=args.new_tokens,
-            dtype=args.dtype, repeats=args.repeats, window_s=args.window,
+            dtype=args.dtype, repeats=args.repeats, window_s=args.window, transport=args.transport,
         )
     elif args.cluster:
         payload = benchmarks.bench_cluster(engines=args.n or 2, cpu=True)
@@ -77,7 +77,7 @@ def bench(args: argparse.Namespace) -> int:
     else:
         payload = benchmarks.bench_strategies(
             model=args.model, engines=args.n, cpu=args.cpu, batch=args.batch, new_tokens=args.new_tokens,
-            dtype=args.dtype, repeats=args.repeats, sweep=args.sweep, window_s=args.window,
+            dtype=args.dtype, repeats=args.repeats, sweep=args.sweep, window_s=args.window, transport=args.transport,
         )
     path = args.json or ("bench-sweep.json" if args.sweep else None)
     if path:
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per round of the machine's ceiling (every engine generating its share with plain "
                         "transformers at once, against one engine with every prompt), measured first; 0 skips it "
                         "(default 5)")
+    b.add_argument("--transport", choices=["auto", "mpi", "gloo"], default="auto",
+                   help="what the CPU engines' collectives use (default: MPI when installed)")
     b.add_argument("--against", choices=["transformers"], default=None,
                    help="transformers' own data, tensor (DistributedConfig(tp_size=N)) and pipeline (pp_size=N) "
                         "forms on the same engines, interleaved with mpbook's, in one table")

@@ -77,8 +77,9 @@ def candidate_layouts(config, engines: int, batch: int, *, sweep: bool) -> list[
         return layout.pp <= config.num_hidden_layers and layout.dp <= batch
 
     def microbatches(layout: Layout) -> int:
-        per_replica = batch // layout.dp
-        return min(layout.pp * 2, per_replica) if layout.pp > 1 else 1
+        from .parallel.pipeline import default_microbatches
+
+        return default_microbatches(layout.pp, batch // layout.dp)  # what a cell takes by default
 
     def strategy_of(layout: Layout) -> str:
         for name, dim in (("tensor", "tp"), ("pipeline", "pp"), ("data", "dp")):
@@ -109,6 +110,7 @@ def bench_strategies(
     repeats: int = 3,
     sweep: bool = False,
     window_s: float = 5.0,
+    transport: str = "auto",
     log=print,
 ) -> list[dict[str, Any]]:
     from . import bench_peers, models
@@ -117,7 +119,8 @@ def bench_strategies(
     prompts = bench_prompts(batch)
     config = models.load_config(model)
     records: list[dict[str, Any]] = []
-    with Workbench.start(engines, cpu=cpu) as wb, Workbench.start(1, cpu=cpu, threads=wb.plan.threads) as single:
+    with Workbench.start(engines, cpu=cpu, transport=transport) as wb, \
+            Workbench.start(1, cpu=cpu, threads=wb.plan.threads) as single:
         # "One device" is one engine with the same share of the machine as each of the
         # others: one GPU, or on a CPU the same number of threads.
         plans = candidate_layouts(config, wb.world_size, batch, sweep=sweep)

@@ -553,11 +553,11 @@ def _drop_peer(state, *, kind: str) -> None:
 
 def bench_against_transformers(prompts: list[str], *, model: str = "tiny", engines: int | None = None,
                                cpu: bool = False, new_tokens: int = 16, dtype: str = "float32", repeats: int = 3,
-                               window_s: float = 5.0, log=print) -> dict:
+                               window_s: float = 5.0, transport: str = "auto", log=print) -> dict:
     """``python -m mpbook bench --against transformers``: start the engines, compare, print the table."""
     from .workbench import Workbench
 
-    with Workbench.start(engines, cpu=cpu) as wb:
+    with Workbench.start(engines, cpu=cpu, transport=transport) as wb:
         log(wb.table())
         report = compare_with_transformers(wb, model=model, prompts=prompts, new_tokens=new_tokens, dtype=dtype,
                                            rounds=repeats, window_s=window_s, log=log)
