@@ -53,7 +53,7 @@ from mpbook import Workbench  # noqa: E402
 # Fixtures that start engines, a kernel or an outside cluster: a test using one (directly or
 # through another fixture) is a `cluster` test; so is every `browser` test (JupyterLab, a
 # kernel and its cluster).
-CLUSTER_FIXTURES = {"workbench", "wb4", "ipcluster", "kernel", "gpu_wb", "wb", "gloo_workbench"}
+CLUSTER_FIXTURES = {"workbench", "wb4", "ipcluster", "mpi_ipcluster", "kernel", "gpu_wb", "wb", "gloo_workbench"}
 CLUSTER_MARKERS = {"browser", "gpu"}
 
 

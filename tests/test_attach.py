@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -74,3 +75,42 @@ def test_attach_to_a_missing_cluster_says_how_to_start_one():
 
     with pytest.raises(MpbookError, match="ipcluster start"):
         Workbench.attach(profile="default", cluster_id="never-started", wait_s=1)  # waits 1 s, no more
+
+
+@pytest.fixture
+def mpi_ipcluster():
+    """`ipcluster start --engines mpi` in a subprocess: 2 engines in one MPI world (MPICH's
+    single-host launcher), as a person starts them outside mpbook."""
+    from mpbook.cluster.transport import mpiexec_path
+    from mpbook.parallel.mpi import LOCAL_ONLY_ENV
+
+    profile, cluster_id = "attached-mpi", "outside-mpi"
+    subprocess.run([sys.executable, "-m", "IPython", "profile", "create", profile, "--parallel"], check=True,
+                   capture_output=True)
+    cmd = [sys.executable, "-m", "ipyparallel.cluster", "start", "-n", "2", f"--profile={profile}",
+           f"--cluster-id={cluster_id}", "--ip=127.0.0.1", "--engines=mpi",
+           f"--MPIEngineSetLauncher.mpi_cmd=['{mpiexec_path()}']"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, **LOCAL_ONLY_ENV})
+    yield proc, profile, cluster_id
+    started = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    _, left = psutil.wait_procs(started, timeout=30)
+    assert not left, f"ipcluster left {left} running"
+
+
+def test_attached_engines_of_one_mpi_world_use_mpi(mpi_ipcluster, tiny_folder):
+    from mpbook.reference import reference
+
+    proc, profile, cluster_id = mpi_ipcluster
+    wb = Workbench.attach(profile=profile, cluster_id=cluster_id, n=2, cpu=True, wait_s=60)
+    try:
+        assert {e.transport for e in wb.engines} == {"mpi"} and "collectives: MPI" in wb.table()
+        prompts = ["Hello there", "What does an all-reduce do?"]
+        result = wb.generate(prompts, strategy="tensor", model=tiny_folder, max_new_tokens=5)
+        assert result.token_ids == reference(tiny_folder, prompts, max_new_tokens=5)[1]
+        assert {t for r in result.transports for t in r.values()} == {"mpi"}
+    finally:
+        wb.stop()
+    assert proc.poll() is None  # left running
