@@ -29,7 +29,8 @@ DTYPES = {
 ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ----------------------------------------------------------------------------- telemetry
-PHASES = ("idle", "loading", "prefill", "decode")
+# importing: transformers and the model's code, before the first load of a model on an engine
+PHASES = ("idle", "importing", "loading", "prefill", "decode")
 # What a rank's memory holds, where a strategy knows it (Telemetry.note_memory).
 MEMORY_PARTS = ("weights", "kv_cache", "activations")
 # Keys of the engines' DataPub messages: the snapshot taken as a task began (the baseline
@@ -180,6 +181,7 @@ class RankOutput:
     weight_bytes: int
     kv_cache_bytes: int
     load_seconds: float = 0.0  # 0 when the model was loaded already
+    import_seconds: float = 0.0  # importing transformers and the model's code before loading (0 when loaded)
     engine_seconds: float = 0.0  # the whole run on this engine, loading included
     memory_free_bytes: int = 0  # the device's free memory after the run (CPU: the host's available)
     tensor_peak_bytes: int | None = None

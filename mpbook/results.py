@@ -54,6 +54,22 @@ class RunResult:
     chat_template: bool | None = None  # whether the model's tokenizer has one (None: not known)
     transports: list[dict[str, str]] = field(default_factory=list)  # per rank: group dims -> "mpi", "gloo", "nccl"
     step_breakdown: list[dict[str, float]] = field(default_factory=list)  # per rank: where decode time went (s)
+    import_seconds: list[float] = field(default_factory=list)  # per rank: transformers and the model's code imported
+    prepare_seconds: float = 0.0  # the client before it called the engines: the model resolved, prompts, checks
+
+    def cell_parts(self) -> list[tuple[str, float]]:
+        """Where the call's time went, in parts that add up to ``cell_seconds``: the client's
+        preparation, the engines' importing and loading (the longest rank's), the prefill and
+        the decode (as their rates count them), and the rest, ``client & transfer``: the call
+        to the engines and back, their set-up around the phases, and merging the result."""
+        parts = [
+            ("preparing", self.prepare_seconds),
+            ("importing", max(self.import_seconds, default=0.0)),
+            ("loading", max(self.load_seconds, default=0.0)),
+            ("prefill", self.prefill_seconds),
+            ("decode", self.decode_seconds),
+        ]
+        return parts + [("client & transfer", max(0.0, self.cell_seconds - sum(s for _, s in parts)))]
 
     @property
     def client_seconds(self) -> float:
@@ -355,6 +371,7 @@ def merge(
         collective_seconds=[out.collective_seconds for out in outputs],
         timeline=timeline,
         load_seconds=[out.load_seconds for out in outputs],
+        import_seconds=[out.import_seconds for out in outputs],
         device_type=device_type,
         tensor_peak_bytes=[out.tensor_peak_bytes for out in outputs],
         stop_reasons=reasons if request.max_new_tokens else [],

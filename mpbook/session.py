@@ -72,6 +72,15 @@ class ModelInfo:
             self.weights_fetched = True
 
     @property
+    def from_hub(self) -> bool:
+        """A hub id (its weights come from the hub's cache), not a preset or a local folder."""
+        from pathlib import Path
+
+        from .models.presets import PRESETS
+
+        return self.name not in PRESETS and not Path(self.name).expanduser().is_dir()
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
@@ -415,7 +424,13 @@ class Session:
                                    repetition_penalty=repetition_penalty, seed=seed)
         stop_strings = check_stop(stop)
         check_prompts(prompts)
+        # The dashboard is on screen from here, saying what the client does before the engines
+        # are called (a kernel's first model takes seconds: transformers and its tokenizer).
+        resolving = str(model) not in self.models
+        _preparing(follow, f"resolving the model {model}" if resolving else "tokenizing, checking the layout and memory")
         info = self.model(model)
+        if resolving:
+            _preparing(follow, "tokenizing, checking the layout and memory")
         encoded = encode_prompts(info.tokenizer, prompts, chat=chat, system=system)
         prompt_tokens = [len(ids) for ids in encoded.input_ids]
         # The layout is checked against the model and the prompts as well as the engines, so
@@ -456,6 +471,8 @@ class Session:
                 self._bf16 = self.calls.apply(_bf16_supported, ranks=[0], stream=False, what="checking the dtype")[0]
             if not self._bf16:
                 raise MpbookError("--dtype bfloat16: these GPUs do not support it; use float16 or float32")
+        if info.from_hub and not info.weights_fetched:
+            _preparing(follow, f"fetching the weights of {model} from the hub (or its cache)")
         info.fetch_weights()  # only now: a run that cannot work downloads nothing large
         describe = getattr(follow, "describe_run", None)
         if describe is not None:
@@ -463,6 +480,7 @@ class Session:
                              decode=lambda ids: info.tokenizer.decode(ids, skip_special_tokens=True)))
         from .engine import decode  # sent to the engines; imports torch, so not before it is needed
 
+        dispatched = time.perf_counter()
         try:
             outputs = self.calls.apply(decode.run, request, what=f"the {strategy} run", follow=follow)
         except RankError as exc:
@@ -487,6 +505,7 @@ class Session:
             prompt_tokens=prompt_tokens, device_type=cluster.device_type,
         )
         result.messages = encoded.messages
+        result.prepare_seconds = dispatched - began
         result.cell_seconds = time.perf_counter() - began
         show = getattr(follow, "show_result", None)
         if show is not None:
@@ -624,6 +643,13 @@ def smaller_layouts_advice(config, request: Request, *, engines: int, free: Sequ
                 "a smaller dtype, fewer prompts or fewer new tokens")
     listed = "; ".join(f"{x} ({format_bytes(p)})" for x, p in smaller)
     return f"layouts of {engines} engines that need less memory per rank {than}: {listed}"
+
+
+def _preparing(follow, note: str) -> None:
+    """Tell the dashboards following the run what the client is doing before it calls the engines."""
+    preparing = getattr(follow, "preparing", None)
+    if preparing is not None:
+        preparing(note)
 
 
 def _bf16_supported(state) -> bool:

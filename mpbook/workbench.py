@@ -140,8 +140,13 @@ class Workbench:
         """Generate with one strategy (``data``, ``pipeline`` or ``tensor``, degrees combinable
         with ``dp=``, ``pp=``, ``tp=``); see :meth:`mpbook.session.Session.generate` for the options."""
         self.cluster.check_running(f"running {strategy} parallel")
-        return self.session.generate(prompts, strategy=strategy, model=model,
-                                     follow=self._follower(dashboard, on_tick), **options)
+        follower = self._follower(dashboard, on_tick)
+        try:
+            return self.session.generate(prompts, strategy=strategy, model=model, follow=follower, **options)
+        except BaseException as exc:
+            if follower is not None:
+                follower.abandon(exc)  # an error before dispatch: the dashboard says it
+            raise
 
     def forward(self, prompts, *, strategy: str, model: str = "tiny", **options):
         """One forward pass: the result's ``logits`` hold a (prompt_len, vocab) tensor per prompt."""

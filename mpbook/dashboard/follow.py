@@ -2,8 +2,10 @@
 
 The layers below never import the dashboard; they get a follower ``F`` and use it thus:
 
-- the session (strategy runs) calls ``F.describe_run(info)`` before it dispatches, and
-  ``F.show_result(result)`` once the ranks' outputs are merged;
+- the session (strategy runs) calls ``F.preparing(note)`` at each step of its own work before
+  it calls the engines (the dashboards show at once), ``F.describe_run(info)`` before it
+  dispatches, and ``F.show_result(result)`` once the ranks' outputs are merged; the workbench
+  calls ``F.abandon(error)`` when the run ended before it reached the engines;
 - the wait loop (:meth:`mpbook.cluster.calls.Calls.wait`) enters ``F(result, ranks)``, a
   context manager that yields its tick (called about twenty times a second).
 
@@ -43,6 +45,15 @@ class Follower:
         """Before dispatch: ``info.prompts`` (list of str) and ``info.decode`` (token ids ->
         str) let each prompt's text grow in view while the run goes."""
         self.run = info
+
+    def preparing(self, note: str) -> None:
+        """Before dispatch, each step of the client's own work: the dashboards go on screen
+        at once and say it (``"resolving the model tiny"``)."""
+        self._each(lambda d: (d.show(), d.preparing(note)))
+
+    def abandon(self, error: BaseException) -> None:
+        """The call ended before it reached the engines: the dashboards still preparing say why."""
+        self._each(lambda d: d.finish(error) if d.client_step is not None else None)
 
     def show_result(self, result: Any) -> None:
         """After merge: the end state shows the result's numbers and texts."""

@@ -80,6 +80,7 @@ class Dashboard:
         self.texts = PromptTexts()  # the current call's prompts and their texts so far
         self.result: Any = None  # the last run's result, once shown
         self._awaits_result = False  # the end state waits for show_result (text: one summary)
+        self.client_step: str | None = None  # what the client does before it calls the engines (preparing)
         self._began = clock()
         self._last_refresh = -float("inf")
         self._shown = False
@@ -116,16 +117,35 @@ class Dashboard:
         has ``prompts`` (list of str) and ``decode`` (token ids -> str, or None), so that
         each prompt's text grows in view; the end state then waits for :meth:`show_result`.
         """
-        self._began = self.clock()
+        if self.client_step is None:  # else the call began with its preparation (preparing)
+            self._began = self.clock()
+            self.calls += 1
+        self.client_step = None
         self.texts = PromptTexts(list(getattr(run, "prompts", None) or []), getattr(run, "decode", None))
         self._awaits_result = run is not None
         self.result = None
-        self.calls += 1
         self.state = "running"
         self.history.clear()
         for r in ranks or self.ranks:
             if r in self.tracks:
                 self.tracks[r].begin()
+        self.refresh(force=True)
+
+    def preparing(self, note: str) -> None:
+        """Before the call reaches the engines, the client's own step ``note`` (resolving the
+        model, tokenizing, checking): the call begins with the first one, so that the dashboard
+        is on screen at once and its time counts from there."""
+        if self.client_step is None:
+            self._began = self.clock()
+            self.calls += 1
+            self.texts = PromptTexts()
+            self._awaits_result = False
+            self.result = None
+            self.state = "running"
+            self.history.clear()
+            for track in self.tracks.values():
+                track.begin()
+        self.client_step = note
         self.refresh(force=True)
 
     def show_result(self, result: Any) -> None:
@@ -221,7 +241,9 @@ class Dashboard:
         if not force and now - self._last_refresh < self.refresh_s:
             return
         self._last_refresh = now
-        if self.state == "running":
+        if self.state == "running" and self.client_step is not None:
+            self.headline = words.preparing(now - self._began, self.client_step)
+        elif self.state == "running":
             self.history.append(self.aggregate_rate())
             phases = [t.latest.get("phase", "") for t in self.tracks.values() if t.latest is not None]
             self.headline = words.running(now - self._began, phases)
@@ -230,8 +252,10 @@ class Dashboard:
 
     # ----------------------------------------------------------------- the end
     def finish(self, error: BaseException | None = None) -> None:
-        """The call is over: show success, or which rank failed."""
+        """The call is over: show success, or which rank failed (or, before the call reached
+        the engines, what stopped it)."""
         seconds = self._seconds
+        self.client_step = None
         if isinstance(error, KeyboardInterrupt):
             self.state, self.headline = "interrupted", words.interrupted(seconds)
         elif error is not None:

@@ -27,6 +27,7 @@ TEXT_CHARS = 600  # of each generated text a line shows (its end; the result kee
 
 PHASE_COLOURS = {
     "idle": "#777777",
+    "importing": "#b8860b",
     "loading": "#b8860b",
     "prefill": "#1f77b4",
     "decode": "#2ca02c",

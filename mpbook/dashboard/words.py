@@ -3,7 +3,8 @@
 Both views show the same words. A finished call's line names the call's own time (loading
 included), each phase's tokens and tokens/s, and its time in collectives; once the run's
 result is known (:meth:`Dashboard.show_result`) its numbers replace the snapshots' own, so the
-dashboard and the summary line printed under it agree digit for digit.
+dashboard and the summary line printed under it agree digit for digit, and the line's parts
+(preparing, importing, loading, prefill, decode, client & transfer) add up to the call's time.
 """
 
 from __future__ import annotations
@@ -22,15 +23,23 @@ def duration(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 0.9995 else f"{seconds:.1f} s"
 
 
+def preparing(elapsed: float, note: str) -> str:
+    """``"preparing · 0.4 s · resolving the model tiny"``: what the client does before it calls
+    the engines (a kernel's first model takes seconds), shown from the start of the call."""
+    return f"preparing · {elapsed:.1f} s · {note}"
+
+
 def running(elapsed: float, phases: Sequence[str]) -> str:
-    """``"running · 4.2 s · loading"``: the ranks' phases, each named once, in run order."""
-    working = [p for p in ("loading", "prefill", "decode") if p in phases]
+    """``"running · 4.2 s · importing"``: the ranks' phases, each named once, in run order."""
+    working = [p for p in ("importing", "loading", "prefill", "decode") if p in phases]
     return f"running · {elapsed:.1f} s" + (f" · {'/'.join(working)}" if working else "")
 
 
 def _story(seconds: float, loading_s: float, phases: Sequence[tuple[str, int, float | None]],
-           collectives_s: float) -> str:
+           collectives_s: float, importing_s: float = 0.0) -> str:
     parts = [f"done in {duration(seconds)}"]
+    if importing_s >= 0.05:
+        parts.append(f"importing {importing_s:.1f} s")
     if loading_s >= 0.05:
         parts.append(f"loading {loading_s:.1f} s")
     for phase, tokens, rate in phases:
@@ -46,16 +55,31 @@ def done(seconds: float, figures: CellFigures) -> str:
     """A finished call, from the snapshots."""
     phases = [(p, figures.tokens.get(p, 0), figures.rate(p)) for p in ("prefill", "decode")]
     return _story(seconds, figures.phase_seconds.get("loading", 0.0), phases,
-                  max(figures.collective_seconds.values(), default=0.0))
+                  max(figures.collective_seconds.values(), default=0.0), figures.phase_seconds.get("importing", 0.0))
 
 
 def done_with_result(seconds: float, result: Any) -> str:
-    """A finished run, in its result's numbers (:class:`mpbook.results.RunResult`)."""
+    """A finished run, in its result's numbers (:class:`mpbook.results.RunResult`): the call's
+    time and the parts it went to, which add up to it (:meth:`~mpbook.results.RunResult.cell_parts`:
+    preparing, importing, loading, prefill, decode, and the rest as ``client & transfer``;
+    a part under 0.05 s is left out)."""
     prefill_tokens = sum(result.prompt_tokens)
     # as the result counts them: each prompt's first new token comes out of the prefill
     decode_tokens = sum(max(len(ids) - 1, 0) for ids in result.token_ids) if result.max_new_tokens else 0
-    phases = [("prefill", prefill_tokens, result.prefill_tokens_per_s), ("decode", decode_tokens, result.decode_tokens_per_s)]
-    return _story(seconds, max(result.load_seconds or [0.0]), phases, max(result.collective_seconds or [0.0]))
+    rates = {"prefill": (prefill_tokens, result.prefill_tokens_per_s), "decode": (decode_tokens, result.decode_tokens_per_s)}
+    parts = [f"done in {duration(seconds)}"]
+    for name, spent in result.cell_parts():
+        if name in rates:
+            tokens, rate = rates[name]
+            if tokens:
+                per_s = f", {format_phase_rate(name, rate)} tok/s" if rate else ""
+                parts.append(f"{name} {tokens:,} token{'s' if tokens != 1 else ''}{per_s} in {duration(spent)}")
+        elif spent >= 0.05:
+            parts.append(f"{name} {spent:.1f} s")
+    collectives_s = max(result.collective_seconds or [0.0])
+    if collectives_s >= 0.005:
+        parts.append(f"collectives up to {collectives_s:.2f} s a rank")
+    return " · ".join(parts)
 
 
 def failed(seconds: float, error: BaseException) -> str:

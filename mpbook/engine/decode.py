@@ -155,7 +155,7 @@ def _run(state, request: Request) -> RankOutput:
                             ranks=stage_ranks, comm=mesh.comm("ep", "tp"))
     common = dict(
         rank=state.rank, coords=coords, stage=coords.pp, rows=rows, reports_tokens=reports,
-        weight_bytes=runner.weight_bytes, load_seconds=loaded["load_seconds"],
+        weight_bytes=runner.weight_bytes, load_seconds=loaded["load_seconds"], import_seconds=loaded["import_seconds"],
     )
     if not rows:  # more replicas than prompts: this replica has nothing to do
         with tel.run() as stats:
