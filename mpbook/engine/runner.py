@@ -225,8 +225,8 @@ def _out_of_memory_reported(state) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if not out_of_memory(exc):
-            raise
+        if isinstance(exc, DeviceOutOfMemory) or not out_of_memory(exc):
+            raise  # (said already by an inner report)
         what = _asked(exc)
         runner = state.cache.pop("runner", None)
         if runner is not None:
