@@ -328,8 +328,7 @@ def _decode_one_token(ctx: Run, mb: MicroBatch, step: int) -> None:
         peers.send_step(out, rows=mb.rows, hidden=runner.hidden_size, dtype=runner.dtype, device=runner.device)
     if peers.last:
         with ctx.steps.part("choice"):
-            active = int((~mb.stopper.finished).sum())
-            take_tokens(ctx, mb, out[:, -1, :], more=step < ctx.request.max_new_tokens - 1)
+            active = take_tokens(ctx, mb, out[:, -1, :], more=step < ctx.request.max_new_tokens - 1)
         tel.add_tokens("decode", active)
 
 
@@ -350,9 +349,14 @@ def end_microbatch(ctx: Run, mb: MicroBatch) -> None:
 
 
 # --------------------------------------------------------------------------- token choice
-def take_tokens(ctx: Run, mb: MicroBatch, logits, *, more: bool) -> None:
+def take_tokens(ctx: Run, mb: MicroBatch, logits, *, more: bool) -> int:
     """On the last stage: choose the rows' next tokens, apply the stop test, stream them, and
-    hand them to the first stage when another step follows."""
+    hand them to the first stage when another step follows; returns how many rows were still
+    going (their tokens count).
+
+    What a step asks of the host beyond the forward pass, on a GPU too: the rows still going
+    (one small copy), and, on the rank that reports, the chosen tokens (for the live text and
+    the stop strings). Everything else stays on the device."""
     active = (~mb.stopper.finished).tolist()
     tokens = mb.stopper.update(choose(ctx, mb, logits))
     mb.chooser.update(tokens)
@@ -363,6 +367,7 @@ def take_tokens(ctx: Run, mb: MicroBatch, logits, *, more: bool) -> None:
             ctx.stream.add(mb.prompts, tokens.tolist(), active)
     if more and not ctx.peers.first:
         ctx.peers.send_tokens(tokens)
+    return sum(active)
 
 
 def choose(ctx: Run, mb: MicroBatch, logits):
