@@ -62,13 +62,20 @@ class RunResult:
         preparation, the engines' importing and loading (the longest rank's), the prefill and
         the decode (as their rates count them), and the rest, ``client & transfer``: the call
         to the engines and back, their set-up around the phases, and merging the result."""
-        parts = [
-            ("preparing", self.prepare_seconds),
-            ("importing", max(self.import_seconds, default=0.0)),
-            ("loading", max(self.load_seconds, default=0.0)),
-            ("prefill", self.prefill_seconds),
-            ("decode", self.decode_seconds),
-        ]
+        # One rank's own parts, the rank that was busiest: maxima taken over different ranks
+        # (one imported longest, another loaded longest) would add up to more than the call.
+        ranks = range(len(self.rank_phase_seconds))
+
+        def engine_parts(r: int) -> list[tuple[str, float]]:
+            phases = self.rank_phase_seconds[r]
+            return [("importing", _of(self.import_seconds, r)), ("loading", _of(self.load_seconds, r)),
+                    ("prefill", phases.get("prefill", 0.0)), ("decode", phases.get("decode", 0.0))]
+
+        busiest = max(ranks, key=lambda r: sum(s for _, s in engine_parts(r)), default=None)
+        engine = engine_parts(busiest) if busiest is not None else [  # no per-rank phases known
+            ("importing", max(self.import_seconds, default=0.0)), ("loading", max(self.load_seconds, default=0.0)),
+            ("prefill", self.prefill_seconds), ("decode", self.decode_seconds)]
+        parts = [("preparing", self.prepare_seconds), *engine]
         return parts + [("client & transfer", max(0.0, self.cell_seconds - sum(s for _, s in parts)))]
 
     @property
@@ -313,6 +320,10 @@ def _percentile(values: list[float], q: float) -> float | None:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _of(values, rank: int) -> float:
+    return values[rank] if rank < len(values) else 0.0
 
 
 def merge(

@@ -177,3 +177,12 @@ def test_the_final_line_names_every_part_and_they_add_up_to_the_total():
     line = done_with_result(result.cell_seconds, result)
     assert line == ("done in 16.6 s · preparing 4.1 s · importing 2.5 s · loading 0.2 s · prefill 12 tokens, "
                     "1,000 tok/s in 12 ms · decode 14 tokens, 1.5 tok/s in 9.0 s · client & transfer 0.8 s")
+    # Ranks whose longest parts differ (rank 0 imported longest, rank 1 loaded longest): the
+    # parts are the busiest rank's own, so they still add up to the call.
+    import dataclasses
+
+    busy = dataclasses.replace(result, load_seconds=[0.1, 3.0], import_seconds=[2.5, 2.0], cell_seconds=19.0,
+                               rank_phase_seconds=[{"prefill": 0.01, "decode": 9.0}, {"prefill": 0.012, "decode": 9.04}])
+    parts = dict(busy.cell_parts())
+    assert (parts["importing"], parts["loading"], parts["decode"]) == (2.0, 3.0, 9.04)
+    assert sum(parts.values()) == pytest.approx(19.0) and parts["client & transfer"] == pytest.approx(0.848)

@@ -275,6 +275,7 @@ def _prepare(state, request: Request) -> dict:
     if runner is not None and runner.key == request.model_key:
         if runner.stale:
             runner.rebind(state)
+        state.telemetry.replica = runner.coords.dp  # (a `%%mp run` cell since made each rank its own)
         return {"weight_bytes": runner.weight_bytes, "load_seconds": 0.0, "import_seconds": 0.0, "reused": True}
     if runner is not None:
         state.cache.pop("runner").close()  # free the old layout's memory before loading

@@ -303,7 +303,13 @@ def _abort_after_interrupted_cells(state: EngineState) -> None:
         if isinstance(result.error_in_exec, KeyboardInterrupt) and _namespace().get(STATE_NAME) is state:
             abort_group(state)
 
+    def before(info) -> None:
+        # A cell's own tokens are this rank's alone, whatever replica the last strategy run
+        # made it part of (the dashboard counts each replica's tokens once).
+        state.telemetry.replica = state.rank
+
     get_ipython().events.register("post_run_cell", after)
+    get_ipython().events.register("pre_run_cell", before)
 
 
 def abort_group(state: EngineState | None = None) -> None:
