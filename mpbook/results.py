@@ -337,20 +337,22 @@ def merge(
     logits: list[Any] = [None] * n
     times: list[list[float]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
+    # The run starts when its first rank starts (a later stage may start later, after a longer
+    # load, and would count its tokens from there): times on one clock, as the timeline's.
+    origin = min((out.started for out in outputs), default=0.0)
     for out in outputs:
         if not out.reports_tokens:
             continue
+        shift = out.started - origin
         for offset, index in enumerate(out.rows):
             if out.tokens is not None:
                 token_ids[index] = out.tokens[offset]
             if out.logits is not None:
                 logits[index] = out.logits[offset]
             if out.token_times is not None:
-                # on the reporting rank's clock, from its run's start (as TTFT counts)
-                times[index] = list(out.token_times[offset])
+                times[index] = [t + shift for t in out.token_times[offset]]
             if out.stop_reasons is not None:
                 reasons[index] = out.stop_reasons[offset]
-    origin = min(out.started for out in outputs)
     timeline = sorted(
         (
             Event(e.rank, e.stage, e.microbatch, e.phase, e.start + out.started - origin, e.end + out.started - origin)

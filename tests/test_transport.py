@@ -141,3 +141,20 @@ def test_half_precision_travels_over_mpi_bit_for_bit(workbench):
         assert summed == [3 * v for v in base], dtype  # 1x + 2x, exact in every dtype here
         assert gathered == [base, [2 * v for v in base]] and broadcast == [2 * v for v in base], dtype
     assert per_rank[0] == per_rank[1]
+
+
+def test_time_to_first_token_counts_from_the_runs_start_on_the_timelines_clock(workbench, tiny_folder):
+    """A prompt's first token is chosen by the last stage after its micro-batch's prefill
+    there; the stages may start their runs at different moments (a longer load), and the time
+    to first token counts from the first of them, as the timeline does."""
+    workbench.generate(PROMPTS, strategy="pipeline", model=tiny_folder, max_new_tokens=1)  # loaded
+    # The last stage starts its run half a second after the first: its engine is busy with a cell.
+    workbench.client[workbench.engine_ids([1])[0]].execute("import time; time.sleep(0.5)", block=False)
+    result = workbench.generate(PROMPTS, strategy="pipeline", model=tiny_folder, max_new_tokens=4, microbatches=2)
+    assert min(result.ttft_s) >= 0.45, result.ttft_s
+    last_stage_prefill = {e.microbatch: e.end for e in result.timeline if e.phase == "prefill" and e.stage == 1}
+    first_start = min(e.start for e in result.timeline)
+    assert first_start >= 0
+    for prompt, ttft in enumerate(result.ttft_s):
+        microbatch = 0 if prompt < 2 else 1  # 4 prompts, 2 micro-batches
+        assert ttft >= last_stage_prefill[microbatch] - 1e-3, (prompt, ttft, last_stage_prefill)
