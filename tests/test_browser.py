@@ -299,7 +299,9 @@ def test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves(page, jupyterlab,
     assert first["collectives"] != last["collectives"]  # seconds in all-reduces grow token by token
     rates = [_number(s["tokens"][0]) for s in decoding]
     assert any(r and r > 0 for r in rates), rates
-    assert all("MiB" in m or "GiB" in m for s in decoding for m in s["memory"]), decoding[-1]
+    # (a cell read while the widget re-renders it can be empty for a moment: those reads say nothing)
+    shown = [m for s in decoding for m in s["memory"] if m]
+    assert shown and all("MiB" in m or "GiB" in m for m in shown), [s["memory"] for s in decoding]
     assert all(" / " in m for m in last["memory"]), last["memory"]  # against the host's memory
     assert last["plot"]
     # the first prompt's text grew in the page while the cell ran
