@@ -327,7 +327,10 @@ def abort_group(state: EngineState | None = None) -> None:
             # The model stays: its collectives are pointed at the new groups when the client
             # has formed them again (teardown(keep_model=True), then Runner.rebind).
             runner.detach()
-    gc.collect()  # what still refers to the groups' work through reference cycles
+    # What still refers to the groups' work through reference cycles: the interrupted run's
+    # frames and handles, all young. A full collection would also walk torch's, transformers'
+    # and the model's objects (a third of a second an engine, twice per interrupt).
+    gc.collect(1)
     torch_compat.abort_process_groups()
     if state is not None:
         # Destroying a gloo group does not close its connections while anything in the
@@ -363,7 +366,10 @@ def teardown(state: EngineState | None = None, *, keep_model: bool = False) -> N
             runner.detach()
             ns[KEPT_RUNNER] = (state.rank, state.world_size, runner, state.telemetry)
         state.cache.clear()
-    gc.collect()  # models and meshes dropped above may sit in reference cycles
+    # Models and meshes dropped above may sit in reference cycles. When the group is formed
+    # again at once (an interrupt, a failed collective) the model stays and only the young
+    # objects of the run that ended need collecting; a stop or restart collects everything.
+    gc.collect(1 if keep_model else 2)
     if dist.is_initialized():
         dist.destroy_process_group()
     ns.pop("_mpbook_tcp_store", None)
