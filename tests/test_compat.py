@@ -15,10 +15,12 @@ import pytest
 
 from mpbook.compat import argparse as argparse_compat
 from mpbook.compat import ipyparallel as ipp_compat
+from mpbook.compat import ipywidgets as widgets_compat
 from mpbook.compat import torch as torch_compat
+from mpbook.compat import transformers as hf_compat
 
 
-@pytest.mark.parametrize("library", ["ipyparallel", "argparse", "torch"])
+@pytest.mark.parametrize("library", ["ipyparallel", "argparse", "torch", "transformers", "ipywidgets"])
 def test_the_installed_library_is_what_the_adapter_was_checked_against(library):
     importlib.import_module(f"mpbook.compat.{library}").verify()
 
@@ -39,6 +41,25 @@ def test_a_changed_ipyparallel_fails_verify_with_a_message(monkeypatch):
     monkeypatch.delattr(AsyncResult, "split")
     with pytest.raises(RuntimeError, match=r"checked against ipyparallel 9\.2; ipyparallel .* differs: AsyncResult\.split\(\) is gone"):
         ipp_compat.verify()
+
+
+def test_a_changed_transformers_fails_verify_with_a_message(monkeypatch):
+    import transformers
+
+    # What a release that moved the head's pipeline plan off the CausalLM class would do.
+    monkeypatch.setattr(transformers.MixtralForCausalLM, "_pp_plan", None)  # noqa: private (the change being simulated)
+    with pytest.raises(RuntimeError, match=r"checked against transformers 5\.24; transformers .* differs: "
+                                           r"MixtralForCausalLM\._pp_plan no longer names lm_head$"):
+        hf_compat.verify()
+
+
+def test_a_changed_ipywidgets_fails_verify_with_a_message(monkeypatch):
+    import ipywidgets
+
+    monkeypatch.setattr(ipywidgets.HTML, "add_class", lambda self, name: self)
+    with pytest.raises(RuntimeError, match=r"checked against ipywidgets 8\.1; ipywidgets .* differs: "
+                                           r"add_class\('mpbook-check'\) left the classes \(\)$"):
+        widgets_compat.verify()
 
 
 def test_argparse_adapter_lists_commands_and_options_of_the_magics_parser():

@@ -22,6 +22,7 @@ from IPython.core.error import UsageError
 
 import mpbook.dashboard.text
 from mpbook import RankError
+from mpbook.compat import ipywidgets as widgets_compat
 from mpbook.dashboard import Dashboard, Follower, follow
 from mpbook.dashboard.figures import MemoryFigure, memory_of
 from mpbook.dashboard.text import TextView
@@ -283,7 +284,7 @@ def test_each_prompts_text_grows_while_a_generation_runs():
     assert "4 tokens · first after 0.10 s" in seen[-1][0]
     assert "second &lt;b&gt;prompt&lt;/b&gt;" in seen[-1][1]  # prompts and texts are escaped
     lines = dash.view.prompt_lines
-    assert [sorted(line._dom_classes) for line in lines] == [["mpbook-prompt", "mpbook-prompt-0"], ["mpbook-prompt", "mpbook-prompt-1"]]
+    assert [sorted(widgets_compat.css_classes(line)) for line in lines] == [["mpbook-prompt", "mpbook-prompt-0"], ["mpbook-prompt", "mpbook-prompt-1"]]
     dash.finish()
     dash.show_result(a_result(texts=["final 0", "final 1"]))
     assert 'class="mpbook-generated">final 0<' in dash.view.prompt_values()[0]

@@ -445,7 +445,9 @@ def test_the_attention_implementation_can_be_chosen(wb):
     assert_matches(_run(wb, folder, Layout(pp=2), 0, attention="eager"), folder, attention="eager")
 
     def implementations(state):
-        return sorted({m.config._attn_implementation for m in state.cache["runner"].stage.modules()
+        from mpbook.compat import transformers as hf_compat
+
+        return sorted({hf_compat.attn_implementation(m.config) for m in state.cache["runner"].stage.modules()
                        if hasattr(m, "config")})
 
     assert wb.apply(implementations, stream=False) == [["eager"], ["eager"]]

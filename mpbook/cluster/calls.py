@@ -15,7 +15,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ContextManager, TextIO
+from typing import Any, ContextManager, Protocol, TextIO
 
 from ..compat import ipyparallel as ipp_compat
 from ..engine import state as engine
@@ -23,10 +23,28 @@ from ..errors import CollectiveError, EngineDiedError, MpbookError, RankError, R
 from ..options import parse_ranks
 from .health import EngineWatch, is_collective_failure
 
-if TYPE_CHECKING:
-    from .lifecycle import Cluster
-
 Follow = Callable[[Any, list[int]], ContextManager[Callable[[], None]]]
+
+
+class Cluster(Protocol):
+    """What calls need of a cluster (:class:`mpbook.cluster.lifecycle.Cluster` is one): named
+    here, so that this module, which lifecycle uses to wait, does not import lifecycle back."""
+
+    client: Any  # ipyparallel's Client
+    timeout_s: float
+
+    @property
+    def world_size(self) -> int: ...
+
+    def engine_ids(self, ranks: Sequence[int] | None = None) -> list[int]: ...
+
+    def check_running(self, what: str) -> None: ...
+
+    def watch(self) -> EngineWatch: ...
+
+    def interrupt(self, ranks: Sequence[int] | None = None) -> None: ...
+
+    def rebuild_group(self) -> None: ...
 
 
 class Calls:

@@ -2,7 +2,8 @@
 
 - ``torch.distributed._tools.mem_tracker.MemTracker``: tensor memory counted op by op, for
   comparing a rank's tensor peak with the planner on CPU engines (where the process peak
-  includes the Python runtime);
+  includes the Python runtime); :class:`TensorPeak` overrides two of its private methods
+  (``_track_module_params_and_buffers``, ``_pre_fw_hook``), and ``verify()`` checks both;
 - ``torch.distributed.distributed_c10d._abort_process_group``: end the process groups of an
   interrupted rank at once, without waiting for work in flight (gloo and NCCL).
 """
@@ -101,9 +102,21 @@ def verify() -> None:
     ``inference_mode`` (as a decode loop calls it): the peak must be the weights, the input
     and the largest step's outputs.
     """
+    import inspect
+
     import torch
 
     problems = []
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        # TensorPeak overrides these two: a rename would leave its override unused, not failing.
+        for method, parameter in (("_track_module_params_and_buffers", "install_grad_hooks"),
+                                  ("_pre_fw_hook", "inputs")):
+            if parameter not in inspect.signature(getattr(MemTracker, method)).parameters:
+                problems.append(f"MemTracker.{method} no longer takes {parameter}")
+    except (ImportError, AttributeError) as exc:
+        problems.append(f"MemTracker's overridden methods: {exc}")
     try:
         layer = torch.nn.Linear(64, 64, bias=False).requires_grad_(False)  # 16 KiB of weights, as loaded
         x = torch.ones(8, 64)  # 2 KiB

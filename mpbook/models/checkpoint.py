@@ -6,8 +6,8 @@ in the model (``mlp.experts.gate_up_proj`` of shape (E, 2*I, H), ``mlp.experts.d
 ``block_sparse_moe.experts.{e}.w1/w3/w2.weight``; Qwen-MoE: ``mlp.experts.{e}.gate_proj/
 up_proj/down_proj.weight``): ``save_pretrained`` reverts the conversion. The mapping lives in
 ``transformers.conversion_mapping`` (renamings, and converters made of MergeModulelist +
-Concatenate). This reader applies transformers' own ``rename_source_key`` to every checkpoint
-key, so it knows which checkpoint tensors build which parameter, and reads a slice of a fused
+Concatenate), reached through :mod:`mpbook.compat.transformers`. This reader applies
+transformers' own ``rename_source_key`` to every checkpoint key, so it knows which checkpoint tensors build which parameter, and reads a slice of a fused
 parameter by slicing each per-expert tensor: a rank holding experts 2..3, or the [gate_r; up_r]
 rows of every expert, never reads the rest.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import MpbookError
+from ..compat import transformers as hf_compat
 from .source import checkpoint_files
 
 
@@ -45,22 +45,13 @@ class Checkpoint:
         self.sources = self._index(model)
 
     def _index(self, model) -> dict[str, Source]:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
-
-        transforms = get_model_conversion_mapping(model)
-        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-        converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        wanted = dict.fromkeys(model.state_dict(), True)
         sources: dict[str, Source] = {}
-        for key in sorted(self.files, key=dot_natural_key):  # experts 0, 1, ..., 10 in order
-            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, wanted)
+        # experts 0, 1, ..., 10 in order
+        for key, target, pattern, patterns, operations in hf_compat.checkpoint_targets(model, self.files):
             if pattern is None:
                 sources[target] = Source(keys={key: [key]}, patterns=[key])
                 continue
-            converter = next(c for c in converters if pattern in c.source_patterns)
-            source = sources.setdefault(target, Source(patterns=list(converter.source_patterns),
-                                                       operations=list(converter.operations)))
+            source = sources.setdefault(target, Source(patterns=patterns, operations=operations))
             source.keys.setdefault(pattern, []).append(key)
         return sources
 
@@ -102,10 +93,7 @@ class Checkpoint:
         if kind is None:
             # Some other conversion: read everything, convert with transformers' ops, then slice.
             tensors = {p: [self._slice(k)[:] for k in source.keys[p]] for p in source.patterns}
-            for op in source.operations:
-                tensors = op.convert(tensors, source_patterns=source.patterns, target_patterns=[name],
-                                     full_layer_name=name)
-            whole = next(iter(tensors.values()))
+            whole = hf_compat.convert(source.operations, tensors, source.patterns, name)
             return _build(lambda index: whole[index], whole.dim(), pieces).clone()
         # Fused experts: tensor[e] = cat([src_p[e] for p in patterns], dim=kind-1) (or src[e]).
         n_experts = len(source.keys[source.patterns[0]])
@@ -166,19 +154,6 @@ def _build(get, ndim: int, pieces):
 
 
 def _fusion(source: Source) -> int | None:
-    """0 for MergeModulelist(0) alone (stacked experts); c for MergeModulelist(0) then
-    Concatenate(c); None for anything else."""
-    from transformers.core_model_loading import Concatenate, MergeModulelist
-
-    ops = source.operations
-    if len(ops) >= 1 and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0:
-        if len(ops) == 1:
-            return 0
-        if len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim > 0:
-            return ops[1].dim
-    return None
-
-
-def missing(folder, name: str, needed_for: str) -> MpbookError:
-    return MpbookError(f"{folder}: the checkpoint has no tensor {name} (needed for {needed_for})")
+    """0 for stacked experts; c for stacked experts concatenated along c; None for anything else."""
+    return hf_compat.fused_experts_dim(source.operations)
 

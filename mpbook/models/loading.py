@@ -29,6 +29,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..compat import transformers as hf_compat
 from ..errors import MpbookError
 from .source import checkpoint_files, resolve
 
@@ -72,7 +73,14 @@ class Stage:
             return (self._incoming, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": self._incoming}
 
-    def new_cache(self):
+    def new_cache(self, max_length: int | None = None):
+        """An empty KV cache of this stage's layers: one that grows (transformers' DynamicCache),
+        or with ``max_length``, one allocated for that many positions and written in place
+        (StaticCache, for a compiled decode step: :mod:`mpbook.engine.compiled`)."""
+        if max_length is not None:
+            from transformers import StaticCache
+
+            return StaticCache(config=self.model.config, max_cache_len=max_length)
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
@@ -161,29 +169,31 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
     parts.cut_stage(lm, s, part)
 
     # Tied weights are untied for loading (each side may be sliced by its own rule), and tied
-    # again below when both sides hold the same slice.
+    # again below when both sides hold the same slice. A parameter or buffer is replaced by
+    # assigning it (nn.Module's setattr keeps it registered as what it was, a buffer's
+    # persistence included).
     tied = []
     for target, source in s.tied.items():
         t_owner, t_leaf = _owner(lm, target)
         s_owner, s_leaf = _owner(lm, source)
         if t_owner is None or s_owner is None or isinstance(t_owner, parts.Absent) or isinstance(s_owner, parts.Absent):
             continue
-        t_owner._parameters[t_leaf] = torch.nn.Parameter(torch.empty_like(t_owner._parameters[t_leaf]))
+        setattr(t_owner, t_leaf, torch.nn.Parameter(torch.empty_like(getattr(t_owner, t_leaf))))
         tied.append((target, source))
 
     # Buffers are in no checkpoint, or only some (RoPE frequencies, Gemma's embedding scale): make
-    # them real and let the family's own _init_weights fill them, before the parameters are loaded
+    # them real and let the family's own initialisation fill them, before the parameters are loaded
     # (it re-initialises the owner's parameters too: harmless while they are on meta) and before
     # the config is cut (a rotary embedding may read every layer type).
     owners = {}
     for name, buffer in list(lm.named_buffers()):
         owner_name, _, leaf = name.rpartition(".")
         owner = lm.get_submodule(owner_name)
-        owner._buffers[leaf] = torch.empty_like(buffer, device=device)
+        setattr(owner, leaf, torch.empty_like(buffer, device=device))
         owners[owner_name] = owner
     with torch.no_grad():
         for owner in owners.values():
-            lm._init_weights(owner)
+            hf_compat.init_weights(lm, owner)
     parts.narrow_config(lm.config, part.layers)
 
     # This rank's slice of each parameter, from the checkpoint.
@@ -201,7 +211,7 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
         pieces = part.pieces(name, full, transposed=tensor._transposed(owner))
         pieces_of[name] = pieces
         local = ckpt.read(source, pieces).to(device=device, dtype=param.dtype)
-        owner._parameters[leaf] = torch.nn.Parameter(local, requires_grad=False)
+        setattr(owner, leaf, torch.nn.Parameter(local, requires_grad=False))
         full_shapes.setdefault(owner_name, {})[leaf] = full
         if part.ep > 1 and st.param_rule(name, part.ep_plan) in tensor.EXPERT_SHARD and hasattr(owner, "num_experts"):
             expert.mark_local(owner, local.shape[0])
@@ -209,12 +219,12 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
         source = parts.global_name(s, part, name)
         if source in ckpt:
             owner_name, _, leaf = name.rpartition(".")
-            lm.get_submodule(owner_name)._buffers[leaf] = ckpt.read(source).to(device=device, dtype=buffer.dtype)
+            setattr(lm.get_submodule(owner_name), leaf, ckpt.read(source).to(device=device, dtype=buffer.dtype))
     ckpt.close()
     for target, source in tied:
         if pieces_of.get(target) == pieces_of.get(source):
             t_owner, t_leaf = _owner(lm, target)
-            t_owner._parameters[t_leaf] = lm.get_parameter(source)
+            setattr(t_owner, t_leaf, lm.get_parameter(source))
 
     # Size attributes follow the local shards (transformers 5 attention reshapes with -1 and
     # reads none of them, but a printed module should not lie; Conv1D does read its nf).

@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..compat import transformers as hf_compat
 from ..errors import MpbookError
 
 STRATEGIES = ("data", "pipeline", "tensor", "expert")
@@ -240,7 +241,7 @@ def _read(model, plans: dict) -> Structure:
     full = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
 
     pre, layers, post, pp_source = _pipeline_order(model, base, config, plans.get("pp"))
-    head_pp = dict(getattr(type(model), "_pp_plan", None) or {})
+    head_pp = hf_compat.head_pp_plan(model)
     head = tuple(n for n in head_pp if hasattr(model, n)) or tuple(n for n in ("lm_head",) if hasattr(model, n))
 
     def absolute(name: str) -> str:
@@ -289,8 +290,8 @@ def _read(model, plans: dict) -> Structure:
         pp_source=pp_source,
         num_layers=len(base.get_submodule(layers)),
         layer_types=tuple(layer_types) if layer_types else None,
-        attn_implementation=config._attn_implementation,
-        experts_implementation=getattr(config, "_experts_implementation", None),
+        attn_implementation=hf_compat.attn_implementation(config),
+        experts_implementation=hf_compat.experts_implementation(config),
         heads=heads,
         kv_heads=kv_heads,
         num_experts=None,

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..compat import transformers as hf_compat
+
 
 def install_dispatch(experts, *, ep_rank: int, group, telemetry: Any = None, load=None) -> None:
     """Mask off-rank routes and sum the experts' output over ``group`` (one all-reduce).
@@ -62,8 +64,9 @@ def install_dispatch(experts, *, ep_rank: int, group, telemetry: Any = None, loa
 def mark_local(experts, n_local: int) -> None:
     """Tell a fused experts module it holds ``n_local`` experts of a split set: ids >= n_local
     are off-rank sentinels. Eager experts need only ``num_experts`` (they one-hot over
-    num_experts + 1 and skip the last); batched_mm and grouped_mm read ``_is_expert_parallel``
-    (without it batched_mm indexes the local weights with the sentinel, and grouped_mm's GPU
-    kernel leaves the sentinel rows uninitialised)."""
+    num_experts + 1 and skip the last); batched_mm and grouped_mm need to be told they hold a
+    slice (:func:`mpbook.compat.transformers.mark_expert_parallel`): without it batched_mm
+    indexes the local weights with the sentinel, and grouped_mm's GPU kernel leaves the
+    sentinel rows uninitialised."""
     experts.num_experts = n_local
-    experts._is_expert_parallel = True
+    hf_compat.mark_expert_parallel(experts)

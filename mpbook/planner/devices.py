@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from .. import devices as machine
 from ..errors import MpbookError
-
-if TYPE_CHECKING:
-    from .ranks import RankPlan
 
 
 @dataclass(frozen=True)
@@ -83,15 +79,3 @@ def this_machine(world: int) -> tuple[list[Device], str]:
     if gpus:
         how += f" ({gpus} GPU{'s' if gpus > 1 else ''} visible, fewer than {world} ranks)"
     return [Device("cpu", host, available, shared=True) for _ in range(world)], how
-
-
-def fit(ranks: list[RankPlan], devices: list[Device]) -> list[RankPlan]:
-    """Each rank with its device and whether it fits; ranks sharing host memory fit together."""
-    pools: dict[str, int] = {}
-    for r, dev in zip(ranks, devices):
-        if dev.shared:
-            pools[dev.host] = pools.get(dev.host, 0) + r.total
-    return [
-        replace(r, device=dev, fits=(pools[dev.host] if dev.shared else r.total) <= dev.free_bytes)
-        for r, dev in zip(ranks, devices)
-    ]

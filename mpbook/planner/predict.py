@@ -6,14 +6,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..compat import transformers as hf_compat
 from ..errors import MpbookError
 from ..layout import Layout
 from ..options import check_dtype
 from ..models.support import layout_problems
-from .devices import devices_for, engine_count, fit
+from .devices import devices_for, engine_count
 from .memory_plan import MemoryPlan
 from .model_tensors import ModelTensors, model_tensors
-from .ranks import PlannedModel, rank_plans
+from .ranks import PlannedModel, fit, rank_plans
 from .suggestions import suggest, valid_layouts
 from .workload import ATTENTION, checked_workload
 
@@ -93,7 +94,7 @@ def plan(
         config, loaded, label = _resolve(model)
         dtype = check_dtype(dtype if dtype is not None else _own_dtype(loaded))
         if attention is None:
-            attention = getattr(config, "_attn_implementation", None) if loaded is not None else None
+            attention = hf_compat.attn_implementation(config) if loaded is not None else None
             attention = attention if attention in ATTENTION else "sdpa"
         work = checked_workload(
             config, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, microbatches=microbatches,

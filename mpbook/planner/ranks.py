@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..layout import Layout
 from ..parallel.pipeline import split_layers
@@ -11,12 +11,9 @@ from ..protocol import ELEMENT_SIZE
 from ..units import format_bytes, split_evenly
 from .activations import IDLE, activations
 from .kv_cache import CacheLayer, cache_layers, kv_cache
+from .devices import Device
 from .model_tensors import ModelDims, ModelTensors
-from .rendering import layers_label
 from .workload import Workload
-
-if TYPE_CHECKING:
-    from .devices import Device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +46,24 @@ class RankPlan:
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.activations
+
+
+def layers_label(layers: range) -> str:
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    return f"layers {layers[0]}-{layers[-1]}"
+
+
+def fit(ranks: list[RankPlan], devices: list[Device]) -> list[RankPlan]:
+    """Each rank with its device and whether it fits; ranks sharing host memory fit together."""
+    pools: dict[str, int] = {}
+    for r, dev in zip(ranks, devices):
+        if dev.shared:
+            pools[dev.host] = pools.get(dev.host, 0) + r.total
+    return [
+        replace(r, device=dev, fits=(pools[dev.host] if dev.shared else r.total) <= dev.free_bytes)
+        for r, dev in zip(ranks, devices)
+    ]
 
 
 @dataclass

@@ -7,23 +7,37 @@ Reads a plan's fields only (nothing here computes a byte), so both views show th
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from ..layout import Layout
 from ..units import format_bytes
+from .ranks import RankPlan, layers_label
+from .suggestions import Suggestion
+from .workload import Workload
 
-if TYPE_CHECKING:
-    from .memory_plan import MemoryPlan
-    from .suggestions import Suggestion
+
+class MemoryPlan(Protocol):
+    """The fields of :class:`mpbook.planner.memory_plan.MemoryPlan` shown here (named, not
+    imported: the plan imports this module for its views)."""
+
+    model: str
+    architecture: str
+    layout: Layout
+    workload: Workload
+    ranks: list[RankPlan]
+    memory_source: str
+    suggestions: list[Suggestion]
+
+    @property
+    def fits(self) -> bool: ...
+
+    @property
+    def peak_bytes(self) -> int: ...
+
 
 COLUMNS = ("rank", "dp", "pp", "tp", "layers", "rows", "weights", "KV cache", "activations", "total", "free", "fits")
 LEFT_ALIGNED = {COLUMNS.index("layers")}
 FITS = {True: "yes", False: "NO", None: "?"}
-
-
-def layers_label(layers: range) -> str:
-    if len(layers) == 1:
-        return f"layer {layers[0]}"
-    return f"layers {layers[0]}-{layers[-1]}"
 
 
 def _plural(n: int, word: str) -> str:
@@ -91,12 +105,6 @@ def notes(p: MemoryPlan) -> list[str]:
     if any(r.device and r.device.shared for r in p.ranks):
         out.append("* CPU engines on one host share its memory: they fit together or not at all.")
     return out
-
-
-def suggestion_line(s: Suggestion) -> str:
-    mark = "fits" if s.fits else ("does not fit" if s.valid else "invalid")
-    peak = f"{format_bytes(s.peak_bytes):>10} per rank at most" if s.peak_bytes is not None else " " * 27
-    return f"{str(s.layout):<22} {mark:<13} {peak}  {s.reason}"
 
 
 def text(p: MemoryPlan) -> str:

@@ -8,9 +8,8 @@ from dataclasses import dataclass, replace
 from ..layout import Layout
 from ..models.support import layout_problems
 from ..units import format_bytes as fb
-from .devices import Device, fit
-from .ranks import PlannedModel, rank_plans
-from .rendering import suggestion_line
+from .devices import Device
+from .ranks import PlannedModel, fit, rank_plans
 from .workload import Workload
 
 
@@ -25,7 +24,9 @@ class Suggestion:
     reason: str
 
     def __str__(self) -> str:
-        return suggestion_line(self)
+        mark = "fits" if self.fits else ("does not fit" if self.valid else "invalid")
+        peak = f"{fb(self.peak_bytes):>10} per rank at most" if self.peak_bytes is not None else " " * 27
+        return f"{str(self.layout):<22} {mark:<13} {peak}  {self.reason}"
 
 
 def layouts(world: int, *, experts: bool = False) -> list[Layout]:
