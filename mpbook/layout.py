@@ -9,6 +9,7 @@ holds the same tokens (attention replicated over it) and meets once per MoE laye
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -16,6 +17,10 @@ if TYPE_CHECKING:  # the client imports this module without paying for torch
     import torch
 
 DIMS = ("dp", "pp", "ep", "tp")
+# The strategies mpbook runs, and the degree each one owns: the one that takes the engines
+# the other degrees leave (``tensor --pp 2`` on 4 engines is tp=2 x pp=2).
+STRATEGIES = ("data", "pipeline", "tensor", "expert")
+OWN_DIM = {"data": "dp", "pipeline": "pp", "tensor": "tp", "expert": "ep"}
 
 
 class Coords(NamedTuple):
@@ -77,10 +82,7 @@ class Layout:
 
 
 def _size(layout: Layout, axes: list[int]) -> int:
-    size = 1
-    for axis in axes:
-        size *= layout.shape[axis]
-    return size
+    return math.prod(layout.shape[axis] for axis in axes)
 
 
 class Mesh:

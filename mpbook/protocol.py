@@ -27,6 +27,11 @@ DTYPES = {
     "bf16": "bfloat16",
 }
 ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The defaults of a generation wherever one is asked for (Session.generate, the %%mp options,
+# mpbook.plan, the request the engines get); how tokens are chosen by default is Sampling's.
+DEFAULT_MODEL = "tiny"
+DEFAULT_MAX_NEW_TOKENS = 32
+DEFAULT_DTYPE = "float32"
 
 # ----------------------------------------------------------------------------- telemetry
 # importing: transformers and the model's code, before the first load of a model on an engine
@@ -117,7 +122,7 @@ class Sampling:
 class Stopping:
     """When a row is finished: end-of-sequence, a stop string, or the cap."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     eos_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -137,7 +142,7 @@ class Request:
     max_new_tokens: int  # 0: a forward pass only, returning logits
     pad_token_id: int
     microbatches: int = 1
-    dtype: str = "float32"
+    dtype: str = DEFAULT_DTYPE
     stage_sizes: tuple[int, ...] | None = None
     attention: str | None = None  # None: the implementation transformers picks for the model
     # Parallel plans given by the user for a family whose config has none, in transformers'

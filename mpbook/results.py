@@ -3,7 +3,9 @@ the pipeline timeline; merged from every rank's report."""
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from .layout import Layout
@@ -79,12 +81,6 @@ class RunResult:
         return parts + [("client & transfer", max(0.0, self.cell_seconds - sum(s for _, s in parts)))]
 
     @property
-    def client_seconds(self) -> float:
-        """What the call cost beyond the engines' own time: the client's checks, tokenizing,
-        the transfer there and back, and merging the ranks' reports."""
-        return max(0.0, self.cell_seconds - max(self.engine_seconds, default=0.0))
-
-    @property
     def engines(self) -> int:
         return self.layout.world_size
 
@@ -111,7 +107,7 @@ class RunResult:
     def itl_s(self, q: float = 50) -> list[float | None]:
         """Per prompt: the ``q``-th percentile of its inter-token latencies (gaps between
         consecutive new tokens), e.g. ``itl_s(50)`` the median, ``itl_s(90)`` the p90."""
-        return [_percentile([b - a for a, b in zip(times, times[1:])], q) for times in self.token_times]
+        return [percentile([b - a for a, b in zip(times, times[1:])], q) for times in self.token_times]
 
     def latency(self) -> dict[str, float]:
         """TTFT and inter-token latency pooled over the prompts, median and p90, in seconds
@@ -120,9 +116,9 @@ class RunResult:
         gaps = [b - a for times in self.token_times for a, b in zip(times, times[1:])]
         if not ttft:
             return {}
-        out = {"ttft_median_s": _percentile(ttft, 50), "ttft_p90_s": _percentile(ttft, 90)}
+        out = {"ttft_median_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90)}
         if gaps:
-            out.update(itl_median_s=_percentile(gaps, 50), itl_p90_s=_percentile(gaps, 90))
+            out.update(itl_median_s=percentile(gaps, 50), itl_p90_s=percentile(gaps, 90))
         return out
 
     def latency_summary(self) -> str:
@@ -311,15 +307,19 @@ def _short_lines(figure: str) -> list[str]:
                          break_long_words=False, break_on_hyphens=False)
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    """numpy's default (linear) percentile, as vLLM's serving benchmark reports them."""
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) of ``values``, None for none: numpy's default (linear)
+    percentile, as vLLM's serving benchmark reports them, which is ``statistics.quantiles``'
+    inclusive method (``q`` = 90 is the 9th of its 10 cuts). The one percentile of mpbook's
+    figures and benchmarks."""
     if not values:
         return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    share = Fraction(str(q)) / 100
+    if len(values) == 1 or share == 0:
+        return min(values)
+    if share == 1:
+        return max(values)
+    return statistics.quantiles(values, n=share.denominator, method="inclusive")[share.numerator - 1]
 
 
 def _of(values, rank: int) -> float:

@@ -62,7 +62,7 @@ def test_committed_without_outputs_with_a_parameters_cell(path):
 
 def test_the_quickstart_introduces_every_strategy():
     """Its first words count mpbook's strategies and name each one (expert parallel too)."""
-    from mpbook.session import STRATEGIES
+    from mpbook.layout import STRATEGIES
 
     intro = nbformat.read(NOTEBOOKS_DIR / "00_quickstart.ipynb", as_version=4).cells[0].source
     count = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}[len(STRATEGIES)]

@@ -221,7 +221,7 @@ def test_an_engine_reports_a_failed_allocation_once_and_frees_its_model():
     state = types.SimpleNamespace(rank=1, device=torch.device("cpu"),
                                   cache={"runner": types.SimpleNamespace(close=lambda: closed.append(True))})
     with pytest.raises(DeviceOutOfMemory) as info:
-        with _out_of_memory_reported(state), _out_of_memory_reported(state):  # decode.run's inside prepare's
+        with _out_of_memory_reported(state), _out_of_memory_reported(state):  # one report inside another
             torch.empty(1 << 48)
     assert re.fullmatch(r"out of memory on rank 1 \(cpu\): asked for 1048576\.0 GiB; [\d.]+ GiB of the host's "
                         r"[\d.]+ GiB available", str(info.value))

@@ -108,12 +108,6 @@ class TokenChooser:
             seen.scatter_(1, ids, True)
             self.seen = seen[:, :vocab_size].contiguous()
 
-    @property
-    def needs_full_logits(self) -> bool:
-        """Greedy without a penalty needs only each row's maximum (a vocab-parallel head
-        need not gather its logits)."""
-        return self.sampling.do_sample or self.seen is not None
-
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The processed scores (generate's ``output_scores``) of the last position's logits."""
         scores = logits.float()

@@ -3,7 +3,8 @@
 A :class:`Runner` holds one pipeline stage (all layers when pp=1), its tensor-parallel shards
 when tp>1 and its experts when ep>1, as :mod:`mpbook.models.structure` reads them from the
 model's own plans; its forward runs the family's own code (:class:`mpbook.models.loading.Stage`).
-:func:`prepare` loads it for a request's model and layout, or reuses the one already loaded.
+:func:`_prepare` (called by :func:`mpbook.engine.decode.run`, inside its out-of-memory report) loads
+it for a request's model and layout, or reuses the one already loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..models.loading import Stage
 from ..parallel.pipeline import StagePeers
 from ..protocol import DTYPES, Request
 from .state import engine_mesh
+from .telemetry import device_memory
 
 
 @dataclass(frozen=True)
@@ -116,11 +118,6 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, DTYPES[name])
-
-
-def param_bytes(module) -> int:
-    """Bytes of the parameters this rank holds (a tied matrix counts once)."""
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _build_runner(state, request: Request) -> Runner:
@@ -250,27 +247,20 @@ def _memory_left(device) -> str:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(device)
+    free, total = device_memory(device)
+    if device.type == "cuda":
         return f"{format_bytes(free, unit='GiB')} free of {format_bytes(total, unit='GiB')}"
     import resource
 
-    import psutil
-
-    host = psutil.virtual_memory()
-    words = f"{format_bytes(host.available, unit='GiB')} of the host's {format_bytes(host.total, unit='GiB')} available"
+    words = f"{format_bytes(free, unit='GiB')} of the host's {format_bytes(total, unit='GiB')} available"
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     if limit != resource.RLIM_INFINITY:
         words += f"; this engine may map {format_bytes(limit)} at most (its RLIMIT_AS)"
     return words
 
 
-def prepare(state, request: Request) -> dict:
-    """Load this rank's part of the model for ``request``'s layout, unless already loaded."""
-    with _out_of_memory_reported(state):
-        return _prepare(state, request)
-
-
 def _prepare(state, request: Request) -> dict:
+    """Load this rank's part of the model for ``request``'s layout, unless already loaded."""
     runner = state.cache.get("runner")
     if runner is not None and runner.key == request.model_key:
         if runner.stale:

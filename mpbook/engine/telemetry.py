@@ -333,13 +333,11 @@ class Telemetry:
             if info is not None:
                 figures["device_used"], figures["device_total"] = int(info.used), int(info.total)
             else:
-                free, total = torch.cuda.mem_get_info(self.device)
-                figures["device_used"], figures["device_total"] = int(total - free), int(total)
+                free, total = device_memory(self.device)
+                figures["device_used"], figures["device_total"] = total - free, total
         else:
-            import psutil
-
-            host = psutil.virtual_memory()  # reads /proc/meminfo: cheap enough four times a second
-            figures["device_used"], figures["device_total"] = int(host.total - host.available), int(host.total)
+            free, total = device_memory(self.device)  # reads /proc/meminfo: cheap enough four times a second
+            figures["device_used"], figures["device_total"] = total - free, total
         return figures
 
     def _nvml_memory(self):
@@ -382,6 +380,21 @@ class Telemetry:
             "expert_tokens": self.expert_tokens,
             **({"stream": stream} if (stream := self._stream_figure()) is not None else {}),
         }
+
+
+def device_memory(device) -> tuple[int, int]:
+    """(free, total) bytes of ``device`` now: a GPU's as CUDA reports them (other processes
+    included); a CPU engine's, the host's available and total memory."""
+    if device.type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        host = psutil.virtual_memory()
+        free, total = host.available, host.total
+    return int(free), int(total)
 
 
 def _peak_rss() -> int:

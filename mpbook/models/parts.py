@@ -4,6 +4,7 @@ which the planner counts)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .structure import Structure, generic, meta_model, module_rule, param_rule, plans_key, structure
@@ -208,10 +209,10 @@ def held_tensors(config, layout, rank: int, *, plans: dict | None = None, stage_
             out.append(Held(name, (), 0, kind, shared_with=first[0]))
             continue
         seen.setdefault(key, (name, pieces))
-        out.append(Held(name, shape, _prod(shape) * element_size, kind))
+        out.append(Held(name, shape, math.prod(shape) * element_size, kind))
     for name, full, element_size in buffers:
         if held(name):
-            out.append(Held(name, full, _prod(full) * element_size, "buffer"))
+            out.append(Held(name, full, math.prod(full) * element_size, "buffer"))
     return out
 
 
@@ -278,16 +279,3 @@ def _local_shape(shape: tuple[int, ...], pieces) -> tuple[int, ...]:
     for d, n in by_dim.items():
         out[d] = n
     return tuple(out)
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def kv_heads_per_rank(s: Structure, tp: int) -> int:
-    """KV heads each rank caches: split by tp when its plan splits the heads, else all of them
-    (a gathered qkv, or expert parallel, which replicates attention)."""
-    return s.kv_heads // tp if tp > 1 and s.heads_split_by_tp else s.kv_heads

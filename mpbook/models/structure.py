@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 from ..compat import transformers as hf_compat
 from ..errors import MpbookError
 
-STRATEGIES = ("data", "pipeline", "tensor", "expert")
-OWN_DIM = {"pipeline": "pp", "tensor": "tp", "expert": "ep"}
 # Projections whose colwise split splits the attention heads (transformers' get_kv_heads_per_rank
 # looks at the key side): tp must then divide the query heads and the KV heads.
 HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")

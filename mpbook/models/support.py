@@ -5,8 +5,9 @@ choices. Also the README's families x strategies table, produced from what mpboo
 from __future__ import annotations
 
 from ..errors import MpbookError
+from ..layout import OWN_DIM, STRATEGIES
 from ..units import divisors
-from .structure import EXPERT_COUNTS, OWN_DIM, STRATEGIES, NoPipeline, check_plans, structure
+from .structure import EXPERT_COUNTS, NoPipeline, check_plans, structure
 
 
 def _text(config):
@@ -135,7 +136,7 @@ def layout_problems(config, layout, plans: dict | None = None, *, stage_sizes=No
     if not allowed:
         return [f"{why_not(config, 'data', plans)}; mpbook cannot run {config.model_type} models"]
     problems = []
-    for strategy, dim in OWN_DIM.items():
+    for strategy, dim in OWN_DIM.items():  # data is always allowed here (allowed is not empty)
         degree = getattr(layout, dim)
         if degree > 1 and strategy not in allowed:
             reason = why_not(config, strategy, plans)

@@ -10,6 +10,7 @@ from ..compat import transformers as hf_compat
 from ..errors import MpbookError
 from ..layout import Layout
 from ..options import check_dtype
+from ..protocol import DEFAULT_MAX_NEW_TOKENS
 from ..models.support import layout_problems
 from .devices import devices_for, engine_count
 from .memory_plan import MemoryPlan
@@ -29,7 +30,7 @@ def plan(
     ep: int = 1,
     batch: int = 1,
     prompt_len: int = 128,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     dtype=None,
     microbatches: int = 1,
     stage_sizes: Sequence[int] | None = None,
