@@ -503,6 +503,50 @@ def test_every_adapter_names_the_versions_it_was_checked_against(library):
     assert callable(adapter.verify)
 
 
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def third_party_imports(modules: dict[str, Path]) -> dict[str, str]:
+    """Top-level modules outside the standard library and mpbook that ``modules`` import
+    (anywhere, inside functions too) -> the first place that does."""
+    import sys
+
+    found: dict[str, str] = {}
+    root = modules["mpbook"].parent.parent
+    for path in modules.values():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top and top != "mpbook" and top not in sys.stdlib_module_names:
+                    found.setdefault(top, f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_every_library_mpbook_imports_is_a_declared_dependency():
+    """A library used only because another one brings it breaks when that one stops."""
+    import importlib.metadata
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    declared = {_requirement_name(r) for r in project["dependencies"]}
+    distributions = importlib.metadata.packages_distributions()
+    imported = third_party_imports(MODULES)
+    assert {"torch", "transformers", "tokenizers", "traitlets"} <= set(imported)  # the walk sees them
+    undeclared = [
+        f"{where}: imports {top} ({' or '.join(distributions.get(top, ['no installed distribution']))})"
+        for top, where in sorted(imported.items())
+        if not {_requirement_name(d) for d in distributions.get(top, [])} & declared
+    ]
+    assert not undeclared, "declare these in pyproject.toml's dependencies:\n" + "\n".join(undeclared)
+
+
 def test_loading_the_extension_does_not_import_torch_or_transformers():
     """``%load_ext mpbook`` and ``import mpbook`` stay quick (torch alone takes seconds to
     import): the client imports torch and transformers when it first needs them."""
