@@ -1,8 +1,11 @@
 """A dashboard that stays (``%mp dashboard``): it follows every call of the workbench and,
 between calls, asks the idle engines for a snapshot every ``period_s``.
 
-It uses the workbench's public face only: ``ranks``, ``stopped``, ``client`` and
-``engine_ids()`` to poll, ``follow_always()``/``unfollow()`` to join and leave its calls.
+It joins and leaves the workbench's calls with ``follow_always()``/``unfollow()`` and reads
+its ``ranks`` and ``stopped``. Between calls it goes to the engines itself, past the workbench's
+calls (which would show on the dashboard as calls, and wait): with the workbench's ipyparallel
+``client`` and ``engine_ids()`` it runs :func:`mpbook.engine.state.telemetry_snapshot` on every
+engine, without blocking.
 
     >>> standing = stand(wb)                    # follows every call and refreshes between them
 """

@@ -1,5 +1,8 @@
 """What a causal LM is made of, and what each rank of a layout loads and runs: read from the
-model's own parallel plans. The one place in mpbook that knows about model structure.
+model's own parallel plans. Where a model's modules are and how a layout cuts them is read
+here and nowhere else; the sizes a run adds to them (heads, head dim, hidden size: the KV
+cache and the activations) the planner reads from the config itself
+(:class:`mpbook.planner.model_tensors.ModelDims`).
 
 transformers 5 configs carry a model's plans as data:
 
