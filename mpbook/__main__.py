@@ -42,7 +42,15 @@ def demo(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from . import bench as benchmarks
 
-    if args.collectives:
+    if args.links:
+        from .bench_links import format_links
+        from .workbench import Workbench
+
+        with Workbench.start(args.n, cpu=args.cpu, hosts=args.hosts, transport="gloo") as wb:
+            links = wb.measure_links()
+            print(format_links(links))
+        payload = [link.__dict__ for link in links]
+    elif args.collectives:
         from . import bench_transports
 
         timings = bench_transports.bench_collectives(engines=args.n or 2)
@@ -124,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cluster", action="store_true", help="measure cluster start-up and the %%%%mp run round trip")
     b.add_argument("--collectives", action="store_true",
                    help="all-reduce (4 KiB-4 MiB) and send/recv latency per transport (gloo, MPI), median and p90")
+    b.add_argument("--links", action="store_true",
+                   help="latency and bandwidth between every pair of ranks (within a host, across hosts)")
+    b.add_argument("--hosts", default=None, help="with --links: engines on these hosts, e.g. hosta:2,hostb:2 (over ssh)")
     b.add_argument("--cell-overhead", action="store_true",
                    help="a strategy cell's client time beyond the engines' own, on a loaded model")
     b.add_argument("--dashboard-overhead", action="store_true", help="generation with the dashboard and live text on and off")

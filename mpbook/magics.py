@@ -87,6 +87,14 @@ def build_parser() -> MagicArgumentParser:
     start.add_argument("--transport", choices=("auto", "mpi", "gloo"), default="auto",
                        help="CPU engines' collectives: mpi (engines started by mpiexec, shared memory), gloo, "
                             "or auto (default: mpi when installed)")
+    start.add_argument("--hosts", default=None,
+                       help="engines on other hosts, e.g. hosta:2,hostb:2 (names as ssh knows them); ranks follow the hosts")
+    start.add_argument("--ip", default=None,
+                       help="with --hosts: the address of this host the hosts reach (default: the route's)")
+    start.add_argument("--launcher", choices=("ssh", "mpi", "slurm"), default="ssh",
+                       help="with --hosts: ipyparallel's launcher for the engines (default ssh)")
+    start.add_argument("--python", default=None,
+                       help="with --hosts: the Python on the hosts (default: this one's path)")
     start.add_argument("--profile", default=None, help="attach to the running cluster of this IPython profile")
     start.add_argument("--cluster-id", default=None, help="attach to the running cluster with this id")
     start.add_argument(
@@ -95,7 +103,9 @@ def build_parser() -> MagicArgumentParser:
              f"at most {MAX_TIMEOUT_S:g})",
     )
 
-    command("status", "show the engines table")
+    status = command("status", "show the engines table")
+    status.add_argument("--links", action="store_true",
+                        help="measure latency and bandwidth between every pair of ranks first (a few seconds)")
     command("stop", "stop the engines mpbook started (leave an attached cluster running)")
     command("restart", "restart the cluster with the same layout")
     dash = command("dashboard", "show a dashboard that follows every cell and refreshes between them")
@@ -299,8 +309,12 @@ class MpMagics(Magics):
             )
             verb = "attached to"
         else:
+            if args.hosts is None and (args.ip or args.launcher != "ssh" or args.python):
+                raise MpbookError("--ip, --launcher and --python are for engines on other hosts: add --hosts, "
+                                  "e.g. --hosts hosta:2,hostb:2")
             self.workbench = Workbench.start(args.n, cpu=args.cpu, gpu=args.gpu, timeout_s=args.timeout,
-                                             transport=args.transport)
+                                             transport=args.transport, hosts=args.hosts, ip=args.ip,
+                                             launcher=args.launcher, python=args.python)
             verb = "started"
         wb = self.workbench
         print(f"{verb} {wb.world_size} engine{'s' if wb.world_size != 1 else ''} in {time.perf_counter() - began:.1f} s")
@@ -309,6 +323,10 @@ class MpMagics(Magics):
     def _status(self, args, cell):
         wb = self._require("asking for status")
         wb.status()
+        if args.links:
+            from .bench_links import format_links
+
+            print(format_links(wb.measure_links()).rsplit("\n", 1)[0])  # the summary comes with the table
         print(wb.table())
 
     def _stop(self, args, cell):

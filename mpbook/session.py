@@ -180,6 +180,15 @@ def choose_sampling(*, temperature=None, top_k=None, top_p=None, repetition_pena
                     top_p=top_p if top_p is not None else 1.0, repetition_penalty=penalty, seed=seed, do_sample=True)
 
 
+def _warn_across_hosts(cluster, layout: Layout) -> None:
+    """One line when a tensor or expert group of ``layout`` spans hosts (it runs, slowly)."""
+    import sys
+
+    warning = getattr(cluster, "layout_warning", lambda layout: None)(layout)
+    if warning:
+        print(warning, file=sys.stderr)
+
+
 def choose_layout(
     strategy: str,
     engines: int,
@@ -443,6 +452,7 @@ class Session:
                                 max_new_tokens=max_new_tokens, dtype=dtype, microbatches=microbatches,
                                 stage_sizes=stage_sizes),
         )
+        _warn_across_hosts(cluster, layout)
         if chosen_microbatches:
             from .parallel.pipeline import default_microbatches
 

@@ -34,13 +34,20 @@ class Workbench:
     # ----------------------------------------------------------------- construction
     @classmethod
     def start(cls, n: int | None = None, *, cpu: bool = False, gpu: bool = False,
-              timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None, transport: str = "auto") -> Workbench:
+              timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None, transport: str = "auto",
+              hosts=None, ip: str | None = None, launcher: str = "ssh", python: str | None = None) -> Workbench:
         """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines.
 
         ``threads``: intra-op threads per engine (default: the cores divided among engines).
         ``transport``: what CPU engines' collectives use: ``"mpi"`` (mpiexec-started engines,
-        MPICH's shared memory), ``"gloo"``, or ``"auto"`` (MPI when installed)."""
-        return cls(Cluster.start(n, cpu=cpu, gpu=gpu, timeout_s=timeout_s, threads=threads, transport=transport))
+        MPICH's shared memory), ``"gloo"``, or ``"auto"`` (MPI when installed).
+
+        ``hosts``: engines on other hosts, e.g. ``"hosta:2,hostb:2"``, started by ipyparallel's
+        ``launcher`` (``"ssh"``, ``"mpi"`` or ``"slurm"``) with ``python`` there (default:
+        this Python's path); ``ip``: the address of this host the hosts reach (default: the
+        route's). Ranks follow the hosts in the order given."""
+        return cls(Cluster.start(n, cpu=cpu, gpu=gpu, timeout_s=timeout_s, threads=threads, transport=transport,
+                                 hosts=hosts, ip=ip, launcher=launcher, python=python))
 
     @classmethod
     def attach(cls, **options: Any) -> Workbench:
@@ -100,7 +107,21 @@ class Workbench:
         return self.cluster.engines
 
     def table(self) -> str:
-        return self.cluster.table()
+        """The engines table (by host), and the links' summary once they were measured."""
+        text = self.cluster.table()
+        if self.cluster.links:
+            from .bench_links import summary
+
+            text += "\n" + summary(self.cluster.links)
+        return text
+
+    def measure_links(self):
+        """Latency and bandwidth between every pair of ranks (a few seconds); kept for the
+        status table's summary. Returns :class:`mpbook.bench_links.Link` rows."""
+        from .bench_links import measure_links
+
+        self.cluster.check_running("measuring the links")
+        return measure_links(self)
 
     def interrupt(self, ranks: Sequence[int] | None = None) -> None:
         """Send SIGINT to the engines of ``ranks`` (all by default): a KeyboardInterrupt there."""

@@ -1,9 +1,11 @@
 """Cluster lifecycle: start or attach, form the process group, restart, stop, reap.
 
-Rank r is the engine at position r of the sorted engine ids. A cluster that mpbook starts
-lives on this host, listens on loopback only and is stopped by ``stop()``, by leaving the
-``with`` block, or at interpreter exit (a notebook kernel's shutdown included). A cluster
-that mpbook attaches to is left running: mpbook only leaves the process group it formed.
+Ranks follow hosts, then engine ids (:func:`mpbook.cluster.hosts.rank_order`). A cluster that
+mpbook starts lives on this host and listens on loopback only, or, started with ``hosts``,
+has its engines on those hosts (ipyparallel's SSH, MPI or Slurm launcher) and listens on the
+one address the hosts share; it is stopped by ``stop()``, by leaving the ``with`` block, or
+at interpreter exit (a notebook kernel's shutdown included). A cluster that mpbook attaches
+to is left running: mpbook only leaves the process group it formed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import weakref
@@ -28,10 +31,13 @@ from ..options import DEFAULT_TIMEOUT_S, check_engine_count, check_threads, chec
 from ..protocol import EngineInfo, Rendezvous
 from . import calls
 from .health import EngineWatch, process_running, signal_engines
+from .hosts import HostSlots, check_hosts, controller_address, rank_order, rows_by_host, span_warning
 from .launch import OWNER_ENV
 from .transport import TransportChoice, attached_transport, choose_transport, configure_mpi_engines
 
 ENGINE_TIMEOUT_S = 60.0  # for engines to register after they are launched
+# ipyparallel's SSH launcher starts engines one after another, each over a few ssh calls.
+REMOTE_ENGINE_TIMEOUT_S = 180.0
 # ipyparallel's default heartbeat (3 s) makes engine registration take ~6.5 s for two
 # engines here; 250 ms brings it to ~2 s and still notices a dead engine within seconds.
 HEARTBEAT_MS = 250
@@ -59,6 +65,14 @@ class Cluster:
         self.stopped = False
         self._started_procs: list = []  # psutil.Process of everything launched, for the last reap
         self._rendezvous: Rendezvous | None = None  # where the current process group met
+        # Engines on other hosts (start with hosts=...): the slots asked for, the launcher,
+        # the Python there, and the address of this host that they reach.
+        self.slots: tuple[HostSlots, ...] = ()
+        self.launcher = ""
+        self.remote_python: str | None = None
+        self.address: str | None = None
+        self._multiplex = None  # mpbook.cluster.ssh.Multiplex: the launcher's shared ssh connections
+        self.links: list | None = None  # the last measurement of the links (mpbook.bench_links)
         self._arm_exit_hook()
 
     def _arm_exit_hook(self) -> None:
@@ -77,19 +91,60 @@ class Cluster:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         threads: int | None = None,
         transport: str = "auto",
+        hosts=None,
+        ip: str | None = None,
+        launcher: str = "ssh",
+        python: str | None = None,
     ) -> Cluster:
         """Start a local cluster: one engine per visible GPU, or ``n`` CPU engines.
 
         ``threads``: intra-op threads per engine (default: the cores divided among engines).
         ``transport``: for CPU engines, ``"mpi"`` (engines started by mpiexec, collectives over
-        MPICH's shared memory), ``"gloo"``, or ``"auto"``: MPI when it is installed."""
+        MPICH's shared memory), ``"gloo"``, or ``"auto"``: MPI when it is installed.
+
+        ``hosts``: engines on other hosts instead, e.g. ``"hosta:2,hostb:2"`` (names as
+        ``ssh`` knows them), started by ipyparallel's ``launcher`` (``ssh``, ``mpi`` or
+        ``slurm``) with ``python`` there (default: this Python's path); the controller
+        listens on ``ip``, default the address of this host on the route to them."""
         timeout_s = check_timeout(timeout_s)
         threads = check_threads(threads)
+        if hosts is not None:
+            return cls._start_on_hosts(hosts, n=n, gpu=gpu, timeout_s=timeout_s, threads=threads,
+                                       transport=transport, ip=ip, launcher=launcher, python=python)
+        if ip is not None:
+            raise MpbookError("--ip is for engines on other hosts (--hosts); a local cluster listens on loopback only")
         plan = StartPlan.choose(n, cpu=cpu, gpu=gpu)
         if threads is not None:
             plan = dataclasses.replace(plan, threads=threads)
         choice = choose_transport(transport, use_gpu=plan.use_gpu)
         cluster = cls(owned=True, plan=plan, timeout_s=timeout_s, rendezvous="file", transport=choice)
+        cluster._launch()
+        return cluster
+
+    @classmethod
+    def _start_on_hosts(cls, hosts, *, n, gpu, timeout_s, threads, transport, ip, launcher, python) -> Cluster:
+        """Check everything about engines on other hosts before anything starts, then start."""
+        from .ssh import check_launcher
+
+        slots = check_hosts(hosts)
+        launcher = check_launcher(launcher)
+        total = sum(slot.n for slot in slots)
+        if n is not None and n != total:
+            raise MpbookError(f"-n {n} with --hosts asking for {total} engines; leave out -n (the hosts say how many)")
+        if transport == "mpi" and launcher != "mpi":
+            raise MpbookError("--transport mpi across hosts needs engines started by mpiexec: add --launcher mpi, "
+                              "or leave out --transport")
+        if transport not in ("auto", "mpi", "gloo"):
+            choose_transport(transport, use_gpu=gpu)  # its error names the choices
+        address = controller_address(slots, ip)
+        if launcher == "mpi" and transport != "gloo":
+            choice = TransportChoice("mpi")
+        else:
+            choice = TransportChoice("nccl" if gpu else "gloo")
+        # threads=0: each engine takes its host's cores divided among that host's engines.
+        plan = StartPlan(n=total, use_gpu=gpu, threads=threads or 0)
+        cluster = cls(owned=True, plan=plan, timeout_s=timeout_s, rendezvous="tcp", transport=choice)
+        cluster.slots, cluster.launcher, cluster.remote_python, cluster.address = slots, launcher, python, address
         cluster._launch()
         return cluster
 
@@ -113,20 +168,37 @@ class Cluster:
         }
         config.LocalEngineSetLauncher.environment = environment
         engines = "local"
-        if self.transport.name == "mpi":
+        # The controller listens on loopback only, or on the one address the hosts reach.
+        controller_ip = self.address or "127.0.0.1"
+        # Schedulers in threads rather than 8 forked processes: a faster start, and
+        # fewer processes to compete for the cores with the engines.
+        controller_args = [f"--HeartMonitor.period={HEARTBEAT_MS}", "--IPController.use_threads=True"]
+        if self.slots:
+            from .ssh import configure_engines, engine_environment
+
+            # Engines elsewhere dial the address itself: a host name might not resolve there.
+            controller_args.append(f"--IPController.location={controller_ip}")
+            threads_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if plan.threads else {}
+            if self.launcher == "ssh":
+                from .ssh import Multiplex
+
+                self._multiplex = Multiplex()
+            engines = configure_engines(config, self.launcher, self.slots, python=self.remote_python,
+                                        environment=engine_environment(threads_env),
+                                        multiplex=self._multiplex.options if self._multiplex else ())
+        elif self.transport.name == "mpi":
             configure_mpi_engines(config, self.transport, [*launch, "engine"], environment)
             engines = "mpi"
         self.ipp_cluster = ipp_cluster = ipp.Cluster(
             n=plan.n,
             engines=engines,
             config=config,
-            controller_ip="127.0.0.1",  # the controller listens on loopback only
-            # Schedulers in threads rather than 8 forked processes: a faster start, and
-            # fewer processes to compete for the cores with the engines.
-            controller_args=[f"--HeartMonitor.period={HEARTBEAT_MS}", "--IPController.use_threads=True"],
-            # Engines find the controller's connection file themselves, so they start
-            # (and import torch) while the controller is still coming up.
-            send_engines_connection_env=False,
+            controller_ip=controller_ip,
+            controller_args=controller_args,
+            # Local engines find the controller's connection file themselves, so they start
+            # (and import torch) while the controller is still coming up; engines elsewhere
+            # get it in their environment (and by scp), as ipyparallel sends it.
+            send_engines_connection_env=bool(self.slots),
             delay=0,
             log_level=logging.WARNING,
         )
@@ -139,7 +211,8 @@ class Cluster:
             atexit.register(self._cleanup)
             self.client = ipp_cluster.connect_client_sync()
             # interactive=False: no progress bar in the notebook for a two-second wait.
-            self.client.wait_for_engines(plan.n, timeout=ENGINE_TIMEOUT_S, interactive=False)
+            self.client.wait_for_engines(plan.n, timeout=REMOTE_ENGINE_TIMEOUT_S if self.slots else ENGINE_TIMEOUT_S,
+                                         interactive=False)
             self._form_group(hosts=None)
             # Children (the controller's heart monitor, the nannies) can no longer be found
             # from a parent that was killed; remember them now to reap them at stop.
@@ -207,8 +280,10 @@ class Cluster:
                 f"the cluster at {where} has {have} engine{'s' if have != 1 else ''} after {wait_s:.0f} s, "
                 f"{n or 1} wanted; start more engines or ask for fewer with -n"
             ) from None
-        ids = sorted(client.ids)[: n or None]
-        hosts = client[ids].apply_sync(engine.hostname)
+        chosen = sorted(client.ids)[: n or None]
+        found = client[chosen].apply_sync(engine.hostname)
+        ids = rank_order(chosen, found)  # ranks by host
+        hosts = [found[chosen.index(eid)] for eid in ids]
         kind = rendezvous or ("file" if len(set(hosts)) == 1 else "tcp")
         plan = StartPlan(n=len(ids), use_gpu=False, threads=0)
         cluster = cls(owned=False, plan=plan, timeout_s=timeout_s, rendezvous=kind, client=client)
@@ -236,12 +311,24 @@ class Cluster:
 
     def _form_group(self, hosts: list[str] | None) -> None:
         """Rank the engines, make the rendezvous on rank 0, and init the process group on all."""
+        threads = [self.plan.threads or None] * self.plan.n
         if not self._engine_ids:
-            self._engine_ids = sorted(self.client.ids)[: self.plan.n]
+            ids = sorted(self.client.ids)[: self.plan.n]
+            if self.slots:
+                # Ranks by host, in the order the hosts were given.
+                found = self.client[ids].apply_sync(engine.hostname)
+                order = rank_order(ids, found, first=_host_names(self.slots, found))
+                hosts = [found[ids.index(eid)] for eid in order]
+                ids = order
+            self._engine_ids = ids
         ids = self._engine_ids
-        hosts = hosts or [""] * len(ids)
+        hosts = hosts or (self._hosts if self.slots else None) or [""] * len(ids)
         self._hosts = hosts
-        rdzv: Rendezvous = self.client[ids[0]].apply_sync(engine.make_rendezvous, self.rendezvous_kind)
+        if self.slots and not self.plan.threads:
+            # Each host's cores, shared among that host's engines.
+            cores = self.client[ids].apply_sync(_usable_cores)
+            threads = [max(1, c // hosts.count(h)) for c, h in zip(cores, hosts)]
+        rdzv: Rendezvous = self.client[ids[0]].apply_sync(engine.make_rendezvous, self.rendezvous_kind, self.address)
         self._rendezvous = rdzv
         table = {}
         for rank, (eid, host) in enumerate(zip(ids, hosts)):
@@ -251,10 +338,11 @@ class Cluster:
                 local_rank=hosts[:rank].count(host),
                 engine_id=eid,
                 use_gpu=self.plan.use_gpu,
-                threads=self.plan.threads or None,
+                threads=threads[rank],
                 rendezvous=rdzv,
                 timeout_s=self.timeout_s,
                 mpi=self.transport.name == "mpi",
+                toward=self.address,
             )
         result = self.client[ids].apply_async(engine.setup_from_table, table)
         self.engines = calls.wait(result, self.ranks, stream=False, what="forming the process group")
@@ -281,24 +369,40 @@ class Cluster:
     def engine_ids(self, ranks: Sequence[int] | None = None) -> list[int]:
         return [self._engine_ids[r] for r in (self.ranks if ranks is None else ranks)]
 
+    @property
+    def hosts(self) -> list[str]:
+        """Each rank's host name, by rank (empty names for a local cluster)."""
+        return list(self._hosts or [])
+
+    def layout_warning(self, layout) -> str | None:
+        """One line when ``layout`` puts a tensor or expert group across hosts."""
+        return span_warning(layout, self.hosts)
+
     def pids(self) -> dict[str, list[int]]:
         """Processes this cluster's owner started (empty for an attached cluster)."""
         if not self.owned or self.ipp_cluster is None:
             return {"controller": [], "engines": []}
         controller = self.ipp_cluster.controller
+        from ipyparallel.cluster.launcher import LocalProcessLauncher, SSHLauncher
+
         engines = []
         for engine_set in self.ipp_cluster.engines.values():
             # One launcher per engine, or (MPI) one mpiexec whose process tree holds the engines.
             launchers = getattr(engine_set, "launchers", None)
             for launcher in launchers.values() if launchers is not None else [engine_set]:
-                if launcher.pid:
+                # Only processes on this host: an SSH launcher's pid is the engine's on its
+                # host, and a batch launcher's engines run wherever the scheduler put them.
+                local = isinstance(launcher, LocalProcessLauncher) and not isinstance(launcher, SSHLauncher)
+                if launcher.pid and local:
                     engines.append(launcher.pid)
         return {"controller": [controller.pid] if controller and controller.pid else [], "engines": engines}
 
     def watch(self) -> EngineWatch:
         """Engine deaths are noticed by the controller; for engines mpbook started on this
         host, also by their pids (and the controller's own death by its pid)."""
-        by_rank = {info.rank: info.pid for info in self.engines}
+        here = socket.gethostname()
+        # A pid means something only on its own host; the controller watches the others.
+        by_rank = {info.rank: info.pid for info in self.engines if info.host == here}
         pids = [by_rank.get(rank) if self.owned else None for rank in self.ranks]
         controller = self.pids()["controller"]
         return EngineWatch(self.client, self._engine_ids, pids, controller[0] if controller else None)
@@ -325,7 +429,8 @@ class Cluster:
         transport = self.transport
         line = {
             "mpi": "collectives: MPI (mpi4py over MPICH's shared memory), engines started by mpiexec",
-            "gloo": "collectives: gloo (TCP over loopback)" if self.owned else "collectives: gloo",
+            "gloo": (f"collectives: gloo (TCP on {self.address}, the address the hosts share)" if self.slots
+                     else "collectives: gloo (TCP over loopback)" if self.owned else "collectives: gloo"),
             "nccl": "collectives: NCCL",
         }[transport.name]
         if transport.note:
@@ -393,6 +498,9 @@ class Cluster:
             _quiet(ipp_cluster.stop_engines_sync)
             _quiet(ipp_cluster.stop_controller_sync)
             _reap(procs)
+            if self._multiplex is not None:
+                self._multiplex.close([slot.name for slot in self.slots])
+                self._multiplex = None
             # Rank 0 removes its rendezvous folder on its way out, unless it was killed; the
             # engines of a cluster mpbook started are on this host, so the folder is here.
             rdzv = self._rendezvous
@@ -418,7 +526,33 @@ def format_engines(infos: Sequence[EngineInfo]) -> str:
         memory = f"{format_bytes(i.memory_free_bytes, unit='GiB')} / {format_bytes(i.memory_total_bytes, unit='GiB')}"
         rows.append((str(i.rank), i.host, str(i.pid), device, i.backend, i.transport or i.backend, str(i.threads), memory))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    groups = rows_by_host([i.host for i in infos])
+    if len(groups) < 2:
+        return "\n".join(lines)
+    # Several hosts: the rows of each host under a line naming it (ranks are grouped by host).
+    out = ["  " + lines[0]]
+    for host, ranks in groups:
+        out.append(f"{host}: {len(ranks)} engine{'s' if len(ranks) != 1 else ''}, ranks {ranks[0]}-{ranks[-1]}"
+                   if len(ranks) > 1 else f"{host}: 1 engine, rank {ranks[0]}")
+        out.extend("  " + lines[1 + r] for r in ranks)
+    return "\n".join(out)
+
+
+def _usable_cores() -> int:
+    from ..devices import usable_cores
+
+    return usable_cores()
+
+
+def _host_names(slots: Sequence[HostSlots], found: Sequence[str]) -> list[str]:
+    """The engines' own host names in the order of ``slots`` (a slot may name a host by an
+    alias or its short name; hosts that match no slot follow in engine-id order)."""
+    names = []
+    for slot in slots:
+        short = slot.name.split("@")[-1].split(".")[0]
+        names += [h for h in dict.fromkeys(found) if h not in names and (h == slot.name or h.split(".")[0] == short)]
+    return names
 
 
 def _stop_at_exit(ref: weakref.ref) -> None:

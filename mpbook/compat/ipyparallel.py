@@ -59,6 +59,61 @@ def engine_class():
     return Engine
 
 
+def ssh_engine_set_launcher():
+    """ipyparallel's SSH engine launcher, with its remote calls made faster by ipyparallel's
+    own means: its shell-command sender in the mode that sends the receiving code along
+    (``send_receiver_code=True``, stdlib only on the far side) instead of importing
+    ipyparallel there for every call, a second or more each; and its wait for a remote pid
+    sent as ipyparallel's own ``ssh_waitpid`` source, for the same reason."""
+    import inspect
+
+    from ipyparallel.cluster import launcher as launchers
+    from ipyparallel.cluster.shellcmd import ShellCommandSend
+
+    class SSHEngineLauncher(launchers.SSHEngineLauncher):
+        @property
+        def ssh_sender(self):
+            if self._ssh_sender is None:
+                self._ssh_sender = ShellCommandSend(self.ssh_cmd, self.ssh_args + [self.location], self.remote_python,
+                                                    log=self.log, send_receiver_code=True)
+            return self._ssh_sender
+
+        def wait_one(self, timeout):
+            code = f"import psutil\n{inspect.getsource(launchers.ssh_waitpid)}\nssh_waitpid({self.pid}, timeout={timeout})\n"
+            values = launchers._ssh_outputs(self.ssh_sender.check_output_python_code(code))
+            if "process_running" not in values:
+                raise RuntimeError(f"waiting for pid {self.pid} on {self.location}: {values}")
+            if int(values.get("process_running", 0)):
+                raise TimeoutError("still running")
+            return int(values.get("exit_code", -1))
+
+    class SSHEngineSetLauncher(launchers.SSHEngineSetLauncher):
+        launcher_class = SSHEngineLauncher
+
+    return SSHEngineSetLauncher
+
+
+def controller_endpoints() -> set[tuple[str, int]]:
+    """In an engine: the (address, port) of each of the controller's channels it connects to,
+    from the connection info ipyparallel's engine application keeps (``connection_info``:
+    ``interface`` and a port, or a list of ports, per channel)."""
+    from ipyparallel.engine.app import IPEngine
+
+    if not IPEngine.initialized():
+        return set()
+    info = getattr(IPEngine.instance(), "connection_info", None) or {}
+    host = str(info.get("interface", "")).split("://")[-1]
+    ports = []
+    for value in info.values():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            ports.append(value)
+        elif isinstance(value, list):
+            ports += [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return {(host, port) for port in ports}
+
+
 def verify() -> None:
     """Raise with a clear message if this ipyparallel lacks what the adapter uses."""
     import inspect

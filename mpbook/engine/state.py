@@ -33,6 +33,7 @@ class EngineState:
     mesh: Mesh | None = None
     cache: dict[str, Any] = field(default_factory=dict)  # models and other per-engine state kept between cells
     peer_pids: list[int] = field(default_factory=list)  # the other engines of the group on this host
+    peer_addresses: list[str] = field(default_factory=list)  # those of the group's engines on other hosts
     telemetry: Any = None  # mpbook.engine.telemetry.Telemetry
     publisher: Any = None  # mpbook.engine.publish.Publisher: sends telemetry to the client while a task runs
     # When the engines share an MPI world: a communicator over every rank, split afresh each
@@ -126,6 +127,41 @@ def close_connections_to(pids) -> int:
     return closed
 
 
+def close_connections_to_hosts(addresses, keep) -> int:
+    """Shut down this process's TCP connections to ``addresses`` (the engines on other
+    hosts, whose sockets this host cannot list), except those to the endpoints in ``keep``
+    (the controller, the rendezvous store); returns how many."""
+    import psutil
+
+    closed = 0
+    wanted = set(addresses)
+    for conn in psutil.Process().net_connections("tcp"):
+        if not conn.raddr or conn.raddr.ip not in wanted or conn.fd < 0:
+            continue
+        if (conn.raddr.ip, conn.raddr.port) in keep or (conn.laddr.ip, conn.laddr.port) in keep:
+            continue
+        try:
+            sock = socket.socket(fileno=os.dup(conn.fd))
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            closed += 1
+        except OSError:
+            pass
+    return closed
+
+
+def _endpoints_to_keep(state: EngineState) -> set[tuple[str, int]]:
+    """What this engine's connections to other hosts go to besides its peers' process
+    groups: the controller (ipyparallel's channels) and the rendezvous store."""
+    from ..compat.ipyparallel import controller_endpoints
+
+    keep = set(controller_endpoints())
+    rdzv = state.rendezvous
+    if rdzv is not None and rdzv.kind == "tcp":
+        keep.add((rdzv.host, rdzv.port))
+    return keep
+
+
 def telemetry_snapshot() -> dict[str, Any]:
     """This engine's telemetry snapshot, returned rather than published (a standing dashboard's poll)."""
     return state().telemetry.snapshot()
@@ -143,8 +179,19 @@ def host_address() -> str:
         return socket.gethostname()
 
 
-def make_rendezvous(kind: str) -> Rendezvous:
-    """Run on rank 0: make the meeting point that the other ranks will join."""
+def group_address(toward: str | None) -> str:
+    """The address this engine's process group uses: on the route to ``toward`` (the address
+    the hosts share) when given, else the one its host name resolves to."""
+    from .network import route_source
+
+    return route_source(toward) if toward else host_address()
+
+
+def make_rendezvous(kind: str, toward: str | None = None) -> Rendezvous:
+    """Run on rank 0: make the meeting point that the other ranks will join.
+
+    ``toward``: the address the hosts share; the TCP store then listens on this host's
+    address on the route to it, and on no other interface."""
     import tempfile
 
     if kind == "file":
@@ -156,10 +203,19 @@ def make_rendezvous(kind: str) -> Rendezvous:
 
         import torch.distributed as dist
 
-        host = host_address()
-        # port 0: the OS picks a free port; the store reports which.
-        store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+        host = group_address(toward)
         ns = _namespace()
+        if toward:
+            from .network import listening_socket
+
+            # torch's store would listen on every interface; handed a listening socket, it
+            # serves there (and closes the descriptor it was given when it ends).
+            with listening_socket(host) as sock:
+                store = dist.TCPStore(host, sock.getsockname()[1], is_master=True, wait_for_workers=False,
+                                      timeout=timedelta(seconds=60), master_listen_fd=os.dup(sock.fileno()))
+        else:
+            # port 0: the OS picks a free port; the store reports which.
+            store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
         ns["_mpbook_tcp_store"] = store
         return Rendezvous("tcp", host=host, port=store.port)
     raise ValueError(f"unknown rendezvous kind {kind!r}; use 'file' or 'tcp'")
@@ -181,11 +237,14 @@ def setup(
     rendezvous: Rendezvous,
     timeout_s: float,
     mpi: bool = False,
+    toward: str | None = None,
 ) -> EngineInfo:
     """Pin this engine to its device, join the process group and bind the cell names.
 
     ``mpi``: the engines share an MPI world (started by mpiexec): mpbook's collectives use a
-    fresh communicator split from it (every engine of the world takes part)."""
+    fresh communicator split from it (every engine of the world takes part).
+    ``toward``: engines on several hosts: the address they share; gloo and NCCL keep to the
+    interface of this host's route to it."""
     from datetime import timedelta
 
     import torch
@@ -210,6 +269,13 @@ def setup(
         # Ranks on one host talk over loopback only; nothing is reachable from outside.
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
         os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+    elif toward:
+        from .network import interface_of
+
+        # Only the interface the hosts share, not whatever the host name resolves to.
+        interface = interface_of(group_address(toward))
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+        os.environ["NCCL_SOCKET_IFNAME"] = interface
 
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -221,9 +287,10 @@ def setup(
             store = dist.TCPStore(
                 rendezvous.host, rendezvous.port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s)
             )
-    # Each rank leaves its host and pid in the store (an interrupted rank ends its
-    # connections to the other engines on its host, see abort_group).
-    store.set(f"mpbook/pid/{rank}", f"{hostname()} {os.getpid()}")
+    # Each rank leaves its host, pid and address in the store (an interrupted rank ends its
+    # connections to the other engines, see abort_group).
+    address = group_address(toward) if rendezvous.kind == "tcp" else "127.0.0.1"
+    store.set(f"mpbook/pid/{rank}", f"{hostname()} {os.getpid()} {address}")
     dist.init_process_group(
         backend,
         store=store,
@@ -250,7 +317,8 @@ def setup(
         rendezvous=rendezvous,
         mesh=Mesh(Layout(dp=world_size), rank, device.type, world=comm),
         telemetry=Telemetry(rank, device),
-        peer_pids=[int(pid) for host, pid in peers if host == hostname()],
+        peer_pids=[int(pid) for host, pid, _ in peers if host == hostname()],
+        peer_addresses=sorted({address for host, _, address in peers if host != hostname()}),
         mpi=comm,
     )
     kept = ns.pop(KEPT_RUNNER, None)
@@ -338,6 +406,8 @@ def abort_group(state: EngineState | None = None) -> None:
         # shut the connections to the other engines down, so a peer blocked in a
         # collective with this rank fails now instead of after the timeout.
         close_connections_to(state.peer_pids)
+        if state.peer_addresses:
+            close_connections_to_hosts(state.peer_addresses, keep=_endpoints_to_keep(state))
 
 
 def teardown(state: EngineState | None = None, *, keep_model: bool = False) -> None:
