@@ -154,6 +154,9 @@ def build_parser() -> MagicArgumentParser:
         cmd.add_argument("--stop", action="append", default=None, help="stop a prompt at this text (repeatable)")
         cmd.add_argument("--ignore-eos", action="store_true",
                          help="run every prompt to --max-new-tokens (benchmarks)")
+        cmd.add_argument("--compile", action="store_true",
+                         help="static KV cache and torch.compile of the decode step (compiled once per shape, "
+                              "reused by later cells)")
         cmd.add_argument("--prompts", default=None,
                          help="take the prompts from this variable (a str, a list of str, or of chat message lists)")
         cmd.add_argument("-o", "--out", default="_mp", help="name for the result object (default _mp)")
@@ -385,6 +388,7 @@ class MpMagics(Magics):
             seed=args.seed,
             stop=args.stop,
             ignore_eos=args.ignore_eos,
+            compile=args.compile,
             dashboard=not args.no_dashboard,
         )
         self.shell.user_ns[args.out] = result

@@ -35,7 +35,7 @@ DEFAULT_DTYPE = "float32"
 
 # ----------------------------------------------------------------------------- telemetry
 # importing: transformers and the model's code, before the first load of a model on an engine
-PHASES = ("idle", "importing", "loading", "prefill", "decode")
+PHASES = ("idle", "importing", "loading", "compiling", "prefill", "decode")
 # What a rank's memory holds, where a strategy knows it (Telemetry.note_memory).
 MEMORY_PARTS = ("weights", "kv_cache", "activations")
 # Keys of the engines' DataPub messages: the snapshot taken as a task began (the baseline
@@ -156,6 +156,8 @@ class Request:
     track_tensors: bool = False
     # Stream each prompt's new tokens in the telemetry snapshots (for live text).
     stream: bool = True
+    # A static KV cache and a torch.compile'd decode step (mpbook.engine.compiled).
+    compile: bool = False
 
     @property
     def model_key(self) -> tuple:
@@ -197,3 +199,6 @@ class RankOutput:
     transports: dict[str, str] = field(default_factory=dict)
     # Where this rank's decode steps went, in seconds (mpbook.engine.steps.StepBreakdown).
     step_breakdown: dict[str, float] = field(default_factory=dict)
+    # --compile: the seconds this run spent compiling the decode step before its prefill;
+    # None when it compiled nothing (no --compile, or every shape compiled in an earlier cell).
+    compile_seconds: float | None = None

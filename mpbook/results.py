@@ -58,6 +58,10 @@ class RunResult:
     step_breakdown: list[dict[str, float]] = field(default_factory=list)  # per rank: where decode time went (s)
     import_seconds: list[float] = field(default_factory=list)  # per rank: transformers and the model's code imported
     prepare_seconds: float = 0.0  # the client before it called the engines: the model resolved, prompts, checks
+    compiled: bool = False  # --compile: the decode step ran compiled (mpbook.engine.compiled)
+    # --compile: per rank, the seconds this cell spent compiling before its prefill; None
+    # where the rank compiled nothing (its shapes were compiled by an earlier cell)
+    compile_seconds: list[float | None] = field(default_factory=list)
 
     def cell_parts(self) -> list[tuple[str, float]]:
         """Where the call's time went, in parts that add up to ``cell_seconds``: the client's
@@ -71,11 +75,13 @@ class RunResult:
         def engine_parts(r: int) -> list[tuple[str, float]]:
             phases = self.rank_phase_seconds[r]
             return [("importing", _of(self.import_seconds, r)), ("loading", _of(self.load_seconds, r)),
+                    ("compiling", phases.get("compiling", 0.0)),
                     ("prefill", phases.get("prefill", 0.0)), ("decode", phases.get("decode", 0.0))]
 
         busiest = max(ranks, key=lambda r: sum(s for _, s in engine_parts(r)), default=None)
         engine = engine_parts(busiest) if busiest is not None else [  # no per-rank phases known
             ("importing", max(self.import_seconds, default=0.0)), ("loading", max(self.load_seconds, default=0.0)),
+            ("compiling", max((s for s in self.compile_seconds if s), default=0.0)),
             ("prefill", self.prefill_seconds), ("decode", self.decode_seconds)]
         parts = [("preparing", self.prepare_seconds), *engine]
         return parts + [("client & transfer", max(0.0, self.cell_seconds - sum(s for _, s in parts)))]
@@ -166,6 +172,17 @@ class RunResult:
         step = "/".join(per_step(b, "steps") for b in ranks)
         return f"decode step per rank, ms: {step} = {parts}"
 
+    def compile_words(self) -> str:
+        """With ``--compile``: how long compiling the decode step took in this cell, or that
+        an earlier cell's compiled step was reused; "" without ``--compile``."""
+        if not self.compiled:
+            return ""
+        spent = [s for s in self.compile_seconds if s is not None]
+        if not spent:
+            return "decode step compiled (static KV cache): reused from an earlier cell of this shape"
+        return (f"decode step compiled (static KV cache) in {max(spent):.1f} s before the prefill, "
+                "not counted in tok/s; later cells of this shape reuse it")
+
     def transport_words(self) -> str:
         """What the run's groups moved tensors over: ``"mpi"``, or ``"tp: mpi, pp: gloo"``."""
         by_dims: dict[str, set[str]] = {}
@@ -202,6 +219,9 @@ class RunResult:
         steps = self.step_words()
         if steps:
             lines.append(steps)
+        compiled = self.compile_words()
+        if compiled:
+            lines.append(compiled)
         if any(self.expert_tokens):
             lines.append(f"expert load per rank (routes to its experts): [{', '.join(map(str, self.expert_tokens))}]")
         if self.max_new_tokens:
@@ -396,6 +416,8 @@ def merge(
         rank_phase_seconds=[dict(out.phase_seconds) for out in outputs],
         transports=[dict(out.transports) for out in outputs],
         step_breakdown=[dict(out.step_breakdown) for out in outputs],
+        compiled=request.compile and request.max_new_tokens > 1,
+        compile_seconds=[out.compile_seconds for out in outputs],
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
 

@@ -398,6 +398,7 @@ class Session:
         ignore_eos: bool = False,
         stream: bool = True,
         track_tensors: bool = False,
+        compile: bool = False,
         follow: Follow | None = None,
     ) -> RunResult:
         """Generate (or, with ``max_new_tokens=0``, run a forward pass) with one layout.
@@ -413,6 +414,10 @@ class Session:
         kept in the result). Generation stops when every row has produced end-of-sequence
         (the model's generation config) or one of the ``stop`` strings, or at
         ``max_new_tokens``; ``ignore_eos`` runs every row to the cap (benchmarks).
+
+        ``compile``: a static KV cache and a ``torch.compile``'d decode step
+        (:mod:`mpbook.engine.compiled`): compiled once per shape before the prefill (the
+        result's ``compile_seconds``), reused by later cells of the same shape.
         """
         import time
 
@@ -473,6 +478,7 @@ class Session:
                               stop_strings=stop_strings, ignore_eos=bool(ignore_eos)),
             track_tensors=track_tensors,
             stream=stream,
+            compile=bool(compile),
         )
         check_request(request, config=info.config, prompt_tokens=prompt_tokens)
         self.check_memory(request, config=info.config, prompt_len=max(prompt_tokens))

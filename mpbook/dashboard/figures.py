@@ -22,7 +22,7 @@ from ..units import format_bytes
 
 RATE_WINDOW_S = 1.0  # live tokens/s is measured over the last second of snapshots
 STALE_AFTER_S = 2.0  # a rank whose snapshots stopped this long ago has a live rate of 0
-WORK_PHASES = ("importing", "loading", "prefill", "decode")  # in the order a run goes through them
+WORK_PHASES = ("importing", "loading", "compiling", "prefill", "decode")  # in the order a run goes through them
 NONE = "–"  # a figure nobody has measured (yet)
 
 Snapshot = Mapping[str, Any]

@@ -29,6 +29,7 @@ PHASE_COLOURS = {
     "idle": "#777777",
     "importing": "#b8860b",
     "loading": "#b8860b",
+    "compiling": "#b8860b",
     "prefill": "#1f77b4",
     "decode": "#2ca02c",
     "failed": "#d62728",

@@ -4,7 +4,7 @@ Both views show the same words. A finished call's line names the call's own time
 included), each phase's tokens and tokens/s, and its time in collectives; once the run's
 result is known (:meth:`Dashboard.show_result`) its numbers replace the snapshots' own, so the
 dashboard and the summary line printed under it agree digit for digit, and the line's parts
-(preparing, importing, loading, prefill, decode, client & transfer) add up to the call's time.
+(preparing, importing, loading, compiling, prefill, decode, client & transfer) add up to the call's time.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def preparing(elapsed: float, note: str) -> str:
 
 def running(elapsed: float, phases: Sequence[str]) -> str:
     """``"running · 4.2 s · importing"``: the ranks' phases, each named once, in run order."""
-    working = [p for p in ("importing", "loading", "prefill", "decode") if p in phases]
+    working = [p for p in ("importing", "loading", "compiling", "prefill", "decode") if p in phases]
     return f"running · {elapsed:.1f} s" + (f" · {'/'.join(working)}" if working else "")
 
 

@@ -96,6 +96,11 @@ class MicroBatch:
     generated: list = field(default_factory=list)  # per step: the rows' tokens (choosing rank)
     logits: list = field(default_factory=list)  # forward pass: per row (prompt_len, vocab)
     alive: bool = True
+    # --compile: the mask over the static cache's whole length (unused columns 0), written in
+    # place each step, how many of its columns are in use, and the runner's key of the cache.
+    padded_mask: Any = None
+    seen: int = 0
+    static_key: tuple | None = None
 
     @property
     def rows(self) -> int:
@@ -167,7 +172,9 @@ def _run(state, request: Request) -> RankOutput:
 
     sampling = request.sampling
     greedy = not sampling.do_sample and sampling.repetition_penalty == 1.0
-    microbatches = make_microbatches(state, runner, request, rows, reports)
+    compiled = compiled_decode(runner, request) if request.compile and request.max_new_tokens > 1 else None
+    microbatches = make_microbatches(state, runner, request, rows, reports, compiled=compiled)
+    compile_seconds = None
     tracker = contextlib.nullcontext()
     if request.track_tensors:
         tracker = TensorPeak(runner.stage, *(mb.mask for mb in microbatches), *(mb.ids for mb in microbatches))
@@ -181,6 +188,11 @@ def _run(state, request: Request) -> RankOutput:
         )
         tel.stream = ctx.stream
         try:
+            if compiled is not None:
+                with tel.phase_scope("compiling"):
+                    compile_seconds = compiled.warm_up(runner.part, microbatches, first=peers.first,
+                                                       hidden_size=runner.hidden_size, dtype=runner.dtype,
+                                                       device=runner.device)
             prefill(ctx, microbatches)
             if ctx.generate:
                 decode_n_tokens(ctx, microbatches)
@@ -225,7 +237,20 @@ def _run(state, request: Request) -> RankOutput:
         expert_tokens=stats.expert_tokens,
         transports=transports(runner, stage_group),
         step_breakdown=ctx.steps.report(),
+        compile_seconds=compile_seconds,
     )
+
+
+def compiled_decode(runner: Runner, request: Request):
+    """This rank's compiled decode step (mpbook.engine.compiled), made once per loaded model."""
+    from .compiled import CompiledDecode, check_compilable
+
+    if runner.compiled is None:
+        check_compilable(runner.part, model=request.model)
+        layout = request.layout
+        runner.compiled = CompiledDecode.for_stage(runner.part, device=runner.device,
+                                                   collectives_inside=layout.tp > 1 or layout.ep > 1)
+    return runner.compiled
 
 
 def transports(runner: Runner, stage_group) -> dict[str, str]:
@@ -238,8 +263,10 @@ def transports(runner: Runner, stage_group) -> dict[str, str]:
     return out
 
 
-def make_microbatches(state, runner: Runner, request: Request, rows: range, reports: bool) -> list[MicroBatch]:
-    """This replica's prompts cut into micro-batches, each left-padded to its own longest prompt."""
+def make_microbatches(state, runner: Runner, request: Request, rows: range, reports: bool, *,
+                      compiled=None) -> list[MicroBatch]:
+    """This replica's prompts cut into micro-batches, each left-padded to its own longest prompt
+    (and with ``compiled``, each with a static cache and a mask of the cache's length)."""
     peers = runner.peers
     criteria = None
     if request.stopping.stop_strings and request.max_new_tokens and (peers.first or peers.last):
@@ -250,7 +277,18 @@ def make_microbatches(state, runner: Runner, request: Request, rows: range, repo
         ids, mask = left_padded([request.input_ids[p] for p in prompts], request.pad_token_id, runner.device)
         # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        mb = MicroBatch(index=j, prompts=prompts, mask=mask, positions=positions, cache=runner.new_cache(), ids=ids)
+        if compiled is None:
+            mb = MicroBatch(index=j, prompts=prompts, mask=mask, positions=positions, cache=runner.new_cache(),
+                            ids=ids)
+        else:
+            from .compiled import cache_length
+
+            length = cache_length(mask.shape[1], request.max_new_tokens)
+            key, cache = compiled.cache(runner.part, j, len(prompts), length)
+            padded = mask.new_zeros(len(prompts), length)
+            padded[:, : mask.shape[1]] = mask
+            mb = MicroBatch(index=j, prompts=prompts, mask=mask, positions=positions, cache=cache, ids=ids,
+                            padded_mask=padded, seen=mask.shape[1], static_key=key)
         if request.max_new_tokens and (peers.first or peers.last):
             mb.stopper = Stopper(request.stopping, pad_id=request.pad_token_id, prompt_ids=ids, attention_mask=mask,
                                  criteria=criteria)
@@ -318,11 +356,17 @@ def _decode_one_token(ctx: Run, mb: MicroBatch, step: int) -> None:
         if x is None:  # the stages before have ended this micro-batch
             end_microbatch(ctx, mb)
             return
-    mb.mask = torch.cat([mb.mask, mb.mask.new_ones(mb.rows, 1)], dim=1)
     mb.positions = mb.positions[:, -1:] + 1
+    if mb.padded_mask is None:
+        mb.mask = torch.cat([mb.mask, mb.mask.new_ones(mb.rows, 1)], dim=1)
+        forward = lambda: runner.forward(x, mb.mask, mb.positions, mb.cache, all_logits=False)  # noqa: E731
+    else:  # --compile: the same shapes every step
+        mb.padded_mask[:, mb.seen] = 1
+        mb.seen += 1
+        forward = lambda: runner.compiled.step(x, mb.padded_mask, mb.positions, mb.cache)  # noqa: E731
     began = ctx.clock.now()
     with ctx.steps.part("forward"):
-        out = runner.forward(x, mb.mask, mb.positions, mb.cache, all_logits=False)
+        out = forward()
     ctx.clock.record(peers.stage, mb.index, "decode", began)
     if not peers.last:
         peers.send_step(out, rows=mb.rows, hidden=runner.hidden_size, dtype=runner.dtype, device=runner.device)

@@ -59,6 +59,9 @@ class Runner:
     # these are pointed at the new groups (rebind) instead of the whole model reloading.
     groups: list = field(default_factory=list)  # (dims, mpbook.parallel.collectives.Group)
     stale: bool = False  # the groups belong to a process group that is gone
+    # --compile: the compiled decode step and its static caches (mpbook.engine.compiled),
+    # made by the first run that asks for it and kept for the next cells.
+    compiled: Any = None
 
     @property
     def hidden_size(self) -> int:
@@ -108,6 +111,7 @@ class Runner:
         self.peers.drop_pending()  # a live gloo Work keeps its connection open
         self.stage = None
         self.part = None
+        self.compiled = None
         if self.device.type == "cuda":
             import torch
 

@@ -8,12 +8,50 @@ A group moves its tensors over one of two transports: the process group's own ba
 on CPU engines, NCCL on GPUs), or, when the engines share an MPI world, an MPI communicator
 over the same ranks (:mod:`mpbook.parallel.mpi`), microseconds instead of a millisecond per
 call between CPU engines on one host. ``transport`` says which.
+
+Under ``torch.compile`` (``--compile``, :mod:`mpbook.engine.compiled`) the collectives a
+layer calls in its forward, the all-reduce and the all-gather, are custom operators
+(``torch.ops.mpbook.*``): one opaque node each in the compiled graph, so a tensor-parallel
+step compiles whole instead of in pieces between them; they run the same code at run time,
+meet the other ranks' in the same order, over the same transport, and are counted as always.
+The rest are never traced (``not_traced``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 from typing import Any
+
+import torch
+
+# A collective outside a layer's forward: a compiled step ends its graph before it.
+not_traced = torch.compiler.disable
+
+# The groups a compiled graph calls by number (a graph holds ints, not Python objects).
+_GROUPS: weakref.WeakValueDictionary[int, Group] = weakref.WeakValueDictionary()
+_NUMBERS = itertools.count()
+
+
+@torch.library.custom_op("mpbook::all_reduce", mutates_args=())
+def _all_reduce_op(tensor: torch.Tensor, group: int) -> torch.Tensor:
+    return _GROUPS[group].eager_all_reduce(tensor.clone())  # a new tensor: the op's input stays as it was
+
+
+@_all_reduce_op.register_fake
+def _(tensor, group):
+    return torch.empty_like(tensor)
+
+
+@torch.library.custom_op("mpbook::all_gather_last_dim", mutates_args=())
+def _all_gather_last_dim_op(local: torch.Tensor, group: int, sizes: list[int]) -> torch.Tensor:
+    return _GROUPS[group].eager_all_gather_last_dim(local, sizes)
+
+
+@_all_gather_last_dim_op.register_fake
+def _(local, group, sizes):
+    return local.new_empty((*local.shape[:-1], sum(sizes)))
 
 
 class Group:
@@ -30,6 +68,8 @@ class Group:
         self.telemetry = telemetry
         self.ranks = ranks  # the global ranks of the group, in group order (for gather's destination)
         self.comm = comm  # an mpbook.parallel.mpi.MpiComm over the same ranks in the same order, or None
+        self.number = next(_NUMBERS)  # what a compiled graph calls this group by
+        _GROUPS[self.number] = self
 
     @property
     def transport(self) -> str:
@@ -48,6 +88,11 @@ class Group:
 
     def all_reduce(self, tensor):
         """The sum of ``tensor`` over the group (in place when it is contiguous)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.mpbook.all_reduce(tensor, self.number)
+        return self.eager_all_reduce(tensor)
+
+    def eager_all_reduce(self, tensor):
         import torch.distributed as dist
 
         tensor = tensor.contiguous()  # gloo and MPI need dense memory; a no-op when it already is
@@ -61,7 +106,11 @@ class Group:
         """Every rank's ``local`` concatenated along the last dim; rank r holds ``sizes[r]``
         columns. Uneven shards (a vocabulary of 259 over 2 ranks: 130 + 129) are padded to the
         largest, gathered and trimmed, since all_gather wants equal shapes."""
-        import torch
+        if torch.compiler.is_compiling():
+            return torch.ops.mpbook.all_gather_last_dim(local, self.number, list(sizes))
+        return self.eager_all_gather_last_dim(local, sizes)
+
+    def eager_all_gather_last_dim(self, local, sizes: list[int]):
         import torch.distributed as dist
 
         width = max(sizes)
@@ -72,6 +121,7 @@ class Group:
             parts = self._all_gather(padded)
         return torch.cat([part[..., :n] for part, n in zip(parts, sizes)], dim=-1)
 
+    @not_traced
     def gather_last_dim(self, local, sizes: list[int]):
         """Every rank's ``local`` concatenated along the last dim on the group's first rank
         (None on the others); uneven shards padded and trimmed as in :meth:`all_gather_last_dim`."""
@@ -98,6 +148,7 @@ class Group:
             return None
         return torch.cat([part[..., :n] for part, n in zip(parts, sizes)], dim=-1)
 
+    @not_traced
     def all_gather_stack(self, local):
         """Every rank's equal-shaped ``local``, stacked on a new leading dim (in rank order)."""
         import torch
@@ -107,6 +158,7 @@ class Group:
             parts = self._all_gather(local.contiguous())
         return parts if self.comm is not None else torch.stack(parts)
 
+    @not_traced
     def broadcast(self, tensor, *, src: int = 0):
         """Group rank ``src``'s ``tensor`` on every rank of the group, in place."""
         import torch.distributed as dist

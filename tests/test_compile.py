@@ -1,0 +1,71 @@
+"""``--compile``: a static KV cache and a torch.compile'd decode step, on real engines, against
+one device and against the eager step; compiled once per shape, reused by the next cell."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpbook.engine.compiled import LENGTH_STEP, cache_length
+from mpbook.reference import reference
+
+# Different lengths on purpose: the static cache's mask must keep left padding out.
+PROMPTS = [
+    "Explain pipeline parallelism in one sentence.",
+    "Hi",
+    "What does an all-reduce do?",
+    "Tensor parallel splits every weight matrix",
+]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def expected_tokens(tiny_folder):
+    return reference(tiny_folder, PROMPTS, max_new_tokens=NEW_TOKENS)[1]
+
+
+def test_cache_length_holds_the_prompt_and_every_new_token_rounded_up():
+    assert cache_length(10, 8) == LENGTH_STEP
+    assert cache_length(LENGTH_STEP - 8, 8) == LENGTH_STEP
+    assert cache_length(LENGTH_STEP - 7, 8) == 2 * LENGTH_STEP
+
+
+@pytest.mark.parametrize("strategy, options", [
+    ("data", {}),
+    ("pipeline", {"microbatches": 2}),
+    ("tensor", {}),
+])
+def test_compiled_decode_matches_one_device_and_is_reused(workbench, tiny_folder, expected_tokens, strategy, options):
+    eager = workbench.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS, **options)
+    first = workbench.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS,
+                               compile=True, **options)
+    assert first.token_ids == expected_tokens == eager.token_ids
+    # every rank compiled before its prefill, in a phase of its own that the cell's parts show
+    assert all(seconds is not None and seconds > 0 for seconds in first.compile_seconds)
+    assert all(phases.get("compiling", 0) > 0 for phases in first.rank_phase_seconds)
+    assert dict(first.cell_parts())["compiling"] > 0
+    assert "compiled (static KV cache) in" in first.summary()
+    assert eager.compile_seconds == [None] * workbench.world_size and "compiled" not in eager.summary()
+
+    again = workbench.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS,
+                               compile=True, **options)
+    assert again.token_ids == expected_tokens
+    assert again.compile_seconds == [None] * workbench.world_size  # the same shape: nothing compiled
+    assert "reused from an earlier cell" in again.summary()
+    if strategy == "tensor":  # the collectives inside the compiled step ran and were counted as in eager
+        assert again.collectives == eager.collectives
+
+
+def test_a_new_shape_compiles_again_and_stays_exact(workbench, tiny_folder, expected_tokens):
+    workbench.generate(PROMPTS, strategy="data", model=tiny_folder, max_new_tokens=NEW_TOKENS, compile=True)
+    fewer = workbench.generate(PROMPTS[:2], strategy="data", model=tiny_folder, max_new_tokens=NEW_TOKENS,
+                               compile=True)
+    assert fewer.token_ids == expected_tokens[:2]
+    assert any(seconds is not None for seconds in fewer.compile_seconds)  # one row per replica: a new shape
+
+
+def test_a_forward_pass_ignores_compile(workbench, tiny_folder):
+    plain = workbench.forward(PROMPTS, strategy="data", model=tiny_folder)
+    compiled = workbench.forward(PROMPTS, strategy="data", model=tiny_folder, compile=True)
+    assert not compiled.compiled and compiled.compile_seconds == [None] * workbench.world_size
+    for got, want in zip(compiled.logits, plain.logits):
+        assert got.equal(want)
