@@ -4,7 +4,9 @@
 for benchmarks where compute, not overhead, decides) are Llama-family models (grouped-query
 attention, tied embeddings, RoPE) saved once to a folder with their tokenizer: a vocabulary
 of English words with a chat template (:mod:`mpbook.models.tokenizer`), so that a random
-model prints words and ``--chat`` works offline.
+model prints words and ``--chat`` works offline. ``llama-135m`` (135 M, SmolLM-135M's shape,
+a byte-level BPE tokenizer trained here: :mod:`mpbook.models.bpe`) is what a real small model
+costs, for the benchmarks against transformers' own path.
 """
 
 from __future__ import annotations
@@ -48,7 +50,29 @@ def small_config():
     return config
 
 
-PRESETS = {"tiny": tiny_config, "small": small_config}
+def llama_135m_config():
+    """The ``llama-135m`` preset: SmolLM-135M's shape (30 layers of width 576, 9 query heads
+    over 3 KV heads, a 49,152-token byte-level BPE vocabulary, tied embeddings; 135 M
+    parameters) with random weights: what a real small model costs, for the benchmarks.
+    Its tokenizer is trained here (:mod:`mpbook.models.bpe`), nothing is downloaded."""
+    from .bpe import VOCAB_SIZE
+
+    config = tiny_config()
+    config.update(dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, head_dim=64, max_position_embeddings=2048, vocab_size=VOCAB_SIZE))
+    return config
+
+
+PRESETS = {"tiny": tiny_config, "small": small_config, "llama-135m": llama_135m_config}
+
+
+def preset_tokenizer(name: str):
+    """The tokenizer a preset is saved with: the word tokenizer, or for ``llama-135m`` a BPE one."""
+    if name == "llama-135m":
+        from .bpe import bpe_tokenizer
+
+        return bpe_tokenizer()
+    return tiny_tokenizer()
 
 
 def tiny_tokenizer():
@@ -75,15 +99,16 @@ def build_preset(name: str, folder: str | os.PathLike | None = None, *, seed: in
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    save_random(PRESETS[name](), tmp, seed=seed)
+    save_random(PRESETS[name](), tmp, seed=seed, tokenizer=preset_tokenizer(name))
     for item in tmp.iterdir():
         os.replace(item, folder / item.name)
     tmp.rmdir()
     return folder
 
 
-def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
-    """A random-weight model of ``config`` and the tiny tokenizer, saved with save_pretrained
+def save_random(config, folder: str | os.PathLike, *, seed: int = 0, tokenizer=None) -> Path:
+    """A random-weight model of ``config`` and ``tokenizer`` (default: the presets' word
+    tokenizer), saved with save_pretrained
     (safetensors). Weights and biases are drawn wider than transformers' init (std 0.2 at
     width 64, shrinking as 1/sqrt(width)) so that greedy decoding wanders instead of
     repeating one token."""
@@ -94,10 +119,12 @@ def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # A family without one width (its parts in sub-configs of their own) is drawn as width 64.
+    width = getattr(config.get_text_config(), "hidden_size", None) or 64
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() > 1 or name.endswith(".bias"):  # norms keep their ones
-                param.normal_(0.0, 0.2 * (64 / config.hidden_size) ** 0.5)
+                param.normal_(0.0, 0.2 * (64 / width) ** 0.5)
     if config.vocab_size < TOKENIZER_IDS["vocab_size"]:
         raise ValueError(
             f"vocab_size={config.vocab_size}: the presets' tokenizer has {TOKENIZER_IDS['vocab_size']} tokens; "
@@ -107,7 +134,7 @@ def save_random(config, folder: str | os.PathLike, *, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = generation_eos_ids()
     model.generation_config.pad_token_id = TOKENIZER_IDS["pad_token_id"]
     model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    (tokenizer or tiny_tokenizer()).save_pretrained(folder)
     return Path(folder)
 
 
