@@ -63,6 +63,7 @@ def bench(args: argparse.Namespace) -> int:
             benchmarks.bench_prompts(args.batch), model=args.model, engines=args.n, cpu=args.cpu,
             new_tokens=args.new_tokens,
             dtype=args.dtype, repeats=args.repeats, window_s=args.window, transport=args.transport,
+            compile=args.compile,
         )
     elif args.cluster:
         payload = benchmarks.bench_cluster(engines=args.n or 2, cpu=True)
@@ -86,6 +87,7 @@ def bench(args: argparse.Namespace) -> int:
         payload = benchmarks.bench_strategies(
             model=args.model, engines=args.n, cpu=args.cpu, batch=args.batch, new_tokens=args.new_tokens,
             dtype=args.dtype, repeats=args.repeats, sweep=args.sweep, window_s=args.window, transport=args.transport,
+            compile=args.compile,
         )
     path = args.json or ("bench-sweep.json" if args.sweep else None)
     if path:
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = commands.add_parser("bench", help="measure one device against each strategy, side by side")
     b.add_argument("-n", type=int, default=None, help="engines (default: one per GPU, else 2 CPU engines)")
     b.add_argument("--cpu", action="store_true", help="CPU engines even if GPUs are visible")
-    b.add_argument("--model", default="tiny")
+    b.add_argument("--model", default="tiny", help="a preset (tiny, small, llama-135m), a folder or a hub id")
     b.add_argument("--batch", type=int, default=8, help="prompts per run (default 8)")
     b.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt (default 16)")
     b.add_argument("--dtype", default="float32")
@@ -126,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 5)")
     b.add_argument("--transport", choices=["auto", "mpi", "gloo"], default="auto",
                    help="what the CPU engines' collectives use (default: MPI when installed)")
+    b.add_argument("--compile", action="store_true",
+                   help="mpbook's layouts with --compile (static KV cache, compiled decode step; compiled in the "
+                        "warm-up round, before any timed one)")
     b.add_argument("--against", choices=["transformers"], default=None,
                    help="transformers' own data, tensor (DistributedConfig(tp_size=N)) and pipeline (pp_size=N) "
                         "forms on the same engines, interleaved with mpbook's, in one table")

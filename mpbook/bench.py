@@ -111,6 +111,7 @@ def bench_strategies(
     sweep: bool = False,
     window_s: float = 5.0,
     transport: str = "auto",
+    compile: bool = False,
     log=print,
 ) -> list[dict[str, Any]]:
     from . import bench_peers, models
@@ -126,7 +127,7 @@ def bench_strategies(
         plans = candidate_layouts(config, wb.world_size, batch, sweep=sweep)
         if sweep:
             plans = _that_fit(plans, model=model, wb=wb, batch=batch, new_tokens=new_tokens, dtype=dtype, log=log)
-        log(f"model {model}, {batch} prompts, {new_tokens} new tokens, {dtype}; "
+        log(f"model {model}, {batch} prompts, {new_tokens} new tokens, {dtype}{', compiled' if compile else ''}; "
             f"one device vs {wb.world_size} engines ({wb.device_type}); {repeats} interleaved rounds")
         ceiling = None
         if window_s > 0:  # first, and its models dropped, so that the layouts have the memory
@@ -138,13 +139,13 @@ def bench_strategies(
         # ignore_eos: every run generates the same number of tokens, whatever the model says.
         def one_device(max_new_tokens):
             return single.generate(prompts, strategy="data", model=model, max_new_tokens=max_new_tokens, dtype=dtype,
-                                   ignore_eos=True)
+                                   ignore_eos=True, compile=compile and max_new_tokens > 0)
 
         def layout_run(plan, max_new_tokens):
             return wb.generate(
                 prompts, strategy=plan.strategy, model=model, max_new_tokens=max_new_tokens, dtype=dtype,
                 dp=plan.layout.dp, pp=plan.layout.pp, tp=plan.layout.tp, microbatches=plan.microbatches,
-                ignore_eos=True,
+                ignore_eos=True, compile=compile and max_new_tokens > 0,
             )
 
         # Correctness first (a forward pass each), then the timed generations.

@@ -421,6 +421,7 @@ class PeerReport:
     transformers_version: str
     rows: list[PeerRow]
     ceiling: Ceiling | None
+    compiled: bool = False  # mpbook's side ran with --compile (compiled in the warm-up round)
 
     def percent(self, tok_s: float | None) -> str:
         """``tok_s`` as a % of the ceiling's N engines together (that is, its speed-up over one
@@ -445,7 +446,8 @@ class PeerReport:
         lines = [
             f"mpbook against transformers {self.transformers_version} on {self.engines} {self.device_type} engines: "
             f"model {self.model}, {self.batch} prompts x {self.new_tokens} new tokens, {self.dtype}, greedy; median of "
-            f"{self.rounds} interleaved rounds",
+            f"{self.rounds} interleaved rounds" + ("; mpbook with --compile (compiled in the warm-up round), "
+                                                    "transformers eager" if self.compiled else ""),
             "  tok/s: every prompt's new tokens over the engines' generation time (prefill and decode); "
             "'= one device': the tokens of plain generate on one engine",
         ]
@@ -458,7 +460,7 @@ class PeerReport:
         return {"engines": self.engines, "device_type": self.device_type, "model": self.model, "batch": self.batch,
                 "new_tokens": self.new_tokens, "dtype": self.dtype, "rounds": self.rounds,
                 "transformers": self.transformers_version, "rows": [r.payload() for r in self.rows],
-                "ceiling": self.ceiling.payload() if self.ceiling else None}
+                "ceiling": self.ceiling.payload() if self.ceiling else None, "compiled": self.compiled}
 
 
 def _first_error(values) -> str | None:
@@ -467,7 +469,7 @@ def _first_error(values) -> str | None:
 
 def compare_with_transformers(wb, *, model: str = "tiny", prompts: list[str], new_tokens: int = 16,
                               dtype: str = "float32", rounds: int = 3, window_s: float = 5.0,
-                              kinds=KINDS, log=print) -> PeerReport:
+                              kinds=KINDS, compile: bool = False, log=print) -> PeerReport:
     """mpbook and transformers, layout by layout at full degree on ``wb``'s engines, interleaved."""
     import transformers
 
@@ -491,7 +493,7 @@ def compare_with_transformers(wb, *, model: str = "tiny", prompts: list[str], ne
             def ours(timed: bool):
                 try:
                     result = wb.generate(prompts, strategy=kind, model=model, max_new_tokens=new_tokens, dtype=dtype,
-                                         chat=False, ignore_eos=True, **degrees)
+                                         chat=False, ignore_eos=True, compile=compile, **degrees)
                 except MpbookError as exc:
                     row.mpbook.error = str(exc).splitlines()[0]
                     return
@@ -541,7 +543,7 @@ def compare_with_transformers(wb, *, model: str = "tiny", prompts: list[str], ne
     finally:
         wb.apply(drop_models, stream=False, what="dropping the peer's models")
     return PeerReport(n, wb.device_type, model, len(prompts), new_tokens, dtype, rounds, transformers.__version__, rows,
-                      ceiling)
+                      ceiling, compiled=compile)
 
 
 def _drop_peer(state, *, kind: str) -> None:
@@ -553,13 +555,14 @@ def _drop_peer(state, *, kind: str) -> None:
 
 def bench_against_transformers(prompts: list[str], *, model: str = "tiny", engines: int | None = None,
                                cpu: bool = False, new_tokens: int = 16, dtype: str = "float32", repeats: int = 3,
-                               window_s: float = 5.0, transport: str = "auto", log=print) -> dict:
+                               window_s: float = 5.0, transport: str = "auto", compile: bool = False,
+                               log=print) -> dict:
     """``python -m mpbook bench --against transformers``: start the engines, compare, print the table."""
     from .workbench import Workbench
 
     with Workbench.start(engines, cpu=cpu, transport=transport) as wb:
         log(wb.table())
         report = compare_with_transformers(wb, model=model, prompts=prompts, new_tokens=new_tokens, dtype=dtype,
-                                           rounds=repeats, window_s=window_s, log=log)
+                                           rounds=repeats, window_s=window_s, compile=compile, log=log)
     log(report.format())
     return report.payload()
