@@ -8,45 +8,58 @@ from collections.abc import Sequence
 def reference(model: str, prompts: Sequence, *, max_new_tokens: int, dtype: str = "float32",
               attention: str | None = None, chat: bool | None = None, system: str | None = None,
               **generate_options):
-    """Returns (logits per prompt, generated ids per prompt) from one process, no mpbook code
-    in the model's path: the prompts encoded as mpbook encodes them (the chat template by the
-    same rule), left-padded with the same positions, and transformers' own ``generate``
-    (greedy unless ``generate_options`` say otherwise). Each prompt's generated ids end at
-    its finishing token (end-of-sequence or a stop string): the padding ``generate`` puts
-    after it is dropped, as mpbook's results hold it.
+    """Returns (logits per prompt, generated ids per prompt) from one process, with no mpbook
+    code between the prompts and the outputs, so that a bug mpbook's runs share with it
+    cannot hide: the tokenizer as transformers loads it, padding on the left; the prompts
+    through its own call, or its own chat template (by mpbook's rule: when the tokenizer has
+    one unless ``chat=False``, always for a prompt given as a list of messages, ``system``
+    first); each prompt's logits from a forward pass of that prompt alone (no padding, so no
+    positions to work out); and transformers' own ``generate`` on the padded batch (greedy
+    unless ``generate_options`` say otherwise). Each prompt's generated ids end at its
+    finishing token (end-of-sequence or a stop string): the padding ``generate`` puts after it
+    is dropped, as mpbook's results hold it. Only the model's folder is found by mpbook
+    (a preset's name, a hub id or a folder).
 
     ``attention``: the attention implementation (default: the one transformers picks).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import models
-    from .session import encode_prompts
+    from .models import resolve
 
-    folder = models.resolve(model)
-    tokenizer = models.load_tokenizer(folder)
-    encoded = encode_prompts(tokenizer, list(prompts), chat=chat, system=system)
+    folder = resolve(model)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    if tokenizer.pad_token is None:  # a batch needs one; generate pads finished rows with it
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = list(prompts)
+    use_chat = bool(tokenizer.chat_template) if chat is None else chat
+    if use_chat or any(not isinstance(p, str) for p in prompts):
+        conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+        if system is not None:
+            conversations = [c if c[0]["role"] == "system" else [{"role": "system", "content": system}, *c]
+                             for c in conversations]
+        batch = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
+                                              return_tensors="pt", return_dict=True)
+    else:
+        batch = tokenizer(prompts, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     kwargs = {"attn_implementation": attention} if attention else {}
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **kwargs).eval()
-    batch = tokenizer.pad({"input_ids": [list(ids) for ids in encoded.input_ids]}, padding=True, return_tensors="pt")
-    mask = batch["attention_mask"]
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
     with torch.inference_mode():
-        logits = lm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).logits.float()
-        per_prompt = [logits[r, -int(mask[r].sum()):] for r in range(len(prompts))]
+        per_prompt = [lm(input_ids=ids[r][mask[r].bool()][None]).logits[0].float() for r in range(len(prompts))]
         tokens = []
         if max_new_tokens:
             options = {"do_sample": False, **generate_options}
             if "stop_strings" in options:
                 options.setdefault("tokenizer", tokenizer)
-            out = lm.generate(input_ids=batch["input_ids"], attention_mask=mask, max_new_tokens=max_new_tokens,
+            out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                               pad_token_id=tokenizer.pad_token_id, **options)
             criteria = None
             if options.get("stop_strings"):
                 from transformers import StopStringCriteria
 
                 criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(options["stop_strings"]))
-            width = batch["input_ids"].shape[1]
+            width = ids.shape[1]
             tokens = [_until_finished(row[width:], row[:width], lm.generation_config, criteria)
                       for row in out.tolist()]
     return per_prompt, tokens

@@ -524,8 +524,10 @@ def test_a_hub_id_is_planned_from_its_config_json_alone(tmp_path):
 
 
 # --------------------------------------------------------------------------- config -> numbers, nothing else
-def test_weights_kv_cache_and_activations_by_hand_from_the_config():
-    """The README's example counted by hand from the tiny preset's config: no engine, no file."""
+def test_weights_and_kv_cache_by_hand_from_the_config():
+    """The README's example counted by hand from the tiny preset's config: no engine, no file.
+    (Its activations are an estimate, checked against a measured peak below, not by retyping
+    the planner's formula.)"""
     c = tiny_config()
     h, inter, vocab = c.hidden_size, c.intermediate_size, c.vocab_size
     heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
@@ -542,12 +544,19 @@ def test_weights_kv_cache_and_activations_by_hand_from_the_config():
     tokens = 32 + 16 - 1  # the last new token is never fed back
     assert [r.kv_cache for r in p.ranks] == [2 * 4 * 3 * tokens * (kv_heads // tp) * head_dim * e] * 4
     assert p.ranks[0].activation_phase == "prefill"
-    assert p.ranks[0].activation_parts == {
-        "hidden states": 3 * 4 * 32 * h * e,
-        "mask": 4 * 32 * 32,  # sdpa: booleans
-        "rotary cos/sin": 2 * 4 * 32 * head_dim * e,
-        "MLP (3 x rows x tokens x intermediate/tp)": 3 * 4 * 32 * (inter // tp) * e,
-    }
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_readme_examples_activations_against_a_tracked_prefill(folders, attention):
+    """The README example's workload (4 prompts of 32 tokens) on one device: the tensors alive
+    at the prefill's peak beyond the weights and the prompt's KV cache (both exact, above) are
+    the activations, tracked op by op; the planner's estimate is within 10% of them (measured:
+    8% low under sdpa, 1% high under eager)."""
+    model = AutoModelForCausalLM.from_pretrained(folders["tiny"], attn_implementation=attention).eval()
+    p = plan(model, batch=4, prompt_len=32, max_new_tokens=0, device_memory_bytes=1 << 40)
+    r = p.ranks[0]  # a forward pass: its KV cache is the prompt's keys and values
+    measured = tracked_peak(model, 4, 32, 0) - r.weights - r.kv_cache
+    assert abs(r.activations - measured) <= 0.10 * measured, (r.activations, measured, r.activation_parts)
 
 
 def test_the_readme_example_prints_what_the_readme_shows():

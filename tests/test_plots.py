@@ -81,9 +81,12 @@ def test_timeline_has_a_bar_per_microbatch_and_stage_and_shows_the_bubble(events
     assert "in theory: prefill 20% (GPipe, (p-1)/(m+p-1))" in title and "decode" not in title
     measured = bubble_fraction(events)
     assert f"bubble measured: prefill {measured:.0%}" in title
-    # stage 1 waits for the first micro-batch and stage 0 is done before the last: a real
-    # bubble (how large depends on how busy the machine's cores are: no upper bound here)
-    assert 0.05 < measured < 1
+    # Stage 1 idles at least while stage 0 runs the first micro-batch, and stage 0 at least
+    # while stage 1 runs the last (1 ms of clock jitter each): a lower bound read off the bars,
+    # whatever the machine's load (which has no upper bound).
+    span = max(b.get_x() + b.get_width() for b in bars) - min(b.get_x() for b in bars)
+    least_idle = rows[0][0].get_width() + rows[1][-1].get_width() - 2.0
+    assert measured >= least_idle / (2 * span) > 0, (measured, least_idle, span)
 
 
 def test_bubble_arithmetic():
@@ -161,10 +164,12 @@ def test_collectives_from_engine_snapshots(workbench, pipeline_run):
     # one bar per rank and kind, stacked, each as high as that count
     heights = sorted((round(b.get_x() + b.get_width() / 2), round(b.get_height())) for b in _bars(counts) if b.get_height())
     assert heights == sorted((s["rank"], n) for s in snapshots for n in s["collectives"].values() if n)
-    assert all(b.get_height() >= 0 for b in _bars(seconds))
-    assert sum(b.get_height() for b in _bars(seconds)) == pytest.approx(
-        sum(s["collective_seconds"] for s in snapshots)
-    )
+    # each rank's stacked bar is as high as its seconds in collectives
+    per_rank: dict[int, float] = {}
+    for b in _bars(seconds):
+        rank = round(b.get_x() + b.get_width() / 2)
+        per_rank[rank] = per_rank.get(rank, 0.0) + b.get_height()
+    assert per_rank == pytest.approx({s["rank"]: s["collective_seconds"] for s in snapshots})
 
 
 def test_figures_leave_pyplot_alone_show_in_a_notebook_and_empty_input_is_a_clear_error(events):
