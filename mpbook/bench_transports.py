@@ -6,6 +6,11 @@ from 4 KiB to 4 MiB (8 KiB: a decode step's all-reduce of 8 rows of a 256-wide m
 same code the model's layers call (:class:`mpbook.parallel.collectives.Group`), once over
 the process group's backend and once over MPI. Times are per call on rank 0: median and
 90th percentile of ``repeats`` calls, after ``warmup``.
+
+All-reduce is timed two ways. **After a barrier**: every call starts from the transport's
+barrier, so its time holds how late the peer leaves the barrier (a cold call). **Back to
+back**: one barrier, then the calls one after another, each timed, as a layer's all-reduces
+follow each other in a decode step and as MPI's own latency benchmarks run them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ PING_BYTES = 4 << 10
 @dataclass(frozen=True)
 class Timing:
     transport: str
-    operation: str  # "all_reduce" or "send/recv"
+    operation: str  # "all_reduce", "all_reduce back to back" or "send/recv"
     nbytes: int
     median_us: float
     p90_us: float
@@ -62,6 +67,14 @@ def measure_on_engine(state, *, repeats: int, warmup: int) -> list[dict]:
                 if i >= warmup:
                     times.append(time.perf_counter() - began)
             out.append(dict(transport=name, operation="all_reduce", nbytes=nbytes, seconds=times))
+            comm.comm.Barrier() if comm is not None else dist.barrier()
+            times = []
+            for i in range(warmup + repeats):
+                began = time.perf_counter()
+                group.all_reduce(tensor)
+                if i >= warmup:
+                    times.append(time.perf_counter() - began)
+            out.append(dict(transport=name, operation="all_reduce back to back", nbytes=nbytes, seconds=times))
         if size >= 2 and state.rank in (0, 1):
             out.append(dict(transport=name, operation="send/recv", nbytes=PING_BYTES,
                             seconds=_ping_pong(state.rank, comm, repeats=repeats, warmup=warmup)))

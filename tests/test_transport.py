@@ -158,3 +158,20 @@ def test_time_to_first_token_counts_from_the_runs_start_on_the_timelines_clock(w
     for prompt, ttft in enumerate(result.ttft_s):
         microbatch = 0 if prompt < 2 else 1  # 4 prompts, 2 micro-batches
         assert ttft >= last_stage_prefill[microbatch] - 1e-3, (prompt, ttft, last_stage_prefill)
+
+
+def test_bench_collectives_times_every_transport_both_ways(workbench):
+    from mpbook.bench_transports import SIZES, Timing, _percentiles, format_timings, measure_on_engine
+
+    per_rank = workbench.apply(measure_on_engine, repeats=20, warmup=5, stream=False)
+    records = per_rank[0]
+    seen = {(r["transport"], r["operation"], r["nbytes"]) for r in records}
+    for transport in ("mpi", "gloo"):
+        for nbytes in SIZES:
+            assert (transport, "all_reduce", nbytes) in seen
+            assert (transport, "all_reduce back to back", nbytes) in seen
+        assert (transport, "send/recv", 4 << 10) in seen
+    assert all(len(r["seconds"]) == 20 and min(r["seconds"]) > 0 for r in records)
+    timings = [Timing(r["transport"], r["operation"], r["nbytes"], *_percentiles(r["seconds"])) for r in records]
+    table = format_timings(timings, workbench.world_size)
+    assert "all_reduce back to back" in table and "faster" in table
