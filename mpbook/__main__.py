@@ -1,4 +1,4 @@
-"""``python -m mpbook demo`` and ``python -m mpbook bench``."""
+"""``python -m mpbook demo``, ``python -m mpbook bench`` and ``python -m mpbook conformance``."""
 
 from __future__ import annotations
 
@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--soak", type=int, default=0, metavar="N", help="N generation cells in a row: failures, memory growth")
     b.add_argument("--json", default=None, metavar="PATH", help="write the records to PATH")
     b.set_defaults(func=bench)
+
+    from .conformance import add_command
+
+    add_command(commands)
     return parser
 
 

@@ -335,7 +335,8 @@ def check_prompts(prompts: Sequence) -> None:
 
 def check_request(request: Request, *, config, prompt_tokens: list[int]) -> None:
     """What the layout's check (:func:`choose_layout`) leaves: each prompt and its new tokens
-    within the model's context. ``prompt_tokens``: each prompt's length in tokens."""
+    within the model's context, and left padding only for a model that reads positions.
+    ``prompt_tokens``: each prompt's length in tokens."""
     context = getattr(config, "max_position_embeddings", None)
     if context:
         for i, length in enumerate(prompt_tokens):
@@ -345,6 +346,11 @@ def check_request(request: Request, *, config, prompt_tokens: list[int]) -> None
                     f"{length + request.max_new_tokens}, beyond the model's context of {context}; "
                     f"shorten it or lower --max-new-tokens"
                 )
+    from .models.support import padding_problem
+
+    problem = padding_problem(config, prompt_tokens)
+    if problem:
+        raise MpbookError(problem)
 
 
 class Session:

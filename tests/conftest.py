@@ -66,6 +66,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cluster)
         if no_gpu and "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine"))
+        if "conformance" in item.keywords and "conformance" not in (config.option.markexpr or ""):
+            # Not in the default run: it takes many minutes. (An addopts `-m` would be replaced by
+            # any `-m` on the command line, `-m cluster` would then run it.)
+            item.add_marker(pytest.mark.skip(reason="the whole conformance sweep runs with `pytest -m conformance`"))
     # The tests on four engines side by side, so that one worker runs them all on one cluster.
     four = [item for item in items if "wb4" in getattr(item, "fixturenames", ())]
     if four:

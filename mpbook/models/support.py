@@ -65,6 +65,37 @@ def causal_lm_class(config):
         return None
 
 
+def positions_from_padding(config) -> bool:
+    """Whether the model counts a row's positions from the batch's first column: its forward
+    takes no ``position_ids`` and it holds a table of positions (the decoders of BART's family),
+    so a left-padded row's positions shift by its padding. (A model with neither, ALiBi's or a
+    state-space model's, reads the attention mask instead.)"""
+    import inspect
+
+    import torch
+
+    from .structure import meta_model
+
+    model_class = causal_lm_class(config)
+    if model_class is None or "position_ids" in inspect.signature(model_class.forward).parameters:
+        return False
+    model = meta_model(config)
+    return any(isinstance(m, torch.nn.Embedding) and "position" in type(m).__name__.lower() for m in model.modules())
+
+
+def padding_problem(config, prompt_tokens) -> str | None:
+    """Why ``config``'s model cannot take these prompts in one batch (None: it can): prompts of
+    different lengths are left-padded, and a model that counts positions from the batch's first
+    column would see a padded prompt's positions shifted, so its output would depend on the
+    batch it ran in."""
+    lengths = sorted(set(prompt_tokens))
+    if len(lengths) < 2 or not positions_from_padding(config):
+        return None
+    return (f"{config.model_type}'s forward takes no position_ids (it counts positions from the batch's first "
+            f"column), so the left padding of prompts of different lengths ({lengths[0]} to {lengths[-1]} tokens) "
+            "would change their outputs; give prompts of one length, or one prompt per run")
+
+
 def supported_strategies(config, plans: dict | None = None) -> tuple[str, ...]:
     """The strategies mpbook can run ``config``'s model with: data for every causal LM whose
     forward takes a cache (all but RWKV); for models with a KV cache only (no recurrent state),
