@@ -34,7 +34,7 @@ if [ ${#wheels[@]} -eq 0 ]; then
     exit 2
 fi
 say "installing ${#wheels[@]} carried wheels and mpbook, no index"
-if ! "$PY" -m pip install --quiet --no-index --no-deps --no-cache-dir --disable-pip-version-check \
+if ! "$PY" -m pip install --quiet --no-index --no-deps --no-cache-dir --no-compile --disable-pip-version-check \
         --find-links .device-wheels "${wheels[@]}" >"$OUT/install.log" 2>&1 ||
    ! "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation --disable-pip-version-check \
         -e . >>"$OUT/install.log" 2>&1; then

@@ -85,8 +85,11 @@ def copy_bandwidth(device, *, nbytes: int = GIB, repeats: int = 20) -> float:
             began = time.perf_counter()
             dst.copy_(src)
             seconds.append(time.perf_counter() - began)
-    if not torch.equal(dst[:4096], src[:4096]):  # the copy was made
+    if not torch.equal(dst[-4096:], src[-4096:]):  # the copy was made, to its end
         raise RuntimeError("the timed copy did not copy")
+    del src, dst
+    if cuda:
+        torch.cuda.empty_cache()  # the engine started next has the whole device
     return 2 * nbytes / statistics.median(seconds)
 
 
@@ -188,6 +191,12 @@ class StrategyCell:
     strategy: str
     verdict: str  # "yes", "refused: why", "fails: what"
     detail: str = ""  # the layout it ran, the largest logit difference, the tokens
+    max_logit_diff: float | None = None
+
+    @property
+    def cell(self) -> str:
+        """The table's cell: the verdict, and the largest logit difference where it ran."""
+        return self.verdict if self.max_logit_diff is None else f"{self.verdict}, {self.max_logit_diff:.0e}"
 
 
 def check_strategies(wb, folders: dict[str, Path], *, new_tokens: int = 6, deadline: float = float("inf")):
@@ -226,7 +235,7 @@ def check_strategies(wb, folders: dict[str, Path], *, new_tokens: int = 6, deadl
             same = generated.token_ids == want_tokens
             detail = f"{generated.layout}, max abs logit diff {diff:.1e}, tokens {'identical' if same else 'differ'}"
             verdict = "yes" if close and same else "fails: " + ("logits" if not close else "tokens") + " differ"
-            cells.append(StrategyCell(name, strategy, verdict, detail))
+            cells.append(StrategyCell(name, strategy, verdict, detail, max_logit_diff=diff))
     return cells
 
 
@@ -332,11 +341,11 @@ class Report:
         if self.strategies:
             names = list(dict.fromkeys(c.strategy for c in self.strategies))
             lines += ["", "Every strategy on one device, float32, against the CPU reference (logits within 1e-4, "
-                      "greedy tokens identical):", "", "| model | " + " | ".join(names) + " |",
-                      "| --- |" + " --- |" * len(names)]
+                      "greedy tokens identical; where it ran, the largest logit difference):", "",
+                      "| model | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
             for model in dict.fromkeys(c.model for c in self.strategies):
-                verdict = {c.strategy: c.verdict for c in self.strategies if c.model == model}
-                lines.append(f"| {model} | " + " | ".join(verdict.get(s, "") for s in names) + " |")
+                cell = {c.strategy: c.cell for c in self.strategies if c.model == model}
+                lines.append(f"| {model} | " + " | ".join(cell.get(s, "") for s in names) + " |")
         if self.decode:
             m = self.model
             lines += ["", f"bf16 decode of a {m.get('shape')}-shaped random Llama ({m.get('parameters', 0):,} "
@@ -489,8 +498,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--copy-repeats", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=330,
                         help="after this many seconds no further measurement starts (default 330)")
-    parser.add_argument("--strategies-s", type=float, default=90,
-                        help="after this many seconds the strategy checks start no further model (default 90)")
+    parser.add_argument("--strategies-s", type=float, default=60,
+                        help="after this many seconds the strategy checks start no further model (default 60)")
     parser.add_argument("--scratch", default=None, help="folder for the saved models (default /dev/shm or temp)")
     parser.add_argument("--note", action="append", default=[], help="a line to put in the report (repeatable)")
     return parser.parse_args(argv)

@@ -34,6 +34,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_LIST = Path(__file__).resolve().parent / "device-target.txt"
 DEFAULT_DEST = ROOT / ".device-wheels"
+DEVICE_CALL = 'run(command="bash tools/device-check.sh", carry=[".device-wheels"], timeout_s=540)'
 # The device call carries the working tree (about 1 MiB) and these wheels: 64 MiB in all.
 DEFAULT_LIMIT_MIB = 56
 # pip matches each manylinux tag exactly; these cover the wheels mpbook's stack publishes.
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"the wheels weigh {mib(size)}, over --limit-mib {args.limit_mib:g}")
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
+    if not problems and args.dest.resolve() == DEFAULT_DEST:
+        print(f"the device tool's call: {DEVICE_CALL}")
     return 1 if problems else 0
 
 
