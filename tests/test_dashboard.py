@@ -20,12 +20,12 @@ from types import SimpleNamespace
 import pytest
 from IPython.core.error import UsageError
 
-import mpbook.dashboard.text
+import mpbook.dashboard.text_view
 from mpbook import RankError
 from mpbook.compat import ipywidgets as widgets_compat
 from mpbook.dashboard import Dashboard, Follower, follow
 from mpbook.dashboard.figures import MemoryFigure, memory_of
-from mpbook.dashboard.text import TextView
+from mpbook.dashboard.text_view import TextView
 from mpbook.dashboard.texts import PromptText, PromptTexts, call_stream
 from mpbook.dashboard.view import View
 from mpbook.dashboard.widget import WidgetView, memory_bar_html
@@ -683,7 +683,7 @@ def test_a_broken_display_never_costs_the_call(workbench, caplog):
 
 @pytest.mark.cluster
 def test_text_fallback_in_a_terminal_shell(shell, capsys, monkeypatch):
-    monkeypatch.setattr(mpbook.dashboard.text, "TEXT_EVERY_S", 0.8)
+    monkeypatch.setattr(mpbook.dashboard.text_view, "TEXT_EVERY_S", 0.8)
     assert shell.run_cell("%mp start -n 2 --cpu").success
     capsys.readouterr()
 
@@ -719,11 +719,11 @@ def test_text_fallback_in_a_script(tmp_path):
     script.write_text(
         textwrap.dedent(
             f"""
-            import mpbook.dashboard.text
+            import mpbook.dashboard.text_view
             from mpbook import Workbench
             from mpbook.dashboard import Dashboard
 
-            mpbook.dashboard.text.TEXT_EVERY_S = 1.0
+            mpbook.dashboard.text_view.TEXT_EVERY_S = 1.0
             with Workbench.start(2, cpu=True) as wb:
                 assert Dashboard(wb).mode == "text"
                 wb.run({GENERATE_CELL!r}, dashboard=True)

@@ -459,8 +459,8 @@ def _vocab_parallel_argmax(state):
 
     from mpbook.engine.runner import VocabShard
     from mpbook.parallel.collectives import Group
-    from mpbook.parallel.tensor import chunk_range
     from mpbook.parallel.vocab import all_gather_logits, gather_logits, greedy_tokens
+    from mpbook.units import shard_range
 
     group = Group(None, rank=state.rank, size=state.world_size)
     cases = {
@@ -471,7 +471,8 @@ def _vocab_parallel_argmax(state):
     }
     out = {}
     for name, logits in cases.items():
-        start, stop = chunk_range(logits.shape[-1], state.rank, state.world_size)
+        mine = shard_range(logits.shape[-1], state.world_size, state.rank)
+        start, stop = mine.start, mine.stop
         vocab = VocabShard(start, stop, logits.shape[-1], group)
         local = logits[:, start:stop]
         gathered = gather_logits(local, vocab)  # on the group's first rank only

@@ -9,7 +9,7 @@ few lines of text. Every figure belongs to the call that runs (one cell).
 - :mod:`.texts`: each prompt's text as it grows (live tokens);
 - :mod:`.words`: the status line and the plot's label;
 - :mod:`.view`: the one interface of the views (``show``, ``render(frame)``, ``finish(frame)``);
-- :mod:`.widget` and :mod:`.text`: the two views;
+- :mod:`.widget` and :mod:`.text_view`: the two views;
 - :mod:`.live`: the :class:`Dashboard`, fed by the wait loop's ticks;
 - :mod:`.follow`: the :class:`Follower` passed down to a call (``describe_run``,
   ``show_result``, and the wait loop's context manager);

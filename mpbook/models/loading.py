@@ -31,6 +31,7 @@ from typing import Any
 
 from ..compat import transformers as hf_compat
 from ..errors import MpbookError
+from ..units import shard_range
 from .source import checkpoint_files, resolve
 
 
@@ -96,6 +97,8 @@ class Stage:
             inputs = self.model.prepare_inputs_for_generation(
                 x, cache=cache, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 is_first_iteration=first, logits_to_keep=logits_to_keep)
+            if "logits_to_keep" in inputs:  # Falcon-H1's preparation puts its config's count there
+                inputs["logits_to_keep"] = logits_to_keep
             return self.model(**inputs).logits
         common = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
         if self.first:
@@ -249,7 +252,8 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
         elif kind == "tp":
             tensor.install(module, style, groups[("tp",)], full_shapes.get(name, {}), name=name)
     if part.tp > 1 and part.last and s.head and all(part.tp_plan.get(h) == "colwise" for h in s.head):
-        stage.vocab = tensor.chunk_range(s.vocab_size, part.tp_rank, part.tp)
+        mine = shard_range(s.vocab_size, part.tp, part.tp_rank)
+        stage.vocab = (mine.start, mine.stop)
 
     leftover = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
     if leftover:

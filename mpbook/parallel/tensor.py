@@ -28,7 +28,7 @@ Inference only: styles whose only job is gradient bookkeeping (``replicated_with
 
 from __future__ import annotations
 
-from ..units import shard_range
+from ..units import shard_range, shard_size
 
 from typing import NamedTuple
 
@@ -56,14 +56,15 @@ class Piece(NamedTuple):
     stop: int
 
 
-def chunk_range(n: int, rank: int, size: int) -> tuple[int, int]:
-    """This rank's [start, stop) of n items, cut as torch.chunk / DTensor's Shard cut them."""
+def shard_piece(dim: int, n: int, rank: int, size: int) -> Piece:
+    """This rank's slice of the ``n`` entries along ``dim``, cut as torch.chunk / DTensor's Shard cut them."""
     piece = shard_range(n, size, rank)
-    return piece.start, piece.stop
+    return Piece(dim, piece.start, piece.stop)
 
 
-def chunk_sizes(n: int, size: int) -> list[int]:
-    return [b - a for a, b in (chunk_range(n, r, size) for r in range(size))]
+def shard_sizes(n: int, size: int) -> list[int]:
+    """Every rank's share of ``n`` entries, cut as :func:`shard_piece` cuts them."""
+    return [shard_size(n, size, r) for r in range(size)]
 
 
 def unsupported(style: str, where: str) -> NotImplementedError:
@@ -86,11 +87,11 @@ def shard_pieces(style: str, leaf: str, shape: tuple[int, ...], rank: int, size:
     out_dim = ndim - 1 if (bias or transposed) else ndim - 2  # (out, in), a 3-D expert (E, out, in), or a bias (out,)
     in_dim = ndim - 2 if transposed else ndim - 1
     if style in COLWISE:
-        return [Piece(out_dim, *chunk_range(shape[out_dim], rank, size))]
+        return [shard_piece(out_dim, shape[out_dim], rank, size)]
     if style in ROWWISE:
         if bias:  # added once, after the all-reduce: every rank keeps it whole
             return []
-        return [Piece(in_dim, *chunk_range(shape[in_dim], rank, size))]
+        return [shard_piece(in_dim, shape[in_dim], rank, size)]
     if style in PACKED:
         # Two tensors packed along one dim ([gate; up]): this rank's slice of EACH half, so the local
         # tensor is again [gate_r; up_r] and the module's own chunk(2) still splits it (DTensor's
@@ -100,12 +101,12 @@ def shard_pieces(style: str, leaf: str, shape: tuple[int, ...], rank: int, size:
         if bias and style == "packed_rowwise":
             return []
         half = shape[dim] // 2
-        a, b = chunk_range(half, rank, size)
-        return [Piece(dim, a, b), Piece(dim, half + a, half + b)]
+        mine = shard_range(half, size, rank)
+        return [Piece(dim, mine.start, mine.stop), Piece(dim, half + mine.start, half + mine.stop)]
     if style == "embedding_rowwise":  # vocab-parallel: rows of the (vocab, hidden) table
-        return [Piece(0, *chunk_range(shape[0], rank, size))]
+        return [shard_piece(0, shape[0], rank, size)]
     if style == "embedding_colwise":  # hidden-parallel: columns
-        return [Piece(1, *chunk_range(shape[1], rank, size))]
+        return [shard_piece(1, shape[1], rank, size)]
     if style in EXPERT_SHARD:
         if shape[0] % size:
             raise ValueError(f"{shape[0]} experts do not split evenly over {size} expert-parallel ranks")
@@ -134,7 +135,7 @@ def install(module, style: str, group, full_shapes: dict[str, tuple[int, ...]], 
         return
     if style in GATHER_OUTPUT:
         weight = full_shapes["weight"]
-        sizes = chunk_sizes(weight[-1] if transposed else weight[0], size)
+        sizes = shard_sizes(weight[-1] if transposed else weight[0], size)
 
         def gather_output(x):
             # Column-split output: each rank holds some output features; gather them all.
@@ -146,7 +147,8 @@ def install(module, style: str, group, full_shapes: dict[str, tuple[int, ...]], 
         if not (isinstance(module, torch.nn.Linear) or transposed):
             raise unsupported(style, f"{name or type(module).__name__} (a {type(module).__name__}, not a linear layer)")
         weight = full_shapes["weight"]
-        start, stop = chunk_range(weight[0] if transposed else weight[-1], rank, size)
+        mine = shard_range(weight[0] if transposed else weight[-1], size, rank)
+        start, stop = mine.start, mine.stop
         split = style in SPLIT_INPUT
 
         def rowwise(x):
@@ -161,7 +163,8 @@ def install(module, style: str, group, full_shapes: dict[str, tuple[int, ...]], 
         module.forward = rowwise
         return
     if style == "embedding_rowwise":
-        start, stop = chunk_range(full_shapes["weight"][0], rank, size)
+        mine = shard_range(full_shapes["weight"][0], size, rank)
+        start, stop = mine.start, mine.stop
         # padding_idx only steers gradients, but F.embedding insists it index the local table.
         pad = getattr(module, "padding_idx", None)
         if pad is not None:
@@ -179,7 +182,7 @@ def install(module, style: str, group, full_shapes: dict[str, tuple[int, ...]], 
         module.forward = vocab_parallel_embedding
         return
     if style == "embedding_colwise":
-        sizes = chunk_sizes(full_shapes["weight"][1], size)
+        sizes = shard_sizes(full_shapes["weight"][1], size)
 
         def hidden_parallel_embedding(ids):
             # Each rank looks up its slice of every vector; gather the slices.

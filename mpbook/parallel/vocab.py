@@ -22,18 +22,18 @@ These helpers do not count their collective: the caller does (the decode loop na
 
 from __future__ import annotations
 
-from .tensor import chunk_sizes
+from .tensor import shard_sizes
 
 
 def gather_logits(local, vocab):
     """(..., stop - start) logits of this rank's slice -> (..., total) on the group's first rank,
     None on the others."""
-    return vocab.group.gather_last_dim(local, chunk_sizes(vocab.total, vocab.group.size))
+    return vocab.group.gather_last_dim(local, shard_sizes(vocab.total, vocab.group.size))
 
 
 def all_gather_logits(local, vocab):
     """(..., stop - start) logits of this rank's slice -> (..., total) on every rank of the group."""
-    return vocab.group.all_gather_last_dim(local, chunk_sizes(vocab.total, vocab.group.size))
+    return vocab.group.all_gather_last_dim(local, shard_sizes(vocab.total, vocab.group.size))
 
 
 def greedy_tokens(local, vocab):

@@ -16,7 +16,7 @@ The modules, in the order a plan is made:
 - ``model_tensors``: what the model holds (its tensors grouped by where a stage keeps them);
 - ``workload``, ``kv_cache``, ``activations``: what a run adds;
 - ``ranks``: one rank's share of both, and whether it fits its device;
-- ``devices``: the memory each rank may take (given, the engines', this machine's);
+- ``placement``: where each rank runs and the memory it may take (given, the engines', this machine's);
 - ``suggestions``: the other layouts over the same engines;
 - ``memory_plan``, ``rendering``: the result, and it as a table, HTML and the arithmetic.
 
@@ -24,7 +24,7 @@ The modules, in the order a plan is made:
 >>> print(p)                                                                  # doctest: +SKIP
 """
 
-from .devices import Device
+from .placement import Device
 from .memory_plan import MemoryPlan
 from .model_tensors import ModelTensors, model_tensors
 from .predict import plan

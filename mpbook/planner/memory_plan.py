@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from ..layout import Layout
 from . import rendering
-from .devices import Device, devices_for, engine_count
+from .placement import Device, devices_for, engine_count
 from .ranks import PlannedModel, RankPlan
 from .suggestions import Suggestion, suggest
 from .workload import Workload

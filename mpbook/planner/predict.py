@@ -12,7 +12,7 @@ from ..layout import Layout
 from ..options import check_dtype
 from ..protocol import DEFAULT_MAX_NEW_TOKENS
 from ..models.support import layout_problems
-from .devices import devices_for, engine_count
+from .placement import devices_for, engine_count
 from .memory_plan import MemoryPlan
 from .model_tensors import ModelTensors, model_tensors
 from .ranks import PlannedModel, fit, rank_plans

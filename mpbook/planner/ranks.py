@@ -11,7 +11,7 @@ from ..protocol import ELEMENT_SIZE
 from ..units import format_bytes, split_evenly
 from .activations import IDLE, activations
 from .kv_cache import CacheLayer, cache_layers, kv_cache
-from .devices import Device
+from .placement import Device
 from .model_tensors import ModelDims, ModelTensors
 from .workload import Workload
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from ..layout import Layout
 from ..models.support import layout_problems
 from ..units import format_bytes as fb
-from .devices import Device
+from .placement import Device
 from .ranks import PlannedModel, fit, rank_plans
 from .workload import Workload
 
