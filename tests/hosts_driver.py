@@ -83,9 +83,15 @@ def main(hosts: str, far_host: str, far_link: str) -> dict:
         run_everything(wb, out, folder=folder, tokens=tokens, moe=moe, moe_tokens=moe_tokens,
                        small_tokens=small_tokens, far_host=far_host, far_link=far_link)
     finally:
+        from mpbook.cluster.ssh import remote_files
+
+        # what ipyparallel's SSH launchers left on the hosts (one file system here)
+        files = [p for paths in remote_files(wb.cluster.ipp_cluster.engines.values()).values() for p in paths]
         began = time.perf_counter()
         wb.stop()
         out["stop_s"] = time.perf_counter() - began
+        out["remote_files"] = files
+        out["remote_files_left"] = [p for p in files if os.path.exists(p)]
     out["timeout_s"] = TIMEOUT_S
     return out
 

@@ -123,6 +123,9 @@ def test_a_host_whose_link_goes_down_is_reported_within_the_timeout(across_hosts
 
 def test_stop_leaves_no_process_socket_or_file_behind(two_hosts, across_hosts):
     assert across_hosts["stop_s"] < 60
+    # each engine's output file and the connection files sent to the hosts, removed there
+    assert any("/log/ipengine" in path for path in across_hosts["remote_files"]), across_hosts["remote_files"]
+    assert across_hosts["remote_files_left"] == []
     left = [(p.pid, " ".join(p.cmdline())[:120]) for p in two_hosts.processes()
             if p.pid not in {h.sshd.pid for h in two_hosts.hosts.values()}]
     assert not left, f"processes left on the hosts: {left}"

@@ -493,9 +493,19 @@ class Cluster:
             procs = list({p.pid: p for p in [*self._started_procs, *process_trees(self.pids())]}.values())
             if client is not None:
                 _quiet(client.close)
+            left_remotely = {}
+            if self.slots and self.launcher == "ssh":
+                from .ssh import remote_files
+
+                left_remotely = remote_files(ipp_cluster.engines.values())
             # Engines first: each engine's nanny tells the controller it is leaving, and would
             # linger for seconds if the controller were already gone.
             _quiet(ipp_cluster.stop_engines_sync)
+            if left_remotely:
+                from .ssh import remove_remote_files
+
+                # their output files and the connection files ipyparallel sent there
+                _quiet(lambda: remove_remote_files(left_remotely, self._multiplex.options if self._multiplex else ()))
             _quiet(ipp_cluster.stop_controller_sync)
             _reap(procs)
             if self._multiplex is not None:

@@ -130,3 +130,35 @@ class Multiplex:
             except (OSError, subprocess.TimeoutExpired):
                 pass
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def remote_files(engine_sets) -> dict[str, list[str]]:
+    """What ipyparallel's SSH launchers left on each host (location -> paths): each engine's
+    output file and the connection files sent there. Read before the engines stop (a
+    stopped launcher is forgotten)."""
+    from ipyparallel.cluster.launcher import SSHLauncher
+
+    found: dict[str, list[str]] = {}
+    for engine_set in engine_sets:
+        for launcher in getattr(engine_set, "launchers", {}).values():
+            if isinstance(launcher, SSHLauncher) and launcher.location:
+                paths = found.setdefault(launcher.location, [])
+                for path in [launcher.remote_output_file, *launcher.remote_connection_files.values()]:
+                    if path and path not in paths:
+                        paths.append(path)
+    return found
+
+
+def remove_remote_files(files: dict[str, list[str]], options: Sequence[str] = ()) -> None:
+    """Remove ``files`` (location -> paths) on their hosts, one ssh call per host."""
+    import shlex
+    import subprocess
+
+    for location, paths in files.items():
+        if not paths:
+            continue
+        try:
+            subprocess.run(["ssh", *SSH_OPTIONS, *options, location, "rm -f " + " ".join(shlex.quote(p) for p in paths)],
+                           capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            pass

@@ -93,25 +93,21 @@ def ssh_engine_set_launcher():
     return SSHEngineSetLauncher
 
 
-def controller_endpoints() -> set[tuple[str, int]]:
-    """In an engine: the (address, port) of each of the controller's channels it connects to,
-    from the connection info ipyparallel's engine application keeps (``connection_info``:
-    ``interface`` and a port, or a list of ports, per channel)."""
+def controller_ports() -> set[int]:
+    """In an engine: the ports of the controller's channels it connects to, from the
+    connection info ipyparallel's engine application keeps (``connection_info``: a port, or
+    a list of ports, per channel); empty outside an engine."""
     from ipyparallel.engine.app import IPEngine
 
     if not IPEngine.initialized():
         return set()
     info = getattr(IPEngine.instance(), "connection_info", None) or {}
-    host = str(info.get("interface", "")).split("://")[-1]
-    ports = []
+    ports = set()
     for value in info.values():
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int):
-            ports.append(value)
-        elif isinstance(value, list):
-            ports += [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return {(host, port) for port in ports}
+        for port in value if isinstance(value, list) else [value]:
+            if isinstance(port, int) and not isinstance(port, bool):
+                ports.add(port)
+    return ports
 
 
 def verify() -> None:

@@ -127,18 +127,26 @@ def close_connections_to(pids) -> int:
     return closed
 
 
-def close_connections_to_hosts(addresses, keep) -> int:
+def close_connections_to_hosts(addresses, state: EngineState) -> int:
     """Shut down this process's TCP connections to ``addresses`` (the engines on other
-    hosts, whose sockets this host cannot list), except those to the endpoints in ``keep``
-    (the controller, the rendezvous store); returns how many."""
+    hosts, whose sockets this host cannot list), except those to the controller's channels
+    and the rendezvous store; returns how many. Nothing is closed when the controller's
+    ports are unknown: its channels share an address with the peers on its host."""
     import psutil
 
+    from ..compat.ipyparallel import controller_ports
+
+    controller = controller_ports()
+    if not controller:
+        return 0
+    rdzv = state.rendezvous
+    store = {(rdzv.host, rdzv.port)} if rdzv is not None and rdzv.kind == "tcp" else set()
     closed = 0
     wanted = set(addresses)
     for conn in psutil.Process().net_connections("tcp"):
         if not conn.raddr or conn.raddr.ip not in wanted or conn.fd < 0:
             continue
-        if (conn.raddr.ip, conn.raddr.port) in keep or (conn.laddr.ip, conn.laddr.port) in keep:
+        if conn.raddr.port in controller or (conn.raddr.ip, conn.raddr.port) in store or (conn.laddr.ip, conn.laddr.port) in store:
             continue
         try:
             sock = socket.socket(fileno=os.dup(conn.fd))
@@ -148,18 +156,6 @@ def close_connections_to_hosts(addresses, keep) -> int:
         except OSError:
             pass
     return closed
-
-
-def _endpoints_to_keep(state: EngineState) -> set[tuple[str, int]]:
-    """What this engine's connections to other hosts go to besides its peers' process
-    groups: the controller (ipyparallel's channels) and the rendezvous store."""
-    from ..compat.ipyparallel import controller_endpoints
-
-    keep = set(controller_endpoints())
-    rdzv = state.rendezvous
-    if rdzv is not None and rdzv.kind == "tcp":
-        keep.add((rdzv.host, rdzv.port))
-    return keep
 
 
 def telemetry_snapshot() -> dict[str, Any]:
@@ -407,7 +403,7 @@ def abort_group(state: EngineState | None = None) -> None:
         # collective with this rank fails now instead of after the timeout.
         close_connections_to(state.peer_pids)
         if state.peer_addresses:
-            close_connections_to_hosts(state.peer_addresses, keep=_endpoints_to_keep(state))
+            close_connections_to_hosts(state.peer_addresses, state)
 
 
 def teardown(state: EngineState | None = None, *, keep_model: bool = False) -> None:
