@@ -198,13 +198,13 @@ def test_engine_side_never_imports_the_client_side():
 
 
 # Layers of the client, top to bottom (README's "How the code is laid out": magics -> workbench
-# -> session -> cluster -> engines), with the tools that drive the whole (bench, the one-device reference) on top. A
+# -> session -> cluster -> engines), with the tools that drive the whole (bench, the one-device reference, the conformance sweep) on top. A
 # module may import its own layer and those below, never one above; what is not listed
 # (engine, parallel, models, protocol, layout, units, options, errors, devices, interrupts, compat,
 # plots, results, soak) is the bottom layer, shared by both sides.
 LAYERS = {
     "mpbook": 5, "mpbook.__main__": 5, "mpbook.bench": 5, "mpbook.bench_transports": 5, "mpbook.bench_peers": 5,
-    "mpbook.reference": 5,
+    "mpbook.reference": 5, "mpbook.conformance": 5,
     "mpbook.magics": 4,
     "mpbook.workbench": 3,
     "mpbook.session": 2, "mpbook.dashboard": 2,
