@@ -198,7 +198,8 @@ def test_engine_side_never_imports_the_client_side():
 
 
 # Layers of the client, top to bottom (README's "How the code is laid out": magics -> workbench
-# -> session -> cluster -> engines), with the tools that drive the whole (bench, the one-device reference, the conformance sweep) on top. A
+# -> session -> cluster -> engines), with the tools that drive the whole (bench, the one-device
+# reference, the conformance sweep) on top. A
 # module may import its own layer and those below, never one above; what is not listed
 # (engine, parallel, models, protocol, layout, units, options, errors, devices, interrupts, compat,
 # plots, results, soak) is the bottom layer, shared by both sides.
