@@ -40,7 +40,7 @@ import gather_wheels  # noqa: E402
 # embedding's 128,000: 317,056.
 TINY_PARAMETERS = 222_528
 TINY_BYTES_PER_STEP = 317_056
-CPU_ARGS = ("--cpu --model-shape tiny --families tiny --modes eager --batches 1,2 --new-tokens 4 --repeats 1 "
+CPU_ARGS = ("--cpu --model-shape tiny --families tiny --modes eager,compile --batches 1,2 --new-tokens 4 --repeats 1 "
             "--copy-mib 16 --copy-repeats 3")
 
 
@@ -257,9 +257,10 @@ def _the_device_script_runs_to_its_report(device_run):
     assert report["model"]["bytes_per_step"] == TINY_BYTES_PER_STEP
     bandwidth = report["bandwidth"]
     rows = {(r["mode"], r["batch"]): r for r in report["decode"]}
-    assert set(rows) == {("eager", 1), ("eager", 2)}
+    assert set(rows) == {("eager", 1), ("eager", 2), ("compile", 1), ("compile", 2)}
     for (mode, batch), row in rows.items():
         assert row["verdict"] == "ran" and row["median"] > 0 and len(row["decode_tokens_per_s"]) == 1
+        assert (row["compile_s"] > 0) if mode == "compile" else row["compile_s"] is None
         assert row["roofline_tokens_per_s"] == pytest.approx(batch * bandwidth / TINY_BYTES_PER_STEP)
         assert row["of_roofline"] == pytest.approx(row["median"] / row["roofline_tokens_per_s"])
     diffs = [c["max_logit_diff"] for c in report["strategies"] if c["verdict"] == "yes"]
@@ -267,3 +268,4 @@ def _the_device_script_runs_to_its_report(device_run):
     table = (out / "device-check.md").read_text()
     assert re.search(r"\| tiny \| yes, \S+ \| yes, \S+ \| yes, \S+ \| refused: llama has no expert", table), table
     assert "| eager | 1 | " in table and "| eager | 2 | " in table and "GB/s" in table
+    assert re.search(r"\| compile \| 1 \| .* s \(compiling \S+ s\) \|", table), table

@@ -263,6 +263,7 @@ class DecodeRow:
     prefill_tokens_per_s: float | None = None
     ttft_ms: float | None = None
     first_call_s: float | None = None  # the untimed first call: loading, and compiling under compile
+    compile_s: float | None = None  # of which compiling (the result's compile_seconds)
     peak_memory_bytes: int | None = None
 
     @property
@@ -296,12 +297,17 @@ def measure_decode(wb, folder: Path, roofline: Roofline, *, mode: str, batch: in
                    chat=False, **({"compile": True} if mode == "compile" else {}))
     try:
         began = time.perf_counter()
-        wb.generate(prompts, **options)
+        first = wb.generate(prompts, **options)
         row.first_call_s = time.perf_counter() - began
         results = [wb.generate(prompts, **options) for _ in range(repeats)]
     except Exception as exc:
         row.verdict = f"fails: {type(exc).__name__}: {one_line(exc)}"
         return row
+    if mode == "compile":
+        row.compile_s = max((s for s in first.compile_seconds if s), default=0.0)
+        if not all(r.compiled for r in results):
+            row.verdict = "fails: the runs asked to compile ran eager"
+            return row
     row.decode_tokens_per_s = [r.decode_tokens_per_s for r in results]
     middle = sorted(results, key=lambda r: r.decode_tokens_per_s)[len(results) // 2]
     row.step_ms = 1000 * middle.decode_seconds / max(new_tokens - 1, 1)
@@ -362,7 +368,8 @@ class Report:
                 lines.append(
                     f"| {r.mode} | {r.batch} | {fmt(r.median)} | {r.step_ms:.2f} | {fmt(r.roofline_tokens_per_s)} "
                     f"| {r.of_roofline:.0%} | {fmt(r.prefill_tokens_per_s)} | "
-                    f"{'' if r.ttft_ms is None else f'{r.ttft_ms:.0f} ms'} | {r.first_call_s:.1f} s | "
+                    f"{'' if r.ttft_ms is None else f'{r.ttft_ms:.0f} ms'} | {r.first_call_s:.1f} s"
+                    f"{'' if r.compile_s is None else f' (compiling {r.compile_s:.1f} s)'} | "
                     f"{r.peak_memory_bytes / 2**30:.2f} GiB |")
         return "\n".join(lines) + "\n"
 
