@@ -28,11 +28,11 @@ from .placement import Device
 from .memory_plan import MemoryPlan
 from .model_tensors import ModelTensors, model_tensors
 from .predict import plan
-from .ranks import RankPlan, fit
+from .ranks import RankMemory, fit
 from .suggestions import Suggestion, layouts
 from .workload import Workload
 
 __all__ = [
-    "Device", "MemoryPlan", "ModelTensors", "RankPlan", "Suggestion", "Workload", "fit", "layouts", "model_tensors",
+    "Device", "MemoryPlan", "ModelTensors", "RankMemory", "Suggestion", "Workload", "fit", "layouts", "model_tensors",
     "plan",
 ]

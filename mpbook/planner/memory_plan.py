@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from ..layout import Layout
 from . import rendering
 from .placement import Device, devices_for, engine_count
-from .ranks import PlannedModel, RankPlan
+from .ranks import PlannedModel, RankMemory
 from .suggestions import Suggestion, suggest
 from .workload import Workload
 
@@ -25,7 +25,7 @@ class MemoryPlan:
     architecture: str
     layout: Layout
     workload: Workload
-    ranks: list[RankPlan]
+    ranks: list[RankMemory]
     memory_source: str
     suggestions: list[Suggestion]
     _model: PlannedModel = field(repr=False, compare=False)
@@ -40,7 +40,7 @@ class MemoryPlan:
         """The largest per-rank total."""
         return max(r.total for r in self.ranks)
 
-    def rank(self, rank: int) -> RankPlan:
+    def rank(self, rank: int) -> RankMemory:
         return self.ranks[rank]
 
     def suggest(self, engines=None, *, device_memory_bytes=None) -> list[Suggestion]:

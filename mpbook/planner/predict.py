@@ -15,7 +15,7 @@ from ..models.support import layout_problems
 from .placement import devices_for, engine_count
 from .memory_plan import MemoryPlan
 from .model_tensors import ModelTensors, model_tensors
-from .ranks import PlannedModel, fit, rank_plans
+from .ranks import PlannedModel, fit, ranks_memory
 from .suggestions import suggest, valid_layouts
 from .workload import ATTENTION, checked_workload
 
@@ -111,7 +111,7 @@ def plan(
             architecture=planned.tensors.architecture,
             layout=layout,
             workload=work,
-            ranks=fit(rank_plans(planned, layout, work), devices),
+            ranks=fit(ranks_memory(planned, layout, work), devices),
             memory_source=source,
             # Every layout over the engines, planned too: a caller that only asks "does it fit?"
             # (the session, before every cell) leaves them out and asks plan.suggest() if not.

@@ -17,7 +17,7 @@ from .workload import Workload
 
 
 @dataclass(frozen=True, kw_only=True)
-class RankPlan:
+class RankMemory:
     """Predicted bytes of one rank; ``total`` is its peak: weights + KV cache + activations."""
 
     rank: int
@@ -54,7 +54,7 @@ def layers_label(layers: range) -> str:
     return f"layers {layers[0]}-{layers[-1]}"
 
 
-def fit(ranks: list[RankPlan], devices: list[Device]) -> list[RankPlan]:
+def fit(ranks: list[RankMemory], devices: list[Device]) -> list[RankMemory]:
     """Each rank with its device and whether it fits; ranks sharing host memory fit together."""
     pools: dict[str, int] = {}
     for r, dev in zip(ranks, devices):
@@ -107,7 +107,7 @@ class PlannedModel:
                    heads_split_by_tp=s.heads_split_by_tp, vocab_parallel_head=vocab, plans=plans)
 
 
-def rank_plans(model: PlannedModel, layout: Layout, work: Workload) -> list[RankPlan]:
+def ranks_memory(model: PlannedModel, layout: Layout, work: Workload) -> list[RankMemory]:
     """Every rank of ``layout`` running ``work``: its weights, KV cache and activations."""
     held, dims, cached = model.tensors, model.dims, model.cache
     stages = split_layers(len(held.layers), layout.pp, work.stage_sizes)
@@ -131,7 +131,7 @@ def rank_plans(model: PlannedModel, layout: Layout, work: Workload) -> list[Rank
             tp=layout.tp, tp_rank=c.tp, last=last, pp=layout.pp, heads_tp=heads_tp,
             vocab_tp=layout.tp if model.vocab_parallel_head else 1,
         ) if rows else IDLE
-        out.append(RankPlan(
+        out.append(RankMemory(
             rank=rank, dp=c.dp, pp=c.pp, ep=c.ep, tp=c.tp, layers=layers, rows=rows, microbatch_rows=mb,
             parameters=weights.parameters, buffers=weights.buffers, kv_cache=kv.bytes, activations=act.bytes,
             weight_parts=weights.parts, kv_formula=kv.formula, activation_parts=act.parts,

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from ..layout import Layout
 from ..units import format_bytes
-from .ranks import RankPlan, layers_label
+from .ranks import RankMemory, layers_label
 from .suggestions import Suggestion
 from .workload import Workload
 
@@ -24,7 +24,7 @@ class MemoryPlan(Protocol):
     architecture: str
     layout: Layout
     workload: Workload
-    ranks: list[RankPlan]
+    ranks: list[RankMemory]
     memory_source: str
     suggestions: list[Suggestion]
 

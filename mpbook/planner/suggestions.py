@@ -9,7 +9,7 @@ from ..layout import Layout
 from ..models.support import layout_problems
 from ..units import format_bytes as fb
 from .placement import Device
-from .ranks import PlannedModel, fit, rank_plans
+from .ranks import PlannedModel, fit, ranks_memory
 from .workload import Workload
 
 
@@ -84,7 +84,7 @@ def suggest(model: PlannedModel, work: Workload, world: int, devices: list[Devic
             bad.append(Suggestion(layout, False, False, None, why))
             continue
         # Custom stage sizes belong to the asked layout; the others split evenly.
-        ranks = fit(rank_plans(model, layout, replace(work, stage_sizes=None)), devices)
+        ranks = fit(ranks_memory(model, layout, replace(work, stage_sizes=None)), devices)
         peak = max(r.total for r in ranks)
         if all(r.fits for r in ranks):
             if devices[0].shared:
