@@ -36,8 +36,13 @@ def test_cache_length_holds_the_prompt_and_every_new_token_rounded_up():
 ])
 def test_compiled_decode_matches_one_device_and_is_reused(workbench, tiny_folder, expected_tokens, strategy, options):
     eager = workbench.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS, **options)
+    before = workbench.apply(_graphs_compiled, stream=False)
     first = workbench.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS,
                                compile=True, **options)
+    after = workbench.apply(_graphs_compiled, stream=False)
+    # One graph per rank for its shape, compiled in the warm-up: the run's own steps met the
+    # graph's guards (a tensor made otherwise than the warm-up's compiles again, mid-decode).
+    assert [b - a for a, b in zip(before, after)] == [1] * workbench.world_size
     assert first.token_ids == expected_tokens == eager.token_ids
     # every rank compiled before its prefill, in a phase of its own that the cell's parts show
     assert all(seconds is not None and seconds > 0 for seconds in first.compile_seconds)
@@ -50,6 +55,7 @@ def test_compiled_decode_matches_one_device_and_is_reused(workbench, tiny_folder
                                compile=True, **options)
     assert again.token_ids == expected_tokens
     assert again.compile_seconds == [None] * workbench.world_size  # the same shape: nothing compiled
+    assert workbench.apply(_graphs_compiled, stream=False) == after
     assert "reused from an earlier cell" in again.summary()
     if strategy == "tensor":  # the collectives inside the compiled step ran and were counted as in eager
         assert again.collectives == eager.collectives
@@ -69,3 +75,10 @@ def test_a_forward_pass_ignores_compile(workbench, tiny_folder):
     assert not compiled.compiled and compiled.compile_seconds == [None] * workbench.world_size
     for got, want in zip(compiled.logits, plain.logits):
         assert got.equal(want)
+
+
+def _graphs_compiled(state) -> int:
+    """How many graphs torch.compile has made in this engine so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]

@@ -62,24 +62,39 @@ def check_compilable(stage, *, model: str) -> None:
 class CompiledDecode:
     """One rank's compiled decode step and its static caches, kept with the loaded model."""
 
-    step: Any  # the compiled stage forward
+    stage: Any  # this rank's models.loading.Stage
+    device: Any
+    collectives_inside: bool  # tp or ep: the step calls collectives (no CUDA graph then)
+    step: Any = None  # the compiled stage forward, made by the first warm-up (torch.compile imports for seconds)
     caches: dict = field(default_factory=dict)  # (micro-batch index, rows, length) -> StaticCache
     # The caches that have been through the compiled step: the graph's guards know them (a new
     # cache object, even of a known shape, may compile again, so each is warmed up once).
     ready: set = field(default_factory=set)
 
-    @classmethod
-    def for_stage(cls, stage, *, device, collectives_inside: bool) -> CompiledDecode:
+    def compile(self):
+        """The stage's one-token forward under torch.compile (compiled at its first call)."""
         import torch
 
-        mode = "reduce-overhead" if device.type == "cuda" and not collectives_inside else None
+        stage = self.stage
+        mode = "reduce-overhead" if self.device.type == "cuda" and not self.collectives_inside else None
 
         def step(x, attention_mask, position_ids, cache):
             return stage.forward(x, attention_mask, position_ids, cache, logits_to_keep=1)
 
-        return cls(step=torch.compile(step, dynamic=False, mode=mode))
+        compiled = torch.compile(step, dynamic=False, mode=mode)
+        if mode is None:
+            return compiled
 
-    def cache(self, stage, index: int, rows: int, length: int):
+        def graphed(*args):
+            # A CUDA graph writes every replay's output into the same memory: each step is a
+            # new step for the graph trees, and its output is copied out before micro-batch
+            # after micro-batch replays the graph.
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args).clone()
+
+        return graphed
+
+    def cache(self, index: int, rows: int, length: int):
         """Micro-batch ``index``'s static cache of ``rows`` x ``length``, reset, or a new one.
 
         Caches of another shape are let go first: a cell keeps at most one set."""
@@ -88,7 +103,7 @@ class CompiledDecode:
             for other in [k for k in self.caches if k[1:] != (rows, length) or k[0] == index]:
                 del self.caches[other]
                 self.ready.discard(other)
-            self.caches[key] = stage.new_cache(max_length=length)
+            self.caches[key] = self.stage.new_cache(max_length=length)
         else:
             import torch
 
@@ -96,7 +111,7 @@ class CompiledDecode:
                 self.caches[key].reset()
         return key, self.caches[key]
 
-    def warm_up(self, stage, microbatches, *, first: bool, hidden_size: int, dtype, device) -> float | None:
+    def warm_up(self, microbatches, *, first: bool, hidden_size: int, dtype) -> float | None:
         """Compile for every micro-batch cache not seen yet; return the seconds it took, or
         None when every one was ready (the step was compiled in an earlier cell).
 
@@ -106,13 +121,17 @@ class CompiledDecode:
         import torch
 
         began = time.perf_counter()
+        stage, device = self.stage, self.device
         new = [mb for mb in microbatches if mb.static_key not in self.ready]
+        if new and self.step is None:
+            self.step = self.compile()
         for mb in new:
             rows, length = mb.rows, mb.padded_mask.shape[1]
             x = (torch.zeros(rows, 1, dtype=torch.long, device=device) if first
                  else torch.zeros(rows, 1, hidden_size, dtype=dtype, device=device))
-            mask = torch.zeros(rows, length, dtype=torch.long, device=device)
-            mask[:, :2] = 1
+            # The micro-batch's own mask (read, never written here): a tensor made the same way
+            # as the run's, or the graph's guards would not take the run's for it.
+            mask = mb.padded_mask
             positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
             stage.forward(x, mask[:, :1], positions, mb.cache, logits_to_keep=1)
             self.step(x, mask, positions + 1, mb.cache)

@@ -190,9 +190,8 @@ def _run(state, request: Request) -> RankOutput:
         try:
             if compiled is not None:
                 with tel.phase_scope("compiling"):
-                    compile_seconds = compiled.warm_up(runner.part, microbatches, first=peers.first,
-                                                       hidden_size=runner.hidden_size, dtype=runner.dtype,
-                                                       device=runner.device)
+                    compile_seconds = compiled.warm_up(microbatches, first=peers.first,
+                                                       hidden_size=runner.hidden_size, dtype=runner.dtype)
             prefill(ctx, microbatches)
             if ctx.generate:
                 decode_n_tokens(ctx, microbatches)
@@ -248,8 +247,7 @@ def compiled_decode(runner: Runner, request: Request):
     if runner.compiled is None:
         check_compilable(runner.part, model=request.model)
         layout = request.layout
-        runner.compiled = CompiledDecode.for_stage(runner.part, device=runner.device,
-                                                   collectives_inside=layout.tp > 1 or layout.ep > 1)
+        runner.compiled = CompiledDecode(runner.part, runner.device, collectives_inside=layout.tp > 1 or layout.ep > 1)
     return runner.compiled
 
 
@@ -284,7 +282,7 @@ def make_microbatches(state, runner: Runner, request: Request, rows: range, repo
             from .compiled import cache_length
 
             length = cache_length(mask.shape[1], request.max_new_tokens)
-            key, cache = compiled.cache(runner.part, j, len(prompts), length)
+            key, cache = compiled.cache(j, len(prompts), length)
             padded = mask.new_zeros(len(prompts), length)
             padded[:, : mask.shape[1]] = mask
             mb = MicroBatch(index=j, prompts=prompts, mask=mask, positions=positions, cache=cache, ids=ids,
