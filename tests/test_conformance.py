@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from mpbook import conformance
+from mpbook import MpbookError, conformance
 from mpbook.conformance import REPORT, Cell, Report, Row
 
 README = REPORT.parents[1] / "README.md"
@@ -111,8 +111,6 @@ def test_the_table_says_each_cell_and_why():
 
 
 def test_the_command_refuses_an_unknown_type_before_starting_engines():
-    from mpbook import MpbookError
-
     with pytest.raises(MpbookError, match=r"^--types: llama9 is not a causal-LM model type of transformers "):
         conformance.sweep(["llama9"])
     with pytest.raises(MpbookError, match=r"^--engines 3: the sweep runs on 2 engines .* choose 2 or 4$"):
@@ -132,6 +130,38 @@ def test_a_model_that_counts_positions_from_padding_refuses_prompts_of_different
     assert padding_problem(bart, [7, 7]) is None
     # ALiBi (BLOOM) and a state-space model (Mamba) read the attention mask: no refusal
     assert [padding_problem(shrink_config(t), [5, 9]) for t in ("llama", "bloom", "mamba")] == [None] * 3
+
+
+def test_a_multimodal_models_decoder_layers_are_found_for_tensor_parallel():
+    """Gemma 3 keeps its layers in model.language_model.layers: tensor parallel needs no
+    pipeline order to find them (it was refused with NoPipeline); pipeline says why not."""
+    from mpbook.models.shrink import shrink_config
+    from mpbook.models.structure import structure
+    from mpbook.models.support import supported_strategies, why_not
+
+    config = shrink_config("gemma3")
+    s = structure(config)
+    assert (s.layers, s.pp_source, s.num_layers) == ("language_model.layers", "nested", 4)
+    assert all(k.startswith("model.language_model.layers.") for k in s.layer_rules) and s.layer_rules
+    assert supported_strategies(config) == ("data", "tensor")
+    assert why_not(config, "pipeline") == (
+        "gemma3's decoder layers sit inside language_model (not a child of its base model, where its pp plan names "
+        "modules), so mpbook cannot order its stages")
+
+
+def test_a_layout_measured_failing_is_refused_with_its_cause():
+    from mpbook.models import check_layout
+    from mpbook.models.shrink import shrink_config
+    from mpbook.models.support import measured_refusals_lifted, why_not
+    from mpbook.layout import Layout
+
+    doge = shrink_config("doge")
+    with pytest.raises(MpbookError, match=r"^tp=2: doge: its plan splits dt_proj by rows, .*; `python -m mpbook "
+                                          r"conformance --types doge --remeasure` measures it again; doge works with "
+                                          r"data, pipeline parallelism"):
+        check_layout(doge, Layout(tp=2))
+    with measured_refusals_lifted():
+        assert why_not(doge, "tensor") is None
 
 
 # ----------------------------------------------------------------------------- on engines

@@ -149,9 +149,9 @@ def test_supported_strategies_read_the_plans():
                            r"pass plans=\{'tp': "),
     ("gemma2", Layout(ep=2), r"^ep=2: gemma2 has no expert-parallel plan .*; gemma2 works with data, pipeline, tensor "
                              r"parallelism"),
-    ("opt", Layout(pp=2), r"^pp=2: opt has no base_model_pp_plan and its base model has no single list of its 4 "
-                          r"decoder layers, so mpbook cannot find its stages; opt works with data parallelism; "
-                          r"to split it anyway, pass plans=\{'pp': "),
+    ("opt", Layout(pp=2), r"^pp=2: opt has no base_model_pp_plan and its decoder layers sit inside decoder \(not a "
+                          r"child of its base model\), so mpbook cannot order its stages; opt works with data "
+                          r"parallelism; to split it anyway, pass plans=\{'pp': "),
     ("phi3", Layout(pp=5), r"^pp=5: the model has 4 decoder layers, so at most 4 stages; choose pp in 1..4$"),
 ])
 def test_bad_layouts_name_the_models_numbers_and_the_choices(model_type, layout, message):

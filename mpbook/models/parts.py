@@ -109,9 +109,13 @@ def _absent(name: str):
     return AbsentModule()
 
 
+# What a layer's modules call their index in the cache (GPT-Neo's attention: layer_id).
+LAYER_INDEX_NAMES = ("layer_idx", "layer_id")
+
+
 def cut_stage(model, s: Structure, part: Part) -> None:
     """Cut a (meta) CausalLM down to ``part``'s stage, in place: the layer list keeps only the
-    stage's layers, renumbered from 0 (every submodule's ``layer_idx``), so the stage's own cache
+    stage's layers, renumbered from 0 (every submodule's ``layer_idx`` or ``layer_id``), so the stage's own cache
     and masks see exactly the layers it holds; a later stage drops the token embedding (other
     pre-layer modules are glue the base forward applies to ``inputs_embeds``, kept); a non-last
     stage drops the head and replaces the final modules with Identity. The config is not
@@ -124,8 +128,9 @@ def cut_stage(model, s: Structure, part: Part) -> None:
     _set_submodule(base, s.layers, kept)
     for local, layer in enumerate(kept):
         for sub in layer.modules():
-            if hasattr(sub, "layer_idx"):
-                sub.layer_idx = local
+            for index in LAYER_INDEX_NAMES:
+                if hasattr(sub, index):
+                    setattr(sub, index, local)
     if not part.first:
         _set_submodule(model, s.embedding, _absent(s.embedding))
     if not part.last:

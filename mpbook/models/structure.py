@@ -74,7 +74,7 @@ class Structure:
     post: tuple[str, ...]  # base-model modules after the layers ("norm",)
     head: tuple[str, ...]  # CausalLM-level modules after the base model ("lm_head",)
     embedding: str  # the token embedding (get_input_embeddings()), CausalLM-level name
-    pp_source: str  # "plan" (the config's), "user" or "module order" (no plan: the fallback)
+    pp_source: str  # "plan" (the config's), "user", "module order" (no plan: the fallback) or "nested"
     num_layers: int
     layer_types: tuple[str, ...] | None  # per-layer attention kinds (Gemma 2: sliding / full)
     attn_implementation: str  # what transformers picked for this model (or what was asked)
@@ -347,6 +347,12 @@ def _pipeline_order(model, base, config, user_pp):
     count = getattr(config.get_text_config(), "num_hidden_layers", None)
     lists = [n for n, m in children if isinstance(m, torch.nn.ModuleList) and len(m) == count]
     if len(lists) != 1:
+        nested = _nested_layers(base, count)
+        if len(nested) == 1:
+            # The decoder sits inside another module (a multimodal model's language model): its
+            # layers are found for tensor and expert parallel, which need nothing else; a stage
+            # is not cut there (see PIPELINE_SOURCES).
+            return (), nested[0], (), "nested"
         raise NoPipeline(f"{config.model_type} has no base_model_pp_plan and its base model has no single list of "
                           f"its {count} decoder layers")
     at = [n for n, _ in children].index(lists[0])
@@ -357,6 +363,26 @@ def _pipeline_order(model, base, config, user_pp):
     pre = tuple(n for n, m in children[:at] if holds(m))
     post = tuple(n for n, m in children[at + 1:] if holds(m))
     return pre, lists[0], post, "module order"
+
+
+def _nested_layers(base, count: int) -> list[str]:
+    """Lists of ``count`` modules inside the base model's decoder (``get_decoder()``: a
+    multimodal model's language model, not its vision tower), as names inside ``base``."""
+    import torch
+
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if not isinstance(decoder, torch.nn.Module) or decoder is base:
+        return []
+    at = next((n for n, m in base.named_modules() if m is decoder), None)
+    if not at:
+        return []
+    return [f"{at}.{n}" for n, m in decoder.named_modules()
+            if n and isinstance(m, torch.nn.ModuleList) and len(m) == count]
+
+
+# Where a structure's stage order comes from, for those it can be cut by ("nested": the layers
+# were found inside another module, with no order of the modules around them).
+PIPELINE_SOURCES = ("plan", "user", "module order")
 
 
 class NoPipeline(MpbookError):
