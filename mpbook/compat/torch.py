@@ -5,7 +5,9 @@
   includes the Python runtime); :class:`TensorPeak` overrides two of its private methods
   (``_track_module_params_and_buffers``, ``_pre_fw_hook``), and ``verify()`` checks both;
 - ``torch.distributed.distributed_c10d._abort_process_group``: end the process groups of an
-  interrupted rank at once, without waiting for work in flight (gloo and NCCL).
+  interrupted rank at once, without waiting for work in flight (gloo and NCCL);
+- ``torch._dynamo.utils.counters``: how many graphs ``torch.compile`` has made in this process
+  (:func:`graphs_compiled`; the tests check that ``--compile`` compiles once per shape).
 """
 
 from __future__ import annotations
@@ -95,6 +97,13 @@ def abort_process_groups() -> None:
     dist.destroy_process_group()
 
 
+def graphs_compiled() -> int:
+    """How many graphs ``torch.compile`` has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def verify() -> None:
     """Raise with a clear message if this torch lacks what the adapter uses.
 
@@ -137,6 +146,13 @@ def verify() -> None:
 
     if not callable(getattr(distributed_c10d, "_abort_process_group", None)):
         problems.append("distributed_c10d._abort_process_group is gone")
+    try:
+        before = graphs_compiled()
+        torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))  # dynamo alone: no code generated
+        if graphs_compiled() != before + 1:
+            problems.append("torch._dynamo.utils.counters no longer counts compiled graphs as unique_graphs")
+    except (ImportError, KeyError) as exc:
+        problems.append(f"torch._dynamo.utils.counters: {exc}")
     if problems:
         raise RuntimeError(
             f"mpbook.compat.torch was checked against torch {CHECKED}; torch {torch.__version__} differs: "
