@@ -15,7 +15,6 @@ follow each other in a decode step and as MPI's own latency benchmarks run them.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 SIZES = (4 << 10, 8 << 10, 64 << 10, 1 << 20, 4 << 20)
@@ -32,8 +31,10 @@ class Timing:
 
 
 def _percentiles(seconds: list[float]) -> tuple[float, float]:
-    cuts = statistics.quantiles(seconds, n=10, method="inclusive")
-    return statistics.median(seconds) * 1e6, cuts[8] * 1e6
+    """Median and 90th percentile, in microseconds (mpbook's one percentile)."""
+    from .results import percentile
+
+    return percentile(seconds, 50) * 1e6, percentile(seconds, 90) * 1e6
 
 
 def measure_on_engine(state, *, repeats: int, warmup: int) -> list[dict]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import MpbookError, RankError
-from .layout import DIMS, Layout
+from .layout import DIMS, OWN_DIM, STRATEGIES, Layout
 from .options import (
     check_degree, check_dtype, check_max_new_tokens, check_microbatches, check_repetition_penalty, check_seed,
     check_stage_sizes, check_stop, check_temperature, check_top_k, check_top_p,
@@ -27,10 +27,6 @@ from .results import RunResult, merge
 if TYPE_CHECKING:
     from .cluster import Calls, Cluster
     from .cluster.calls import Follow
-
-STRATEGIES = ("data", "pipeline", "tensor", "expert")
-OWN_DIM = {"data": "dp", "pipeline": "pp", "tensor": "tp", "expert": "ep"}
-
 
 @dataclass
 class ModelInfo:

@@ -37,6 +37,7 @@ from .choice import Stopper, TokenChooser, stop_string_criteria
 from .runner import Runner, _out_of_memory_reported, _prepare
 from .state import engine_mesh
 from .steps import StepBreakdown
+from .telemetry import device_memory
 from .stream import TokenStream
 
 
@@ -168,7 +169,7 @@ def _run(state, request: Request) -> RankOutput:
         return RankOutput(**common, tokens=[] if reports else None, logits=None, prompt_tokens=0, new_tokens=0,
                           started=stats.started, phase_seconds={}, collectives={}, collective_seconds=0.0,
                           events=[], peak_memory_bytes=stats.peak_memory_bytes, kv_cache_bytes=0,
-                          memory_free_bytes=free_memory_bytes(runner.device))
+                          memory_free_bytes=device_memory(runner.device)[0])
 
     sampling = request.sampling
     greedy = not sampling.do_sample and sampling.repetition_penalty == 1.0
@@ -230,7 +231,7 @@ def _run(state, request: Request) -> RankOutput:
         peak_memory_bytes=stats.peak_memory_bytes,
         kv_cache_bytes=kv_bytes,
         tensor_peak_bytes=tracker.bytes if request.track_tensors else None,
-        memory_free_bytes=free_memory_bytes(runner.device),
+        memory_free_bytes=device_memory(runner.device)[0],
         token_times=times,
         stop_reasons=reasons,
         expert_tokens=stats.expert_tokens,
@@ -485,14 +486,3 @@ def left_padded(rows: list, pad_id: int, device):
             ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[i, width - len(row):] = 1
     return ids.to(device), mask.to(device)
-
-
-def free_memory_bytes(device) -> int:
-    """What the device has free now (a CPU engine: the host's available memory)."""
-    if device.type == "cuda":
-        import torch
-
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
