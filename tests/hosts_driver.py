@@ -93,6 +93,17 @@ def main(hosts: str, far_host: str, far_link: str) -> dict:
         out["remote_files"] = files
         out["remote_files_left"] = [p for p in files if os.path.exists(p)]
     out["timeout_s"] = TIMEOUT_S
+
+    # ipyparallel's MPI launcher across the hosts: mpiexec (Hydra, over ssh) starts one engine
+    # on each, mpbook's collectives go over MPI between them.
+    began = time.perf_counter()
+    with Workbench.start(hosts="hosta:1,hostb:1", cpu=True, launcher="mpi", timeout_s=TIMEOUT_S) as mpi_wb:
+        out["mpi"] = {"start_s": time.perf_counter() - began, "hosts_by_rank": mpi_wb.cluster.hosts,
+                      "transports": [e.transport for e in mpi_wb.engines]}
+        for strategy in ("tensor", "pipeline"):
+            result = mpi_wb.generate(PROMPTS, strategy=strategy, model=folder, max_new_tokens=NEW_TOKENS)
+            out["mpi"][strategy] = {"same_tokens": result.token_ids == tokens,
+                                    "used": sorted({t for per_rank in result.transports for t in per_rank.values()})}
     return out
 
 
@@ -141,6 +152,10 @@ def run_everything(wb, out, *, folder, tokens, moe, moe_tokens, small_tokens, fa
                                                "next_cell_s": time.perf_counter() - began,
                                                "next_same_tokens": again.token_ids == small_tokens}
     out["interrupts"] = interrupts
+    # what an interrupted cell includes besides the engines' own stop: forming the group again
+    began = time.perf_counter()
+    wb.cluster.rebuild_group()
+    out["rebuild_group_s"] = time.perf_counter() - began
 
     # An engine killed on the far host, mid-generation: named, then the layout comes back.
     far_rank = max(r for r, h in enumerate(wb.cluster.hosts) if h == far_host)

@@ -47,21 +47,46 @@ def across_hosts(two_hosts):
 pytestmark = [pytest.mark.hosts, pytest.mark.cluster]
 
 
-def test_ranks_follow_the_hosts_and_status_groups_them(across_hosts):
+def test_engines_on_two_hosts(two_hosts, across_hosts):
+    """One test for the one cluster (pytest-xdist would otherwise make the hosts and start the
+    cluster once per worker): every check below runs, and all failures are reported together."""
+    checks = [check_ranks_follow_the_hosts_and_status_groups_them,
+              check_every_strategy_gives_one_devices_tokens_across_hosts,
+              check_tensor_groups_stay_inside_a_host_and_a_spanning_one_is_warned_of,
+              check_only_the_shared_address_is_listened_on,
+              check_the_links_between_every_pair_are_measured_and_summarised_in_status,
+              check_an_interrupt_ends_the_cell_within_3_s_and_the_next_cell_runs,
+              check_an_engine_killed_on_the_far_host_is_named_and_restart_brings_the_layout_back,
+              check_a_host_whose_link_goes_down_is_reported_within_the_timeout,
+              check_the_mpi_launcher_starts_one_mpi_world_across_the_hosts]
+    failed = []
+    for check in checks:
+        try:
+            check(across_hosts)
+        except AssertionError as exc:
+            failed.append(f"{check.__name__}: {exc}")
+    try:
+        check_stop_leaves_no_process_socket_or_file_behind(two_hosts, across_hosts)
+    except AssertionError as exc:
+        failed.append(f"check_stop_leaves_no_process_socket_or_file_behind: {exc}")
+    assert not failed, "\n".join(failed)
+
+
+def check_ranks_follow_the_hosts_and_status_groups_them(across_hosts):
     assert across_hosts["hosts_by_rank"] == ["hosta", "hosta", "hostb", "hostb"]
     assert across_hosts["engine_hosts"] == across_hosts["hosts_by_rank"]
     table = across_hosts["table"].splitlines()
     assert table[1] == "hosta: 2 engines, ranks 0-1" and table[4] == "hostb: 2 engines, ranks 2-3"
 
 
-def test_every_strategy_gives_one_devices_tokens_across_hosts(across_hosts):
+def check_every_strategy_gives_one_devices_tokens_across_hosts(across_hosts):
     runs = across_hosts["runs"]
     assert set(runs) == {"data {}", "pipeline {}", "tensor {}", "tensor {'pp': 2}", "pipeline {'ep': 2}"}
     for name, run in runs.items():
         assert run["same_tokens"], f"{name} ({run['layout']}) differs from one device"
 
 
-def test_tensor_groups_stay_inside_a_host_and_a_spanning_one_is_warned_of(across_hosts):
+def check_tensor_groups_stay_inside_a_host_and_a_spanning_one_is_warned_of(across_hosts):
     runs = across_hosts["runs"]
     for name in ("tensor {'pp': 2}", "pipeline {'ep': 2}"):
         assert all(len(hosts) == 1 for hosts in runs[name]["tp_groups_hosts"]), runs[name]
@@ -72,7 +97,7 @@ def test_tensor_groups_stay_inside_a_host_and_a_spanning_one_is_warned_of(across
     assert len(spanning["warning"].splitlines()) == 1
 
 
-def test_only_the_shared_address_is_listened_on(across_hosts):
+def check_only_the_shared_address_is_listened_on(across_hosts):
     """Nothing on every interface (0.0.0.0, ::) and nothing on another address: the
     controller, the rendezvous store and gloo listen on the address the hosts share (and
     ipyparallel's and ipykernel's own internal channels on loopback, which no other host reaches)."""
@@ -86,7 +111,7 @@ def test_only_the_shared_address_is_listened_on(across_hosts):
         assert seen["ifname"] == across_hosts["interfaces"][across_hosts["hosts_by_rank"][rank]], (rank, seen)
 
 
-def test_the_links_between_every_pair_are_measured_and_summarised_in_status(across_hosts):
+def check_the_links_between_every_pair_are_measured_and_summarised_in_status(across_hosts):
     links = across_hosts["links"]
     assert [(low, high) for low, high, *_ in links] == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     hosts = across_hosts["hosts_by_rank"]
@@ -98,7 +123,7 @@ def test_the_links_between_every_pair_are_measured_and_summarised_in_status(acro
     assert summary.endswith("(4 pairs)")
 
 
-def test_an_interrupt_ends_the_cell_within_3_s_and_the_next_cell_runs(across_hosts):
+def check_an_interrupt_ends_the_cell_within_3_s_and_the_next_cell_runs(across_hosts):
     for name, seen in across_hosts["interrupts"].items():
         assert seen["outcome"] == "interrupted", (name, seen)
         assert seen["interrupt_to_end_s"] < 3.0, (name, seen)
@@ -106,7 +131,7 @@ def test_an_interrupt_ends_the_cell_within_3_s_and_the_next_cell_runs(across_hos
         assert seen["next_same_tokens"], (name, seen)
 
 
-def test_an_engine_killed_on_the_far_host_is_named_and_restart_brings_the_layout_back(across_hosts):
+def check_an_engine_killed_on_the_far_host_is_named_and_restart_brings_the_layout_back(across_hosts):
     kill = across_hosts["kill"]
     assert kill["error"] == "EngineDiedError", kill
     assert f"rank {kill['far_rank']}" in kill["message"], kill
@@ -115,13 +140,20 @@ def test_an_engine_killed_on_the_far_host_is_named_and_restart_brings_the_layout
     assert kill["hosts_after_restart"] == ["hosta", "hosta", "hostb", "hostb"]
 
 
-def test_a_host_whose_link_goes_down_is_reported_within_the_timeout(across_hosts):
+def check_a_host_whose_link_goes_down_is_reported_within_the_timeout(across_hosts):
     link = across_hosts["link"]
     assert link["error"] != "none", link
     assert link["reported_after_s"] < across_hosts["timeout_s"] + 10, link
 
 
-def test_stop_leaves_no_process_socket_or_file_behind(two_hosts, across_hosts):
+def check_the_mpi_launcher_starts_one_mpi_world_across_the_hosts(across_hosts):
+    mpi = across_hosts["mpi"]
+    assert mpi["hosts_by_rank"] == ["hosta", "hostb"] and mpi["transports"] == ["mpi", "mpi"]
+    for strategy in ("tensor", "pipeline"):
+        assert mpi[strategy] == {"same_tokens": True, "used": ["mpi"]}, (strategy, mpi[strategy])
+
+
+def check_stop_leaves_no_process_socket_or_file_behind(two_hosts, across_hosts):
     assert across_hosts["stop_s"] < 60
     # each engine's output file and the connection files sent to the hosts, removed there
     assert any("/log/ipengine" in path for path in across_hosts["remote_files"]), across_hosts["remote_files"]

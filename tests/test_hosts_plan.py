@@ -82,7 +82,7 @@ def test_tensor_groups_inside_hosts_and_a_warning_when_one_must_cross():
     assert warning == (
         "warning: dp=1 x pp=1 x tp=4: the tp group of ranks [0, 1, 2, 3] spans hosts (rank 0 on hosta, rank 1 on "
         "hosta, rank 2 on hostb, rank 3 on hostb); its collectives in every layer cross the network. Keep tp "
-        "within one host's 2 engines and put pipeline stages (--pp) or replicas (--dp) across hosts"
+        "within one host (tp <= 2 here) and put pipeline stages (--pp) or replicas (--dp) across hosts"
     )
     assert span_warning(Layout(tp=2), ["", ""]) is None  # one host
 

@@ -169,9 +169,9 @@ def span_warning(layout: Layout, hosts: Sequence[str]) -> str | None:
         return None
     dims, ranks = spans[0]
     where = ", ".join(f"rank {r} on {hosts[r]}" for r in ranks)
-    per_host = {h: hosts.count(h) for h in hosts}
+    fewest = min(hosts.count(h) for h in hosts)
     return (f"warning: {layout}: the {dims} group of ranks {ranks} spans hosts ({where}); its collectives in every "
-            f"layer cross the network. Keep {dims} within one host's {min(per_host.values())} engines and put "
+            f"layer cross the network. Keep {dims} within one host ({dims} <= {fewest} here) and put "
             "pipeline stages (--pp) or replicas (--dp) across hosts")
 
 

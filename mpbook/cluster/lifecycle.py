@@ -428,7 +428,8 @@ class Cluster:
     def table(self) -> str:
         transport = self.transport
         line = {
-            "mpi": "collectives: MPI (mpi4py over MPICH's shared memory), engines started by mpiexec",
+            "mpi": ("collectives: MPI (mpi4py), engines started by mpiexec on the hosts" if self.slots
+                    else "collectives: MPI (mpi4py over MPICH's shared memory), engines started by mpiexec"),
             "gloo": (f"collectives: gloo (TCP on {self.address}, the address the hosts share)" if self.slots
                      else "collectives: gloo (TCP over loopback)" if self.owned else "collectives: gloo"),
             "nccl": "collectives: NCCL",
