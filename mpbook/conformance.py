@@ -98,17 +98,23 @@ class Report:
 
     @classmethod
     def merged(cls, reports: Sequence[Report]) -> Report:
-        """Several sweeps (2 engines, a 4-engine sample) as one: each type's cells together."""
+        """Several sweeps (2 engines, a 4-engine sample, types measured again) as one: each
+        type's cells together, a later report's cell replacing an earlier one's. Its time is
+        the longest sweep's of each engine count, added up (a sweep of a few types measured
+        again does not add to the whole sweep's time)."""
         rows: dict[str, Row] = {}
+        longest: dict[int, float] = {}
         for report in reports:
+            engines = report.rows[0].engines if report.rows else 0
+            longest[engines] = max(longest.get(engines, 0.0), report.seconds)
             for row in report.rows:
-                if row.model_type not in rows:
+                if row.model_type not in rows or row.not_built or rows[row.model_type].not_built:
                     rows[row.model_type] = dataclasses.replace(row, cells=dict(row.cells))
                 else:
                     rows[row.model_type].cells.update(row.cells)
         first = reports[0]
         return cls(first.transformers, first.torch, max(r.date for r in reports),
-                   sum(r.seconds for r in reports), sorted(rows.values(), key=lambda r: r.model_type))
+                   round(sum(longest.values()), 1), sorted(rows.values(), key=lambda r: r.model_type))
 
 
 # ----------------------------------------------------------------------------- which types
@@ -184,7 +190,8 @@ def check_type(wb, model_type: str, root: Path, *, engines: int = 2) -> Row:
     folder = root / model_type
     try:
         row.parameters = build_checkpoint(model_type, folder, engines=engines)
-        want_logits, want_tokens = _quiet(reference, str(folder), list(PROMPTS), max_new_tokens=NEW_TOKENS)
+        want_logits, generated = _quiet(reference, str(folder), list(PROMPTS), max_new_tokens=NEW_TOKENS)
+        want_tokens = _quiet(greedy_alone, folder, generated)
         if not all(bool(l.isfinite().all()) for l in want_logits):
             raise ValueError("one device's logits are not finite")
     except Exception as exc:  # noqa: BLE001  transformers cannot build or run this family's tiny model
@@ -213,6 +220,36 @@ def build_checkpoint(model_type: str, folder: Path, *, engines: int = 2) -> int:
         raise ValueError(f"the shrunk config still makes {count / 1e6:.0f} M parameters")
     _quiet(save_random, config, folder, seed=0)
     return count
+
+
+def greedy_alone(folder: Path, generated: list[list[int]]) -> list[list[int]]:
+    """Each prompt's greedy tokens from plain forward passes of that prompt alone (no padding,
+    no cache, no positions given: the model numbers them its own way), as many as ``generate``
+    made for it (:func:`mpbook.reference.reference`, which pads the batch and gives positions
+    from 0: RoBERTa's family numbers a prompt's positions from its padding index + 1, so
+    ``generate`` disagrees with the family's own forward there). The prompts are encoded as the
+    reference encodes them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    if tokenizer.chat_template:
+        encoded = [tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=True)["input_ids"]
+                   for c in conversations]
+    else:
+        encoded = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = []
+    with torch.inference_mode():
+        for ids, made in zip(encoded, generated):
+            ids, new = list(ids), []
+            for _ in made:
+                token = int(lm(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+                ids.append(token)
+                new.append(token)
+            out.append(new)
+    return out
 
 
 def run_cell(wb, folder: str, strategy: str, degrees: dict, want_logits, want_tokens) -> Cell:

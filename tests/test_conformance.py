@@ -164,6 +164,23 @@ def test_a_layout_measured_failing_is_refused_with_its_cause():
         assert why_not(doge, "tensor") is None
 
 
+def test_roberta_numbers_its_positions_after_its_padding_index():
+    """RoBERTa's family keeps the padding index as a row of its position table and numbers a
+    prompt's tokens from the row after it: a stage adds that offset to mpbook's positions."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mpbook.models.loading import position_offset
+    from mpbook.models.shrink import shrink_config
+
+    offsets = {}
+    for model_type in ("roberta", "camembert", "llama", "gpt2"):
+        with torch.device("meta"):
+            offsets[model_type] = position_offset(AutoModelForCausalLM.from_config(shrink_config(model_type)))
+    pad = shrink_config("roberta").pad_token_id
+    assert offsets == {"roberta": pad + 1, "camembert": pad + 1, "llama": 0, "gpt2": 0}
+
+
 # ----------------------------------------------------------------------------- on engines
 def assert_as_committed(report: Report) -> None:
     """No cell fails, and each measured cell says what the committed report (the README) says."""

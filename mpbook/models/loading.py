@@ -57,6 +57,7 @@ class Stage:
     def __post_init__(self):
         s = self.structure
         self.base = self.model.get_submodule(s.base_prefix) if s is not None and s.base_prefix else self.model
+        self.position_offset = position_offset(self.model)
         if not self.first:
             container = self.base.get_submodule(s.layers)
             container[0].register_forward_pre_hook(self._swap_in_received, with_kwargs=True)
@@ -91,6 +92,9 @@ class Stage:
         ``logits_to_keep`` positions' logits (last stage; 0 keeps all) out."""
         import torch
 
+        if self.position_offset:
+            position_ids = position_ids + self.position_offset
+
         if self.recurrent:
             first = id(cache) not in self._prefilled  # the prompt: this cache's first forward
             self._prefilled[id(cache)] = weakref.ref(cache, lambda _, key=id(cache): self._prefilled.pop(key, None))
@@ -116,6 +120,19 @@ class Stage:
     def param_bytes(self) -> int:
         """Bytes of the parameters this rank holds (a tied matrix counts once)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def position_offset(model) -> int:
+    """Where a model's positions start: RoBERTa's family keeps its padding index as a row of its
+    position table and numbers a prompt's tokens from the row after it (transformers'
+    create_position_ids_from_input_ids), where mpbook numbers them from 0."""
+    import torch
+
+    for name, module in model.named_modules():
+        if (name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding)
+                and module.padding_idx is not None):
+            return module.padding_idx + 1
+    return 0
 
 
 def load_whole(model: str | os.PathLike, *, dtype, device, attention: str | None = None):
