@@ -447,7 +447,7 @@ def test_the_attention_implementation_can_be_chosen(wb):
     def implementations(state):
         from mpbook.compat import transformers as hf_compat
 
-        return sorted({hf_compat.attn_implementation(m.config) for m in state.cache["runner"].stage.modules()
+        return sorted({hf_compat.attn_implementation(m.config) for m in state.cache["runner"].model.modules()
                        if hasattr(m, "config")})
 
     assert wb.apply(implementations, stream=False) == [["eager"], ["eager"]]

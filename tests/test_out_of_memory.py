@@ -215,17 +215,17 @@ def test_an_engine_reports_a_failed_allocation_once_and_frees_its_model():
 
     import torch
 
-    from mpbook.engine.runner import DeviceOutOfMemory, _out_of_memory_reported
+    from mpbook.engine.runner import DeviceOutOfMemory, out_of_memory_reported
 
     closed = []
     state = types.SimpleNamespace(rank=1, device=torch.device("cpu"),
                                   cache={"runner": types.SimpleNamespace(close=lambda: closed.append(True))})
     with pytest.raises(DeviceOutOfMemory) as info:
-        with _out_of_memory_reported(state), _out_of_memory_reported(state):  # one report inside another
+        with out_of_memory_reported(state), out_of_memory_reported(state):  # one report inside another
             torch.empty(1 << 48)
     assert re.fullmatch(r"out of memory on rank 1 \(cpu\): asked for 1048576\.0 GiB; [\d.]+ GiB of the host's "
                         r"[\d.]+ GiB available", str(info.value))
     assert closed == [True] and "runner" not in state.cache
     with pytest.raises(ValueError):  # anything else passes through as it is
-        with _out_of_memory_reported(state):
+        with out_of_memory_reported(state):
             raise ValueError("not memory")

@@ -34,7 +34,7 @@ from ..parallel.pipeline import fill_drain, interleaved
 from ..protocol import RankOutput, Request
 from ..units import split_evenly
 from .choice import Stopper, TokenChooser, stop_string_criteria
-from .runner import Runner, _out_of_memory_reported, _prepare
+from .runner import Runner, out_of_memory_reported, prepare
 from .state import engine_mesh
 from .steps import StepBreakdown
 from .telemetry import device_memory
@@ -134,7 +134,7 @@ class Run:
 def run(state, request: Request) -> RankOutput:
     """Prefill (and decode, unless ``max_new_tokens`` is 0) this rank's share of the prompts."""
     began = time.perf_counter()
-    with _out_of_memory_reported(state):
+    with out_of_memory_reported(state):
         output = _run(state, request)
     output.engine_seconds = time.perf_counter() - began
     return output
@@ -143,7 +143,7 @@ def run(state, request: Request) -> RankOutput:
 def _run(state, request: Request) -> RankOutput:
     import torch
 
-    loaded = _prepare(state, request)
+    loaded = prepare(state, request)
     runner: Runner = state.cache["runner"]
     tel = state.telemetry
     layout, coords, peers = request.layout, runner.coords, runner.peers
@@ -178,7 +178,7 @@ def _run(state, request: Request) -> RankOutput:
     compile_seconds = None
     tracker = contextlib.nullcontext()
     if request.track_tensors:
-        tracker = TensorPeak(runner.stage, *(mb.mask for mb in microbatches), *(mb.ids for mb in microbatches))
+        tracker = TensorPeak(runner.model, *(mb.mask for mb in microbatches), *(mb.ids for mb in microbatches))
     with torch.inference_mode(), tel.run() as stats, tracker:
         ctx = Run(
             runner=runner, request=request, telemetry=tel, clock=StepClock(runner.device),
@@ -246,9 +246,9 @@ def compiled_decode(runner: Runner, request: Request):
     from .compiled import CompiledDecode, check_compilable
 
     if runner.compiled is None:
-        check_compilable(runner.part, model=request.model)
+        check_compilable(runner.stage, model=request.model)
         layout = request.layout
-        runner.compiled = CompiledDecode(runner.part, runner.device, collectives_inside=layout.tp > 1 or layout.ep > 1)
+        runner.compiled = CompiledDecode(runner.stage, runner.device, collectives_inside=layout.tp > 1 or layout.ep > 1)
     return runner.compiled
 
 
@@ -313,7 +313,7 @@ def prefill(ctx: Run, microbatches: list[MicroBatch]) -> None:
         out = runner.forward(x, mb.mask, mb.positions, mb.cache, all_logits=not ctx.generate)
         # The bar ends with the stage's work, before the hand-over: the next stage may start
         # as soon as the send is on its way.
-        ctx.clock.record(peers.stage, mb.index, "prefill", began)
+        ctx.clock.record(peers.index, mb.index, "prefill", began)
         if not peers.last:
             peers.send_activation(out)
         tel.add_tokens("prefill", int(mb.mask.sum()))
@@ -366,7 +366,7 @@ def _decode_one_token(ctx: Run, mb: MicroBatch, step: int) -> None:
     began = ctx.clock.now()
     with ctx.steps.part("forward"):
         out = forward()
-    ctx.clock.record(peers.stage, mb.index, "decode", began)
+    ctx.clock.record(peers.index, mb.index, "decode", began)
     if not peers.last:
         peers.send_step(out, rows=mb.rows, hidden=runner.hidden_size, dtype=runner.dtype, device=runner.device)
     if peers.last:

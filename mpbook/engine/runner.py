@@ -3,7 +3,7 @@
 A :class:`Runner` holds one pipeline stage (all layers when pp=1), its tensor-parallel shards
 when tp>1 and its experts when ep>1, as :mod:`mpbook.models.structure` reads them from the
 model's own plans; its forward runs the family's own code (:class:`mpbook.models.loading.Stage`).
-:func:`_prepare` (called by :func:`mpbook.engine.decode.run`, inside its out-of-memory report) loads
+:func:`prepare` (called by :func:`mpbook.engine.decode.run`, inside its out-of-memory report) loads
 it for a request's model and layout, or reuses the one already loaded.
 """
 
@@ -42,7 +42,7 @@ class Runner:
     """This rank's part of a layout, kept on the engine between runs."""
 
     key: tuple
-    stage: Any  # the causal LM, cut down to this rank's layers and shards
+    model: Any  # the causal LM, cut down to this rank's layers and shards
     peers: StagePeers
     coords: Coords
     device: Any
@@ -53,7 +53,7 @@ class Runner:
     # The vocabulary slice of this rank's logits when the LM head is split over tp
     # (vocab-parallel); None when every rank of the last stage has the full logits.
     vocab: VocabShard | None = None
-    part: Stage | None = None  # what runs: the family's own forward on this stage (models.loading.Stage)
+    stage: Stage | None = None  # what runs: the family's own forward on this stage (models.loading.Stage)
     # Every process group the model's collectives use, by dims. After the cluster's process
     # group is formed again (a failed collective, an interrupt), the model stays loaded and
     # these are pointed at the new groups (rebind) instead of the whole model reloading.
@@ -65,21 +65,21 @@ class Runner:
 
     @property
     def hidden_size(self) -> int:
-        return self.stage.config.get_text_config().hidden_size
+        return self.model.config.get_text_config().hidden_size
 
     @property
     def vocab_size(self) -> int:
         """The full width of the logits (the model config's vocab_size)."""
-        return self.stage.config.get_text_config().vocab_size
+        return self.model.config.get_text_config().vocab_size
 
     @property
     def expert_load(self) -> dict:
         """MoE module -> routes that reached each of this rank's experts so far (expert parallel)."""
-        return {} if self.part is None else self.part.expert_load
+        return {} if self.stage is None else self.stage.expert_load
 
     def new_cache(self):
         """An empty KV cache for this stage's layers (one per micro-batch)."""
-        return self.part.new_cache()
+        return self.stage.new_cache()
 
     def forward(self, x, attention_mask, position_ids, cache, *, all_logits: bool):
         """One stage forward, the family's own code: token ids (first stage) or hidden states in;
@@ -88,7 +88,7 @@ class Runner:
         head (``self.vocab`` set) they are this rank's slice of the vocabulary: the caller picks
         tokens with :func:`mpbook.parallel.vocab.greedy_tokens` or gathers them with
         :func:`mpbook.parallel.vocab.gather_logits`."""
-        return self.part.forward(x, attention_mask, position_ids, cache, logits_to_keep=0 if all_logits else 1)
+        return self.stage.forward(x, attention_mask, position_ids, cache, logits_to_keep=0 if all_logits else 1)
 
     def detach(self) -> None:
         """Let go of the process groups (about to be destroyed); :meth:`rebind` takes new ones."""
@@ -109,8 +109,8 @@ class Runner:
 
     def close(self) -> None:
         self.peers.drop_pending()  # a live gloo Work keeps its connection open
+        self.model = None
         self.stage = None
-        self.part = None
         self.compiled = None
         if self.device.type == "cuda":
             import torch
@@ -166,7 +166,7 @@ def _build_runner(state, request: Request) -> Runner:
         groups[("tp", "uncounted")] = vocab.group
     return Runner(
         key=request.model_key,
-        stage=stage.model,
+        model=stage.model,
         peers=StagePeers(layout.group_ranks("pp", state.rank), coords.pp, state.telemetry, comm=state.mpi),
         coords=coords,
         device=state.device,
@@ -175,7 +175,7 @@ def _build_runner(state, request: Request) -> Runner:
         load_seconds=time.perf_counter() - began,
         whole=whole,
         vocab=vocab,
-        part=stage,
+        stage=stage,
         groups=[(tuple(d for d in dims if d != "uncounted"), g) for dims, g in groups.items()],
     )
 
@@ -220,7 +220,7 @@ def _asked(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _out_of_memory_reported(state) -> Iterator[None]:
+def out_of_memory_reported(state) -> Iterator[None]:
     import torch
 
     try:
@@ -263,7 +263,7 @@ def _memory_left(device) -> str:
     return words
 
 
-def _prepare(state, request: Request) -> dict:
+def prepare(state, request: Request) -> dict:
     """Load this rank's part of the model for ``request``'s layout, unless already loaded."""
     runner = state.cache.get("runner")
     if runner is not None and runner.key == request.model_key:

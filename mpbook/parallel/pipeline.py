@@ -92,9 +92,9 @@ class StagePeers:
     ranks) when they share one; else the process group's own send and recv.
     """
 
-    def __init__(self, pipeline_ranks: list[int], stage: int, telemetry, *, comm=None):
+    def __init__(self, pipeline_ranks: list[int], index: int, telemetry, *, comm=None):
         self.ranks = pipeline_ranks
-        self.stage = stage
+        self.index = index  # this rank's stage, counted from 0
         self.stages = len(pipeline_ranks)
         self.telemetry = telemetry
         self.comm = comm
@@ -110,17 +110,17 @@ class StagePeers:
 
     @property
     def first(self) -> bool:
-        return self.stage == 0
+        return self.index == 0
 
     @property
     def last(self) -> bool:
-        return self.stage == self.stages - 1
+        return self.index == self.stages - 1
 
     def recv_activation(self, shape, dtype, device):
-        return self._recv(self.ranks[self.stage - 1], shape, dtype, device, "recv")
+        return self._recv(self.ranks[self.index - 1], shape, dtype, device, "recv")
 
     def send_activation(self, tensor) -> None:
-        self._send(self.ranks[self.stage + 1], tensor, "send")
+        self._send(self.ranks[self.index + 1], tensor, "send")
 
     def send_step(self, tensor, *, rows: int, hidden: int, dtype, device) -> None:
         """Send a decode step's activation, or (``tensor`` None) that the micro-batch ended."""
@@ -130,11 +130,11 @@ class StagePeers:
             message = torch.zeros(1 + rows * hidden, dtype=dtype, device=device)
         else:
             message = torch.cat([tensor.new_ones(1), tensor.reshape(-1)])
-        self._send(self.ranks[self.stage + 1], message, "send")
+        self._send(self.ranks[self.index + 1], message, "send")
 
     def recv_step(self, rows: int, hidden: int, dtype, device):
         """A decode step's activation (rows, 1, hidden), or None when the micro-batch ended."""
-        message = self._recv(self.ranks[self.stage - 1], (1 + rows * hidden,), dtype, device, "recv")
+        message = self._recv(self.ranks[self.index - 1], (1 + rows * hidden,), dtype, device, "recv")
         if message[0].item() == 0:
             return None
         return message[1:].view(rows, 1, hidden)
