@@ -175,3 +175,22 @@ def test_bench_collectives_times_every_transport_both_ways(workbench):
     timings = [Timing(r["transport"], r["operation"], r["nbytes"], *_percentiles(r["seconds"])) for r in records]
     table = format_timings(timings, workbench.world_size)
     assert "all_reduce back to back" in table and "faster" in table
+
+
+def test_engines_interrupted_without_the_client_leave_a_group_the_next_run_can_use(workbench, tiny_folder):
+    # Workbench.interrupt from another thread: the engines end their run (and their group);
+    # the client, itself not interrupted, gets every rank's KeyboardInterrupt and forms the
+    # group again, so the next run works.
+    import threading
+
+    from mpbook.reference import reference
+
+    timer = threading.Timer(1.5, workbench.interrupt)
+    timer.start()
+    try:
+        with pytest.raises(RankError, match="KeyboardInterrupt"):
+            workbench.generate(PROMPTS * 64, strategy="tensor", model=tiny_folder, max_new_tokens=400, ignore_eos=True)
+    finally:
+        timer.cancel()
+    result = workbench.generate(PROMPTS, strategy="tensor", model=tiny_folder, max_new_tokens=5)
+    assert result.token_ids == reference(tiny_folder, PROMPTS, max_new_tokens=5)[1]

@@ -89,6 +89,11 @@ class Calls:
                 self._rebuild_quietly()
             raise
         except RankError as err:
+            if any(f.ename == "KeyboardInterrupt" for f in err.failures) and cluster.world_size > 1:
+                # Engines interrupted without the client (Workbench.interrupt from another
+                # thread, a signal from outside): they destroyed the group as above.
+                self._rebuild_quietly()
+                raise
             collective = [f.rank for f in err.failures if is_collective_failure(f)]
             if not collective:
                 raise
