@@ -104,7 +104,7 @@ def test_the_table_says_each_cell_and_why():
     assert table[2:] == [
         "| `model_type` | data | pipeline | tp x pp |",
         "|---|---|---|---|",
-        "| `a` | yes | refused: pp=2: a has no plan | fails: on the engines: boom |",
+        "| `a` | yes | refused: no plan | fails: on the engines: boom |",
         "| `b` | not built: Class validation error |  |  |",
     ]
     assert Report.from_json(report.to_json()) == report
