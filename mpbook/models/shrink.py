@@ -43,7 +43,8 @@ _SIZES: list[tuple[str, object]] = [
     (r"head_dim|swa_head_dim|attention_head_dim|kv_channels|dim_head|qk_head_dim|v_head_dim|index_head_dim|"
      r"linear_key_head_dim|linear_value_head_dim|linear_head_dim", HEAD_DIM),
     (r"qk_rope_head_dim|qk_nope_head_dim|rotary_dim", HEAD_DIM),
-    (r"intermediate_size|ffn_dim|n_inner|decoder_ffn_dim|encoder_ffn_dim|ffn_hidden_size|dim_ff|dff|intermediate_size_mlp|"
+    (r"intermediate_size|ffn_dim|n_inner|decoder_ffn_dim|encoder_ffn_dim|ffn_hidden_size|dim_ff|dff|"
+     r"intermediate_size_mlp|"
      r"dense_intermediate_size", INTERMEDIATE),
     (r"moe_intermediate_size|shared_expert_intermediate_size|shared_experts_intermediate_size|"
      r"shared_intermediate_size|expert_ffn_hidden_size", EXPERT_INTERMEDIATE),
@@ -92,9 +93,9 @@ def target(name: str, value, *, heads: int, kv_heads_of) -> object | None:
 
 def shrink_config(model_type: str, *, engines: int = 2):
     """A tiny config of ``model_type`` with the presets' vocabulary and token ids: 4 layers,
-    ``2 * engines`` attention heads of size 16 (width 64 on 2 engines) (``engines`` KV heads under grouped-query
-    attention, one under multi-query), head size 16, 4 experts (2 per token), windows of 4
-    tokens. tp, pp and ep up to ``engines`` divide it."""
+    ``2 * engines`` attention heads of size 16 (width 64 on 2 engines), ``engines`` KV heads
+    under grouped-query attention (one under multi-query, one per head under multi-head), 4
+    experts (2 per token), windows of 4 tokens: tp, pp and ep up to ``engines`` divide it."""
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
