@@ -65,8 +65,8 @@ class RunResult:
 
     def cell_parts(self) -> list[tuple[str, float]]:
         """Where the call's time went, in parts that add up to ``cell_seconds``: the client's
-        preparation, the engines' importing and loading (the longest rank's), the prefill and
-        the decode (as their rates count them), and the rest, ``client & transfer``: the call
+        preparation, the engines' importing and loading (the longest rank's), with ``--compile``
+        its compiling, the prefill and the decode (as their rates count them), and the rest, ``client & transfer``: the call
         to the engines and back, their set-up around the phases, and merging the result."""
         # One rank's own parts, the rank that was busiest: maxima taken over different ranks
         # (one imported longest, another loaded longest) would add up to more than the call.
@@ -83,6 +83,8 @@ class RunResult:
             ("importing", max(self.import_seconds, default=0.0)), ("loading", max(self.load_seconds, default=0.0)),
             ("compiling", max((s for s in self.compile_seconds if s), default=0.0)),
             ("prefill", self.prefill_seconds), ("decode", self.decode_seconds)]
+        if not self.compiled:  # a part only of --compile runs
+            engine = [(name, seconds) for name, seconds in engine if name != "compiling"]
         parts = [("preparing", self.prepare_seconds), *engine]
         return parts + [("client & transfer", max(0.0, self.cell_seconds - sum(s for _, s in parts)))]
 
