@@ -125,13 +125,13 @@ def torch_dtype(name: str):
 
 
 def _build_runner(state, request: Request) -> Runner:
+    began = time.perf_counter()  # the whole loading phase: the collectives' module imports here the first time
     from transformers.utils import logging as hf_logging
 
     from .. import models
     from ..parallel.collectives import Group
 
     hf_logging.disable_progress_bar()
-    began = time.perf_counter()
     layout = request.layout
     coords = layout.coords(state.rank)
     dtype = torch_dtype(request.dtype)
