@@ -117,14 +117,20 @@ def close_connections_to(pids) -> int:
     closed = 0
     for conn in psutil.Process().net_connections("tcp"):
         if conn.raddr and conn.raddr in ports and conn.fd >= 0:
-            try:
-                sock = socket.socket(fileno=os.dup(conn.fd))
-                sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-                closed += 1
-            except OSError:
-                pass
+            closed += _shut_down(conn.fd)
     return closed
+
+
+def _shut_down(fd: int) -> int:
+    """End the TCP stream on ``fd`` (a duplicate is shut down and closed; the owner's socket
+    stays open, the peer sees the end at once); 1 if done, 0 if it was gone already."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        return 1
+    except OSError:
+        return 0
 
 
 def close_connections_to_hosts(addresses, state: EngineState) -> int:
@@ -148,13 +154,7 @@ def close_connections_to_hosts(addresses, state: EngineState) -> int:
             continue
         if conn.raddr.port in controller or (conn.raddr.ip, conn.raddr.port) in store or (conn.laddr.ip, conn.laddr.port) in store:
             continue
-        try:
-            sock = socket.socket(fileno=os.dup(conn.fd))
-            sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-            closed += 1
-        except OSError:
-            pass
+        closed += _shut_down(conn.fd)
     return closed
 
 
