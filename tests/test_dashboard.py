@@ -24,7 +24,7 @@ import mpbook.dashboard.text_view
 from mpbook import RankError
 from mpbook.compat import ipywidgets as widgets_compat
 from mpbook.dashboard import Dashboard, Follower, follow
-from mpbook.dashboard.figures import MemoryFigure, memory_of
+from mpbook.dashboard.snapshots import MemoryFigure, memory_of
 from mpbook.dashboard.text_view import TextView
 from mpbook.dashboard.texts import PromptText, PromptTexts, call_stream
 from mpbook.dashboard.view import View

@@ -4,7 +4,7 @@ In a notebook it is a widget built and displayed once whose values then change; 
 else (a terminal IPython, a script, ``python -m mpbook demo``) the same figures print as a
 few lines of text. Every figure belongs to the call that runs (one cell).
 
-- :mod:`.figures`: the data model (each rank's snapshots of a call, the call's totals,
+- :mod:`.snapshots`: the data model (each rank's snapshots of a call, the call's totals,
   memory against the device's capacity, rows);
 - :mod:`.texts`: each prompt's text as it grows (live tokens);
 - :mod:`.words`: the status line and the plot's label;

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from ..compat import ipyparallel as ipp_compat
 from ..protocol import TELEMETRY_LATEST, TELEMETRY_START
 from . import words
-from .figures import RankTrack, cell_figures, live_rate, replica_rates, result_rates, row_of
+from .snapshots import RankTrack, cell_figures, live_rate, replica_rates, result_rates, row_of
 from .text_view import TextView
 from .texts import PromptTexts, call_stream
 from .view import Frame, View

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TextIO
 
-from .figures import Row
+from .snapshots import Row
 from .texts import visible
 from .view import Frame
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from .figures import Row
+from .snapshots import Row
 from .texts import PromptText
 
 # ready, running, done, failed, interrupted, idle (a standing dashboard between calls), stopped

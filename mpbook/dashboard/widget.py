@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
-from .figures import Row
+from .snapshots import Row
 from .texts import PromptText, visible
 from .view import Frame
 

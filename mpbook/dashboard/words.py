@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .figures import CellFigures, format_phase_rate, format_rate
+from .snapshots import CellFigures, format_phase_rate, format_rate
 
 MIN_POINTS = 4  # fewer points than this with tokens in them: the plot's label gives the cell's rate
 
