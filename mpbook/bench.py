@@ -55,7 +55,9 @@ def bench_prompts(batch: int) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Plan:
+class BenchCase:
+    """One layout the bench measures against one device: its strategy, layout and micro-batches."""
+
     strategy: str
     layout: Layout
     microbatches: int
@@ -64,7 +66,7 @@ class Plan:
         return f"{self.strategy} {self.layout} m={self.microbatches}"
 
 
-def candidate_layouts(config, engines: int, batch: int, *, sweep: bool) -> list[Plan]:
+def candidate_layouts(config, engines: int, batch: int, *, sweep: bool) -> list[BenchCase]:
     """The layouts to measure: each strategy at full degree, or (sweep) every valid one."""
     from .errors import MpbookError
     from .models.support import validate_tp
@@ -96,7 +98,7 @@ def candidate_layouts(config, engines: int, batch: int, *, sweep: bool) -> list[
         ]
     else:
         layouts = [Layout(dp=engines), Layout(pp=engines), Layout(tp=engines)]
-    return [Plan(strategy_of(lay), lay, microbatches(lay)) for lay in layouts if valid(lay)]
+    return [BenchCase(strategy_of(lay), lay, microbatches(lay)) for lay in layouts if valid(lay)]
 
 
 def bench_strategies(
@@ -121,12 +123,12 @@ def bench_strategies(
     config = models.load_config(model)
     records: list[dict[str, Any]] = []
     with Workbench.start(engines, cpu=cpu, transport=transport) as wb, \
-            Workbench.start(1, cpu=cpu, threads=wb.plan.threads) as single:
+            Workbench.start(1, cpu=cpu, threads=wb.engine_spec.threads) as single:
         # "One device" is one engine with the same share of the machine as each of the
         # others: one GPU, or on a CPU the same number of threads.
-        plans = candidate_layouts(config, wb.world_size, batch, sweep=sweep)
+        cases = candidate_layouts(config, wb.world_size, batch, sweep=sweep)
         if sweep:
-            plans = _that_fit(plans, model=model, wb=wb, batch=batch, new_tokens=new_tokens, dtype=dtype, log=log)
+            cases = _that_fit(cases, model=model, wb=wb, batch=batch, new_tokens=new_tokens, dtype=dtype, log=log)
         log(f"model {model}, {batch} prompts, {new_tokens} new tokens, {dtype}{', compiled' if compile else ''}; "
             f"one device vs {wb.world_size} engines ({wb.device_type}); {repeats} interleaved rounds")
         ceiling = None
@@ -141,25 +143,25 @@ def bench_strategies(
             return single.generate(prompts, strategy="data", model=model, max_new_tokens=max_new_tokens, dtype=dtype,
                                    ignore_eos=True, compile=compile and max_new_tokens > 0)
 
-        def layout_run(plan, max_new_tokens):
+        def layout_run(case, max_new_tokens):
             return wb.generate(
-                prompts, strategy=plan.strategy, model=model, max_new_tokens=max_new_tokens, dtype=dtype,
-                dp=plan.layout.dp, pp=plan.layout.pp, tp=plan.layout.tp, microbatches=plan.microbatches,
+                prompts, strategy=case.strategy, model=model, max_new_tokens=max_new_tokens, dtype=dtype,
+                dp=case.layout.dp, pp=case.layout.pp, tp=case.layout.tp, microbatches=case.microbatches,
                 ignore_eos=True, compile=compile and max_new_tokens > 0,
             )
 
         # Correctness first (a forward pass each), then the timed generations.
         base_forward = one_device(0)
-        forward = {plan: layout_run(plan, 0) for plan in plans}
+        forward = {case: layout_run(case, 0) for case in cases}
         runs: dict[Any, list] = {"single": []}
-        runs.update({plan: [] for plan in plans})
+        runs.update({case: [] for case in cases})
         one_device(new_tokens)  # warm-up: loads and first-touch
-        for plan in plans:
-            layout_run(plan, new_tokens)
+        for case in cases:
+            layout_run(case, new_tokens)
         for _ in range(repeats):
             runs["single"].append(one_device(new_tokens))
-            for plan in plans:
-                runs[plan].append(layout_run(plan, new_tokens))
+            for case in cases:
+                runs[case].append(layout_run(case, new_tokens))
 
         base_tokens = runs["single"][0].token_ids
         for key, results in runs.items():
@@ -179,7 +181,7 @@ def bench_strategies(
     return records
 
 
-def _that_fit(plans, *, model, wb, batch, new_tokens, dtype, log) -> list[Plan]:
+def _that_fit(cases, *, model, wb, batch, new_tokens, dtype, log) -> list[BenchCase]:
     """The layouts whose predicted per-rank memory fits the engines' free memory."""
     from . import models
     from .planner import plan as memory_plan
@@ -188,15 +190,15 @@ def _that_fit(plans, *, model, wb, batch, new_tokens, dtype, log) -> list[Plan]:
     prompt_len = max(len(ids) for ids in tokenizer(BENCH_PROMPTS)["input_ids"])
     free = [e.memory_free_bytes for e in wb.status()]
     kept = []
-    for p in plans:
+    for case in cases:
         predicted = memory_plan(
-            model, dp=p.layout.dp, pp=p.layout.pp, tp=p.layout.tp, batch=batch, prompt_len=prompt_len,
-            max_new_tokens=new_tokens, dtype=dtype, microbatches=p.microbatches, device_memory_bytes=free,
+            model, dp=case.layout.dp, pp=case.layout.pp, tp=case.layout.tp, batch=batch, prompt_len=prompt_len,
+            max_new_tokens=new_tokens, dtype=dtype, microbatches=case.microbatches, device_memory_bytes=free,
         )
         if predicted.fits:
-            kept.append(p)
+            kept.append(case)
         else:
-            log(f"  skipped {p.label()}: predicted peak {max(r.total for r in predicted.ranks) / 2**30:.2f} GiB "
+            log(f"  skipped {case.label()}: predicted peak {max(r.total for r in predicted.ranks) / 2**30:.2f} GiB "
                 "does not fit")
     return kept
 

@@ -61,15 +61,15 @@ def usable_cores() -> int:
 
 
 @dataclass(frozen=True)
-class StartPlan:
-    """How many engines, on what, with how many threads each: decided before anything starts."""
+class EngineSpec:
+    """The engines to start: how many, on GPUs or CPU, with how many threads each; decided before anything starts."""
 
     n: int
     use_gpu: bool
     threads: int
 
     @classmethod
-    def choose(cls, n: int | None = None, *, cpu: bool = False, gpu: bool = False, gpus: int | None = None) -> StartPlan:
+    def choose(cls, n: int | None = None, *, cpu: bool = False, gpu: bool = False, gpus: int | None = None) -> EngineSpec:
         """``gpus``: how many GPUs are visible (asked of NVML when not given)."""
         from .options import check_engine_count
 

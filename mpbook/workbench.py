@@ -90,8 +90,8 @@ class Workbench:
         return self.cluster.timeout_s
 
     @property
-    def plan(self):
-        return self.cluster.plan
+    def engine_spec(self):
+        return self.cluster.spec
 
     def engine_ids(self, ranks: Sequence[int] | None = None) -> list[int]:
         return self.cluster.engine_ids(ranks)

@@ -1,5 +1,5 @@
 """Every user argument is checked once (mpbook.options), and the start plan is decided before
-anything starts (mpbook.devices.StartPlan); all of it without engines."""
+anything starts (mpbook.devices.EngineSpec); all of it without engines."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from mpbook import MpbookError, Workbench
 from mpbook import options as o
-from mpbook.devices import DEFAULT_CPU_ENGINES, StartPlan, usable_cores
+from mpbook.devices import DEFAULT_CPU_ENGINES, EngineSpec, usable_cores
 
 
 @pytest.mark.parametrize(
@@ -117,13 +117,13 @@ def test_parse_ranks():
 # ----------------------------------------------------------------------------- the start plan
 def test_start_plan_one_engine_per_gpu_or_cpu_engines_sharing_the_cores():
     cores = usable_cores()
-    assert StartPlan.choose(None, gpus=3) == StartPlan(n=3, use_gpu=True, threads=max(1, cores // 3))
-    assert StartPlan.choose(2, gpus=8) == StartPlan(n=2, use_gpu=True, threads=max(1, cores // 2))
-    assert StartPlan.choose(3, cpu=True, gpus=8) == StartPlan(n=3, use_gpu=False, threads=max(1, cores // 3))
-    assert StartPlan.choose(None, gpus=0) == StartPlan(
+    assert EngineSpec.choose(None, gpus=3) == EngineSpec(n=3, use_gpu=True, threads=max(1, cores // 3))
+    assert EngineSpec.choose(2, gpus=8) == EngineSpec(n=2, use_gpu=True, threads=max(1, cores // 2))
+    assert EngineSpec.choose(3, cpu=True, gpus=8) == EngineSpec(n=3, use_gpu=False, threads=max(1, cores // 3))
+    assert EngineSpec.choose(None, gpus=0) == EngineSpec(
         n=DEFAULT_CPU_ENGINES, use_gpu=False, threads=max(1, cores // DEFAULT_CPU_ENGINES)
     )
-    assert StartPlan.choose("2", cpu=True).n == 2
+    assert EngineSpec.choose("2", cpu=True).n == 2
 
 
 @pytest.mark.parametrize(
@@ -139,7 +139,7 @@ def test_start_plan_one_engine_per_gpu_or_cpu_engines_sharing_the_cores():
 )
 def test_start_plan_refuses_what_cannot_start(args, kwargs, message):
     with pytest.raises(MpbookError, match=message):
-        StartPlan.choose(*args, **kwargs)
+        EngineSpec.choose(*args, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 
 from cluster_probe import alive, gone_within, process_tree, snapshot
 from mpbook import RankError, Workbench
-from mpbook.devices import StartPlan
+from mpbook.devices import EngineSpec
 
 
 @pytest.mark.cluster
@@ -24,7 +24,7 @@ def test_start_restart_and_stop_replace_then_end_every_process_port_and_folder(c
         assert all(e.memory_free_bytes > 0 and e.memory_total_bytes >= e.memory_free_bytes for e in wb.engines)
         assert len({e.pid for e in wb.engines}) == 2
         # two cores shared by two engines: one intra-op thread each
-        assert all(e.threads == max(1, StartPlan.choose(2, cpu=True).threads) for e in wb.engines)
+        assert all(e.threads == max(1, EngineSpec.choose(2, cpu=True).threads) for e in wb.engines)
         before = process_tree(wb)
         assert {e.pid for e in wb.engines} <= set(before)
         assert alive(before) == before

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..devices import StartPlan, visible_gpu_count
+from ..devices import EngineSpec, visible_gpu_count
 from ..engine import state as engine
 from ..errors import EngineDiedError, MpbookError, NoClusterError
 from ..options import DEFAULT_TIMEOUT_S, check_engine_count, check_threads, check_timeout
@@ -48,13 +48,13 @@ log = logging.getLogger("mpbook")
 class Cluster:
     """Engines, one per device, joined in one torch.distributed process group."""
 
-    def __init__(self, *, owned: bool, plan: StartPlan, timeout_s: float, rendezvous: str, client=None,
+    def __init__(self, *, owned: bool, spec: EngineSpec, timeout_s: float, rendezvous: str, client=None,
                  transport: TransportChoice | None = None):
         # Use Cluster.start() or Cluster.attach(), which check the options.
         self.owned = owned
-        self.plan = plan
+        self.spec = spec
         # What mpbook's collectives travel over (mpbook.cluster.transport).
-        self.transport = transport or TransportChoice("nccl" if plan.use_gpu else "gloo")
+        self.transport = transport or TransportChoice("nccl" if spec.use_gpu else "gloo")
         self.timeout_s = timeout_s
         self.rendezvous_kind = rendezvous
         self.client = client
@@ -113,11 +113,11 @@ class Cluster:
                                        transport=transport, ip=ip, launcher=launcher, python=python)
         if ip is not None:
             raise MpbookError("--ip is for engines on other hosts (--hosts); a local cluster listens on loopback only")
-        plan = StartPlan.choose(n, cpu=cpu, gpu=gpu)
+        spec = EngineSpec.choose(n, cpu=cpu, gpu=gpu)
         if threads is not None:
-            plan = dataclasses.replace(plan, threads=threads)
-        choice = choose_transport(transport, use_gpu=plan.use_gpu)
-        cluster = cls(owned=True, plan=plan, timeout_s=timeout_s, rendezvous="file", transport=choice)
+            spec = dataclasses.replace(spec, threads=threads)
+        choice = choose_transport(transport, use_gpu=spec.use_gpu)
+        cluster = cls(owned=True, spec=spec, timeout_s=timeout_s, rendezvous="file", transport=choice)
         cluster._launch()
         return cluster
 
@@ -142,8 +142,8 @@ class Cluster:
         else:
             choice = TransportChoice("nccl" if gpu else "gloo")
         # threads=0: each engine takes its host's cores divided among that host's engines.
-        plan = StartPlan(n=total, use_gpu=gpu, threads=threads or 0)
-        cluster = cls(owned=True, plan=plan, timeout_s=timeout_s, rendezvous="tcp", transport=choice)
+        spec = EngineSpec(n=total, use_gpu=gpu, threads=threads or 0)
+        cluster = cls(owned=True, spec=spec, timeout_s=timeout_s, rendezvous="tcp", transport=choice)
         cluster.slots, cluster.launcher, cluster.remote_python, cluster.address = slots, launcher, python, address
         cluster._launch()
         return cluster
@@ -153,13 +153,13 @@ class Cluster:
         import ipyparallel as ipp
         from traitlets.config import Config
 
-        plan = self.plan
+        spec = self.spec
         config = Config()
         launch = [sys.executable, "-m", "mpbook.cluster.launch"]
         config.LocalControllerLauncher.controller_cmd = [*launch, "controller"]
         config.LocalControllerLauncher.environment = {OWNER_ENV: str(os.getpid())}
         config.LocalEngineLauncher.engine_cmd = [*launch, "engine"]
-        threads = str(plan.threads)
+        threads = str(spec.threads)
         environment = {
             OWNER_ENV: str(os.getpid()),
             "OMP_NUM_THREADS": threads,
@@ -178,7 +178,7 @@ class Cluster:
 
             # Engines elsewhere dial the address itself: a host name might not resolve there.
             controller_args.append(f"--IPController.location={controller_ip}")
-            threads_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if plan.threads else {}
+            threads_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if spec.threads else {}
             if self.launcher == "ssh":
                 from .ssh import Multiplex
 
@@ -190,7 +190,7 @@ class Cluster:
             configure_mpi_engines(config, self.transport, [*launch, "engine"], environment)
             engines = "mpi"
         self.ipp_cluster = ipp_cluster = ipp.Cluster(
-            n=plan.n,
+            n=spec.n,
             engines=engines,
             config=config,
             controller_ip=controller_ip,
@@ -211,7 +211,7 @@ class Cluster:
             atexit.register(self._cleanup)
             self.client = ipp_cluster.connect_client_sync()
             # interactive=False: no progress bar in the notebook for a two-second wait.
-            self.client.wait_for_engines(plan.n, timeout=REMOTE_ENGINE_TIMEOUT_S if self.slots else ENGINE_TIMEOUT_S,
+            self.client.wait_for_engines(spec.n, timeout=REMOTE_ENGINE_TIMEOUT_S if self.slots else ENGINE_TIMEOUT_S,
                                          interactive=False)
             self._form_group(hosts=None)
             # Children (the controller's heart monitor, the nannies) can no longer be found
@@ -285,13 +285,13 @@ class Cluster:
         ids = rank_order(chosen, found)  # ranks by host
         hosts = [found[chosen.index(eid)] for eid in ids]
         kind = rendezvous or ("file" if len(set(hosts)) == 1 else "tcp")
-        plan = StartPlan(n=len(ids), use_gpu=False, threads=0)
-        cluster = cls(owned=False, plan=plan, timeout_s=timeout_s, rendezvous=kind, client=client)
+        spec = EngineSpec(n=len(ids), use_gpu=False, threads=0)
+        cluster = cls(owned=False, spec=spec, timeout_s=timeout_s, rendezvous=kind, client=client)
         cluster._engine_ids = ids
         if not cpu:
-            cluster.plan = StartPlan(n=len(ids), use_gpu=cluster._engines_have_gpus(ids, hosts), threads=0)
+            cluster.spec = EngineSpec(n=len(ids), use_gpu=cluster._engines_have_gpus(ids, hosts), threads=0)
         try:
-            cluster.transport = attached_transport(client, ids, transport, use_gpu=cluster.plan.use_gpu)
+            cluster.transport = attached_transport(client, ids, transport, use_gpu=cluster.spec.use_gpu)
         except BaseException:
             client.close()
             raise
@@ -311,9 +311,9 @@ class Cluster:
 
     def _form_group(self, hosts: list[str] | None) -> None:
         """Rank the engines, make the rendezvous on rank 0, and init the process group on all."""
-        threads = [self.plan.threads or None] * self.plan.n
+        threads = [self.spec.threads or None] * self.spec.n
         if not self._engine_ids:
-            ids = sorted(self.client.ids)[: self.plan.n]
+            ids = sorted(self.client.ids)[: self.spec.n]
             if self.slots:
                 # Ranks by host, in the order the hosts were given.
                 found = self.client[ids].apply_sync(engine.hostname)
@@ -324,7 +324,7 @@ class Cluster:
         ids = self._engine_ids
         hosts = hosts or (self._hosts if self.slots else None) or [""] * len(ids)
         self._hosts = hosts
-        if self.slots and not self.plan.threads:
+        if self.slots and not self.spec.threads:
             # Each host's cores, shared among that host's engines.
             cores = self.client[ids].apply_sync(_usable_cores)
             threads = [max(1, c // hosts.count(h)) for c, h in zip(cores, hosts)]
@@ -337,7 +337,7 @@ class Cluster:
                 world_size=len(ids),
                 local_rank=hosts[:rank].count(host),
                 engine_id=eid,
-                use_gpu=self.plan.use_gpu,
+                use_gpu=self.spec.use_gpu,
                 threads=threads[rank],
                 rendezvous=rdzv,
                 timeout_s=self.timeout_s,
@@ -364,7 +364,7 @@ class Cluster:
 
     @property
     def device_type(self) -> str:
-        return "cuda" if self.plan.use_gpu else "cpu"
+        return "cuda" if self.spec.use_gpu else "cpu"
 
     def engine_ids(self, ranks: Sequence[int] | None = None) -> list[int]:
         return [self._engine_ids[r] for r in (self.ranks if ranks is None else ranks)]
