@@ -170,10 +170,8 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
     (("tp",), ("ep",), ("ep", "tp")); making one is a step every rank takes together, so they
     are asked for in the same order on every rank (:func:`mpbook.models.parts.groups_needed`),
     before anything loads. ``telemetry`` receives the experts' load."""
-    import torch
     from transformers import AutoConfig
 
-    from ..parallel import expert, tensor
     from . import parts, support
     from . import structure as st
     from .checkpoint import Checkpoint
@@ -188,10 +186,30 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
     part = parts.rank_part(s, layout, coords, stage_sizes=stage_sizes)
     parts.cut_stage(lm, s, part)
 
-    # Tied weights are untied for loading (each side may be sliced by its own rule), and tied
-    # again below when both sides hold the same slice. A parameter or buffer is replaced by
-    # assigning it (nn.Module's setattr keeps it registered as what it was, a buffer's
-    # persistence included).
+    tied = _untie(lm, s)
+    _make_buffers(lm, device)
+    parts.narrow_config(lm.config, part.layers)
+    pieces_of, full_shapes = _read_parameters(lm, s, part, ckpt, device=device, folder=folder)
+    _read_buffers(lm, s, part, ckpt, device=device)
+    ckpt.close()
+    _tie_again(lm, tied, pieces_of)
+    _sizes_follow_shards(lm)
+    stage = Stage(lm, first=part.first, last=part.last, layers=part.layers, structure=s)
+    _install_collectives(stage, part, groups, full_shapes, telemetry=telemetry, device=device)
+    _check_loaded(lm, folder)
+    lm.eval().requires_grad_(False)
+    return stage
+
+
+def _untie(lm, s) -> list[tuple[str, str]]:
+    """Tied weights are untied for loading (each side may be sliced by its own rule), and tied
+    again by :func:`_tie_again` when both sides hold the same slice. A parameter or buffer is
+    replaced by assigning it (nn.Module's setattr keeps it registered as what it was, a
+    buffer's persistence included). Returns the (target, source) pairs untied."""
+    import torch
+
+    from . import parts
+
     tied = []
     for target, source in s.tied.items():
         t_owner, t_leaf = _owner(lm, target)
@@ -200,11 +218,16 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
             continue
         setattr(t_owner, t_leaf, torch.nn.Parameter(torch.empty_like(getattr(t_owner, t_leaf))))
         tied.append((target, source))
+    return tied
 
-    # Buffers are in no checkpoint, or only some (RoPE frequencies, Gemma's embedding scale): make
-    # them real and let the family's own initialisation fill them, before the parameters are loaded
-    # (it re-initialises the owner's parameters too: harmless while they are on meta) and before
-    # the config is cut (a rotary embedding may read every layer type).
+
+def _make_buffers(lm, device) -> None:
+    """Buffers are in no checkpoint, or only some (RoPE frequencies, Gemma's embedding scale):
+    make them real and let the family's own initialisation fill them, before the parameters
+    are loaded (it re-initialises the owner's parameters too: harmless while they are on meta)
+    and before the config is cut (a rotary embedding may read every layer type)."""
+    import torch
+
     owners = {}
     for name, buffer in list(lm.named_buffers()):
         owner_name, _, leaf = name.rpartition(".")
@@ -214,9 +237,17 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
     with torch.no_grad():
         for owner in owners.values():
             hf_compat.init_weights(lm, owner)
-    parts.narrow_config(lm.config, part.layers)
 
-    # This rank's slice of each parameter, from the checkpoint.
+
+def _read_parameters(lm, s, part, ckpt, *, device, folder) -> tuple[dict, dict[str, dict[str, tuple]]]:
+    """This rank's slice of each parameter, from the checkpoint. Returns the pieces read per
+    parameter and the full (checkpoint) shapes per module, which the styles' forwards need."""
+    import torch
+
+    from ..parallel import expert, tensor
+    from . import parts
+    from . import structure as st
+
     pieces_of = {}
     full_shapes: dict[str, dict[str, tuple]] = {}
     for name, param in list(lm.named_parameters()):
@@ -235,19 +266,35 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
         full_shapes.setdefault(owner_name, {})[leaf] = full
         if part.ep > 1 and st.param_rule(name, part.ep_plan) in tensor.EXPERT_SHARD and hasattr(owner, "num_experts"):
             expert.mark_local(owner, local.shape[0])
-    for name, buffer in list(lm.named_buffers()):  # persistent buffers a checkpoint holds
+    return pieces_of, full_shapes
+
+
+def _read_buffers(lm, s, part, ckpt, *, device) -> None:
+    """The persistent buffers a checkpoint holds, read over the ones made by :func:`_make_buffers`."""
+    from . import parts
+
+    for name, buffer in list(lm.named_buffers()):
         source = parts.global_name(s, part, name)
         if source in ckpt:
             owner_name, _, leaf = name.rpartition(".")
             setattr(lm.get_submodule(owner_name), leaf, ckpt.read(source).to(device=device, dtype=buffer.dtype))
-    ckpt.close()
+
+
+def _tie_again(lm, tied, pieces_of) -> None:
+    """Tie again the pairs :func:`_untie` untied whose two sides hold the same slice."""
     for target, source in tied:
         if pieces_of.get(target) == pieces_of.get(source):
             t_owner, t_leaf = _owner(lm, target)
             setattr(t_owner, t_leaf, lm.get_parameter(source))
 
-    # Size attributes follow the local shards (transformers 5 attention reshapes with -1 and
-    # reads none of them, but a printed module should not lie; Conv1D does read its nf).
+
+def _sizes_follow_shards(lm) -> None:
+    """Size attributes follow the local shards (transformers 5 attention reshapes with -1 and
+    reads none of them, but a printed module should not lie; Conv1D does read its nf)."""
+    import torch
+
+    from ..parallel import tensor
+
     for module in lm.modules():
         if isinstance(module, torch.nn.Linear):
             module.out_features, module.in_features = module.weight.shape
@@ -256,9 +303,17 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
         elif tensor._transposed(module):  # GPT-2's Conv1D shapes its output from nf
             module.nx, module.nf = module.weight.shape
 
-    # The forwards the styles need: the collectives.
-    stage = Stage(lm, first=part.first, last=part.last, layers=part.layers, structure=s)
-    for name, module in list(lm.named_modules()):
+
+def _install_collectives(stage: Stage, part, groups, full_shapes, *, telemetry, device) -> None:
+    """The forwards the styles need: the collectives, and the vocabulary slice of a
+    column-split head."""
+    import torch
+
+    from ..parallel import expert, tensor
+    from . import parts
+
+    s = stage.structure
+    for name, module in list(stage.model.named_modules()):
         style, kind = part.rule(name, param=False)
         if style is None or isinstance(module, parts.Absent):
             continue
@@ -272,11 +327,12 @@ def load_stage(model: str | os.PathLike, *, layout, coords, dtype, device, group
         mine = shard_range(s.vocab_size, part.tp, part.tp_rank)
         stage.vocab = (mine.start, mine.stop)
 
+
+def _check_loaded(lm, folder) -> None:
+    """Every parameter and buffer real: a tensor left on meta had no weights in the checkpoint."""
     leftover = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
     if leftover:
         raise MpbookError(f"{folder}: no weights were found for {', '.join(leftover[:5])}")
-    lm.eval().requires_grad_(False)
-    return stage
 
 
 def _owner(model, name: str):
