@@ -115,101 +115,127 @@ def shard_pieces(style: str, leaf: str, shape: tuple[int, ...], rank: int, size:
     raise AssertionError(style)
 
 
+# Styles whose forward stays the module's own: colwise (the output stays split on its last
+# dim, as the next, rowwise, layer wants it); the others are parameter-only, or bookkeeping
+# for gradients.
+OWN_FORWARD = frozenset({"colwise"}) | PACKED | EXPERT_SHARD | (
+    WHOLE - {"moe_tp_experts", "all_reduce", "moe_identity_expert"})
+
+
 def install(module, style: str, group, full_shapes: dict[str, tuple[int, ...]], *, name: str = "") -> None:
     """Give ``module`` (already holding its local shards) the forward ``style`` needs.
 
     ``group``: a :class:`mpbook.parallel.collectives.Group` (the tensor-parallel group);
     ``full_shapes``: the unsharded shape of each of the module's own parameters."""
+    if style in OWN_FORWARD:
+        return
+    if style in GATHER_OUTPUT:
+        module.forward = _gather_output(module, group, full_shapes)
+    elif style in ROWWISE:
+        module.forward = _rowwise(module, group, full_shapes, split=style in SPLIT_INPUT,
+                                  where=name or type(module).__name__, style=style)
+    elif style == "embedding_rowwise":
+        module.forward = _vocab_parallel_embedding(module, group, full_shapes)
+    elif style == "embedding_colwise":
+        module.forward = _hidden_parallel_embedding(module, group, full_shapes)
+    elif style in ("moe_tp_experts", "all_reduce"):
+        module.forward = _sum_partials(module, group)
+    elif style == "moe_identity_expert":
+        module.forward = _pre_divided(module, group)
+    else:
+        raise unsupported(style, name or type(module).__name__)
+
+
+def _gather_output(module, group, full_shapes):
+    weight = full_shapes["weight"]
+    sizes = shard_sizes(weight[-1] if _transposed(module) else weight[0], group.size)
+    original = module.forward
+
+    def gather_output(x):
+        # Column-split output: each rank holds some output features; gather them all.
+        return group.all_gather_last_dim(original(x), sizes)
+
+    return gather_output
+
+
+def _rowwise(module, group, full_shapes, *, split: bool, where: str, style: str):
+    """``split``: the input arrives whole, and this rank keeps the features its weight rows read."""
     import torch
     import torch.nn.functional as F
 
-    rank, size = group.rank, group.size
-    original = module.forward
     transposed = _transposed(module)
+    if not (isinstance(module, torch.nn.Linear) or transposed):
+        raise unsupported(style, f"{where} (a {type(module).__name__}, not a linear layer)")
+    weight = full_shapes["weight"]
+    mine = shard_range(weight[0] if transposed else weight[-1], group.size, group.rank)
+    start, stop = mine.start, mine.stop
 
-    if style in {"colwise", "packed_colwise", "packed_rowwise"} | EXPERT_SHARD or style in WHOLE - {
-        "moe_tp_experts", "all_reduce", "moe_identity_expert"
-    }:
-        # colwise: the output stays split on its last dim, as the next (rowwise) layer wants it.
-        # The others are parameter-only, or bookkeeping for gradients.
-        return
-    if style in GATHER_OUTPUT:
-        weight = full_shapes["weight"]
-        sizes = shard_sizes(weight[-1] if transposed else weight[0], size)
+    def rowwise(x):
+        if split:  # the input is whole: keep the features this rank's weight rows read
+            x = x[..., start:stop]
+        # Row-split weight: each rank's product is a partial sum over its slice of the inner
+        # dimension, so all-reduce; the bias is added once, after the sum.
+        out = x @ module.weight if transposed else F.linear(x, module.weight)
+        out = group.all_reduce(out)
+        return out if module.bias is None else out + module.bias
 
-        def gather_output(x):
-            # Column-split output: each rank holds some output features; gather them all.
-            return group.all_gather_last_dim(original(x), sizes)
+    return rowwise
 
-        module.forward = gather_output
-        return
-    if style in ROWWISE:
-        if not (isinstance(module, torch.nn.Linear) or transposed):
-            raise unsupported(style, f"{name or type(module).__name__} (a {type(module).__name__}, not a linear layer)")
-        weight = full_shapes["weight"]
-        mine = shard_range(weight[0] if transposed else weight[-1], size, rank)
-        start, stop = mine.start, mine.stop
-        split = style in SPLIT_INPUT
 
-        def rowwise(x):
-            if split:  # the input is whole: keep the features this rank's weight rows read
-                x = x[..., start:stop]
-            # Row-split weight: each rank's product is a partial sum over its slice of the inner
-            # dimension, so all-reduce; the bias is added once, after the sum.
-            out = x @ module.weight if transposed else F.linear(x, module.weight)
-            out = group.all_reduce(out)
-            return out if module.bias is None else out + module.bias
+def _vocab_parallel_embedding(module, group, full_shapes):
+    mine = shard_range(full_shapes["weight"][0], group.size, group.rank)
+    start, stop = mine.start, mine.stop
+    # padding_idx only steers gradients, but F.embedding insists it index the local table.
+    pad = getattr(module, "padding_idx", None)
+    if pad is not None:
+        module.padding_idx = pad - start if start <= pad < stop else None
+    original = module.forward
 
-        module.forward = rowwise
-        return
-    if style == "embedding_rowwise":
-        mine = shard_range(full_shapes["weight"][0], size, rank)
-        start, stop = mine.start, mine.stop
-        # padding_idx only steers gradients, but F.embedding insists it index the local table.
-        pad = getattr(module, "padding_idx", None)
-        if pad is not None:
-            module.padding_idx = pad - start if start <= pad < stop else None
+    def vocab_parallel_embedding(ids):
+        # Each rank holds vocabulary rows start:stop. Look up the ids it holds (the others read
+        # row 0 and are zeroed), then sum: every id is found on exactly one rank. The module's
+        # own forward runs, so a scaled embedding (Gemma) keeps its scale.
+        outside = (ids < start) | (ids >= stop)
+        local = (ids - start).masked_fill(outside, 0)
+        out = original(local).masked_fill(outside.unsqueeze(-1), 0.0)
+        return group.all_reduce(out)
 
-        def vocab_parallel_embedding(ids):
-            # Each rank holds vocabulary rows start:stop. Look up the ids it holds (the others read
-            # row 0 and are zeroed), then sum: every id is found on exactly one rank. The module's
-            # own forward runs, so a scaled embedding (Gemma) keeps its scale.
-            outside = (ids < start) | (ids >= stop)
-            local = (ids - start).masked_fill(outside, 0)
-            out = original(local).masked_fill(outside.unsqueeze(-1), 0.0)
-            return group.all_reduce(out)
+    return vocab_parallel_embedding
 
-        module.forward = vocab_parallel_embedding
-        return
-    if style == "embedding_colwise":
-        sizes = shard_sizes(full_shapes["weight"][1], size)
 
-        def hidden_parallel_embedding(ids):
-            # Each rank looks up its slice of every vector; gather the slices.
-            return group.all_gather_last_dim(original(ids), sizes)
+def _hidden_parallel_embedding(module, group, full_shapes):
+    sizes = shard_sizes(full_shapes["weight"][1], group.size)
+    original = module.forward
 
-        module.forward = hidden_parallel_embedding
-        return
-    if style in ("moe_tp_experts", "all_reduce"):
+    def hidden_parallel_embedding(ids):
+        # Each rank looks up its slice of every vector; gather the slices.
+        return group.all_gather_last_dim(original(ids), sizes)
 
-        def sum_partials(*args, **kwargs):
-            # Every rank ran its slice of every expert's inner dimension (or of the module's):
-            # partial sums, so all-reduce.
-            out = original(*args, **kwargs)
-            return None if out is None else group.all_reduce(out)
+    return hidden_parallel_embedding
 
-        module.forward = sum_partials
-        return
-    if style == "moe_identity_expert":
 
-        def pre_divided(x, *args, **kwargs):
-            # An identity "expert" gives the same value on every rank, and the experts' all-reduce
-            # would count it size times: divide first.
-            return original(x / size, *args, **kwargs)
+def _sum_partials(module, group):
+    original = module.forward
 
-        module.forward = pre_divided
-        return
-    raise unsupported(style, name or type(module).__name__)
+    def sum_partials(*args, **kwargs):
+        # Every rank ran its slice of every expert's inner dimension (or of the module's):
+        # partial sums, so all-reduce.
+        out = original(*args, **kwargs)
+        return None if out is None else group.all_reduce(out)
+
+    return sum_partials
+
+
+def _pre_divided(module, group):
+    original = module.forward
+    size = group.size
+
+    def pre_divided(x, *args, **kwargs):
+        # An identity "expert" gives the same value on every rank, and the experts' all-reduce
+        # would count it size times: divide first.
+        return original(x / size, *args, **kwargs)
+
+    return pre_divided
 
 
 def _transposed(module) -> bool:
