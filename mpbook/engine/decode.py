@@ -151,72 +151,27 @@ def _run(state, request: Request) -> RankOutput:
     reports = peers.last and coords.tp == 0 and coords.ep == 0
     # Groups are made by every rank at the same point of every run (dist.new_group is a
     # collective step), before a replica without prompts returns.
-    stage_ranks = layout.group_ranks(("ep", "tp"), state.rank)
-    stage_group = None
-    if len(stage_ranks) > 1:
-        from ..parallel.collectives import Group
-
-        mesh = engine_mesh(state, layout)
-        stage_group = Group(mesh.group("ep", "tp"), rank=stage_ranks.index(state.rank), size=len(stage_ranks),
-                            ranks=stage_ranks, comm=mesh.comm("ep", "tp"))
+    stage_group = _stage_group(state, layout)
     common = dict(
         rank=state.rank, coords=coords, stage=coords.pp, rows=rows, reports_tokens=reports,
         weight_bytes=runner.weight_bytes, load_seconds=loaded["load_seconds"], import_seconds=loaded["import_seconds"],
     )
     if not rows:  # more replicas than prompts: this replica has nothing to do
-        with tel.run() as stats:
-            pass
-        return RankOutput(**common, tokens=[] if reports else None, logits=None, prompt_tokens=0, new_tokens=0,
-                          started=stats.started, phase_seconds={}, collectives={}, collective_seconds=0.0,
-                          events=[], peak_memory_bytes=stats.peak_memory_bytes, kv_cache_bytes=0,
-                          memory_free_bytes=device_memory(runner.device)[0])
+        return _nothing_to_do(common, runner, tel, reports=reports)
 
-    sampling = request.sampling
-    greedy = not sampling.do_sample and sampling.repetition_penalty == 1.0
     compiled = compiled_decode(runner, request) if request.compile and request.max_new_tokens > 1 else None
     microbatches = make_microbatches(state, runner, request, rows, reports, compiled=compiled)
-    compile_seconds = None
     tracker = contextlib.nullcontext()
     if request.track_tensors:
         tracker = TensorPeak(runner.model, *(mb.mask for mb in microbatches), *(mb.ids for mb in microbatches))
     with torch.inference_mode(), tel.run() as stats, tracker:
-        ctx = Run(
-            runner=runner, request=request, telemetry=tel, clock=StepClock(runner.device),
-            stream=TokenStream([p for mb in microbatches for p in mb.prompts], started=stats.started)
-            if reports and request.stream and request.max_new_tokens else None,
-            reports=reports, stage_group=stage_group,
-            independent=greedy and layout.ep == 1, steps=StepBreakdown(tel),
-        )
-        tel.stream = ctx.stream
-        try:
-            if compiled is not None:
-                with tel.phase_scope("compiling"):
-                    compile_seconds = compiled.warm_up(microbatches, first=peers.first,
-                                                       hidden_size=runner.hidden_size, dtype=runner.dtype)
-            prefill(ctx, microbatches)
-            if ctx.generate:
-                decode_n_tokens(ctx, microbatches)
-            if runner.device.type == "cuda":
-                torch.cuda.synchronize(runner.device)
-            ctx.clock.report(tel)
-        finally:
-            tel.stream = None
+        ctx = _new_run(runner, request, tel, microbatches, started=stats.started, reports=reports,
+                       stage_group=stage_group)
+        compile_seconds = _generate(ctx, microbatches, compiled)
 
-    kv_bytes = sum(
-        t.numel() * t.element_size()
-        for mb in microbatches
-        for layer in mb.cache.layers
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-        if t is not None
-    )
+    kv_bytes = _kv_cache_bytes(microbatches)
     tel.note_memory("kv_cache", kv_bytes)
-    tokens = times = reasons = None
-    if reports and ctx.generate:
-        tokens = [ctx.stream.tokens[p] if ctx.stream else [] for mb in microbatches for p in mb.prompts]
-        times = [ctx.stream.times[p] if ctx.stream else [] for mb in microbatches for p in mb.prompts]
-        reasons = [reason for mb in microbatches for reason in mb.stopper.reasons]
-        if ctx.stream is None:  # streaming off: the same tokens from the steps kept
-            tokens = [own_tokens(mb, r) for mb in microbatches for r in range(mb.rows)]
+    tokens, times, reasons = _reported_tokens(ctx, microbatches)
     return RankOutput(
         **common,
         tokens=tokens,
@@ -239,6 +194,92 @@ def _run(state, request: Request) -> RankOutput:
         step_breakdown=ctx.steps.report(),
         compile_seconds=compile_seconds,
     )
+
+
+def _stage_group(state, layout):
+    """The last stage's (ep, tp) group of this rank (a collectives.Group), or None when this
+    rank is alone in it. Made on every rank, whichever stage it holds (a collective step)."""
+    stage_ranks = layout.group_ranks(("ep", "tp"), state.rank)
+    if len(stage_ranks) == 1:
+        return None
+    from ..parallel.collectives import Group
+
+    mesh = engine_mesh(state, layout)
+    return Group(mesh.group("ep", "tp"), rank=stage_ranks.index(state.rank), size=len(stage_ranks),
+                 ranks=stage_ranks, comm=mesh.comm("ep", "tp"))
+
+
+def _nothing_to_do(common: dict, runner: Runner, tel, *, reports: bool) -> RankOutput:
+    """The output of a replica without prompts (more replicas than prompts)."""
+    with tel.run() as stats:
+        pass
+    return RankOutput(**common, tokens=[] if reports else None, logits=None, prompt_tokens=0, new_tokens=0,
+                      started=stats.started, phase_seconds={}, collectives={}, collective_seconds=0.0,
+                      events=[], peak_memory_bytes=stats.peak_memory_bytes, kv_cache_bytes=0,
+                      memory_free_bytes=device_memory(runner.device)[0])
+
+
+def _new_run(runner: Runner, request: Request, tel, microbatches: list[MicroBatch], *, started: float,
+             reports: bool, stage_group) -> Run:
+    """What the parts of the loop share: a token stream where this rank reports a replica's
+    live tokens, and whether the last stage's ranks choose each token by themselves."""
+    sampling = request.sampling
+    greedy = not sampling.do_sample and sampling.repetition_penalty == 1.0
+    stream = None
+    if reports and request.stream and request.max_new_tokens:
+        stream = TokenStream([p for mb in microbatches for p in mb.prompts], started=started)
+    return Run(
+        runner=runner, request=request, telemetry=tel, clock=StepClock(runner.device), stream=stream,
+        reports=reports, stage_group=stage_group, independent=greedy and request.layout.ep == 1,
+        steps=StepBreakdown(tel),
+    )
+
+
+def _generate(ctx: Run, microbatches: list[MicroBatch], compiled) -> float | None:
+    """Compile (with ``compiled``), prefill and decode; the seconds compiling took, if it did."""
+    import torch
+
+    runner, tel = ctx.runner, ctx.telemetry
+    compile_seconds = None
+    tel.stream = ctx.stream
+    try:
+        if compiled is not None:
+            with tel.phase_scope("compiling"):
+                compile_seconds = compiled.warm_up(microbatches, first=ctx.peers.first,
+                                                   hidden_size=runner.hidden_size, dtype=runner.dtype)
+        prefill(ctx, microbatches)
+        if ctx.generate:
+            decode_n_tokens(ctx, microbatches)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+        ctx.clock.report(tel)
+    finally:
+        tel.stream = None
+    return compile_seconds
+
+
+def _kv_cache_bytes(microbatches: list[MicroBatch]) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for mb in microbatches
+        for layer in mb.cache.layers
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if t is not None
+    )
+
+
+def _reported_tokens(ctx: Run, microbatches: list[MicroBatch]):
+    """(tokens, their times, why each row stopped) of the rows this rank reports; Nones when it
+    reports none or the run generated nothing."""
+    if not (ctx.reports and ctx.generate):
+        return None, None, None
+    stream = ctx.stream
+    tokens = [stream.tokens[p] if stream else [] for mb in microbatches for p in mb.prompts]
+    times = [stream.times[p] if stream else [] for mb in microbatches for p in mb.prompts]
+    reasons = [reason for mb in microbatches for reason in mb.stopper.reasons]
+    if stream is None:  # streaming off: the same tokens from the steps kept
+        tokens = [own_tokens(mb, r) for mb in microbatches for r in range(mb.rows)]
+    return tokens, times, reasons
 
 
 def compiled_decode(runner: Runner, request: Request):
