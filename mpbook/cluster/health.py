@@ -21,8 +21,10 @@ from collections.abc import Sequence
 from ..errors import RankFailure
 
 # torch.distributed's own error types (all RuntimeError subclasses), and mpbook's MPI timeout
-# (mpbook.parallel.mpi): a send left pending there would be matched by the next run's receive.
-_DIST_ERRORS = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "CollectiveTimeout"}
+# and a peer that left (mpbook.parallel.mpi): a send left pending there would be matched by the
+# next run's receive.
+_DIST_ERRORS = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "CollectiveTimeout",
+                "PeerLeft"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # (torch/distributed/_tools holds measuring tools such as MemTracker, not communication)
 _DIST_FRAME = re.compile(r"torch[/\\]distributed[/\\](?!_tools[/\\])")

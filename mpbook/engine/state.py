@@ -384,6 +384,9 @@ def abort_group(state: EngineState | None = None) -> None:
     import gc
 
     state = state or _namespace().get(STATE_NAME)
+    if state is not None and state.mpi is not None:
+        # Peers waiting for this rank in shared memory see no connection close: tell them.
+        state.mpi.leave()
     if state is not None:
         state.cache.pop("meshes", None)  # they hold subgroups of the group being dropped
         runner = state.cache.get("runner")

@@ -17,6 +17,12 @@ communicator's messages out of step, so a communicator that raised is never used
 client forms the group again after any failed or interrupted run, and the engines split
 fresh communicators from the world then (:func:`world`).
 
+A rank interrupted alone leaves its peers waiting for it in shared memory, where nothing
+tells them it has gone (gloo's peers see its connections close). So a rank that leaves a
+run tells every other rank so, on a communicator of its own (:class:`Departures`), and a
+wait for a peer that has left ends at once with :class:`PeerLeft`, which that rank passes on
+in turn, so the ranks waiting for *it* end too.
+
 CPU tensors only: each is handed to MPI as the numpy array sharing its memory. MPI has no
 bfloat16, so half-precision tensors travel bit for bit as int16 and are summed in float32.
 """
@@ -46,6 +52,10 @@ class CollectiveTimeout(RuntimeError):
     """A peer did not take part in an MPI collective within the cluster's timeout."""
 
 
+class PeerLeft(RuntimeError):
+    """A peer of an MPI wait left the run (interrupted, or it left because its own peer did)."""
+
+
 def in_mpi_world() -> tuple[int, int] | None:
     """(rank, size) in the MPI world this process was started in by mpiexec, else None.
 
@@ -64,13 +74,56 @@ def world(rank: int, *, timeout_s: float) -> MpiComm:
     The world itself carries no data, so it is never out of step."""
     from mpi4py import MPI
 
-    return MpiComm(MPI.COMM_WORLD.Split(0, rank), timeout_s=timeout_s)
+    comm = MPI.COMM_WORLD.Split(0, rank)
+    departures = Departures(MPI.COMM_WORLD.Split(0, rank))
+    return MpiComm(comm, timeout_s=timeout_s, members=list(range(comm.Get_size())), departures=departures)
+
+
+class Departures:
+    """Word of the ranks that left the run, on a communicator that carries nothing else.
+
+    Each rank keeps a receive from any rank posted; a rank that leaves sends its rank to
+    every other. Only a wait that polls past its first spin asks (a Test, a microsecond), so
+    the collectives' fast path pays nothing."""
+
+    def __init__(self, comm: Any):
+        import numpy as np
+        from mpi4py import MPI
+
+        self.comm = comm
+        self.rank = comm.Get_rank()  # the world's ranks are mpbook's (world() splits by rank)
+        self.left: set[int] = set()
+        self._any = MPI.ANY_SOURCE
+        self._news = np.zeros(1, dtype=np.int64)
+        self._receiving = comm.Irecv(self._news, source=self._any)
+        self._sent: list = []  # requests and their buffers, alive until MPI has sent them
+        self._announced = False
+
+    def check(self) -> set[int]:
+        """The ranks known to have left so far."""
+        while self._receiving.Test():
+            self.left.add(int(self._news[0]))
+            self._receiving = self.comm.Irecv(self._news, source=self._any)
+        return self.left
+
+    def announce(self) -> None:
+        """Tell every other rank that this one has left the run (once; without waiting)."""
+        import numpy as np
+
+        if self._announced:
+            return
+        self._announced = True
+        for other in range(self.comm.Get_size()):
+            if other != self.rank:
+                news = np.array([self.rank], dtype=np.int64)
+                self._sent.append((self.comm.Isend(news, dest=other), news))
 
 
 class MpiComm:
     """One MPI communicator with the operations mpbook's collectives need, on CPU tensors."""
 
-    def __init__(self, comm: Any, *, timeout_s: float):
+    def __init__(self, comm: Any, *, timeout_s: float, members: list[int] | None = None,
+                 departures: Departures | None = None):
         from mpi4py import MPI
 
         self._in_place, self._sum = MPI.IN_PLACE, MPI.SUM  # looked up once: a decode step makes dozens of calls
@@ -78,6 +131,8 @@ class MpiComm:
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.timeout_s = timeout_s
+        self.members = members if members is not None else list(range(self.size))  # world ranks, in comm order
+        self.departures = departures
         # Requests (and their buffers) abandoned by an interrupt or a timeout: MPI may still
         # write into a buffer it was given, so it must outlive the communicator's use.
         self._abandoned: list = []
@@ -85,7 +140,18 @@ class MpiComm:
     def split(self, color: int, key: int) -> MpiComm:
         """A sub-communicator of the ranks that pass the same ``color``, ranked by ``key``
         (collective: every rank of this communicator calls it)."""
-        return MpiComm(self.comm.Split(color, key), timeout_s=self.timeout_s)
+        from mpi4py import MPI
+
+        sub = self.comm.Split(color, key)
+        # where each of its ranks sits in this communicator, hence in the world
+        here = MPI.Group.Translate_ranks(sub.Get_group(), list(range(sub.Get_size())), self.comm.Get_group())
+        return MpiComm(sub, timeout_s=self.timeout_s, members=[self.members[r] for r in here],
+                       departures=self.departures)
+
+    def leave(self) -> None:
+        """This rank leaves the run (interrupted): every rank waiting for it stops waiting."""
+        if self.departures is not None:
+            self.departures.announce()
 
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, tensor):
@@ -148,6 +214,7 @@ class MpiComm:
                     continue
                 if tests == SPIN_TESTS:
                     deadline = time.monotonic() + self.timeout_s
+                self._raise_if_a_peer_left(what)
                 if tests < YIELD_TESTS:
                     os.sched_yield()
                     continue
@@ -160,6 +227,16 @@ class MpiComm:
         except BaseException:
             self._abandoned.append((request, buffers))
             raise
+
+    def _raise_if_a_peer_left(self, what: str) -> None:
+        if self.departures is None:
+            return
+        gone = sorted(self.departures.check().intersection(self.members))
+        if gone:
+            # This rank leaves too: the ranks waiting for it (in other communicators) stop now.
+            self.departures.announce()
+            raise PeerLeft(f"MPI {what}: rank {', '.join(map(str, gone))} left the run (interrupted), so this "
+                           f"{what} cannot complete (rank {self.rank} of {self.size} in its communicator)")
 
     def __repr__(self) -> str:
         return f"MpiComm(rank {self.rank} of {self.size})"
