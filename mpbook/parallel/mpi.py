@@ -29,6 +29,7 @@ bfloat16, so half-precision tensors travel bit for bit as int16 and are summed i
 
 from __future__ import annotations
 
+import array
 import os
 import time
 from typing import Any
@@ -87,14 +88,13 @@ class Departures:
     the collectives' fast path pays nothing."""
 
     def __init__(self, comm: Any):
-        import numpy as np
         from mpi4py import MPI
 
         self.comm = comm
         self.rank = comm.Get_rank()  # the world's ranks are mpbook's (world() splits by rank)
         self.left: set[int] = set()
         self._any = MPI.ANY_SOURCE
-        self._news = np.zeros(1, dtype=np.int64)
+        self._news = array.array("q", [0])  # a rank's number: any buffer will do for MPI
         self._receiving = comm.Irecv(self._news, source=self._any)
         self._sent: list = []  # requests and their buffers, alive until MPI has sent them
         self._announced = False
@@ -108,14 +108,12 @@ class Departures:
 
     def announce(self) -> None:
         """Tell every other rank that this one has left the run (once; without waiting)."""
-        import numpy as np
-
         if self._announced:
             return
         self._announced = True
         for other in range(self.comm.Get_size()):
             if other != self.rank:
-                news = np.array([self.rank], dtype=np.int64)
+                news = array.array("q", [self.rank])
                 self._sent.append((self.comm.Isend(news, dest=other), news))
 
 
