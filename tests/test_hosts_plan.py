@@ -140,3 +140,58 @@ def test_start_options_for_hosts_need_hosts_in_the_magic():
     args = parse("start --hosts hosta:2,hostb:2 --ip 192.0.2.1 --launcher slurm --python /opt/py/bin/python", cell=False)
     assert (args.hosts, args.ip, args.launcher, args.python) == ("hosta:2,hostb:2", "192.0.2.1", "slurm",
                                                                  "/opt/py/bin/python")
+
+
+# ------------------------------------------------------------------ the planner's suggestions
+def _suggestions(hosts, links=()):
+    """The planner's suggestions for the tiny model on one engine per host in ``hosts``, each
+    with plenty of memory, and the ``links`` measured between them."""
+    from mpbook import plan
+    from mpbook.models import tiny_config
+    from mpbook.planner import Device, model_tensors
+    from mpbook.planner.ranks import PlannedModel
+    from mpbook.planner.suggestions import suggest
+
+    config = tiny_config()
+    workload = plan(config, batch=4, tp=len(hosts), device_memory_bytes=1 << 40, suggestions=False).workload
+    devices = [Device("cpu", host, 1 << 40, links=tuple(x for x in links if r in (x.low, x.high)))
+               for r, host in enumerate(hosts)]
+    model = PlannedModel.read(config, model_tensors(config, "float32"))
+    return {str(s.layout): s for s in suggest(model, workload, len(hosts), devices) if s.valid}
+
+
+def _links(hosts, within_s, across_s):
+    from mpbook.bench_links import Link
+
+    return [Link(a, b, hosts[a], hosts[b], across_s if hosts[a] != hosts[b] else within_s, 1e9)
+            for a in range(len(hosts)) for b in range(a + 1, len(hosts))]
+
+
+HOSTS = ["hosta", "hosta", "hostb", "hostb"]
+SPANS = "dp=1 x pp=1 x tp=4"
+
+
+def test_suggestions_put_tensor_groups_inside_hosts_first_and_say_why():
+    found = _suggestions(HOSTS)
+    order = list(found)
+    inside = [name for name in order if name != SPANS]
+    assert order[-1] == SPANS, order  # the one layout whose tp group crosses hosts, last however small
+    assert found[SPANS].reason.endswith("; tp group across hosts: the slow link in every layer")
+    assert found["dp=1 x pp=2 x tp=2"].reason.endswith("; tp/ep groups inside hosts")
+    assert found["dp=2 x pp=1 x tp=2"].reason.endswith("; tp/ep groups inside hosts")
+    assert "hosts" not in found["dp=1 x pp=4 x tp=1"].reason  # no tp group: nothing to say
+    # among those inside hosts, the order is the one host's: most headroom first
+    assert [found[n].peak_bytes for n in inside] == sorted(found[n].peak_bytes for n in inside)
+
+
+def test_measured_links_decide_whether_crossing_hosts_costs():
+    slow = _suggestions(HOSTS, _links(HOSTS, within_s=1e-4, across_s=1e-3))
+    assert list(slow)[-1] == SPANS
+    assert slow[SPANS].reason.endswith("; tp group across hosts (measured 1.000 ms across vs 0.100 ms within)")
+    # a link measured no slower than within a host (as two namespaces on one VM are): no penalty
+    even = _suggestions(HOSTS, _links(HOSTS, within_s=2e-4, across_s=2.5e-4))
+    assert even[SPANS].reason.endswith("; tp group across hosts, measured 0.250 ms across vs 0.200 ms within: "
+                                       "no slower here")
+    one_host = _suggestions(["hosta"] * 4)
+    assert [s.peak_bytes for s in even.values()] == [s.peak_bytes for s in one_host.values()]  # one host's order
+    assert not any("hosts" in s.reason for s in one_host.values())  # one host: as always

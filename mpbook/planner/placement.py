@@ -22,6 +22,9 @@ class Device:
     host: str
     free_bytes: int
     shared: bool = False  # CPU engines on one host draw on one pool of memory
+    # The links between this rank and the others, where they were measured
+    # (mpbook.bench_links.Link rows: `%mp status --links`, Workbench.measure_links).
+    links: tuple = ()
 
 
 def engine_count(engines) -> int | None:
@@ -42,8 +45,10 @@ def devices_for(engines, device_memory_bytes: int | Sequence[int] | None, world:
     if device_memory_bytes is not None:
         return given_sizes(device_memory_bytes, world), "as given"
     if engines is not None and hasattr(engines, "status"):
+        measured = getattr(getattr(engines, "cluster", None), "links", None) or ()
         return [
-            Device(i.device, i.host, i.memory_free_bytes, shared=not i.device.startswith("cuda"))
+            Device(i.device, i.host, i.memory_free_bytes, shared=not i.device.startswith("cuda"),
+                   links=tuple(x for x in measured if i.rank in (x.low, x.high)))
             for i in engines.status()
         ], "free memory reported by the engines"
     return this_machine(world)
