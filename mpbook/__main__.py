@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from .protocol import DEFAULT_DTYPE, DEFAULT_MODEL
+
 
 def demo(args: argparse.Namespace) -> int:
     from .errors import MpbookError
@@ -103,22 +105,45 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .conformance import add_command
+
     parser = argparse.ArgumentParser(prog="python -m mpbook", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_demo(commands)
+    _add_bench(commands)
+    add_command(commands)
+    return parser
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", type=int, default=None, help="engines (default: one per GPU, else 2 CPU engines)")
+    p.add_argument("--cpu", action="store_true", help="CPU engines even if GPUs are visible")
+
+
+def _add_demo(commands) -> None:
     d = commands.add_parser("demo", help="start engines, run the strategies on a tiny model, stop")
-    d.add_argument("-n", type=int, default=None, help="engines (default: one per GPU, else 2 CPU engines)")
-    d.add_argument("--cpu", action="store_true", help="CPU engines even if GPUs are visible")
-    d.add_argument("--model", default="tiny", help="model for the generation part (default: the built-in tiny)")
+    _engine_options(d)
+    d.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model for the generation part (default: the built-in {DEFAULT_MODEL})")
     d.add_argument("--max-new-tokens", type=int, default=12)
     d.set_defaults(func=demo)
 
+
+def _add_bench(commands) -> None:
     b = commands.add_parser("bench", help="measure one device against each strategy, side by side")
-    b.add_argument("-n", type=int, default=None, help="engines (default: one per GPU, else 2 CPU engines)")
-    b.add_argument("--cpu", action="store_true", help="CPU engines even if GPUs are visible")
-    b.add_argument("--model", default="tiny", help="a preset (tiny, small, llama-135m), a folder or a hub id")
+    _engine_options(b)
+    _bench_workload_options(b)
+    _bench_kind_options(b)
+    b.add_argument("--json", default=None, metavar="PATH", help="write the records to PATH")
+    b.set_defaults(func=bench)
+
+
+def _bench_workload_options(b: argparse.ArgumentParser) -> None:
+    """What each measured run generates, on what, how often, and how it is compared."""
+    b.add_argument("--model", default=DEFAULT_MODEL, help="a preset (tiny, small, llama-135m), a folder or a hub id")
     b.add_argument("--batch", type=int, default=8, help="prompts per run (default 8)")
     b.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt (default 16)")
-    b.add_argument("--dtype", default="float32")
+    b.add_argument("--dtype", default=DEFAULT_DTYPE)
     b.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is kept (default 3)")
     b.add_argument("--sweep", action="store_true",
                    help="every layout that fits the engines, not one per strategy; writes JSON and a PNG plot")
@@ -131,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true",
                    help="mpbook's layouts with --compile (static KV cache, compiled decode step; compiled in the "
                         "warm-up round, before any timed one)")
+
+
+def _bench_kind_options(b: argparse.ArgumentParser) -> None:
+    """The other measurements ``bench`` makes instead of the strategies against one device."""
     b.add_argument("--against", choices=["transformers"], default=None,
                    help="transformers' own data, tensor (DistributedConfig(tp_size=N)) and pipeline (pp_size=N) "
                         "forms on the same engines, interleaved with mpbook's, in one table")
@@ -144,13 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a strategy cell's client time beyond the engines' own, on a loaded model")
     b.add_argument("--dashboard-overhead", action="store_true", help="generation with the dashboard and live text on and off")
     b.add_argument("--soak", type=int, default=0, metavar="N", help="N generation cells in a row: failures, memory growth")
-    b.add_argument("--json", default=None, metavar="PATH", help="write the records to PATH")
-    b.set_defaults(func=bench)
-
-    from .conformance import add_command
-
-    add_command(commands)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .layout import Layout
+from .protocol import DEFAULT_DTYPE, DEFAULT_MODEL
 
 BENCH_PROMPTS = [
     "Explain pipeline parallelism in one sentence.",
@@ -103,12 +104,12 @@ def candidate_layouts(config, engines: int, batch: int, *, sweep: bool) -> list[
 
 def bench_strategies(
     *,
-    model: str = "tiny",
+    model: str = DEFAULT_MODEL,
     engines: int | None = None,
     cpu: bool = False,
     batch: int = 8,
     new_tokens: int = 16,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_DTYPE,
     repeats: int = 3,
     sweep: bool = False,
     window_s: float = 5.0,
@@ -366,7 +367,7 @@ def _engine_cpu_seconds(state) -> float:
 
 
 def dashboard_overhead(
-    wb, *, rounds: int = 6, model: str = "tiny", strategy: str = "pipeline", batch: int = 4, new_tokens: int = 64
+    wb, *, rounds: int = 6, model: str = DEFAULT_MODEL, strategy: str = "pipeline", batch: int = 4, new_tokens: int = 64
 ) -> OverheadReport:
     """Generate with the dashboard on and off, interleaved, on every rank of ``wb``."""
     from .dashboard import Dashboard
@@ -425,7 +426,7 @@ def dashboard_overhead(
 SOAK_CELL = "%%mp pipeline --model {model} --microbatches 2 --max-new-tokens 16\n" + "\n".join(BENCH_PROMPTS[:4])
 
 
-def bench_soak(*, cells: int = 200, warmup: int = 20, model: str = "tiny", engines: int | None = None,
+def bench_soak(*, cells: int = 200, warmup: int = 20, model: str = DEFAULT_MODEL, engines: int | None = None,
                cpu: bool = True, log=print) -> dict:
     """``cells`` generation cells in a row on one cluster; failures and per-engine memory growth."""
     import contextlib
@@ -457,7 +458,7 @@ def bench_soak(*, cells: int = 200, warmup: int = 20, model: str = "tiny", engin
 CELL_PROMPTS = "\n".join(BENCH_PROMPTS[:4])
 
 
-def bench_cell_overhead(*, cells: int = 20, model: str = "tiny", engines: int | None = None, cpu: bool = True,
+def bench_cell_overhead(*, cells: int = 20, model: str = DEFAULT_MODEL, engines: int | None = None, cpu: bool = True,
                         log=print) -> dict:
     """What a strategy cell costs the client beyond the engines' own time, on a model already
     loaded: every cell runs through a real IPython shell (the magic, checks, tokenizing, the

@@ -53,6 +53,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from .protocol import DEFAULT_DTYPE, DEFAULT_MODEL
+
 CACHE_KEY = "bench_peers"  # the peer's models in the engine's cache (dropped when done)
 KINDS = ("data", "tensor", "pipeline")
 DEGREE_OF = {"tensor": "tp_size", "pipeline": "pp_size"}
@@ -467,8 +469,8 @@ def _first_error(values) -> str | None:
     return next((v for v in values if v), None)
 
 
-def compare_with_transformers(wb, *, model: str = "tiny", prompts: list[str], new_tokens: int = 16,
-                              dtype: str = "float32", rounds: int = 3, window_s: float = 5.0,
+def compare_with_transformers(wb, *, model: str = DEFAULT_MODEL, prompts: list[str], new_tokens: int = 16,
+                              dtype: str = DEFAULT_DTYPE, rounds: int = 3, window_s: float = 5.0,
                               kinds=KINDS, compile: bool = False, log=print) -> PeerReport:
     """mpbook and transformers, layout by layout at full degree on ``wb``'s engines, interleaved."""
     import transformers
@@ -553,8 +555,8 @@ def _drop_peer(state, *, kind: str) -> None:
     gc.collect()
 
 
-def bench_against_transformers(prompts: list[str], *, model: str = "tiny", engines: int | None = None,
-                               cpu: bool = False, new_tokens: int = 16, dtype: str = "float32", repeats: int = 3,
+def bench_against_transformers(prompts: list[str], *, model: str = DEFAULT_MODEL, engines: int | None = None,
+                               cpu: bool = False, new_tokens: int = 16, dtype: str = DEFAULT_DTYPE, repeats: int = 3,
                                window_s: float = 5.0, transport: str = "auto", compile: bool = False,
                                log=print) -> dict:
     """``python -m mpbook bench --against transformers``: start the engines, compare, print the table."""

@@ -41,10 +41,11 @@ from IPython.utils.process import arg_split
 from .compat import argparse as argparse_compat
 from .errors import CellInterrupted, MpbookError, NoClusterError
 from .options import (
-    DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, argtype, check_degree, check_engine_count, check_max_new_tokens,
+    DEFAULT_PERIOD_S, DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, argtype, check_degree, check_engine_count, check_max_new_tokens,
     check_microbatches, check_period, check_repetition_penalty, check_seed, check_temperature, check_timeout,
     check_top_k, check_top_p,
 )
+from .protocol import DEFAULT_DTYPE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, DTYPE_CHOICES
 from .workbench import Workbench
 
 LINE_COMMANDS = ("start", "status", "stop", "restart", "dashboard")
@@ -78,7 +79,42 @@ def build_parser() -> MagicArgumentParser:
         _help_flag(sub)
         return sub
 
-    start = command("start", "start engines (or attach to a running cluster)")
+    _start_options(command("start", "start engines (or attach to a running cluster)"))
+    status = command("status", "show the engines table")
+    status.add_argument("--links", action="store_true",
+                        help="measure latency and bandwidth between every pair of ranks first (a few seconds)")
+    command("stop", "stop the engines mpbook started (leave an attached cluster running)")
+    command("restart", "restart the cluster with the same layout")
+    dash = command("dashboard", "show a dashboard that follows every cell and refreshes between them")
+    dash.add_argument("--period", type=argtype(check_period, "float", "--period"), default=DEFAULT_PERIOD_S,
+                      help=f"seconds between refreshes while idle (default {DEFAULT_PERIOD_S:g})")
+    dash.add_argument("--off", action="store_true", help="stop the standing dashboard")
+
+    run = command("run", "(cell) run the cell's Python on every rank")
+    run.add_argument("--ranks", default=None, help="ranks to run on: 'all' (default), '0', '0,2' or '1-3'")
+    run.add_argument("--no-dashboard", action="store_true", help="no live dashboard for this cell")
+
+    for strategy, what in STRATEGY_HELP.items():
+        cmd = command(strategy, f"(cell) generate with {strategy} parallelism: {what}",
+                      f"Generate with {strategy} parallelism ({what}); one prompt per line of the cell.")
+        _model_and_layout_options(cmd)
+        _prompt_options(cmd)
+        _sampling_options(cmd)
+        cmd.add_argument("--stop", action="append", default=None, help="stop a prompt at this text (repeatable)")
+        cmd.add_argument("--ignore-eos", action="store_true",
+                         help="run every prompt to --max-new-tokens (benchmarks)")
+        cmd.add_argument("--compile", action="store_true",
+                         help="static KV cache and torch.compile of the decode step (compiled once per shape, "
+                              "reused by later cells)")
+        cmd.add_argument("--prompts", default=None,
+                         help="take the prompts from this variable (a str, a list of str, or of chat message lists)")
+        cmd.add_argument("-o", "--out", default="_mp", help="name for the result object (default _mp)")
+        cmd.add_argument("--no-dashboard", action="store_true", help="no live dashboard for this cell")
+    return parser
+
+
+def _start_options(start: argparse.ArgumentParser) -> None:
+    """``%mp start``: how many engines, on what, where, or which running cluster to attach to."""
     start.add_argument("-n", type=argtype(check_engine_count, "int", "-n"), default=None,
                        help="number of engines (default: one per GPU, else 2)")
     devices = start.add_mutually_exclusive_group()
@@ -103,65 +139,50 @@ def build_parser() -> MagicArgumentParser:
              f"at most {MAX_TIMEOUT_S:g})",
     )
 
-    status = command("status", "show the engines table")
-    status.add_argument("--links", action="store_true",
-                        help="measure latency and bandwidth between every pair of ranks first (a few seconds)")
-    command("stop", "stop the engines mpbook started (leave an attached cluster running)")
-    command("restart", "restart the cluster with the same layout")
-    dash = command("dashboard", "show a dashboard that follows every cell and refreshes between them")
-    dash.add_argument("--period", type=argtype(check_period, "float", "--period"), default=1.0,
-                      help="seconds between refreshes while idle (default 1)")
-    dash.add_argument("--off", action="store_true", help="stop the standing dashboard")
 
-    run = command("run", "(cell) run the cell's Python on every rank")
-    run.add_argument("--ranks", default=None, help="ranks to run on: 'all' (default), '0', '0,2' or '1-3'")
-    run.add_argument("--no-dashboard", action="store_true", help="no live dashboard for this cell")
+def _model_and_layout_options(cmd: argparse.ArgumentParser) -> None:
+    """A strategy cell's model, degrees, micro-batches, new tokens, dtype, stages, attention and plans."""
+    cmd.add_argument("--model", default=DEFAULT_MODEL,
+                     help=f"hub id, save_pretrained folder, or a preset: '{DEFAULT_MODEL}' (default) or 'small'")
+    for dim in ("dp", "pp", "tp", "ep"):
+        cmd.add_argument(f"--{dim}", type=argtype(lambda v, d=dim: check_degree(d, v), "int", f"--{dim}"),
+                         default=None, help=f"{dim} degree (default: what the others leave)")
+    cmd.add_argument("--microbatches", type=argtype(check_microbatches, "int", "--microbatches"), default=None,
+                     help="micro-batches per replica (default: one per pipeline stage, as rows allow)")
+    cmd.add_argument("--max-new-tokens", type=argtype(check_max_new_tokens, "int", "--max-new-tokens"),
+                     default=DEFAULT_MAX_NEW_TOKENS,
+                     help=f"at most this many new tokens (default {DEFAULT_MAX_NEW_TOKENS}); 0: a forward pass")
+    others = " or ".join(d for d in DTYPE_CHOICES if d != DEFAULT_DTYPE)
+    cmd.add_argument("--dtype", default=DEFAULT_DTYPE, help=f"{DEFAULT_DTYPE} (default), {others}")
+    cmd.add_argument("--stages", default=None, help="layers per pipeline stage, e.g. 4,2 (default: balanced)")
+    cmd.add_argument("--attn", default=None,
+                     help="attention implementation (default: the one transformers picks), e.g. sdpa, eager")
+    cmd.add_argument("--plan", default=None,
+                     help="a variable holding parallel plans for a family without its own "
+                          "({'tp': {...}, 'pp': {...}} in transformers' format)")
 
-    for strategy, what in STRATEGY_HELP.items():
-        cmd = command(strategy, f"(cell) generate with {strategy} parallelism: {what}",
-                      f"Generate with {strategy} parallelism ({what}); one prompt per line of the cell.")
-        cmd.add_argument("--model", default="tiny",
-                         help="hub id, save_pretrained folder, or a preset: 'tiny' (default) or 'small'")
-        for dim in ("dp", "pp", "tp", "ep"):
-            cmd.add_argument(f"--{dim}", type=argtype(lambda v, d=dim: check_degree(d, v), "int", f"--{dim}"),
-                             default=None, help=f"{dim} degree (default: what the others leave)")
-        cmd.add_argument("--microbatches", type=argtype(check_microbatches, "int", "--microbatches"), default=None,
-                         help="micro-batches per replica (default: one per pipeline stage, as rows allow)")
-        cmd.add_argument("--max-new-tokens", type=argtype(check_max_new_tokens, "int", "--max-new-tokens"),
-                         default=32, help="at most this many new tokens (default 32); 0: a forward pass")
-        cmd.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-        cmd.add_argument("--stages", default=None, help="layers per pipeline stage, e.g. 4,2 (default: balanced)")
-        cmd.add_argument("--attn", default=None,
-                         help="attention implementation (default: the one transformers picks), e.g. sdpa, eager")
-        cmd.add_argument("--plan", default=None,
-                         help="a variable holding parallel plans for a family without its own "
-                              "({'tp': {...}, 'pp': {...}} in transformers' format)")
-        chat = cmd.add_mutually_exclusive_group()
-        chat.add_argument("--chat", action="store_true", default=None,
-                          help="each line is a user message through the chat template (default when the model has one)")
-        chat.add_argument("--no-chat", dest="chat", action="store_false", help="send each line as plain text")
-        cmd.add_argument("--system", default=None, help="a system message before each prompt (chat)")
-        cmd.add_argument("--temperature", type=argtype(check_temperature, "float", "--temperature"), default=None,
-                         help="sample at this temperature (default: greedy; 0 is greedy)")
-        cmd.add_argument("--top-k", type=argtype(check_top_k, "int", "--top-k"), default=None,
-                         help="sample from the k likeliest tokens")
-        cmd.add_argument("--top-p", type=argtype(check_top_p, "float", "--top-p"), default=None,
-                         help="sample from the likeliest tokens holding this probability mass")
-        cmd.add_argument("--repetition-penalty", type=argtype(check_repetition_penalty, "float", "--repetition-penalty"),
-                         default=None, help="penalize tokens already in the text (1: off)")
-        cmd.add_argument("--seed", type=argtype(check_seed, "int", "--seed"), default=None,
-                         help="seed of the sampling: the same seed gives the same texts on every layout")
-        cmd.add_argument("--stop", action="append", default=None, help="stop a prompt at this text (repeatable)")
-        cmd.add_argument("--ignore-eos", action="store_true",
-                         help="run every prompt to --max-new-tokens (benchmarks)")
-        cmd.add_argument("--compile", action="store_true",
-                         help="static KV cache and torch.compile of the decode step (compiled once per shape, "
-                              "reused by later cells)")
-        cmd.add_argument("--prompts", default=None,
-                         help="take the prompts from this variable (a str, a list of str, or of chat message lists)")
-        cmd.add_argument("-o", "--out", default="_mp", help="name for the result object (default _mp)")
-        cmd.add_argument("--no-dashboard", action="store_true", help="no live dashboard for this cell")
-    return parser
+
+def _prompt_options(cmd: argparse.ArgumentParser) -> None:
+    """How a strategy cell's lines become prompts: through the chat template or as they are."""
+    chat = cmd.add_mutually_exclusive_group()
+    chat.add_argument("--chat", action="store_true", default=None,
+                      help="each line is a user message through the chat template (default when the model has one)")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="send each line as plain text")
+    cmd.add_argument("--system", default=None, help="a system message before each prompt (chat)")
+
+
+def _sampling_options(cmd: argparse.ArgumentParser) -> None:
+    """How a strategy cell chooses tokens: greedy unless one of these samples."""
+    cmd.add_argument("--temperature", type=argtype(check_temperature, "float", "--temperature"), default=None,
+                     help="sample at this temperature (default: greedy; 0 is greedy)")
+    cmd.add_argument("--top-k", type=argtype(check_top_k, "int", "--top-k"), default=None,
+                     help="sample from the k likeliest tokens")
+    cmd.add_argument("--top-p", type=argtype(check_top_p, "float", "--top-p"), default=None,
+                     help="sample from the likeliest tokens holding this probability mass")
+    cmd.add_argument("--repetition-penalty", type=argtype(check_repetition_penalty, "float", "--repetition-penalty"),
+                     default=None, help="penalize tokens already in the text (1: off)")
+    cmd.add_argument("--seed", type=argtype(check_seed, "int", "--seed"), default=None,
+                     help="seed of the sampling: the same seed gives the same texts on every layout")
 
 
 def usage() -> str:

@@ -20,6 +20,7 @@ DEFAULT_TIMEOUT_S = 60.0
 # A collective that only some ranks enter waits this long before gloo/NCCL give up; longer
 # would leave a notebook user staring at a cell that can never finish.
 MAX_TIMEOUT_S = 60.0
+DEFAULT_PERIOD_S = 1.0  # a standing dashboard's refresh while the engines are idle
 
 
 def argtype(check: Callable[[Any], Any], name: str, flag: str) -> Callable[[str], Any]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .protocol import DEFAULT_DTYPE
 
-def reference(model: str, prompts: Sequence, *, max_new_tokens: int, dtype: str = "float32",
+
+def reference(model: str, prompts: Sequence, *, max_new_tokens: int, dtype: str = DEFAULT_DTYPE,
               attention: str | None = None, chat: bool | None = None, system: str | None = None,
               **generate_options):
     """Returns (logits per prompt, generated ids per prompt) from one process, with no mpbook

@@ -17,7 +17,7 @@ from typing import Any
 
 from .cluster import Calls, Cluster
 from .options import DEFAULT_TIMEOUT_S
-from .protocol import EngineInfo
+from .protocol import DEFAULT_MODEL, EngineInfo
 from .session import Session
 
 
@@ -156,7 +156,7 @@ class Workbench:
         return self.calls.apply(fn, *args, ranks=ranks, stream=stream, what=what,
                                 follow=self._follower(dashboard, on_tick), **kwargs)
 
-    def generate(self, prompts, *, strategy: str, model: str = "tiny", on_tick: Callable[[], None] | None = None,
+    def generate(self, prompts, *, strategy: str, model: str = DEFAULT_MODEL, on_tick: Callable[[], None] | None = None,
                  dashboard: Any = None, **options):
         """Generate with one strategy (``data``, ``pipeline`` or ``tensor``, degrees combinable
         with ``dp=``, ``pp=``, ``tp=``); see :meth:`mpbook.session.Session.generate` for the options."""
@@ -169,7 +169,7 @@ class Workbench:
                 follower.abandon(exc)  # an error before dispatch: the dashboard says it
             raise
 
-    def forward(self, prompts, *, strategy: str, model: str = "tiny", **options):
+    def forward(self, prompts, *, strategy: str, model: str = DEFAULT_MODEL, **options):
         """One forward pass: the result's ``logits`` hold a (prompt_len, vocab) tensor per prompt."""
         return self.generate(prompts, strategy=strategy, model=model, max_new_tokens=0, **options)
 
