@@ -247,7 +247,7 @@ def peer_generate(state, *, kind: str, model: str, dtype: str, ids, pad_id: int,
 def encode(model: str, prompts: list[str], *, chat: bool | None) -> tuple[list[list[int]], int]:
     """The prompts' token ids as mpbook sends them (``chat`` as ``generate``'s), and the pad id."""
     from .models import load_tokenizer
-    from .session import encode_prompts
+    from .session.prompts import encode_prompts
 
     tokenizer = load_tokenizer(model)
     encoded = encode_prompts(tokenizer, prompts, chat=chat)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import MpbookError
-from .protocol import DTYPE_CHOICES, DTYPES
+from .protocol import DTYPE_CHOICES, DTYPES, Sampling
 
 DEFAULT_TIMEOUT_S = 60.0
 # A collective that only some ranks enter waits this long before gloo/NCCL give up; longer
@@ -203,6 +203,26 @@ def check_seed(value: Any) -> int | None:
     if not 0 <= value < 2**63:
         raise MpbookError(f"--seed {value}: use a whole number in 0..2**63-1")
     return value
+
+
+def choose_sampling(*, temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=None) -> Sampling:
+    """Greedy unless a temperature, top-k or top-p is given (``temperature=0`` is greedy, as
+    in vLLM); the options left out are off (not transformers' fallback of top_k=50). A
+    sampled run without a seed gets a random one, kept in the result so it can be rerun."""
+    temperature = None if temperature is None else check_temperature(temperature)
+    top_k = None if top_k is None else check_top_k(top_k)
+    top_p = None if top_p is None else check_top_p(top_p)
+    penalty = 1.0 if repetition_penalty is None else check_repetition_penalty(repetition_penalty)
+    seed = check_seed(seed)
+    sample = any(v is not None for v in (temperature, top_k, top_p)) and temperature != 0
+    if not sample:
+        return Sampling(repetition_penalty=penalty, seed=seed)
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbits(32)
+    return Sampling(temperature=temperature if temperature is not None else 1.0, top_k=top_k or 0,
+                    top_p=top_p if top_p is not None else 1.0, repetition_penalty=penalty, seed=seed, do_sample=True)
 
 
 def check_stop(value: Any) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
-"""Chat prompts: mpbook.session.encode_prompts against the tokenizer's own chat template, the
-presets' word tokenizer, and the one-line errors of a cell whose prompts and options disagree.
+"""Chat prompts: mpbook.session.prompts.encode_prompts against the tokenizer's own chat
+template, the presets' word tokenizer, and the one-line errors of a cell whose prompts and
+options disagree.
 
 Pure: no engines (a cell's errors are raised before the engines are called, so the magic runs
 here on a stand-in cluster that only says how many engines it has).
@@ -18,7 +19,9 @@ from mpbook.models.tokenizer import (
     CHAT_TEMPLATE, EOS_ID, IM_END_ID, IM_START_ID, PAD_ID, SPECIALS, TOKENIZER_IDS, UNK_ID, generation_eos_ids,
     tiny_word_tokenizer,
 )
-from mpbook.session import ModelInfo, Session, encode_prompts
+from mpbook.session import Session
+from mpbook.session.model_info import ModelInfo
+from mpbook.session.prompts import encode_prompts
 
 
 @pytest.fixture(scope="module")

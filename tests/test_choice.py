@@ -1,5 +1,5 @@
 """Token choice and stopping (mpbook.engine.choice) against transformers' own pieces; the
-sampling options (mpbook.session.choose_sampling) and the latency figures of a result.
+sampling options (mpbook.options.choose_sampling) and the latency figures of a result.
 
 Pure: no engines. A tiny random Llama (2 layers, width 64) is built in this process for the
 end-to-end comparisons with ``generate()``; nothing is downloaded.
@@ -23,7 +23,8 @@ from mpbook.engine.choice import REASONS, Stopper, TokenChooser, inverse_cdf, pr
 from mpbook.errors import MpbookError
 from mpbook.models.tokenizer import EOS_ID, IM_END_ID, PAD_ID, TOKENIZER_IDS, tiny_word_tokenizer
 from mpbook.protocol import Sampling, Stopping
-from mpbook.session import choose_sampling, encode_prompts
+from mpbook.options import choose_sampling
+from mpbook.session.prompts import encode_prompts
 
 
 @pytest.fixture(scope="module")

@@ -271,7 +271,7 @@ def stopped(tiny_folder, free, tokenizer_of_tiny):
     the others finish)."""
     from transformers import StopStringCriteria
 
-    from mpbook.session import encode_prompts
+    from mpbook.session.prompts import encode_prompts
 
     tok = tokenizer_of_tiny
     prompts = encode_prompts(tok, PROMPTS).input_ids

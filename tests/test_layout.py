@@ -13,7 +13,8 @@ from mpbook.layout import DIMS, Coords, Mesh
 from mpbook.models import tiny_config
 from mpbook.parallel.data import replica_rows
 from mpbook.parallel.pipeline import split_layers
-from mpbook.session import check_prompts, choose_layout
+from mpbook.session.layout_choice import choose_layout
+from mpbook.session.prompts import check_prompts
 
 
 def test_a_layout_is_a_grid_with_tp_innermost():

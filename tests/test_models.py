@@ -387,7 +387,7 @@ def _run(wb, folder, layout: Layout, max_new_tokens: int, **fields):
     from mpbook.models import load_tokenizer
     from mpbook.protocol import Request, Stopping
     from mpbook.results import merge
-    from mpbook.session import encode_prompts
+    from mpbook.session.prompts import encode_prompts
 
     tokenizer = load_tokenizer(folder)
     ids = encode_prompts(tokenizer, PROMPTS).input_ids  # as the session and the reference encode them

@@ -183,7 +183,7 @@ def test_advice_after_out_of_memory_names_the_layouts_that_need_less_per_rank(sm
     from mpbook.models import load_config
     from mpbook.parallel.pipeline import default_microbatches
     from mpbook.protocol import Request
-    from mpbook.session import smaller_layouts_advice
+    from mpbook.session.memory_check import smaller_layouts_advice
 
     config = load_config(small_config_folder)
     request = Request(model=small_config_folder, layout=failed, input_ids=((5,) * 300,) * 4, max_new_tokens=2,
