@@ -7,10 +7,21 @@ same from plain Python.
 from .errors import MpbookError, RankError
 from .layout import Layout
 from .planner import MemoryPlan, plan
+from .planner.calibration import calibrate
 from .workbench import Workbench
 
-__all__ = ["Layout", "MemoryPlan", "MpbookError", "RankError", "Workbench", "load_ipython_extension", "plan"]
+__all__ = [
+    "Layout", "MemoryPlan", "MpbookError", "RankError", "Workbench", "calibrate", "explore", "load_ipython_extension",
+    "plan",
+]
 __version__ = "0.1.0"
+
+
+def explore(model, /, *, engines, **options):
+    """A panel to try layouts of ``model`` on the cluster ``engines``: see :mod:`mpbook.explorer`."""
+    from .explorer import Explorer
+
+    return Explorer(model, engines=engines, **options)
 
 
 def load_ipython_extension(ipython) -> None:

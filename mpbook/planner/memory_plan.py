@@ -7,6 +7,7 @@ from ..layout import Layout
 from . import rendering
 from .placement import Device, devices_for, engine_count
 from .ranks import PlannedModel, RankMemory
+from .speed import SpeedPrediction
 from .suggestions import Suggestion, suggest
 from .workload import Workload
 
@@ -28,8 +29,9 @@ class MemoryPlan:
     ranks: list[RankMemory]
     memory_source: str
     suggestions: list[Suggestion]
-    _model: PlannedModel = field(repr=False, compare=False)
-    _devices: list[Device] = field(repr=False, compare=False)
+    speed: SpeedPrediction | None = None  # with a calibration: predicted tokens/s, per rank by part
+    _model: PlannedModel = field(default=None, repr=False, compare=False)
+    _devices: list[Device] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def fits(self) -> bool:
@@ -39,6 +41,12 @@ class MemoryPlan:
     def peak_bytes(self) -> int:
         """The largest per-rank total."""
         return max(r.total for r in self.ranks)
+
+    @property
+    def devices(self) -> list[Device]:
+        """Where each rank runs and the memory it may take: give them to another plan of the same
+        engines (``plan(..., devices=p.devices)``) and it asks nobody again."""
+        return list(self._devices)
 
     def rank(self, rank: int) -> RankMemory:
         return self.ranks[rank]

@@ -12,10 +12,12 @@ from ..layout import Layout
 from ..options import check_dtype
 from ..protocol import DEFAULT_MAX_NEW_TOKENS
 from ..models.support import layout_problems
-from .placement import devices_for, engine_count
+from .placement import Device, devices_for, engine_count
 from .memory_plan import MemoryPlan
+from .calibration import Calibration, kept_calibration
 from .model_tensors import ModelTensors, model_tensors
 from .ranks import PlannedModel, fit, ranks_memory
+from .speed import predict as predict_speed
 from .suggestions import suggest, valid_layouts
 from .workload import ATTENTION, checked_workload
 
@@ -40,6 +42,8 @@ def plan(
     tensors: ModelTensors | None = None,
     suggestions: bool = True,
     plans: dict | None = None,
+    calibration: Calibration | None = None,
+    devices: Sequence[Device] | None = None,
 ) -> MemoryPlan:
     """Predict each rank's memory for running ``model`` on a (dp, pp, tp, ep) layout.
 
@@ -56,7 +60,8 @@ def plan(
     ``plans``: parallel plans a user gives in the config's format (``{"tp": {...}}``), as the
     engines are given them.
 
-    Fit is judged against ``device_memory_bytes`` (one size, or one per rank) when given;
+    Fit is judged against ``devices`` when given (an earlier plan's ``devices``: the same
+    engines, not asked again), else against ``device_memory_bytes`` (one size, or one per rank) when given;
     else the engines' free memory when ``engines`` is a Workbench; else this machine's free
     GPU memory (NVML) or, without enough GPUs, its available host memory, which CPU engines
     share. ``engines`` (a count or a Workbench) must equal dp * pp * tp * ep, and the suggestions
@@ -87,6 +92,11 @@ def plan(
 
     The peak a rank should be compared with is ``rank.total`` = weights + KV cache + activations.
 
+    Speed: with ``calibration`` (what :func:`mpbook.calibrate` measured on the engines), or
+    when ``engines`` is a Workbench that was calibrated before, the plan's ``speed`` predicts
+    the layout's decode and prefill tokens/s and each rank's decode step by part
+    (:mod:`mpbook.planner.speed`, which shows its arithmetic); else ``speed`` is None.
+
     What the model holds is read once per (config, dtype) and kept (see
     :func:`mpbook.planner.model_tensors`), so planning again before every cell costs
     milliseconds; a caller that keeps it itself passes it as ``tensors``.
@@ -101,21 +111,28 @@ def plan(
             config, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, microbatches=microbatches,
             dtype=dtype, attention=attention, stage_sizes=stage_sizes,
         )
-        layout = _checked_layout(config, dp=dp, pp=pp, tp=tp, ep=ep, engines=engines, plans=plans, work=work)
+        layout = checked_layout(config, dp=dp, pp=pp, tp=tp, ep=ep, engines=engines, plans=plans, work=work)
 
         planned = PlannedModel.read(
             config, _checked_tensors(tensors, config, dtype) or model_tensors(config, dtype, plans), plans)
-        devices, source = devices_for(engines, device_memory_bytes, layout.world_size)
+        if devices is not None:
+            devices, source = _checked_devices(devices, layout.world_size), "as an earlier plan found them"
+        else:
+            devices, source = devices_for(engines, device_memory_bytes, layout.world_size)
+        ranks = fit(ranks_memory(planned, layout, work), devices)
+        if calibration is None and hasattr(engines, "status"):
+            calibration = kept_calibration(engines, dtype)
         return MemoryPlan(
             model=label,
             architecture=planned.tensors.architecture,
             layout=layout,
             workload=work,
-            ranks=fit(ranks_memory(planned, layout, work), devices),
+            ranks=ranks,
             memory_source=source,
             # Every layout over the engines, planned too: a caller that only asks "does it fit?"
             # (the session, before every cell) leaves them out and asks plan.suggest() if not.
             suggestions=suggest(planned, work, layout.world_size, devices) if suggestions else [],
+            speed=predict_speed(planned, layout, work, ranks, calibration) if calibration is not None else None,
             _model=planned,
             _devices=devices,
         )
@@ -125,7 +142,7 @@ def plan(
         raise exc.with_traceback(None) from None
 
 
-def _checked_layout(config, *, dp: int, pp: int, tp: int, ep: int, engines, plans=None, work=None) -> Layout:
+def checked_layout(config, *, dp: int, pp: int, tp: int, ep: int, engines, plans=None, work=None) -> Layout:
     """The layout asked for, or one MpbookError with everything wrong with it: the model's
     limits first (stages, heads, experts), then the engine count, and then the layouts over
     those engines that the model and the workload allow."""
@@ -148,6 +165,14 @@ def _checked_layout(config, *, dp: int, pp: int, tp: int, ep: int, engines, plan
     if problems:
         raise MpbookError("; ".join(problems))
     return layout
+
+
+def _checked_devices(devices: Sequence[Device], world: int) -> list[Device]:
+    devices = list(devices)
+    if len(devices) != world or not all(isinstance(d, Device) for d in devices):
+        raise MpbookError(f"devices= holds {len(devices)} entries for {world} ranks; give an earlier plan's .devices "
+                          "for the same number of engines")
+    return devices
 
 
 def _checked_tensors(tensors: ModelTensors | None, config, dtype: str) -> ModelTensors | None:

@@ -7,7 +7,7 @@ Reads a plan's fields only (nothing here computes a byte), so both views show th
 from __future__ import annotations
 
 import html
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..layout import Layout
 from ..units import format_bytes
@@ -27,6 +27,7 @@ class MemoryPlan(Protocol):
     ranks: list[RankMemory]
     memory_source: str
     suggestions: list[Suggestion]
+    speed: Any  # mpbook.planner.speed.SpeedPrediction or None
 
     @property
     def fits(self) -> bool: ...
@@ -115,6 +116,8 @@ def text(p: MemoryPlan) -> str:
         for row in rows
     ]
     out = [header(p), "", *table, "", *arithmetic(p), "", verdict(p), *notes(p)]
+    if p.speed is not None:
+        out += ["", "Speed: " + p.speed.words(), *(f"  {line}" for line in p.speed.arithmetic())]
     if p.suggestions:
         world = p.layout.world_size
         out += ["", f"Layouts over {world} {_plural(world, 'engine')}:", *(f"  {s}" for s in p.suggestions)]
@@ -139,9 +142,12 @@ def html_view(p: MemoryPlan) -> str:
             for s in p.suggestions
         )
         sugg = f"<p>Layouts over {p.layout.world_size} engines:</p><ul>{items}</ul>"
+    speed = p.speed
+    speed_html = "" if speed is None else (
+        f"<p><b>Speed</b>: {esc(speed.words())}</p><pre>{esc(chr(10).join(speed.arithmetic()))}</pre>")
     return (
         f"<div><p><b>{esc(header(p))}</b></p>"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
         f"<pre>{esc(chr(10).join(arithmetic(p)))}</pre>"
-        f"<p>{esc(verdict(p))}<br>{'<br>'.join(esc(n) for n in notes(p))}</p>{sugg}</div>"
+        f"<p>{esc(verdict(p))}<br>{'<br>'.join(esc(n) for n in notes(p))}</p>{speed_html}{sugg}</div>"
     )

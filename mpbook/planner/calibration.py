@@ -1,0 +1,408 @@
+"""What the machine does per second, measured once on the engines and kept: the speed model's inputs.
+
+The speed model (:mod:`mpbook.planner.speed`) multiplies what a layout does (bytes of weights
+and KV cache each rank reads per step, collectives and their sizes, decoder layers run) by what
+this machine measured it costs. Four things are measured, on the engines themselves (their
+process, their threads, their transport):
+
+- **a linear's cost per weight byte at each row count**: a matmul of ``rows`` x 1024 by
+  1024 x 1024 weights, cycled through 64 MiB of them so that they come from memory as a
+  model's do. At 1 row this is the memory bandwidth; at hundreds of rows the matmul rate. One
+  curve covers decode (rows = a micro-batch) and prefill (rows x prompt tokens) alike.
+- **the host's time per decoder layer and per step** outside the layers, for the model's
+  family: a decode step of a tiny model of the same ``model_type``
+  (:func:`mpbook.models.shrink.shrink_config`), each layer timed by hooks. Its compute is
+  negligible, so what remains is Python and dispatch, which does not depend on the width.
+- **all-reduce and send costs** on the cluster's own transport, latency plus bytes over
+  bandwidth, from two sizes each, back to back (as a layer's calls come).
+- each of the first two **alone and together**: one engine, then every engine at once, since
+  CPU engines share the memory bus and the cores (on a GPU each engine has its own).
+
+Kept per (hosts, device, threads, engines, transport, dtype) in mpbook's cache folder
+(``MPBOOK_CACHE``), so it is measured once; ``calibrate(..., again=True)`` measures again
+(after the machine changed, or when it was busy while measuring).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ..errors import MpbookError
+
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+WIDTH = 1024  # the probe's weights: WIDTH x WIDTH
+POOL_BYTES = 64 << 20  # twice this VM kind's L3: weights come from memory, as a model's do
+PROBE_SECONDS = 0.04  # per row count: enough calls for a stable median, short in total
+LINK_SIZES = (8 << 10, 1 << 20)
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A call's time: ``latency_s`` + bytes x ``seconds_per_byte``."""
+
+    latency_s: float
+    seconds_per_byte: float
+
+    def seconds(self, nbytes: float) -> float:
+        return self.latency_s + nbytes * self.seconds_per_byte
+
+    @classmethod
+    def through(cls, small: tuple[int, float], large: tuple[int, float]) -> Cost:
+        """The line through two (bytes, seconds) points, never below zero."""
+        (b1, t1), (b2, t2) = small, large
+        per_byte = max((t2 - t1) / (b2 - b1), 0.0)
+        return cls(max(t1 - b1 * per_byte, 0.0), per_byte)
+
+
+@dataclass(frozen=True)
+class HostTime:
+    """Host seconds of one decode step of a model family: per decoder layer, and outside them
+    (embedding, final norm, head and the token's choice)."""
+
+    per_layer_s: float
+    outside_layers_s: float
+
+
+@dataclass(frozen=True)
+class Rates:
+    """One engine's rates, alone or with every engine of its host busy at once."""
+
+    seconds_per_weight_byte: dict[int, float]  # rows -> seconds per weight byte through a linear
+    host: dict[str, HostTime] = field(default_factory=dict)  # model_type -> its host times
+
+    def linear_seconds(self, weight_bytes: float, rows: int) -> float:
+        """Time for ``rows`` rows through linears holding ``weight_bytes``: the measured curve,
+        interpolated between row counts; beyond the largest, time grows with the rows (compute)."""
+        curve = sorted((int(r), s) for r, s in self.seconds_per_weight_byte.items())
+        rows = max(rows, 1)
+        if rows >= curve[-1][0]:
+            top, per_byte = curve[-1]
+            return weight_bytes * per_byte * rows / top
+        for (r1, s1), (r2, s2) in zip(curve, curve[1:]):
+            if r1 <= rows <= r2:
+                share = (rows - r1) / (r2 - r1)
+                return weight_bytes * (s1 + share * (s2 - s1))
+        return weight_bytes * curve[0][1]
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        """Bytes of weights a one-row linear streams per second: the memory bandwidth."""
+        return 1.0 / self.linear_seconds(1.0, 1)
+
+    def matmul_flops_per_s(self, element_size: int) -> float:
+        """Multiply-adds x 2 per second at the largest row count measured."""
+        rows = max(int(r) for r in self.seconds_per_weight_byte)
+        return 2 * rows / (element_size * self.linear_seconds(1.0, rows))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What one cluster's engines measured; see the module's docstring."""
+
+    key: str
+    device: str  # "cpu" or the GPU's name
+    threads: int
+    engines_per_host: int
+    transport: str
+    dtype: str
+    alone: Rates
+    together: Rates
+    all_reduce: Cost | None  # None on one engine
+    send: Cost | None
+    measured_at: str = ""
+
+    def rates(self, busy: float) -> Rates:
+        """Rates with ``busy`` engines of a host working at once (1: alone; all: together),
+        each figure interpolated between the two measurements."""
+        n = self.engines_per_host
+        share = 0.0 if n <= 1 else min(max((busy - 1) / (n - 1), 0.0), 1.0)
+
+        def mix(a: float, b: float) -> float:
+            return a + share * (b - a)
+
+        per_byte = {r: mix(s, self.together.seconds_per_weight_byte[r]) for r, s in self.alone.seconds_per_weight_byte.items()}
+        host = {
+            arch: HostTime(mix(h.per_layer_s, self.together.host[arch].per_layer_s),
+                           mix(h.outside_layers_s, self.together.host[arch].outside_layers_s))
+            for arch, h in self.alone.host.items() if arch in self.together.host
+        }
+        return Rates(per_byte, host)
+
+    def has_host_time(self, model_type: str) -> bool:
+        return model_type in self.alone.host and model_type in self.together.host
+
+    def to_json(self) -> str:
+        return json.dumps({"version": VERSION, **asdict(self)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        data = json.loads(text)
+        if data.pop("version", None) != VERSION:
+            raise ValueError("another version")
+
+        def rates(d: dict) -> Rates:
+            return Rates({int(r): s for r, s in d["seconds_per_weight_byte"].items()},
+                         {k: HostTime(**v) for k, v in d["host"].items()})
+
+        return cls(**{**data, "alone": rates(data["alone"]), "together": rates(data["together"]),
+                      "all_reduce": Cost(**data["all_reduce"]) if data["all_reduce"] else None,
+                      "send": Cost(**data["send"]) if data["send"] else None})
+
+    def summary(self) -> str:
+        """One line of the figures that matter most."""
+        a, t = self.alone, self.together
+        e = _element_size(self.dtype)
+        words = [
+            f"{self.device}, {self.threads} thread{'s' if self.threads != 1 else ''}/engine, {self.dtype}: "
+            f"{a.bandwidth_bytes_per_s / 1e9:.1f} GB/s and {a.matmul_flops_per_s(e) / 1e9:.0f} GFLOP/s alone",
+            f"{t.bandwidth_bytes_per_s / 1e9:.1f} GB/s and {t.matmul_flops_per_s(e) / 1e9:.0f} GFLOP/s each "
+            f"with {self.engines_per_host} busy",
+        ]
+        if self.all_reduce is not None:
+            words.append(f"all-reduce {self.all_reduce.seconds(8 << 10) * 1e6:.0f} us at 8 KiB over {self.transport}")
+        for arch, h in sorted(a.host.items()):
+            words.append(f"{arch}: host {h.per_layer_s * 1e3:.2f} ms/layer + {h.outside_layers_s * 1e3:.2f} ms/step")
+        return "; ".join(words)
+
+
+def _element_size(dtype: str) -> int:
+    from ..protocol import ELEMENT_SIZE
+
+    return ELEMENT_SIZE[dtype]
+
+
+# ----------------------------------------------------------------------------- on an engine
+def measure_linear(state=None, *, dtype: str = "float32") -> dict[int, float]:
+    """Seconds per weight byte of ``rows`` rows through WIDTH x WIDTH linears (runs on an engine)."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    e = torch.finfo(torch_dtype).bits // 8
+    device = getattr(state, "device", "cpu")
+    count = max(POOL_BYTES // (WIDTH * WIDTH * e), 2)
+    pool = [torch.randn(WIDTH, WIDTH, device=device).to(torch_dtype) for _ in range(count)]
+    out: dict[int, float] = {}
+    with torch.inference_mode():
+        for rows in ROWS:
+            x = torch.randn(rows, WIDTH, device=device).to(torch_dtype)
+            torch.nn.functional.linear(x, pool[0])  # first touch of this shape's kernel
+            times = []
+            began = time.perf_counter()
+            while time.perf_counter() - began < PROBE_SECONDS or len(times) < 3:
+                start = time.perf_counter()
+                for w in pool:
+                    torch.nn.functional.linear(x, w)
+                _synchronize(device)
+                times.append(time.perf_counter() - start)
+            out[rows] = sorted(times)[len(times) // 2] / (count * WIDTH * WIDTH * e)
+    del pool
+    return out
+
+
+def measure_host(state=None, *, model_type: str, steps: int = 12) -> HostTime:
+    """Host time of a decode step of a tiny ``model_type`` model: per layer (hooks), and the rest."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from ..models.shrink import shrink_config
+
+    config = shrink_config(model_type)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    layers = model.get_decoder().layers
+    stamps: list[float] = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
+        layer.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+    # As an engine's stage calls it (mpbook.models.loading.Stage.forward): a padding mask,
+    # positions, transformers' DynamicCache, the last position's logits.
+    prompt = 8
+    ids = torch.randint(0, config.vocab_size, (1, prompt))
+    cache = DynamicCache(config=config)
+    per_layer, outside = [], []
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=torch.ones(1, prompt, dtype=torch.long),
+                       position_ids=torch.arange(prompt)[None], cache=cache, use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        for step in range(steps):
+            stamps.clear()
+            began = time.perf_counter()
+            length = prompt + step + 1
+            logits = model(input_ids=token, attention_mask=torch.ones(1, length, dtype=torch.long),
+                           position_ids=torch.tensor([[length - 1]]), cache=cache, use_cache=True,
+                           logits_to_keep=1).logits
+            token = logits[:, -1].float().argmax(-1, keepdim=True)
+            token.tolist()  # as a decode step hands its tokens on
+            total = time.perf_counter() - began
+            inside = sum(b - a for a, b in zip(stamps[::2], stamps[1::2]))
+            per_layer.append(inside / len(layers))
+            outside.append(total - inside)
+    return HostTime(_median(per_layer), _median(outside))
+
+
+def measure_links(state) -> dict | None:
+    """All-reduce (back to back) and send/recv costs over this cluster's transport (every rank)."""
+    import torch
+
+    from ..parallel.collectives import Group
+
+    if state.world_size < 2:
+        return None
+    comm = state.mpi
+    group = Group(None, rank=state.rank, size=state.world_size, ranks=list(range(state.world_size)), comm=comm)
+    reduce_points, send_points = [], []
+    for nbytes in LINK_SIZES:
+        tensor = torch.ones(nbytes // 4, device=state.device)
+        times = _timed(lambda: group.all_reduce(tensor), state.device, calls=60)
+        reduce_points.append((nbytes, _median(times)))
+        send_points.append((nbytes, _median(_ping_pong(state, comm, tensor))))
+    return {"all_reduce": Cost.through(*reduce_points), "send": Cost.through(*send_points)}
+
+
+def _ping_pong(state, comm, tensor, calls: int = 40) -> list[float]:
+    """Ranks 0 and 1 pass ``tensor`` back and forth; half a round trip each (others idle)."""
+    import torch.distributed as dist
+
+    if state.rank > 1:
+        return [0.0]
+
+    def send():
+        comm.wait(comm.isend(tensor, 1 - state.rank, 0)) if comm is not None else dist.send(tensor, dst=1 - state.rank)
+
+    def recv():
+        comm.recv(tensor, 1 - state.rank, 0) if comm is not None else dist.recv(tensor, src=1 - state.rank)
+
+    first, second = (send, recv) if state.rank == 0 else (recv, send)
+    return [t / 2 for t in _timed(lambda: (first(), second()), state.device, calls=calls)]
+
+
+def _timed(call, device, *, calls: int, warmup: int = 5) -> list[float]:
+    times = []
+    for i in range(warmup + calls):
+        began = time.perf_counter()
+        call()
+        _synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - began)
+    return times
+
+
+def _synchronize(device) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
+def measure_rates(state, *, dtype: str, model_types: tuple[str, ...]) -> Rates:
+    """This engine's linear curve and host times (every engine measuring at once, or one alone)."""
+    return Rates(measure_linear(state, dtype=dtype), {t: measure_host(state, model_type=t) for t in model_types})
+
+
+# ----------------------------------------------------------------------------- the client
+def cache_path(key: str) -> Path:
+    from ..models.presets import cache_dir
+
+    return cache_dir() / "calibration" / f"{key}.json"
+
+
+def cluster_key(engines, dtype: str) -> tuple[str, dict]:
+    """The cache key of a cluster (and the facts it is made of)."""
+    import re
+
+    import torch
+
+    infos = engines.status()
+    hosts = sorted({i.host for i in infos})
+    per_host = max(sum(1 for i in infos if i.host == h) for h in hosts)
+    first = infos[0]
+    facts = dict(device=first.device_name or first.device, threads=first.threads, engines_per_host=per_host,
+                 transport=first.transport or first.backend, dtype=dtype)
+    words = [*hosts, facts["device"], f"{facts['threads']}t", f"{per_host}e", facts["transport"], dtype,
+             f"torch{torch.__version__}"]
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", "-".join(str(w) for w in words)), facts
+
+
+def kept_calibration(engines, dtype: str) -> Calibration | None:
+    """What :func:`calibrate` measured on this cluster before, or None (nothing is measured)."""
+    try:
+        key, _ = cluster_key(engines, dtype)
+    except Exception:  # noqa: BLE001  a stopped cluster: no speed, the memory plan still stands
+        return None
+    return _read(cache_path(key))
+
+
+def calibrate(engines, *, dtype: str = "float32", model_types=("llama",), again: bool = False,
+              log=None) -> Calibration:
+    """Measure the cluster ``engines`` (a Workbench) once, or read what it measured before.
+
+    ``model_types``: the families whose host time per layer is measured (a few seconds each);
+    a kept calibration without one of them measures only that one and keeps it too.
+    ``again``: measure everything again (the machine changed, or it was busy).
+    """
+    from datetime import datetime, timezone
+
+    from ..options import check_dtype
+
+    if not hasattr(engines, "apply"):
+        raise MpbookError("calibrate() needs a running cluster: give engines=wb (Workbench.start(...))")
+    dtype = check_dtype(dtype)
+    key, facts = cluster_key(engines, dtype)
+    path = cache_path(key)
+    kept = None if again else _read(path)
+    wanted = tuple(dict.fromkeys(model_types))
+    if kept is not None and all(kept.has_host_time(t) for t in wanted):
+        return kept
+    missing = wanted if kept is None else tuple(t for t in wanted if not kept.has_host_time(t))
+    say = log or (lambda _: None)
+    if kept is None:
+        say(f"calibrating {engines.world_size} engines ({facts['device']}, {dtype}): one engine alone, then all at once")
+        alone = engines.apply(measure_rates, dtype=dtype, model_types=missing, ranks=[0], stream=False)[0]
+        together = engines.apply(measure_rates, dtype=dtype, model_types=missing, stream=False)
+        links = engines.apply(measure_links, stream=False)[0]
+        calibration = Calibration(
+            key=key, alone=alone, together=_slowest(together), all_reduce=links and links["all_reduce"],
+            send=links and links["send"], measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **facts)
+    else:
+        say(f"calibrating the host time of {', '.join(missing)}")
+        alone = engines.apply(_host_times, model_types=missing, ranks=[0], stream=False)[0]
+        together = _slowest_host(engines.apply(_host_times, model_types=missing, stream=False))
+        calibration = replace(kept, alone=replace(kept.alone, host={**kept.alone.host, **alone}),
+                              together=replace(kept.together, host={**kept.together.host, **together}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(calibration.to_json())
+    return calibration
+
+
+def _host_times(state, *, model_types) -> dict[str, HostTime]:
+    return {t: measure_host(state, model_type=t) for t in model_types}
+
+
+def _slowest(per_rank: list[Rates]) -> Rates:
+    """The slowest engine's figures: a layout waits for its slowest rank."""
+    per_byte = {r: max(x.seconds_per_weight_byte[r] for x in per_rank) for r in per_rank[0].seconds_per_weight_byte}
+    return Rates(per_byte, _slowest_host([x.host for x in per_rank]))
+
+
+def _slowest_host(per_rank: list[dict[str, HostTime]]) -> dict[str, HostTime]:
+    return {
+        t: HostTime(max(h[t].per_layer_s for h in per_rank), max(h[t].outside_layers_s for h in per_rank))
+        for t in per_rank[0]
+    }
+
+
+def _read(path: Path) -> Calibration | None:
+    try:
+        return Calibration.from_json(path.read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none yet, or an older format: measure

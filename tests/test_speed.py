@@ -1,0 +1,172 @@
+"""The speed model (mpbook.planner.speed) against hand-worked cases, and its calibration on real engines.
+
+The hand-worked cases use the ``tiny`` preset (6 layers of width 64, MLP 128, 8 query heads of 8
+over 4 KV heads, a 394-token vocabulary tied to the head; float32) and a calibration written
+by hand, so every figure below can be checked with a pencil:
+
+- a decoder layer's weights: q 64x64 + k 64x32 + v 64x32 + o 64x64 + gate, up, down 64x128 each
+  + two norms of 64 = 36,992 parameters = 147,968 bytes;
+- the final norm: 256 bytes; the head: 394 x 64 x 4 = 100,864 bytes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import mpbook
+from mpbook.planner.calibration import Calibration, Cost, HostTime, Rates
+
+LAYER_BYTES = 147_968
+NORM_BYTES = 256
+HEAD_BYTES = 100_864
+MS = 1e-3
+
+
+def hand_calibration(*, engines: int = 2, together_factor: float = 1.0) -> Calibration:
+    """1 ns per weight byte at every row count (1 GB/s), 1 ms of host per layer and 2 ms outside
+    them; all-reduce 10 us + 1 ns/byte, send 5 us + 2 ns/byte. ``together_factor`` slows every
+    figure by that much when every engine is busy."""
+    def rates(f: float) -> Rates:
+        return Rates({1: 1e-9 * f, 512: 1e-9 * f}, {"llama": HostTime(1 * MS * f, 2 * MS * f)})
+
+    return Calibration(key="hand", device="cpu", threads=1, engines_per_host=engines, transport="mpi", dtype="float32",
+                       alone=rates(1.0), together=rates(together_factor), all_reduce=Cost(10e-6, 1e-9),
+                       send=Cost(5e-6, 2e-9))
+
+
+def planned(engines: int = 1, calibration=None, **layout):
+    return mpbook.plan("tiny", **layout, batch=layout.pop("batch", 1) if "batch" in layout else 1, prompt_len=10,
+                       max_new_tokens=11, device_memory_bytes=1 << 30, suggestions=False,
+                       calibration=calibration or hand_calibration(engines=engines))
+
+
+def test_one_device_decode_step_by_hand():
+    p = planned(1)
+    (rank,) = p.speed.ranks
+    weights = 6 * LAYER_BYTES + NORM_BYTES + HEAD_BYTES  # the tied head reads the embedding's matrix
+    assert rank.work.weight_bytes == weights
+    # KV cache: 2 x 6 layers x 1 row x 4 KV heads x 8 x 4 bytes per position, at the decode's mean
+    # length (10 prompt + 10/2) = 15 positions.
+    assert rank.work.kv_bytes == pytest.approx(2 * 6 * 4 * 8 * 4 * 15)
+    assert rank.parts["weights"] == pytest.approx(weights * 1e-9)
+    assert rank.parts["kv cache"] == pytest.approx(2 * 6 * 4 * 8 * 4 * 15 * 1e-9)
+    assert rank.parts["host"] == pytest.approx(6 * MS + 2 * MS)
+    assert rank.parts["collectives"] == rank.parts["sends"] == 0
+    step = weights * 1e-9 + 2 * 6 * 4 * 8 * 4 * 15 * 1e-9 + 8 * MS
+    assert p.speed.decode_tokens_per_s == pytest.approx(1 / step)
+    assert p.speed.bound == "host-bound"
+    # The prefill: 10 tokens are 10 rows through the same weights, then the same host time.
+    assert p.speed.prefill_s == pytest.approx(weights * 1e-9 + 8 * MS)
+    assert p.speed.prefill_tokens_per_s == pytest.approx(10 / (weights * 1e-9 + 8 * MS))
+
+
+def test_tensor_parallel_collectives_by_hand():
+    p = mpbook.plan("tiny", tp=2, batch=4, prompt_len=10, max_new_tokens=11, device_memory_bytes=1 << 30,
+                    suggestions=False, calibration=hand_calibration())
+    for rank in p.speed.ranks:
+        w = rank.work
+        # o_proj and down_proj are row-split: one all-reduce each per layer, of 4 rows x 64 x 4
+        # bytes; and the vocabulary-split embedding sums its rows once.
+        assert (w.all_reduces, w.all_reduce_bytes) == (2 * 6 + 1, 4 * 64 * 4)
+        # The vocabulary-split head's logits are gathered once a step, in float32.
+        assert (w.gathers, w.gather_bytes) == (1, 4 * 394 * 4)
+        assert rank.parts["collectives"] == pytest.approx(13 * (10e-6 + 1024e-9) + (10e-6 + 4 * 394 * 4 * 1e-9))
+        # Half of each layer's split projections and of the head; norms whole.
+        assert w.weight_bytes == pytest.approx(6 * (LAYER_BYTES - 512) / 2 + 6 * 512 + NORM_BYTES + HEAD_BYTES / 2)
+    step = p.speed.ranks[0].step_s
+    assert p.speed.decode_tokens_per_s == pytest.approx(4 / step)
+
+
+def test_pipeline_round_is_the_longer_of_the_way_round_and_the_slowest_stage_m_times():
+    cal = hand_calibration()
+    for m in (1, 2, 4):
+        p = mpbook.plan("tiny", pp=2, batch=4, prompt_len=10, max_new_tokens=11, microbatches=m,
+                        device_memory_bytes=1 << 30, suggestions=False, calibration=cal)
+        first, last = p.speed.ranks
+        assert first.work.layers == last.work.layers == 3
+        assert first.parts["host"] == pytest.approx(3 * MS)
+        assert last.parts["host"] == pytest.approx(3 * MS + 2 * MS)  # the head and the token's choice
+        # Stage 0 sends its micro-batch's activation (rows x 64 x 4 bytes); the last, the tokens back.
+        rows = 4 // m
+        assert first.parts["sends"] == pytest.approx(5e-6 + rows * 64 * 4 * 2e-9)
+        assert last.parts["sends"] == pytest.approx(5e-6 + rows * 8 * 2e-9)
+        way_round = first.step_s + last.step_s
+        round_s = max(way_round, m * last.step_s)
+        assert p.speed.decode_round_s == [pytest.approx(round_s)]
+        assert p.speed.decode_tokens_per_s == pytest.approx(4 / round_s)
+        assert p.speed.bubble == pytest.approx(1 - m * way_round / (2 * round_s))
+    # One micro-batch: each stage idles while the other works, about half the time.
+    one = mpbook.plan("tiny", pp=2, batch=4, prompt_len=10, max_new_tokens=11, microbatches=1,
+                      device_memory_bytes=1 << 30, suggestions=False, calibration=cal)
+    assert 0.4 < one.speed.bubble < 0.6
+
+
+def test_engines_busy_together_take_the_together_rates():
+    """Two engines that slow each other down 2x when both work: data parallel on both pays it;
+    a one-micro-batch pipeline (one stage busy at a time) mostly does not."""
+    cal = hand_calibration(together_factor=2.0)
+    alone = planned(1, cal)
+    data = mpbook.plan("tiny", dp=2, batch=2, prompt_len=10, max_new_tokens=11, device_memory_bytes=1 << 30,
+                       suggestions=False, calibration=cal)
+    assert data.speed.busy_engines == 2
+    assert data.speed.ranks[0].step_s == pytest.approx(2 * alone.speed.ranks[0].step_s)
+    assert data.speed.decode_tokens_per_s == pytest.approx(2 * 1 / (2 * alone.speed.ranks[0].step_s))
+    pipeline = mpbook.plan("tiny", pp=2, batch=2, prompt_len=10, max_new_tokens=11, microbatches=1,
+                           device_memory_bytes=1 << 30, suggestions=False, calibration=cal)
+    assert 1.0 <= pipeline.speed.busy_engines < 1.2
+
+
+def test_rates_interpolate_between_alone_and_together_and_between_row_counts():
+    cal = hand_calibration(together_factor=3.0)
+    assert cal.rates(1).seconds_per_weight_byte[1] == pytest.approx(1e-9)
+    assert cal.rates(2).seconds_per_weight_byte[1] == pytest.approx(3e-9)
+    assert cal.rates(1.5).host["llama"].per_layer_s == pytest.approx(2 * MS)
+    rates = Rates({1: 1.0, 3: 3.0}, {})
+    assert rates.linear_seconds(2.0, 2) == pytest.approx(4.0)  # halfway between 1 and 3 rows
+    assert rates.linear_seconds(1.0, 6) == pytest.approx(6.0)  # beyond the curve: time grows with the rows
+    assert Cost.through((1000, 2e-6), (3000, 4e-6)) == Cost(pytest.approx(1e-6), pytest.approx(1e-9))
+
+
+def test_calibration_survives_its_file():
+    cal = hand_calibration()
+    assert Calibration.from_json(cal.to_json()) == cal
+
+
+def test_the_plan_shows_its_speed_arithmetic():
+    p = planned(1)
+    text = str(p)
+    assert "Speed: predicted decode" in text and "host-bound" in text
+    assert "rank 0 (stage 0, 6 layers, 1 rows)" in text
+    assert "Speed" in p._repr_html_()
+    assert mpbook.plan("tiny", batch=1, prompt_len=10, max_new_tokens=11, suggestions=False,
+                       device_memory_bytes=1 << 30).speed is None
+
+
+def test_calibration_on_real_engines(workbench):
+    """Measured once on the engines, kept, and what plan() uses for that cluster from then on."""
+    began = time.perf_counter()
+    cal = mpbook.calibrate(workbench)
+    first = time.perf_counter() - began
+    assert cal.engines_per_host == 2 and cal.threads >= 1 and cal.transport in ("mpi", "gloo")
+    assert 1e8 < cal.alone.bandwidth_bytes_per_s < 1e13
+    assert cal.alone.host["llama"].per_layer_s > 0 and cal.all_reduce.latency_s > 0
+    began = time.perf_counter()
+    assert mpbook.calibrate(workbench) == cal  # kept: nothing measured again
+    assert time.perf_counter() - began < first / 5
+    p = mpbook.plan("tiny", tp=2, batch=2, prompt_len=8, max_new_tokens=8, engines=workbench, suggestions=False)
+    assert p.speed is not None and p.speed.calibration == cal
+
+
+def test_predicted_collectives_are_the_ones_the_engines_make(workbench):
+    """What the speed model counts per decode step is what the engines count."""
+    prompts = ["one two three", "four five six"]
+    result = workbench.generate(prompts, strategy="tensor", model="tiny", max_new_tokens=6, ignore_eos=True,
+                                chat=False)
+    p = mpbook.plan("tiny", tp=2, batch=2, prompt_len=max(result.prompt_tokens), max_new_tokens=6,
+                    device_memory_bytes=1 << 30, suggestions=False, calibration=hand_calibration())
+    forwards = 6  # the prefill and 5 decode steps, each one forward through every layer
+    for rank, counted in zip(p.speed.ranks, result.collectives):
+        assert counted.get("all_reduce", 0) == forwards * rank.work.all_reduces
+        assert counted.get("all_gather", 0) == forwards * rank.work.gathers
