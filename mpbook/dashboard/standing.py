@@ -17,6 +17,7 @@ import logging
 import time
 
 from ..engine import state as engine_state
+from ..options import DEFAULT_PERIOD_S
 from .live import Dashboard
 
 log = logging.getLogger("mpbook.dashboard")
@@ -26,7 +27,7 @@ class Standing:
     """Polls from an asyncio task on the kernel's event loop, so it never blocks the kernel:
     each await gives the loop back, and the kernel keeps serving cells and comms."""
 
-    def __init__(self, workbench, dashboard: Dashboard, *, period_s: float = 1.0, timeout_s: float = 5.0):
+    def __init__(self, workbench, dashboard: Dashboard, *, period_s: float = DEFAULT_PERIOD_S, timeout_s: float = 5.0):
         self.workbench = workbench
         self.dashboard = dashboard
         self.period_s = period_s
@@ -108,6 +109,6 @@ class Standing:
         self._end()
 
 
-def stand(workbench, *, period_s: float = 1.0, mode: str = "auto") -> Standing:
+def stand(workbench, *, period_s: float = DEFAULT_PERIOD_S, mode: str = "auto") -> Standing:
     """Show a dashboard that follows every call and refreshes between them."""
     return Standing(workbench, Dashboard(workbench, mode=mode), period_s=period_s).start()
