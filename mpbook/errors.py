@@ -6,6 +6,7 @@ failed rank is kept on the exception and rendered by IPython through ``_render_t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -76,14 +77,17 @@ class RankError(MpbookError):
 class EngineDiedError(RankError):
     """An engine process ended (killed, crashed, out of memory) while it had work to do."""
 
-    def __init__(self, dead: dict[int, int | None], *, what: str = "the cell", earlier: bool = False):
+    def __init__(self, dead: dict[int, int | None], *, what: str = "the cell", earlier: bool = False,
+                 hosts: Sequence[str] = ()):
         # dead: rank -> pid of its engine (None where mpbook does not know it); earlier: it
-        # died before this call (found when checking the cluster), not while running it.
+        # died before this call (found when checking the cluster), not while running it;
+        # hosts: every rank's host, by rank: named when the engines are on several.
+        where = dict(enumerate(hosts)) if len(set(hosts)) > 1 else {}
         failures = [
-            RankFailure(rank, "EngineDied", f"the engine{f' (pid {pid})' if pid else ''} died", [])
+            RankFailure(rank, "EngineDied", f"the engine{_engine(pid, where.get(rank))} died", [])
             for rank, pid in dead.items()
         ]
-        who = ", ".join(f"rank {rank}{f' (pid {pid})' if pid else ''}" for rank, pid in sorted(dead.items()))
+        who = ", ".join(f"rank {rank}{_engine(pid, where.get(rank))}" for rank, pid in sorted(dead.items()))
         restart = "run `%mp restart` (or Workbench.restart()) to bring the cluster back"
         if earlier:
             message = f"{who} {'has' if len(dead) == 1 else 'have'} died; {restart} before {what}"
@@ -116,6 +120,11 @@ class CollectiveError(RankError):
         super().__init__(failures, what=what, message="; ".join(parts))
         self.collective_ranks = list(collective)
         self.rebuilt = rebuilt is None
+
+
+def _engine(pid: int | None, host: str | None) -> str:
+    """`` (pid 123) on hostb``: what is known of a dead engine."""
+    return (f" (pid {pid})" if pid else "") + (f" on {host}" if host else "")
 
 
 def _ranks(ranks: list[int]) -> str:

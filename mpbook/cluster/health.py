@@ -56,11 +56,13 @@ class EngineWatch:
     engines, so its death is reported too.
     """
 
-    def __init__(self, client, engine_ids: Sequence[int], pids: Sequence[int | None], controller_pid: int | None = None):
+    def __init__(self, client, engine_ids: Sequence[int], pids: Sequence[int | None], controller_pid: int | None = None,
+                 hosts: Sequence[str] = ()):
         self.client = client
         self.engine_ids = list(engine_ids)  # by rank
         self.pids = list(pids)  # by rank; None where the process is not local
         self.controller_pid = controller_pid
+        self.hosts = list(hosts)  # by rank, for the error that names a dead engine
 
     def dead(self, ranks: Sequence[int]) -> dict[int, int | None]:
         """rank -> engine pid, for each of ``ranks`` whose engine has died."""

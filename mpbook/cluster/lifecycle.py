@@ -405,7 +405,8 @@ class Cluster:
         by_rank = {info.rank: info.pid for info in self.engines if info.host == here}
         pids = [by_rank.get(rank) if self.owned else None for rank in self.ranks]
         controller = self.pids()["controller"]
-        return EngineWatch(self.client, self._engine_ids, pids, controller[0] if controller else None)
+        hosts = [info.host for info in sorted(self.engines, key=lambda info: info.rank)]
+        return EngineWatch(self.client, self._engine_ids, pids, controller[0] if controller else None, hosts=hosts)
 
     def check_running(self, what: str) -> None:
         """Raise a clear error when the cluster cannot take work: stopped, or a process died."""
@@ -419,7 +420,7 @@ class Cluster:
             )
         dead = watch.dead(self.ranks)
         if dead:
-            raise EngineDiedError(dead, what=what, earlier=True)
+            raise EngineDiedError(dead, what=what, earlier=True, hosts=watch.hosts)
 
     def interrupt(self, ranks: Sequence[int] | None = None) -> None:
         """Send SIGINT to the engines of ``ranks`` (all by default): a KeyboardInterrupt there."""
