@@ -14,6 +14,7 @@ from typing import Any
 
 from ..layout import Layout, Mesh
 from ..protocol import EngineInfo, Rendezvous
+from .disconnect import close_connections_to, close_connections_to_hosts
 from .telemetry import Telemetry
 
 STATE_NAME = "_mpbook"
@@ -30,7 +31,6 @@ class EngineState:
     backend: str
     timeout_s: float
     rendezvous: Rendezvous | None = None
-    mesh: Mesh | None = None
     cache: dict[str, Any] = field(default_factory=dict)  # models and other per-engine state kept between cells
     peer_pids: list[int] = field(default_factory=list)  # the other engines of the group on this host
     peer_addresses: list[str] = field(default_factory=list)  # those of the group's engines on other hosts
@@ -44,6 +44,12 @@ class EngineState:
     def transport(self) -> str:
         """What mpbook's collectives between this engine and the others travel over."""
         return "mpi" if self.mpi is not None else self.backend
+
+    @property
+    def mesh(self) -> Mesh:
+        """The mesh of every rank as one data-parallel dim (a ``%%mp run`` cell's ``mesh``),
+        kept with the meshes of the other layouts (:func:`engine_mesh`)."""
+        return engine_mesh(self, Layout(dp=self.world_size))
 
 
 def engine_mesh(state: EngineState, layout: Layout) -> Mesh:
@@ -100,62 +106,6 @@ def call(fn, /, *args, **kwargs):
         # would not notice this rank leave.
         abort_group(found)
         raise KeyboardInterrupt
-
-
-def close_connections_to(pids) -> int:
-    """Shut down this process's TCP connections to the processes ``pids`` (engines on this
-    host); returns how many. The sockets stay open until their owner closes them; only the
-    stream is ended, which the peer sees at once."""
-    import psutil
-
-    ports = set()
-    for pid in pids:
-        try:
-            ports.update(c.laddr for c in psutil.Process(pid).net_connections("tcp") if c.laddr)
-        except psutil.Error:
-            continue
-    closed = 0
-    for conn in psutil.Process().net_connections("tcp"):
-        if conn.raddr and conn.raddr in ports and conn.fd >= 0:
-            closed += _shut_down(conn.fd)
-    return closed
-
-
-def _shut_down(fd: int) -> int:
-    """End the TCP stream on ``fd`` (a duplicate is shut down and closed; the owner's socket
-    stays open, the peer sees the end at once); 1 if done, 0 if it was gone already."""
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-        sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
-        return 1
-    except OSError:
-        return 0
-
-
-def close_connections_to_hosts(addresses, state: EngineState) -> int:
-    """Shut down this process's TCP connections to ``addresses`` (the engines on other
-    hosts, whose sockets this host cannot list), except those to the controller's channels
-    and the rendezvous store; returns how many. Nothing is closed when the controller's
-    ports are unknown: its channels share an address with the peers on its host."""
-    import psutil
-
-    from ..compat.ipyparallel import controller_ports
-
-    controller = controller_ports()
-    if not controller:
-        return 0
-    rdzv = state.rendezvous
-    store = {(rdzv.host, rdzv.port)} if rdzv is not None and rdzv.kind == "tcp" else set()
-    closed = 0
-    wanted = set(addresses)
-    for conn in psutil.Process().net_connections("tcp"):
-        if not conn.raddr or conn.raddr.ip not in wanted or conn.fd < 0:
-            continue
-        if conn.raddr.port in controller or (conn.raddr.ip, conn.raddr.port) in store or (conn.laddr.ip, conn.laddr.port) in store:
-            continue
-        closed += _shut_down(conn.fd)
-    return closed
 
 
 def telemetry_snapshot() -> dict[str, Any]:
@@ -241,26 +191,55 @@ def setup(
     fresh communicator split from it (every engine of the world takes part).
     ``toward``: engines on several hosts: the address they share; gloo and NCCL keep to the
     interface of this host's route to it."""
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
     from . import publish
 
     ns = _namespace()
     previous = ns.get(STATE_NAME)
     if previous is not None:  # set up again on the same engine (a restart of an attached cluster)
         publish.uninstall(previous.publisher)
+    device, backend = _pin_device(use_gpu=use_gpu, local_rank=local_rank, threads=threads)
+    _keep_to_interface(rendezvous, toward)
+    peers = _join_group(rendezvous, rank=rank, world_size=world_size, timeout_s=timeout_s, backend=backend,
+                        device=device if use_gpu else None, toward=toward, ns=ns)
+    comm = None
+    if mpi:
+        from ..parallel import mpi as mpi_transport
+
+        comm = mpi_transport.world(rank, timeout_s=timeout_s)
+
+    state = EngineState(
+        rank=rank, world_size=world_size, local_rank=local_rank, engine_id=engine_id, device=device,
+        backend=backend, timeout_s=timeout_s, rendezvous=rendezvous, telemetry=Telemetry(rank, device),
+        peer_pids=[int(pid) for host, pid, _ in peers if host == hostname()],
+        peer_addresses=sorted({address for host, _, address in peers if host != hostname()}),
+        mpi=comm,
+    )
+    kept = ns.pop(KEPT_RUNNER, None)
+    if kept is not None and kept[:2] == (rank, world_size):
+        state.cache["runner"], state.telemetry = kept[2], kept[3]
+    state.publisher = publish.install(state)
+    _abort_after_interrupted_cells(state)
+    ns[STATE_NAME] = state
+    _bind_cell_names(ns, state)
+    return describe(state)
+
+
+def _pin_device(*, use_gpu: bool, local_rank: int, threads: int | None):
+    """This engine's device and the process group's backend: the GPU of its local rank
+    (NCCL), or the CPU (gloo) with ``threads`` intra-op threads."""
+    import torch
+
     if threads:
         torch.set_num_threads(threads)
     if use_gpu:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
+        return device, "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def _keep_to_interface(rendezvous: Rendezvous, toward: str | None) -> None:
+    """The one interface gloo and NCCL may use."""
     if rendezvous.kind == "file":
         # Ranks on one host talk over loopback only; nothing is reachable from outside.
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -272,6 +251,16 @@ def setup(
         interface = interface_of(group_address(toward))
         os.environ["GLOO_SOCKET_IFNAME"] = interface
         os.environ["NCCL_SOCKET_IFNAME"] = interface
+
+
+def _join_group(rendezvous: Rendezvous, *, rank: int, world_size: int, timeout_s: float, backend: str,
+                device, toward: str | None, ns: dict) -> list[list[str]]:
+    """Form the process group (a group left from before is destroyed first); returns the
+    other ranks' (host, pid, address) as they left them in the store. ``device``: the GPU
+    the group is bound to, None on a CPU."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -293,42 +282,22 @@ def setup(
         rank=rank,
         world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
-        device_id=device if use_gpu else None,
+        device_id=device,
     )
-    peers = [store.get(f"mpbook/pid/{other}").decode().split() for other in range(world_size) if other != rank]
-    comm = None
-    if mpi:
-        from ..parallel import mpi as mpi_transport
+    return [store.get(f"mpbook/pid/{other}").decode().split() for other in range(world_size) if other != rank]
 
-        comm = mpi_transport.world(rank, timeout_s=timeout_s)
 
-    state = EngineState(
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-        engine_id=engine_id,
-        device=device,
-        backend=backend,
-        timeout_s=timeout_s,
-        rendezvous=rendezvous,
-        mesh=Mesh(Layout(dp=world_size), rank, device.type, world=comm),
-        telemetry=Telemetry(rank, device),
-        peer_pids=[int(pid) for host, pid, _ in peers if host == hostname()],
-        peer_addresses=sorted({address for host, _, address in peers if host != hostname()}),
-        mpi=comm,
-    )
-    kept = ns.pop(KEPT_RUNNER, None)
-    if kept is not None and kept[:2] == (rank, world_size):
-        state.cache["runner"], state.telemetry = kept[2], kept[3]
-    state.publisher = publish.install(state)
-    _abort_after_interrupted_cells(state)
-    ns[STATE_NAME] = state
-    # The names a `%%mp run` cell can use directly.
+def _bind_cell_names(ns: dict, state: EngineState) -> None:
+    """The names a `%%mp run` cell can use directly."""
+    import torch
+    import torch.distributed as dist
+
+    comm = state.mpi
     ns.update(
-        rank=rank, world_size=world_size, device=device, mesh=state.mesh, telemetry=state.telemetry, torch=torch, dist=dist,
+        rank=state.rank, world_size=state.world_size, device=state.device, mesh=state.mesh,
+        telemetry=state.telemetry, torch=torch, dist=dist,
         comm=comm.comm if comm is not None else None,  # the mpi4py communicator, ranked as mpbook ranks
     )
-    return describe(state)
 
 
 def describe(state: EngineState) -> EngineInfo:
@@ -406,7 +375,7 @@ def abort_group(state: EngineState | None = None) -> None:
         # collective with this rank fails now instead of after the timeout.
         close_connections_to(state.peer_pids)
         if state.peer_addresses:
-            close_connections_to_hosts(state.peer_addresses, state)
+            close_connections_to_hosts(state.peer_addresses, state.rendezvous)
 
 
 def teardown(state: EngineState | None = None, *, keep_model: bool = False) -> None:
