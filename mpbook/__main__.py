@@ -52,6 +52,11 @@ def bench(args: argparse.Namespace) -> int:
             links = wb.measure_links()
             print(format_links(links))
         payload = [link.__dict__ for link in links]
+    elif args.predict:
+        from .bench_predict import bench_predict
+
+        payload = bench_predict(models=args.model.split(","), engines=args.n, cpu=args.cpu, batch=args.batch,
+                                new_tokens=args.new_tokens, dtype=args.dtype, repeats=args.repeats)
     elif args.collectives:
         from . import bench_transports
 
@@ -164,6 +169,9 @@ def _bench_kind_options(b: argparse.ArgumentParser) -> None:
                    help="transformers' own data, tensor (DistributedConfig(tp_size=N)) and pipeline (pp_size=N) "
                         "forms on the same engines, interleaved with mpbook's, in one table")
     b.add_argument("--cluster", action="store_true", help="measure cluster start-up and the %%%%mp run round trip")
+    b.add_argument("--predict", action="store_true",
+                   help="calibrate the engines, then every layout of --model (comma-separated models) that fits: "
+                        "predicted against measured decode tok/s (mpbook.plan's speed model)")
     b.add_argument("--collectives", action="store_true",
                    help="all-reduce (4 KiB-4 MiB) and send/recv latency per transport (gloo, MPI), median and p90")
     b.add_argument("--links", action="store_true",

@@ -10,8 +10,8 @@ the chosen layout on the cluster under the live dashboard; each run adds a row t
 (predicted against measured tokens/s, memory per rank, the measured decode step by part) and
 two points to the plot (tokens/s against memory per rank, predicted hollow, measured filled).
 
-``explorer.table`` is the rows as data: a pandas DataFrame when pandas is installed, else a
-list of dicts. ``explorer.set(tp=2, batch=4)`` moves the controls from code, ``explorer.run()``
+``explorer.table`` is the rows as data, a list of dicts (``pandas.DataFrame(explorer.table)``
+makes a frame of them). ``explorer.set(tp=2, batch=4)`` moves the controls from code, ``explorer.run()``
 presses Run.
 """
 
@@ -95,7 +95,7 @@ class Explorer:
         self.status.value = f"<span class='mpbook-explore-running'>running {html.escape(str(layout))} ...</span>"
         try:
             result = self.engines.generate(
-                [choice["prompt"]] * choice["batch"], strategy=_strategy(layout), model=self.model, **_dims(layout),
+                [choice["prompt"]] * choice["batch"], strategy=layout.strategy, model=self.model, **_dims(layout),
                 microbatches=predicted.workload.microbatches, dtype=choice["dtype"],
                 max_new_tokens=choice["new_tokens"], chat=False, ignore_eos=True, dashboard=self.dashboard)
         finally:
@@ -107,13 +107,9 @@ class Explorer:
         return result
 
     @property
-    def table(self):
-        """Every run so far: a pandas DataFrame when pandas is installed, else a list of dicts."""
-        try:
-            import pandas
-        except ImportError:
-            return [dict(r) for r in self.rows]
-        return pandas.DataFrame(self.rows)
+    def table(self) -> list[dict[str, Any]]:
+        """Every run so far, one dict per run (``pandas.DataFrame(explorer.table)`` makes a frame)."""
+        return [dict(r) for r in self.rows]
 
     def choice(self) -> dict[str, Any]:
         return {name: control.value for name, control in self.controls.items()}
@@ -242,10 +238,12 @@ class Explorer:
 
     def _prompt_length(self, prompt: str) -> int:
         if prompt not in self._prompt_lengths:
-            from .bench_peers import encode
+            from .models import load_tokenizer
+            from .session.prompts import encode_prompts
 
-            ids, _ = encode(self.model, [prompt or " "], chat=False)
-            self._prompt_lengths[prompt] = max(len(ids[0]), 1)
+            # As a run encodes its prompts (the text as it is: explore's runs send no chat template).
+            encoded = encode_prompts(load_tokenizer(self.model), [prompt or " "], chat=False)
+            self._prompt_lengths[prompt] = max(len(encoded.input_ids[0]), 1)
         return self._prompt_lengths[prompt]
 
     def _calibration(self, dtype: str):
@@ -293,14 +291,6 @@ class Explorer:
 
 def _dims(layout: Layout) -> dict[str, int]:
     return {d: getattr(layout, d) for d in DIMS}
-
-
-def _strategy(layout: Layout) -> str:
-    """The strategy word a run takes for a layout (its other degrees go as dp=, tp= ...)."""
-    for strategy, dim in (("pipeline", "pp"), ("expert", "ep"), ("tensor", "tp"), ("data", "dp")):
-        if getattr(layout, dim) > 1:
-            return strategy
-    return "data"
 
 
 def _left_out(config, world: int, offered: dict[str, list[int]]) -> str:

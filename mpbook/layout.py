@@ -50,6 +50,15 @@ class Layout:
         return self.dp * self.pp * self.ep * self.tp
 
     @property
+    def strategy(self) -> str:
+        """The strategy a run of this layout names (its other degrees go as dp=, tp= ...):
+        the pipeline when there are stages, else experts, tensor, data."""
+        for strategy in ("pipeline", "expert", "tensor", "data"):
+            if getattr(self, OWN_DIM[strategy]) > 1:
+                return strategy
+        return "data"
+
+    @property
     def shape(self) -> tuple[int, int, int, int]:
         return (self.dp, self.pp, self.ep, self.tp)
 
@@ -157,3 +166,15 @@ class Mesh:
     def __repr__(self) -> str:
         c = self.coords
         return f"Mesh({self.layout}, rank={self.rank}: dp={c.dp} pp={c.pp} ep={c.ep} tp={c.tp})"
+
+
+def ranks_by_host(hosts) -> list[tuple[str, list[int]]]:
+    """(host, ranks) in rank order, one entry per run of ranks on one host (``hosts`` by rank).
+    Ranks are grouped by host (:func:`mpbook.cluster.hosts.rank_order`), so each host is one run."""
+    groups: list[tuple[str, list[int]]] = []
+    for rank, host in enumerate(hosts):
+        if groups and groups[-1][0] == host:
+            groups[-1][1].append(rank)
+        else:
+            groups.append((host, [rank]))
+    return groups

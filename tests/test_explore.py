@@ -59,9 +59,7 @@ def test_a_run_adds_a_row_with_prediction_and_measurement(explorer):
     assert set(row["measured_step_ms"]) >= {"compute", "collectives", "host"}
     assert str(result.layout) in explorer.table_view.value
     assert bytes(explorer.plot_view.value).startswith(b"\x89PNG")
-    table = explorer.table
-    rows = table.to_dict("records") if hasattr(table, "to_dict") else table
-    assert rows[-1]["layout"] == str(result.layout)
+    assert explorer.table[-1]["layout"] == str(result.layout)
 
 
 def test_an_invalid_choice_disables_run_with_the_reason(explorer):

@@ -22,6 +22,7 @@ EXPECTED = [
     "03_tensor_parallel",
     "04_compare_strategies",
     "05_planning",
+    "06_explore",
 ]
 CELL_TIMEOUT_S = 240  # one cell; the slowest takes seconds on 2 shared cores
 

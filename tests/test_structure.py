@@ -205,8 +205,8 @@ def test_engine_side_never_imports_the_client_side():
 # plots, results, soak) is the bottom layer, shared by both sides.
 LAYERS = {
     "mpbook": 5, "mpbook.__main__": 5, "mpbook.bench": 5, "mpbook.bench_transports": 5, "mpbook.bench_peers": 5,
-    "mpbook.reference": 5, "mpbook.conformance": 5,
-    "mpbook.magics": 4,
+    "mpbook.reference": 5, "mpbook.conformance": 5, "mpbook.bench_predict": 5,
+    "mpbook.magics": 4, "mpbook.explorer": 4,
     "mpbook.workbench": 3,
     "mpbook.session": 2, "mpbook.dashboard": 2,
     "mpbook.cluster": 1, "mpbook.planner": 1,
