@@ -3,6 +3,9 @@
 Each function returns a :class:`matplotlib.figure.Figure` made without pyplot, so nothing is
 left in pyplot's global list of figures (no leak, no duplicate display); a notebook shows the
 returned figure, a script saves it with ``fig.savefig(path)``.
+
+Engines on several hosts: each figure of ranks groups them by host, with the host's name
+under (or beside) its ranks and a dotted line between hosts; on one host nothing is added.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from .layout import ranks_by_host
 from .protocol import MEMORY_PARTS, Event
 
 GIB = 1024**3
@@ -50,6 +54,53 @@ def _by_rank(per_rank: Mapping[int, Any] | Sequence[Mapping[str, Any]]) -> dict[
     return {int(item["rank"]): item for item in per_rank}
 
 
+# --------------------------------------------------------------------------- hosts
+def _hosts(source: Any, by_rank: Mapping[int, Any] | None, hosts: Sequence[str] | None) -> dict[int, str]:
+    """Each rank's host: ``hosts`` (by rank) when given, else a result's, else the snapshots' own."""
+    if hosts is not None:
+        return dict(enumerate(hosts))
+    if _is_result(source):
+        return dict(enumerate(getattr(source, "hosts", None) or []))
+    return {r: v.get("host", "") for r, v in (by_rank or {}).items() if isinstance(v, Mapping)}
+
+
+def _host_groups(order: Sequence[int], hosts: Mapping[int, str]) -> list[tuple[str, list[int]]]:
+    """The ranks of ``order`` in runs by host, when they are on several hosts; else []."""
+    runs = ranks_by_host([hosts.get(r, "") for r in order])
+    if len({host for host, _ in runs}) < 2:
+        return []
+    return [(host, [order[i] for i in positions]) for host, positions in runs]
+
+
+def _mark_hosts_on_x(ax, groups: list[tuple[str, list[int]]]) -> None:
+    """A bar chart by rank: each host's name under its ranks' labels, a dotted line between hosts."""
+    if not groups:
+        return
+    for (_, before), (_, after) in zip(groups, groups[1:]):
+        ax.axvline((before[-1] + after[0]) / 2, color="#999999", linewidth=0.8, linestyle=":")
+    names = ax.secondary_xaxis("bottom")
+    names.set_xticks([(ranks[0] + ranks[-1]) / 2 for _, ranks in groups], [host for host, _ in groups],
+                     fontweight="bold")
+    names.tick_params(length=0, pad=18)  # below the ranks' own labels
+    names.spines["bottom"].set_visible(False)
+
+
+def _mark_hosts_on_rows(ax, groups: list[tuple[str, list[int]]]) -> None:
+    """A chart with one row per position (top to bottom): each host's name beside its rows."""
+    if not groups:
+        return
+    starts = [0]
+    for _, rows in groups:
+        starts.append(starts[-1] + len(rows))
+    for start in starts[1:-1]:
+        ax.axhline(start - 0.5, color="#999999", linewidth=0.8, linestyle=":")
+    names = ax.secondary_yaxis("right")
+    names.set_yticks([(a + b - 1) / 2 for a, b in zip(starts, starts[1:])], [host for host, _ in groups],
+                     fontweight="bold")
+    names.tick_params(length=0)
+    names.spines["right"].set_visible(False)
+
+
 # --------------------------------------------------------------------------- memory
 def plot_memory(
     per_rank: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
@@ -57,6 +108,7 @@ def plot_memory(
     ax=None,
     title: str = "memory per rank",
     unit: str | None = None,
+    hosts: Sequence[str] | None = None,
 ) -> Figure:
     """Memory per rank, stacked into weights, KV cache and activations where known.
 
@@ -67,6 +119,7 @@ def plot_memory(
     ``ax``: draw into this Axes (e.g. one panel per layout of a comparison) and return its figure.
     ``unit``: "GiB", "MiB", "KiB" or "bytes" (default: the largest that the largest bar reaches;
     give one to panels that share an axis).
+    ``hosts``: each rank's host (default: the result's, or the snapshots' own).
     """
     ranks = _memory_of_result(per_rank) if _is_result(per_rank) else _by_rank(per_rank)
     if not ranks:
@@ -110,6 +163,7 @@ def plot_memory(
     if peaks:
         ax.scatter([r for r, _ in peaks], [p for _, p in peaks], marker="_", s=400, color="#d62728", label="peak", zorder=3)
     ax.set_xticks(order, [f"rank {r}" for r in order])
+    _mark_hosts_on_x(ax, _host_groups(order, _hosts(per_rank, ranks, hosts)))
     ax.set_ylabel(unit)
     ax.set_title(title)
     if drawn or peaks:
@@ -222,7 +276,7 @@ def _timeline_phrase(events: Sequence[Event]) -> str:
     return " and ".join(parts)
 
 
-def plot_timeline(run: Any, phase: str | None = None) -> Figure:
+def plot_timeline(run: Any, phase: str | None = None, *, hosts: Sequence[str] | None = None) -> Figure:
     """The pipeline as a Gantt chart: one row per rank (its stage), one bar per micro-batch
     and step, coloured by micro-batch.
 
@@ -231,7 +285,8 @@ def plot_timeline(run: Any, phase: str | None = None) -> Figure:
     decode step. A bar carries its micro-batch's number where the number fits in it (a long
     decode has hundreds of thin bars). The title names what is drawn, and the measured
     bubble of each phase next to GPipe's (p-1)/(m+p-1) for the run's p stages and m
-    micro-batches.
+    micro-batches. Ranks on several hosts (``hosts`` by rank, default the result's): each
+    host's rows together, its stages in order, the host named beside them.
     """
     events = list(run.timeline if _is_result(run) else run)
     if phase is not None:
@@ -242,7 +297,12 @@ def plot_timeline(run: Any, phase: str | None = None) -> Figure:
         raise ValueError("plot_timeline: no events; a pipeline run records them with telemetry.event(...)"
                          + (f" (none in the {phase})" if phase else ""))
     stages = sorted({e.stage for e in events})
-    ranks = sorted({e.rank for e in events}, key=lambda r: (min(e.stage for e in events if e.rank == r), r))
+    host_of = _hosts(run, None, hosts)
+    groups = _host_groups(sorted({e.rank for e in events}), host_of)
+    first_run = {r: i for i, (_, members) in enumerate(groups) for r in members}
+    ranks = sorted({e.rank for e in events},
+                   key=lambda r: (first_run.get(r, 0), min(e.stage for e in events if e.rank == r), r))
+    groups = [(host, [r for r in ranks if first_run[r] == i]) for i, (host, _) in enumerate(groups)]
     one_rank_a_stage = len(ranks) == len(stages)
     microbatches = sorted({e.microbatch for e in events})
     p, m = len(stages), len(microbatches)
@@ -278,6 +338,7 @@ def plot_timeline(run: Any, phase: str | None = None) -> Figure:
     names = {r: f"stage {min(e.stage for e in events if e.rank == r)}" for r in ranks}
     ax.set_yticks(range(len(ranks)), [names[r] if one_rank_a_stage else f"{names[r]} · rank {r}" for r in ranks])
     ax.invert_yaxis()
+    _mark_hosts_on_rows(ax, groups)
     ax.set_xlabel("ms since the first step began")
     phases = [ph for ph in TIMELINE_PHASES if any(e.phase == ph for e in events)]
     if len(phases) > 1:
@@ -318,14 +379,18 @@ def _colours(n: int) -> list:
 def plot_collectives(
     counts: Mapping[int, Mapping[str, int]] | Sequence[Mapping[str, Any]],
     seconds: Mapping[int, float | Mapping[str, float]] | None = None,
+    *,
+    hosts: Sequence[str] | None = None,
 ) -> Figure:
     """Collectives per rank: how many of each kind, and the seconds spent in them.
 
     ``counts``: a run's result, {rank: {kind: count}} or telemetry snapshots (which also give
     the seconds). ``seconds``: {rank: seconds} or {rank: {kind: seconds}}. One legend for both
-    panels, under them, so that it covers no bar.
+    panels, under them, so that it covers no bar. ``hosts``: each rank's host (default: the
+    result's, or the snapshots' own).
     """
     if _is_result(counts):
+        hosts = hosts if hosts is not None else (getattr(counts, "hosts", None) or None)
         counts, seconds = dict(enumerate(counts.collectives)), dict(enumerate(counts.collective_seconds))
     by_rank = _by_rank(counts)
     if not by_rank:
@@ -361,6 +426,9 @@ def plot_collectives(
         bottom_s = [b + h for b, h in zip(bottom_s, heights)]
     ax_s.set_title("time in collectives (s)" + ("" if per_kind or not kinds else ", all kinds"))
     ax_s.set_xticks(order, [f"rank {r}" for r in order])
+    groups = _host_groups(order, _hosts(None, by_rank, hosts))
+    _mark_hosts_on_x(ax_n, groups)
+    _mark_hosts_on_x(ax_s, groups)
     if kinds:
         # Outside the panels (constrained layout makes room): inside, it covered the bars.
         handles, labels = ax_n.get_legend_handles_labels()

@@ -202,3 +202,4 @@ class RankOutput:
     # --compile: the seconds this run spent compiling the decode step before its prefill;
     # None when it compiled nothing (no --compile, or every shape compiled in an earlier cell).
     compile_seconds: float | None = None
+    host: str = ""  # the engine's host name (figures group their ranks by host)

@@ -62,6 +62,7 @@ class RunResult:
     # --compile: per rank, the seconds this cell spent compiling before its prefill; None
     # where the rank compiled nothing (its shapes were compiled by an earlier cell)
     compile_seconds: list[float | None] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)  # per rank: its engine's host name
 
     def cell_parts(self) -> list[tuple[str, float]]:
         """Where the call's time went, in parts that add up to ``cell_seconds``: the client's
@@ -420,6 +421,7 @@ def merge(
         step_breakdown=[dict(out.step_breakdown) for out in outputs],
         compiled=request.compile and request.max_new_tokens > 1,
         compile_seconds=[out.compile_seconds for out in outputs],
+        hosts=[out.host for out in outputs],
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
 

@@ -102,6 +102,83 @@ def test_the_engines_report_their_own_hosts_and_ranks_follow_them(across):
     assert "hosta: 2 engines, ranks" in table and "hostb: 1 engine, rank" in table
 
 
+def by_host(wb) -> list[tuple[str, list[int]]]:
+    """What the figures should show: each host's ranks, in rank order."""
+    groups: list[tuple[str, list[int]]] = []
+    for info in wb.engines:
+        if groups and groups[-1][0] == info.host:
+            groups[-1][1].append(info.rank)
+        else:
+            groups.append((info.host, [info.rank]))
+    return groups
+
+
+def test_the_dashboard_groups_its_rows_by_host(across):
+    import io
+
+    from mpbook.compat import ipywidgets as widgets_compat
+    from mpbook.dashboard import Dashboard
+
+    expected = by_host(across)
+    headings = [f"{host}: rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" for host, ranks in expected]
+
+    # the widget: a heading row over each host's ranks, then their cells, rank order within
+    dash = Dashboard(across, mode="widget")
+    across.run("import time; time.sleep(0.6)", dashboard=dash, stream=False)
+    grid = dash.view.widget.children[1]
+    rows = [c for c in grid.children if "mpbook-host" in widgets_compat.css_classes(c)]
+    assert [c.value for c in rows] == [f"<b>{h}</b>" for h in headings]
+    order = []  # (heading, rank) in the grid's order
+    for cell in grid.children[len(dash.view.columns):]:
+        classes = widgets_compat.css_classes(cell)
+        if "mpbook-host" in classes:
+            order.append(cell.value)
+        elif "mpbook-col-rank" in classes:
+            order.append(int(cell.value))
+    assert order == [x for h, (_, ranks) in zip(headings, expected) for x in [f"<b>{h}</b>", *ranks]]
+    assert all(dash.view.values()[r]["host"] == host for host, ranks in expected for r in ranks)
+
+    # the text: a line naming each host, its ranks' lines under it
+    out = io.StringIO()
+    text = Dashboard(across, mode="text", out=out, text_every_s=0.2)
+    across.run("import time; time.sleep(1.0)", dashboard=text, stream=False)
+    lines = [line.split("] ", 1)[-1] for line in out.getvalue().splitlines() if line.startswith("[mpbook")]
+    first = lines.index(headings[0])
+    shown = lines[first:first + len(headings) + across.world_size]
+    assert shown == [x for h, (_, ranks) in zip(headings, expected)
+                     for x in [h, *(next(line for line in shown if line.startswith(f"  rank {r} ")) for r in ranks)]]
+
+
+def host_labels(ax) -> list[str]:
+    """The host names a plot put beside (or under) its ranks."""
+    return [t.get_text() for child in ax.child_axes for t in [*child.get_xticklabels(), *child.get_yticklabels()]
+            if t.get_text()]
+
+
+def test_the_plots_group_ranks_by_host(across):
+    from mpbook.engine.state import telemetry_snapshot
+    from mpbook.plots import plot_collectives, plot_memory, plot_timeline
+
+    hosts = [host for host, _ in by_host(across)]
+    result = across.generate(["Hello there"], strategy="pipeline", model="tiny", max_new_tokens=3)
+    assert result.hosts == [e.host for e in across.engines]
+
+    timeline = plot_timeline(result).axes[0]
+    assert host_labels(timeline) == hosts
+    # rows: each host's ranks together (stage order within), as the ranks are by host
+    rows = [t.get_text() for t in timeline.get_yticklabels()]
+    assert rows == [f"stage {r}" for r in range(across.world_size)]
+    assert host_labels(plot_memory(result).axes[0]) == hosts
+    assert all(host_labels(ax) == hosts for ax in plot_collectives(result).axes[:2])
+    # snapshots carry their engine's host
+    snapshots = across.client[across.engine_ids()].apply_sync(telemetry_snapshot)
+    assert host_labels(plot_memory(snapshots).axes[0]) == hosts
+    # one host: nothing added
+    one = [{**snap, "host": "hosta"} for snap in snapshots]
+    assert plot_memory(one).axes[0].child_axes == []
+    assert plot_timeline(result, hosts=["hosta"] * across.world_size).axes[0].child_axes == []
+
+
 # ------------------------------------------------------------------ the last test: it kills an engine
 def test_an_engine_that_dies_is_named_with_its_host(across):
     from mpbook.errors import EngineDiedError

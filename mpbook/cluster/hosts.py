@@ -174,13 +174,3 @@ def span_warning(layout: Layout, hosts: Sequence[str]) -> str | None:
             f"layer cross the network. Keep {dims} within one host ({dims} <= {fewest} here) and put "
             "pipeline stages (--pp) or replicas (--dp) across hosts")
 
-
-def rows_by_host(hosts: Sequence[str]) -> list[tuple[str, list[int]]]:
-    """(host, ranks) in rank order, one entry per run of ranks on one host."""
-    groups: list[tuple[str, list[int]]] = []
-    for rank, host in enumerate(hosts):
-        if groups and groups[-1][0] == host:
-            groups[-1][1].append(rank)
-        else:
-            groups.append((host, [rank]))
-    return groups

@@ -27,11 +27,12 @@ from typing import Any
 from ..devices import EngineSpec, visible_gpu_count
 from ..engine import state as engine
 from ..errors import EngineDiedError, MpbookError, NoClusterError
+from ..layout import ranks_by_host
 from ..options import DEFAULT_TIMEOUT_S, check_engine_count, check_threads, check_timeout
 from ..protocol import EngineInfo, Rendezvous
 from . import calls
 from .health import EngineWatch, process_running, signal_engines
-from .hosts import HostSlots, check_hosts, controller_address, rank_order, rows_by_host, span_warning
+from .hosts import HostSlots, check_hosts, controller_address, rank_order, span_warning
 from .launch import OWNER_ENV
 from .transport import TransportChoice, attached_transport, choose_transport, configure_mpi_engines
 
@@ -539,7 +540,7 @@ def format_engines(infos: Sequence[EngineInfo]) -> str:
         rows.append((str(i.rank), i.host, str(i.pid), device, i.backend, i.transport or i.backend, str(i.threads), memory))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    groups = rows_by_host([i.host for i in infos])
+    groups = ranks_by_host([i.host for i in infos])
     if len(groups) < 2:
         return "\n".join(lines)
     # Several hosts: the rows of each host under a line naming it (ranks are grouped by host).

@@ -84,7 +84,9 @@ class Dashboard:
         self._began = clock()
         self._last_refresh = -float("inf")
         self._shown = False
-        self.view: View = WidgetView(self.ranks, cuda=cuda) if self.mode == "widget" else TextView(out=out, every_s=text_every_s)
+        hosts = {r: track.host for r, track in self.tracks.items()}
+        self.view: View = (WidgetView(self.ranks, cuda=cuda, hosts=hosts) if self.mode == "widget"
+                           else TextView(out=out, every_s=text_every_s))
 
     @property
     def widget(self):

@@ -13,7 +13,7 @@ from typing import TextIO
 
 from .snapshots import Row
 from .texts import visible
-from .view import Frame
+from .view import Frame, host_heading
 
 TEXT_EVERY_S = 5.0  # a line per engine at most this often
 STREAM_EVERY_S = 0.5  # new text of each prompt at most this often (at least 2 updates/s)
@@ -32,6 +32,18 @@ def row_line(row: Row) -> str:
         f"rank {row.rank} {row.device:<6} {row.phase:<8} mem {row.memory} (peak {row.peak}{tensors})  "
         f"{row.tokens_per_s} tok/s  collectives {row.collectives}{experts}{step}"
     )
+
+
+def rows_text(frame: Frame) -> list[str]:
+    """A line per engine; engines on several hosts: each host's under a line naming it."""
+    groups = frame.by_host()
+    if not groups:
+        return [row_line(r) for r in frame.rows]
+    lines = []
+    for host, rows in groups:
+        lines.append(host_heading(host, [r.rank for r in rows]))
+        lines += [f"  {row_line(r)}" for r in rows]
+    return lines
 
 
 class TextView:
@@ -77,7 +89,7 @@ class TextView:
             self._last_rows = now
             self.printed_rows = True
             stamp = f"[mpbook {frame.elapsed:5.1f} s]"
-            lines = [f"{stamp} {row_line(r)}" for r in frame.rows]
+            lines = [f"{stamp} {line}" for line in rows_text(frame)]
             if len(frame.rows) > 1 and frame.history and frame.tokens:
                 lines.append(f"{stamp} all ranks {frame.rate_label}")
             self._write("\n".join(lines) + "\n")
@@ -102,5 +114,5 @@ class TextView:
             self._print_new_text(frame)
         if frame.quiet and not self.printed_rows:
             return
-        lines = [f"mpbook: {frame.headline}"] + [f"  {row_line(r)}" for r in frame.rows]
+        lines = [f"mpbook: {frame.headline}"] + [f"  {line}" for line in rows_text(frame)]
         self._write("\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..layout import ranks_by_host
 from .snapshots import Row
 from .texts import PromptText
 
@@ -31,6 +32,25 @@ class Frame:
     elapsed: float  # seconds since the call began (the client's clock)
     quiet: bool  # nothing worth a summary in text (no tokens, nothing printed during the call)
     tokens: bool = True  # the call has tokens to plot (a generation, or a cell that counted some)
+
+    def by_host(self) -> list[tuple[str, tuple[Row, ...]]]:
+        """The rows in runs by host, in rank order, when the engines are on several hosts;
+        else [] (one host: the rows as they are)."""
+        return rows_by_host(self.rows)
+
+
+def rows_by_host(rows) -> list[tuple[str, tuple]]:
+    """``rows`` (each with ``host``) in runs by host, when they are on several hosts; else []."""
+    runs = ranks_by_host([row.host for row in rows])
+    if len({host for host, _ in runs}) < 2:
+        return []
+    return [(host, tuple(rows[i] for i in positions)) for host, positions in runs]
+
+
+def host_heading(host: str, ranks) -> str:
+    """``"hosta: ranks 0, 1"``: the line over one host's rows."""
+    ranks = list(ranks)
+    return f"{host}: rank{'s' if len(ranks) != 1 else ''} {', '.join(str(r) for r in ranks)}"
 
 
 class View(Protocol):

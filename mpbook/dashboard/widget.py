@@ -6,7 +6,8 @@ the current one sends nothing to the browser, so a refresh costs only what chang
 
 CSS classes name the parts in the page, for styling and for tools that read it (the browser
 test): ``.mpbook-dashboard``, ``.mpbook-status``, ``.mpbook-rank-0.mpbook-col-tokens-s``,
-``.mpbook-prompt-0`` (its generated text in ``.mpbook-generated``), ``.mpbook-throughput``.
+``.mpbook-prompt-0`` (its generated text in ``.mpbook-generated``), ``.mpbook-throughput``, and
+with engines on several hosts a heading row over each host's ranks, ``.mpbook-host``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
+from ..layout import ranks_by_host
 from .snapshots import Row
 from .texts import PromptText, visible
-from .view import Frame
+from .view import Frame, host_heading
 
 COLUMNS = ("rank", "host", "device", "phase", "tokens/s", "collectives", "memory", "peak", "tensors", "expert load",
            "decode step")
@@ -124,11 +126,12 @@ def status_html(state: str, headline: str) -> str:
 
 
 class WidgetView:
-    """ipywidgets, built once for ``ranks``; ``cuda`` adds the allocator and GPU columns."""
+    """ipywidgets, built once for ``ranks``; ``cuda`` adds the allocator and GPU columns;
+    ``hosts`` (rank -> host): engines on several hosts get a heading row per host."""
 
     updates_in_place = True
 
-    def __init__(self, ranks: Sequence[int], *, cuda: bool):
+    def __init__(self, ranks: Sequence[int], *, cuda: bool, hosts: dict[int, str] | None = None):
         import ipywidgets as w
 
         self._w = w
@@ -139,8 +142,9 @@ class WidgetView:
             r: {c: (w.HTML() if c == "memory" else w.Label()) for c in self.columns} for r in ranks
         }
         self._texts: dict[int, dict[str, str]] = {r: {c: "" for c in self.columns} for r in ranks}
+        self.host_headings: list[Any] = []  # engines on several hosts: a heading per host
         grid = w.GridBox(
-            children=header + [cell for r in ranks for cell in self.cells[r].values()],
+            children=header + self._rows_by_host(ranks, hosts or {}),
             layout=w.Layout(grid_template_columns=f"repeat({len(self.columns)}, max-content)", grid_gap="0 14px"),
         )
         self.prompts = w.VBox()
@@ -156,6 +160,23 @@ class WidgetView:
             for name, cell in cells.items():
                 cell.add_class(f"mpbook-rank-{r}")
                 cell.add_class(f"mpbook-col-{css_name(name)}")
+
+    def _rows_by_host(self, ranks: Sequence[int], hosts: dict[int, str]) -> list[Any]:
+        """The grid's cells, rank by rank; on several hosts each host's ranks under a heading
+        that spans the row (``.mpbook-host``)."""
+        groups = ranks_by_host([hosts.get(r, "") for r in ranks])
+        if len({host for host, _ in groups}) < 2:
+            return [cell for r in ranks for cell in self.cells[r].values()]
+        children: list[Any] = []
+        for host, positions in groups:
+            members = [ranks[i] for i in positions]
+            heading = self._w.HTML(f"<b>{escape(host_heading(host, members))}</b>",
+                                   layout=self._w.Layout(grid_column="1 / -1"))
+            heading.add_class("mpbook-host")
+            self.host_headings.append(heading)
+            children.append(heading)
+            children += [cell for r in members for cell in self.cells[r].values()]
+        return children
 
     def show(self) -> None:
         # Elsewhere (a script driving widgets, a test) display() would print the widget's repr.

@@ -24,6 +24,7 @@ all-gathered maxima of a vocab-parallel head) and so chooses the same token by i
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,6 +156,7 @@ def _run(state, request: Request) -> RankOutput:
     common = dict(
         rank=state.rank, coords=coords, stage=coords.pp, rows=rows, reports_tokens=reports,
         weight_bytes=runner.weight_bytes, load_seconds=loaded["load_seconds"], import_seconds=loaded["import_seconds"],
+        host=socket.gethostname(),
     )
     if not rows:  # more replicas than prompts: this replica has nothing to do
         return _nothing_to_do(common, runner, tel, reports=reports)
