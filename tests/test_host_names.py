@@ -179,6 +179,17 @@ def test_the_plots_group_ranks_by_host(across):
     assert plot_timeline(result, hosts=["hosta"] * across.world_size).axes[0].child_axes == []
 
 
+def test_the_planner_gets_each_ranks_host_and_measured_links_from_the_engines(across):
+    from mpbook import plan
+
+    links = across.measure_links()
+    assert {link.across_hosts for link in links} == {True, False}
+    devices = plan("tiny", pp=across.world_size, engines=across).devices
+    assert [d.host for d in devices] == [e.host for e in across.engines]
+    assert all(d.links for d in devices)  # each rank, its links to the others
+    assert {(x.low, x.high) for d in devices for x in d.links} == {(x.low, x.high) for x in links}
+
+
 # ------------------------------------------------------------------ the last test: it kills an engine
 def test_an_engine_that_dies_is_named_with_its_host(across):
     from mpbook.errors import EngineDiedError
