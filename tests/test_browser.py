@@ -1,6 +1,7 @@
 """A real browser on a real JupyterLab: headless Chromium, driven by Playwright, opens the
 quickstart notebook, runs all its cells, and reads the live dashboard widget from the page
-while the long cell runs. Needs Debian's Chromium (/usr/bin/chromium); skipped with that
+while the long cell runs; and drives mpbook.explore's panel: moves a control, reads the new
+prediction, presses Run, reads the new row. Needs Debian's Chromium (/usr/bin/chromium); skipped with that
 reason where it is missing (Playwright's own browser download cannot work here)."""
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ class JupyterLab:
     """JupyterLab on 127.0.0.1 with a token, serving a private folder; stop() ends it and
     everything it started (kernels, and the engines a kernel started)."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, notebooks: tuple[Path, ...] = (NOTEBOOK,)):
         self.root = tmp_path / "root"
         self.root.mkdir()
-        shutil.copy(NOTEBOOK, self.root / NOTEBOOK.name)
+        for notebook in notebooks:
+            shutil.copy(notebook, self.root / notebook.name)
         settings = tmp_path / "settings"
         # Every cell stays in the page (no windowing), so the dashboard's DOM is there to read;
         # no news or update checks (nothing may be fetched).
@@ -324,3 +326,77 @@ def test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves(page, jupyterlab,
     assert alive(chromium) == []
     assert len(jupyterlab.started) >= 4  # the server, the kernel, the controller and engines it started
     assert alive(jupyterlab.started) == []
+
+
+# --------------------------------------------------------------------------- mpbook.explore
+EXPLORE_CELLS = [
+    "import mpbook\nfrom mpbook import Workbench\nwb = Workbench.start(2)",
+    "explorer = mpbook.explore('tiny', engines=wb, batch=4, new_tokens=8)\nexplorer",
+]
+
+READ_EXPLORE = """() => {
+    const panel = document.querySelector('.mpbook-explore');
+    if (!panel) return null;
+    const text = (el) => (el ? el.textContent.trim() : null);
+    const pressed = (dim) => text(panel.querySelector(`.mpbook-explore-${dim} .mod-active`));
+    return {
+        tokens: text(panel.querySelector('.mpbook-explore-tokens')),
+        status: text(panel.querySelector('.mpbook-explore-status')),
+        dp: pressed('dp'), tp: pressed('tp'),
+        rows: [...panel.querySelectorAll('.mpbook-explore-rows tbody tr')].map(
+            (tr) => [...tr.querySelectorAll('td')].map((td) => td.textContent.trim())),
+        run_disabled: !!(panel.querySelector('.mpbook-explore-run') || {}).disabled,
+    };
+}"""
+
+
+def _explore_notebook(folder: Path) -> Path:
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    path = folder / "explore.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell(c) for c in EXPLORE_CELLS],
+                                metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                         "language": "python"}}), path)
+    return path
+
+
+def test_explore_panel_predicts_as_a_control_moves_and_adds_a_row_on_run(page, tmp_path):
+    lab = JupyterLab(tmp_path, notebooks=(_explore_notebook(tmp_path),))
+    try:
+        lab.wait_ready()
+        page.goto(f"{lab.url}/lab/tree/explore.ipynb?token={lab.token}")
+        page.wait_for_function(NOTEBOOK_READY, timeout=120_000, polling=250)
+        page.evaluate(RUN_ALL)
+        page.wait_for_function(
+            "() => { const t = document.querySelector('.mpbook-explore .mpbook-explore-tokens'); "
+            "return t && t.textContent.trim().length > 0; }", timeout=RUN_ALL_TIMEOUT_S * 1000, polling=500)
+        before = page.evaluate(READ_EXPLORE)
+        assert (before["dp"], before["tp"]) == ("2", "1"), before  # data parallel first
+        assert before["rows"] == [] and not before["run_disabled"], before
+
+        # Move tp to 2: the panel completes dp to 1 and predicts again, from the page's click.
+        page.locator(".mpbook-explore-tp button", has_text="2").click()
+        page.wait_for_function(
+            "(old) => { const t = document.querySelector('.mpbook-explore-tokens'); "
+            "return t && t.textContent.trim() !== old; }", arg=before["tokens"], timeout=30_000, polling=250)
+        moved = page.evaluate(READ_EXPLORE)
+        assert (moved["dp"], moved["tp"]) == ("1", "2"), moved
+        assert float(moved["tokens"].replace(",", "")) > 0 and "dp=1 x pp=1 x tp=2" in moved["status"], moved
+
+        # Run: the layout runs on the cluster and its row appears with prediction and measurement.
+        page.locator(".mpbook-explore-run").click()
+        page.wait_for_function(
+            "() => document.querySelectorAll('.mpbook-explore-rows tbody tr').length === 1",
+            timeout=RUN_ALL_TIMEOUT_S * 1000, polling=500)
+        done = page.evaluate(READ_EXPLORE)
+        (row,) = done["rows"]
+        assert row[0] == "dp=1 x pp=1 x tp=2", row
+        predicted, measured = float(row[4]), float(row[5])
+        assert predicted == pytest.approx(float(moved["tokens"].replace(",", "")), rel=0.01, abs=1)
+        assert measured > 0 and row[6].endswith("%"), row
+        page.locator(".mpbook-explore-rows").scroll_into_view_if_needed()
+        page.screenshot(path=str(tmp_path / "explore.png"))
+    finally:
+        lab.stop()
+    assert alive(lab.started) == []

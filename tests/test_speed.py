@@ -7,6 +7,9 @@ by hand, so every figure below can be checked with a pencil:
 - a decoder layer's weights: q 64x64 + k 64x32 + v 64x32 + o 64x64 + gate, up, down 64x128 each
   + two norms of 64 = 36,992 parameters = 147,968 bytes;
 - the final norm: 256 bytes; the head: 394 x 64 x 4 = 100,864 bytes.
+
+The hand calibration's host time, 1 ms a layer + 0.5 ms around the layers + 1.5 ms for the head
+and the choice, makes one device's step 6 + 0.5 + 1.5 = 8 ms of host.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ MS = 1e-3
 
 
 def hand_calibration(*, engines: int = 2, together_factor: float = 1.0) -> Calibration:
-    """1 ns per weight byte at every row count (1 GB/s), 1 ms of host per layer and 2 ms outside
-    them; all-reduce 10 us + 1 ns/byte, send 5 us + 2 ns/byte. ``together_factor`` slows every
+    """1 ns per weight byte at every row count (1 GB/s); host: 1 ms per layer, 0.5 ms around
+    the layers (every stage), 1.5 ms for the head and the token's choice; all-reduce 10 us + 1 ns/byte, send 5 us + 2 ns/byte. ``together_factor`` slows every
     figure by that much when every engine is busy."""
     def rates(f: float) -> Rates:
-        return Rates({1: 1e-9 * f, 512: 1e-9 * f}, {"llama": HostTime(1 * MS * f, 2 * MS * f)})
+        return Rates({1: 1e-9 * f, 512: 1e-9 * f}, {"llama": HostTime(1 * MS * f, 0.5 * MS * f, 1.5 * MS * f)})
 
     return Calibration(key="hand", device="cpu", threads=1, engines_per_host=engines, transport="mpi", dtype="float32",
                        alone=rates(1.0), together=rates(together_factor), all_reduce=Cost(10e-6, 1e-9),
@@ -86,8 +89,8 @@ def test_pipeline_round_is_the_longer_of_the_way_round_and_the_slowest_stage_m_t
                         device_memory_bytes=1 << 30, suggestions=False, calibration=cal)
         first, last = p.speed.ranks
         assert first.work.layers == last.work.layers == 3
-        assert first.parts["host"] == pytest.approx(3 * MS)
-        assert last.parts["host"] == pytest.approx(3 * MS + 2 * MS)  # the head and the token's choice
+        assert first.parts["host"] == pytest.approx(3 * MS + 0.5 * MS)  # every stage: mask, positions, rotary
+        assert last.parts["host"] == pytest.approx(3 * MS + 0.5 * MS + 1.5 * MS)  # and the head, the choice
         # Stage 0 sends its micro-batch's activation (rows x 64 x 4 bytes); the last, the tokens back.
         rows = 4 // m
         assert first.parts["sends"] == pytest.approx(5e-6 + rows * 64 * 4 * 2e-9)
@@ -122,7 +125,7 @@ def test_rates_interpolate_between_alone_and_together_and_between_row_counts():
     cal = hand_calibration(together_factor=3.0)
     assert cal.rates(1).seconds_per_weight_byte[1] == pytest.approx(1e-9)
     assert cal.rates(2).seconds_per_weight_byte[1] == pytest.approx(3e-9)
-    assert cal.rates(1.5).host["llama"].per_layer_s == pytest.approx(2 * MS)
+    assert cal.rates(1.5).host["llama"] == HostTime(pytest.approx(2 * MS), pytest.approx(1 * MS), pytest.approx(3 * MS))
     rates = Rates({1: 1.0, 3: 3.0}, {})
     assert rates.linear_seconds(2.0, 2) == pytest.approx(4.0)  # halfway between 1 and 3 rows
     assert rates.linear_seconds(1.0, 6) == pytest.approx(6.0)  # beyond the curve: time grows with the rows

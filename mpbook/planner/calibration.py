@@ -9,8 +9,8 @@ process, their threads, their transport):
   1024 x 1024 weights, cycled through 64 MiB of them so that they come from memory as a
   model's do. At 1 row this is the memory bandwidth; at hundreds of rows the matmul rate. One
   curve covers decode (rows = a micro-batch) and prefill (rows x prompt tokens) alike.
-- **the host's time per decoder layer and per step** outside the layers, for the model's
-  family: a decode step of a tiny model of the same ``model_type``
+- **the host's time per decoder layer**, around the layers (mask, positions, rotary tables) and
+  for the head and the token's choice, for the model's family: a decode step of a tiny model of the same ``model_type``
   (:func:`mpbook.models.shrink.shrink_config`), each layer timed by hooks. Its compute is
   negligible, so what remains is Python and dispatch, which does not depend on the width.
 - **all-reduce and send costs** on the cluster's own transport, latency plus bytes over
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import MpbookError
@@ -37,7 +37,7 @@ WIDTH = 1024  # the probe's weights: WIDTH x WIDTH
 POOL_BYTES = 64 << 20  # twice this VM kind's L3: weights come from memory, as a model's do
 PROBE_SECONDS = 0.04  # per row count: enough calls for a stable median, short in total
 LINK_SIZES = (8 << 10, 1 << 20)
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,20 @@ class Cost:
 
 @dataclass(frozen=True)
 class HostTime:
-    """Host seconds of one decode step of a model family: per decoder layer, and outside them
-    (embedding, final norm, head and the token's choice)."""
+    """Host seconds of one decode step of a model family: per decoder layer; the base model's
+    work around its layers (mask, positions, rotary tables: every pipeline stage does it); and
+    the last stage's final norm, head and the token's choice."""
 
     per_layer_s: float
-    outside_layers_s: float
+    per_stage_s: float
+    head_s: float
+
+    def mixed(self, other: HostTime, share: float) -> HostTime:
+        """``share`` of the way from this to ``other``."""
+        return HostTime(*(a + share * (b - a) for a, b in zip(astuple(self), astuple(other))))
+
+    def slowest(self, other: HostTime) -> HostTime:
+        return HostTime(*(max(a, b) for a, b in zip(astuple(self), astuple(other))))
 
 
 @dataclass(frozen=True)
@@ -125,11 +134,8 @@ class Calibration:
             return a + share * (b - a)
 
         per_byte = {r: mix(s, self.together.seconds_per_weight_byte[r]) for r, s in self.alone.seconds_per_weight_byte.items()}
-        host = {
-            arch: HostTime(mix(h.per_layer_s, self.together.host[arch].per_layer_s),
-                           mix(h.outside_layers_s, self.together.host[arch].outside_layers_s))
-            for arch, h in self.alone.host.items() if arch in self.together.host
-        }
+        host = {arch: h.mixed(self.together.host[arch], share)
+                for arch, h in self.alone.host.items() if arch in self.together.host}
         return Rates(per_byte, host)
 
     def has_host_time(self, model_type: str) -> bool:
@@ -165,7 +171,8 @@ class Calibration:
         if self.all_reduce is not None:
             words.append(f"all-reduce {self.all_reduce.seconds(8 << 10) * 1e6:.0f} us at 8 KiB over {self.transport}")
         for arch, h in sorted(a.host.items()):
-            words.append(f"{arch}: host {h.per_layer_s * 1e3:.2f} ms/layer + {h.outside_layers_s * 1e3:.2f} ms/step")
+            words.append(f"{arch}: host {h.per_layer_s * 1e3:.2f} ms a layer, {h.per_stage_s * 1e3:.2f} ms around "
+                         f"them, {h.head_s * 1e3:.2f} ms head and choice")
         return "; ".join(words)
 
 
@@ -212,23 +219,28 @@ def measure_host(state=None, *, model_type: str, steps: int = 12) -> HostTime:
 
     config = shrink_config(model_type)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    layers = model.get_decoder().layers
+    base = model.get_decoder()
+    layers = base.layers
     stamps: list[float] = []
+    around: list[float] = []  # the base model's forward: began, ended
     for layer in layers:
         layer.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
         layer.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+    base.register_forward_pre_hook(lambda *_: around.append(time.perf_counter()))
+    base.register_forward_hook(lambda *_: around.append(time.perf_counter()))
     # As an engine's stage calls it (mpbook.models.loading.Stage.forward): a padding mask,
     # positions, transformers' DynamicCache, the last position's logits.
     prompt = 8
     ids = torch.randint(0, config.vocab_size, (1, prompt))
     cache = DynamicCache(config=config)
-    per_layer, outside = [], []
+    per_layer, per_stage, head = [], [], []
     with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=torch.ones(1, prompt, dtype=torch.long),
                        position_ids=torch.arange(prompt)[None], cache=cache, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         for step in range(steps):
             stamps.clear()
+            around.clear()
             began = time.perf_counter()
             length = prompt + step + 1
             logits = model(input_ids=token, attention_mask=torch.ones(1, length, dtype=torch.long),
@@ -238,9 +250,11 @@ def measure_host(state=None, *, model_type: str, steps: int = 12) -> HostTime:
             token.tolist()  # as a decode step hands its tokens on
             total = time.perf_counter() - began
             inside = sum(b - a for a, b in zip(stamps[::2], stamps[1::2]))
+            in_base = around[1] - around[0]
             per_layer.append(inside / len(layers))
-            outside.append(total - inside)
-    return HostTime(_median(per_layer), _median(outside))
+            per_stage.append(in_base - inside)
+            head.append(total - in_base)
+    return HostTime(_median(per_layer), _median(per_stage), _median(head))
 
 
 def measure_links(state) -> dict | None:
@@ -395,10 +409,13 @@ def _slowest(per_rank: list[Rates]) -> Rates:
 
 
 def _slowest_host(per_rank: list[dict[str, HostTime]]) -> dict[str, HostTime]:
-    return {
-        t: HostTime(max(h[t].per_layer_s for h in per_rank), max(h[t].outside_layers_s for h in per_rank))
-        for t in per_rank[0]
-    }
+    out = {}
+    for t in per_rank[0]:
+        slowest = per_rank[0][t]
+        for h in per_rank[1:]:
+            slowest = slowest.slowest(h[t])
+        out[t] = slowest
+    return out
 
 
 def _read(path: Path) -> Calibration | None:

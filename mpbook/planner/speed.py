@@ -9,8 +9,8 @@ Per rank, one micro-batch of ``b`` rows through the rank's stage, one decode ste
 - **KV cache**: the keys and values the step's attention reads (the cache at its mean length
   over the decode), at the one-row cost per byte (streamed once, as a matrix-vector product);
 - **host**: Python and dispatch, the family's measured time per decoder layer times the
-  stage's layers, plus the time outside the layers (embedding, norm, head, the token's choice)
-  on the last stage;
+  stage's layers, plus the base model's work around them (mask, positions, rotary tables) on
+  every stage, plus the final norm, head and the token's choice on the last stage;
 - **collectives**: each all-reduce and all-gather the plan puts in a layer (tensor parallel's
   row-split projections, the experts' sum), and the vocabulary-split head's gather, at the
   transport's measured latency + bytes / bandwidth;
@@ -175,7 +175,7 @@ def predict(model: PlannedModel, layout: Layout, work: Workload, ranks: list[Ran
 def _at(works: list[RankWork], layout: Layout, work: Workload, calibration: Calibration, busy: float,
         family: str, measured: bool) -> SpeedPrediction:
     rates = calibration.rates(busy)
-    host = rates.host.get(family) or HostTime(0.0, 0.0)
+    host = rates.host.get(family) or HostTime(0.0, 0.0, 0.0)
     speeds = [RankSpeed(w, _step_parts(w, rates, host, calibration), _prefill_s(w, work, rates, host, calibration))
               for w in works]
     by_replica: dict[int, list[RankSpeed]] = {}
@@ -218,7 +218,7 @@ def _step_parts(w: RankWork, rates: Rates, host: HostTime, calibration: Calibrat
     return {
         "weights": rates.linear_seconds(w.weight_bytes, w.rows),
         "kv cache": rates.linear_seconds(w.kv_bytes, 1),
-        "host": w.layers * host.per_layer_s + (host.outside_layers_s if w.last else 0.0),
+        "host": _host_s(w, host),
         "collectives": collectives,
         "sends": w.sends * send.seconds(w.send_bytes) if send is not None else 0.0,
     }
@@ -232,8 +232,12 @@ def _prefill_s(w: RankWork, work: Workload, rates: Rates, host: HostTime, calibr
     collectives = 0.0 if reduce is None else (
         w.all_reduces * reduce.seconds(w.all_reduce_bytes * scale) + w.gathers * reduce.seconds(w.gather_bytes))
     sends = 0.0 if send is None else w.sends * send.seconds(w.send_bytes * scale)
-    return (rates.linear_seconds(w.weight_bytes, rows) + w.layers * host.per_layer_s
-            + (host.outside_layers_s if w.last else 0.0) + collectives + sends)
+    return rates.linear_seconds(w.weight_bytes, rows) + _host_s(w, host) + collectives + sends
+
+
+def _host_s(w: RankWork, host: HostTime) -> float:
+    """The stage's layers, the base model's work around them, and on the last stage the head."""
+    return w.layers * host.per_layer_s + host.per_stage_s + (host.head_s if w.last else 0.0)
 
 
 def _bytes_by_kind(model: PlannedModel, layout: Layout, rank: int, work: Workload) -> dict[str, int]:
