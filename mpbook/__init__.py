@@ -17,8 +17,9 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def explore(model, /, *, engines, **options):
-    """A panel to try layouts of ``model`` on the cluster ``engines``: see :mod:`mpbook.explorer`."""
+def explore(model, /, *, engines=None, **options):
+    """A panel to try layouts of ``model`` on the cluster ``engines`` (default: the one ``%mp
+    start`` started in this notebook): see :mod:`mpbook.explorer`."""
     from .explorer import Explorer
 
     return Explorer(model, engines=engines, **options)

@@ -35,16 +35,17 @@ BAR_COLOURS = {"weights": "#4e79a7", "KV cache": "#f28e2b", "activations": "#59a
 class Explorer:
     """The panel; see the module's docstring. Made by :func:`mpbook.explore`."""
 
-    def __init__(self, model, *, engines, batch: int = 8, new_tokens: int = 32, prompt: str = DEFAULT_PROMPT,
+    def __init__(self, model, *, engines=None, batch: int = 8, new_tokens: int = 32, prompt: str = DEFAULT_PROMPT,
                  dtype: str = "float32", calibrate: bool = True, log=print):
         from . import models
         from .planner import plan
         from .planner.calibration import calibrate as measure, kept_calibration
         from .planner.suggestions import valid_layouts
 
+        engines = engines if engines is not None else _magics_cluster()
         if not hasattr(engines, "generate") or getattr(engines, "stopped", False):
-            raise MpbookError("explore() needs a running cluster: engines=Workbench.start(...) (or %mp start, then "
-                              "engines=mp.workbench)")
+            raise MpbookError("explore() needs a running cluster: %mp start -n 2 in this notebook, or "
+                              "engines=Workbench.start(2)")
         self.model = model
         self.engines = engines
         self.world = engines.world_size
@@ -150,7 +151,8 @@ class Explorer:
         self.dashboard = Dashboard(self.engines, mode="widget")
         self.table_view = w.HTML("<i>no runs yet: press Run</i>")
         self.table_view.add_class("mpbook-explore-table")
-        self.plot_view = w.Image(format="png", layout=w.Layout(max_width="560px"))
+        # Hidden until the first run has a point to show (an empty image shows as a broken one).
+        self.plot_view = w.Image(format="png", layout=w.Layout(max_width="560px", display="none"))
         calibration = self._calibrations.get(dtype)
         self.calibration_note = w.HTML(
             f"<small>machine: {html.escape(calibration.summary())}</small>" if calibration else
@@ -278,8 +280,9 @@ class Explorer:
         self.memory_bars.value = _bars(p)
 
     def _show_runs(self) -> None:
-        self.table_view.value = _table_html(self.rows)
         self.plot_view.value = _plot_png(self.rows)
+        self.plot_view.layout.display = None
+        self.table_view.value = _table_html(self.rows)
 
     def _run_from_button(self) -> None:
         try:
@@ -287,6 +290,17 @@ class Explorer:
         except Exception as exc:  # noqa: BLE001  the panel says what failed and stays usable
             self.status.value = f"<span style='color:#b00020'>run failed: {html.escape(str(exc).splitlines()[0])}</span>"
             self.run_button.disabled = self.problem is not None
+
+
+def _magics_cluster():
+    """The cluster ``%mp start`` started in this IPython kernel, or None."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    magics = shell.magics_manager.registry.get("MpMagics") if shell is not None else None
+    return getattr(magics, "workbench", None)
 
 
 def _dims(layout: Layout) -> dict[str, int]:

@@ -75,3 +75,15 @@ def test_an_invalid_choice_disables_run_with_the_reason(explorer):
 def test_explore_needs_a_running_cluster():
     with pytest.raises(MpbookError, match="needs a running cluster"):
         mpbook.explore("tiny", engines=2)
+
+
+def test_explore_in_a_notebook_finds_the_cluster_mp_start_started(shared_shell, workbench):
+    shared_shell.run_cell("import mpbook\npanel = mpbook.explore('tiny', batch=2, new_tokens=4, log=None)",
+                          silent=True).raise_error()
+    panel = shared_shell.user_ns["panel"]
+    assert panel.engines is workbench and panel.prediction.speed is not None
+
+
+def test_explore_without_a_cluster_says_how_to_start_one(shell):
+    with pytest.raises(MpbookError, match=r"%mp start -n 2 in this notebook, or engines=Workbench.start\(2\)"):
+        mpbook.explore("tiny")
