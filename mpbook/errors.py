@@ -6,8 +6,23 @@ failed rank is kept on the exception and rendered by IPython through ``_render_t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+# torch.distributed's own error types (all RuntimeError subclasses), and mpbook's MPI timeout
+# and a peer that left (mpbook.parallel.mpi): a send left pending there would be matched by the
+# next run's receive.
+COLLECTIVE_ERRORS = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "CollectiveTimeout",
+                     "PeerLeft"}
+# What gloo and NCCL say when a peer timed out, closed the connection or went away.
+_COMM_MESSAGE = re.compile(r"gloo|nccl|pair closure|connection (?:closed|reset)|timed out waiting", re.IGNORECASE)
+
+
+def collective_failed(ename: str, evalue: str) -> bool:
+    """Whether an error of this type and message says a collective did not complete (the
+    engines ask it of their own errors, the client of the ranks' reports)."""
+    return ename in COLLECTIVE_ERRORS or (ename == "RuntimeError" and bool(_COMM_MESSAGE.search(evalue)))
 
 
 class MpbookError(Exception):

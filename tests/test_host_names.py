@@ -190,6 +190,19 @@ def test_the_planner_gets_each_ranks_host_and_measured_links_from_the_engines(ac
     assert {(x.low, x.high) for d in devices for x in d.links} == {(x.low, x.high) for x in links}
 
 
+def test_one_rank_interrupted_alone_across_hosts_ends_the_run_within_3_s(across):
+    """Over gloo, as engines on other hosts are: the interrupted rank ends its connections to
+    the others by their addresses (they are on other hosts as far as it knows)."""
+    from test_interrupt_one_rank import check_the_next_run, interrupted_alone
+
+    assert {e.transport for e in across.engines} == {"gloo"}
+    took, error = interrupted_alone(across, 1, strategy="pipeline")
+    print(f"\npipeline pp={across.world_size} across hosts, rank 1 interrupted alone: the run ended {took:.2f} s "
+          f"later; {[(f.rank, f.ename) for f in error.failures]}", end="")
+    assert took < 3.0, f"the run ended {took:.1f} s after the interrupt: {error}"
+    check_the_next_run(across, strategy="pipeline")
+
+
 # ------------------------------------------------------------------ the last test: it kills an engine
 def test_an_engine_that_dies_is_named_with_its_host(across):
     from mpbook.errors import EngineDiedError

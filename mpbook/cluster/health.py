@@ -18,18 +18,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ..errors import RankFailure
+from ..errors import RankFailure, collective_failed
 
-# torch.distributed's own error types (all RuntimeError subclasses), and mpbook's MPI timeout
-# and a peer that left (mpbook.parallel.mpi): a send left pending there would be matched by the
-# next run's receive.
-_DIST_ERRORS = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "CollectiveTimeout",
-                "PeerLeft"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # (torch/distributed/_tools holds measuring tools such as MemTracker, not communication)
 _DIST_FRAME = re.compile(r"torch[/\\]distributed[/\\](?!_tools[/\\])")
-# What gloo and NCCL say when a peer timed out, closed the connection or went away.
-_COMM_MESSAGE = re.compile(r"gloo|nccl|pair closure|connection (?:closed|reset)|timed out waiting", re.IGNORECASE)
 
 
 def is_collective_failure(failure: RankFailure) -> bool:
@@ -38,12 +31,10 @@ def is_collective_failure(failure: RankFailure) -> bool:
     A plain mistake caught by torch.distributed's argument checks (a TypeError, a ValueError)
     is not one: nothing was sent, and the group is still good.
     """
-    if failure.ename in _DIST_ERRORS:
+    if collective_failed(failure.ename, failure.evalue):
         return True
     if failure.ename != "RuntimeError":
         return False
-    if _COMM_MESSAGE.search(failure.evalue):
-        return True
     return bool(_DIST_FRAME.search(_ANSI.sub("", "\n".join(failure.traceback))))
 
 

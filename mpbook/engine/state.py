@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import collective_failed
 from ..layout import Layout, Mesh
 from ..protocol import EngineInfo, Rendezvous
 from .disconnect import close_connections_to, close_connections_to_hosts
@@ -93,7 +94,9 @@ def call(fn, /, *args, **kwargs):
 
     An interrupt leaves this rank's part of any collective unfinished: the group is aborted
     at once, so that a peer waiting in a collective with this rank fails now rather than
-    after the timeout; the client then forms the group again.
+    after the timeout; the client then forms the group again. So does a collective that
+    failed here because a peer left: the ranks waiting for *this* one (a pipeline's other
+    stages) would otherwise wait out the timeout.
     """
     found = state()
     with found.publisher.task():
@@ -101,6 +104,10 @@ def call(fn, /, *args, **kwargs):
             return fn(found, *args, **kwargs)
         except KeyboardInterrupt:
             pass
+        except Exception as exc:
+            if collective_failed(type(exc).__name__, str(exc)):
+                abort_group(found)
+            raise
         # Outside the except block the traceback is gone, and with it the frames that hold
         # the run's pending sends: a live gloo Work keeps its connection open, so the peer
         # would not notice this rank leave.
