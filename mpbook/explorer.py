@@ -365,6 +365,7 @@ def _row(predicted, result) -> dict[str, Any]:
         "measured_weights_kv_bytes": [w + k for w, k in zip(result.weight_bytes, result.kv_cache_bytes)],
         "predicted_weights_kv_bytes": [r.parameters + r.kv_cache for r in predicted.ranks],
         "measured_peak_bytes": list(result.peak_memory_bytes),
+        "device_type": result.device_type,
         "measured_step_ms": _step_ms(result),
         "predicted_step_ms": ({k: round(1e3 * max(r.parts[k] for r in speed.ranks), 2) for k in speed.ranks[0].parts}
                               if speed else None),
@@ -383,7 +384,8 @@ def _step_ms(result) -> dict[str, float] | None:
 
 def _table_html(rows: list[dict[str, Any]]) -> str:
     head = ("layout", "m", "dtype", "batch", "predicted tok/s", "measured tok/s", "error",
-            "predicted weights+KV / rank", "measured weights+KV / rank", "measured peak / rank", "measured step, ms")
+            "predicted weights+KV / rank", "measured weights+KV / rank", "predicted peak / rank",
+            "measured peak / rank", "measured step, ms")
     body = []
     for r in rows:
         step = r["measured_step_ms"] or {}
@@ -392,12 +394,18 @@ def _table_html(rows: list[dict[str, Any]]) -> str:
             f"{r['error']:+.0%}" if r["error"] is not None else "-",
             " / ".join(format_bytes(b) for b in r["predicted_weights_kv_bytes"]),
             " / ".join(format_bytes(b) for b in r["measured_weights_kv_bytes"]),
-            " / ".join(format_bytes(b) for b in r["measured_peak_bytes"]),
+            " / ".join(format_bytes(b) for b in r["predicted_peak_bytes"]),
+            " / ".join(format_bytes(b) for b in r["measured_peak_bytes"]) + _peak_kind(r),
             ", ".join(f"{k} {v}" for k, v in step.items()),
         )
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return ("<table class='mpbook-explore-rows'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
             + "</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+
+
+def _peak_kind(row: dict[str, Any]) -> str:
+    # A CPU engine's peak is its whole process (Python and torch too), a GPU's torch's tensors.
+    return " (process)" if row.get("device_type") == "cpu" else ""
 
 
 def _plot_png(rows: list[dict[str, Any]]) -> bytes:

@@ -32,7 +32,7 @@ def hand_calibration(*, engines: int = 2, together_factor: float = 1.0) -> Calib
     the layers (every stage), 1.5 ms for the head and the token's choice; all-reduce 10 us + 1 ns/byte, send 5 us + 2 ns/byte. ``together_factor`` slows every
     figure by that much when every engine is busy."""
     def rates(f: float) -> Rates:
-        return Rates({1: 1e-9 * f, 512: 1e-9 * f}, {"llama": HostTime(1 * MS * f, 0.5 * MS * f, 1.5 * MS * f)})
+        return Rates({1: 1e-9 * f, 512: 1e-9 * f}, {"llama": {1: HostTime(1 * MS * f, 0.5 * MS * f, 1.5 * MS * f)}})
 
     return Calibration(key="hand", device="cpu", threads=1, engines_per_host=engines, transport="mpi", dtype="float32",
                        alone=rates(1.0), together=rates(together_factor), all_reduce=Cost(10e-6, 1e-9),
@@ -125,7 +125,12 @@ def test_rates_interpolate_between_alone_and_together_and_between_row_counts():
     cal = hand_calibration(together_factor=3.0)
     assert cal.rates(1).seconds_per_weight_byte[1] == pytest.approx(1e-9)
     assert cal.rates(2).seconds_per_weight_byte[1] == pytest.approx(3e-9)
-    assert cal.rates(1.5).host["llama"] == HostTime(pytest.approx(2 * MS), pytest.approx(1 * MS), pytest.approx(3 * MS))
+    assert cal.rates(1.5).host_time("llama", 1) == HostTime(pytest.approx(2 * MS), pytest.approx(1 * MS),
+                                                            pytest.approx(3 * MS))
+    # Host time grows with the rows: on the line through the measured row counts, and beyond.
+    curve = Rates({1: 1.0}, {"llama": {1: HostTime(1.0, 2.0, 3.0), 8: HostTime(8.0, 9.0, 10.0)}})
+    assert curve.host_time("llama", 4) == HostTime(4.0, 5.0, 6.0)
+    assert curve.host_time("llama", 15) == HostTime(15.0, 16.0, 17.0)
     rates = Rates({1: 1.0, 3: 3.0}, {})
     assert rates.linear_seconds(2.0, 2) == pytest.approx(4.0)  # halfway between 1 and 3 rows
     assert rates.linear_seconds(1.0, 6) == pytest.approx(6.0)  # beyond the curve: time grows with the rows
@@ -154,7 +159,8 @@ def test_calibration_on_real_engines(workbench):
     first = time.perf_counter() - began
     assert cal.engines_per_host == 2 and cal.threads >= 1 and cal.transport in ("mpi", "gloo")
     assert 1e8 < cal.alone.bandwidth_bytes_per_s < 1e13
-    assert cal.alone.host["llama"].per_layer_s > 0 and cal.all_reduce.latency_s > 0
+    one, eight = cal.alone.host_time("llama", 1), cal.alone.host_time("llama", 8)
+    assert 0 < one.per_layer_s < eight.per_layer_s and cal.all_reduce.latency_s > 0
     began = time.perf_counter()
     assert mpbook.calibrate(workbench) == cal  # kept: nothing measured again
     assert time.perf_counter() - began < first / 5

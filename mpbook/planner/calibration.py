@@ -37,7 +37,8 @@ WIDTH = 1024  # the probe's weights: WIDTH x WIDTH
 POOL_BYTES = 64 << 20  # twice this VM kind's L3: weights come from memory, as a model's do
 PROBE_SECONDS = 0.04  # per row count: enough calls for a stable median, short in total
 LINK_SIZES = (8 << 10, 1 << 20)
-VERSION = 2
+HOST_ROWS = (1, 8)  # a decode step's host time grows with its rows (masks, attention): two points
+VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,12 @@ class HostTime:
     per_stage_s: float
     head_s: float
 
-    def mixed(self, other: HostTime, share: float) -> HostTime:
-        """``share`` of the way from this to ``other``."""
-        return HostTime(*(a + share * (b - a) for a, b in zip(astuple(self), astuple(other))))
+    def mixed(self, other: HostTime, share: float, *, clamp: bool = True) -> HostTime:
+        """``share`` of the way from this to ``other`` (``clamp=False``: beyond them too, never
+        below zero)."""
+        if clamp:
+            share = min(max(share, 0.0), 1.0)
+        return HostTime(*(max(a + share * (b - a), 0.0) for a, b in zip(astuple(self), astuple(other))))
 
     def slowest(self, other: HostTime) -> HostTime:
         return HostTime(*(max(a, b) for a, b in zip(astuple(self), astuple(other))))
@@ -81,7 +85,18 @@ class Rates:
     """One engine's rates, alone or with every engine of its host busy at once."""
 
     seconds_per_weight_byte: dict[int, float]  # rows -> seconds per weight byte through a linear
-    host: dict[str, HostTime] = field(default_factory=dict)  # model_type -> its host times
+    host: dict[str, dict[int, HostTime]] = field(default_factory=dict)  # model_type -> rows -> host times
+
+    def host_time(self, model_type: str, rows: int) -> HostTime | None:
+        """The family's host times at ``rows`` rows: on the line through the measured row counts
+        (beyond them, the last segment's slope)."""
+        curve = sorted(self.host.get(model_type, {}).items())
+        if not curve:
+            return None
+        if len(curve) == 1:
+            return curve[0][1]
+        (r1, h1), (r2, h2) = next(((a, b) for a, b in zip(curve, curve[1:]) if rows <= b[0]), curve[-2:])
+        return h1.mixed(h2, (rows - r1) / (r2 - r1), clamp=False)
 
     def linear_seconds(self, weight_bytes: float, rows: int) -> float:
         """Time for ``rows`` rows through linears holding ``weight_bytes``: the measured curve,
@@ -134,8 +149,8 @@ class Calibration:
             return a + share * (b - a)
 
         per_byte = {r: mix(s, self.together.seconds_per_weight_byte[r]) for r, s in self.alone.seconds_per_weight_byte.items()}
-        host = {arch: h.mixed(self.together.host[arch], share)
-                for arch, h in self.alone.host.items() if arch in self.together.host}
+        host = {arch: {r: h.mixed(self.together.host[arch][r], share) for r, h in curve.items()}
+                for arch, curve in self.alone.host.items() if arch in self.together.host}
         return Rates(per_byte, host)
 
     def has_host_time(self, model_type: str) -> bool:
@@ -152,7 +167,7 @@ class Calibration:
 
         def rates(d: dict) -> Rates:
             return Rates({int(r): s for r, s in d["seconds_per_weight_byte"].items()},
-                         {k: HostTime(**v) for k, v in d["host"].items()})
+                         {k: {int(r): HostTime(**h) for r, h in v.items()} for k, v in d["host"].items()})
 
         return cls(**{**data, "alone": rates(data["alone"]), "together": rates(data["together"]),
                       "all_reduce": Cost(**data["all_reduce"]) if data["all_reduce"] else None,
@@ -170,9 +185,10 @@ class Calibration:
         ]
         if self.all_reduce is not None:
             words.append(f"all-reduce {self.all_reduce.seconds(8 << 10) * 1e6:.0f} us at 8 KiB over {self.transport}")
-        for arch, h in sorted(a.host.items()):
+        for arch in sorted(a.host):
+            h = a.host_time(arch, 1)
             words.append(f"{arch}: host {h.per_layer_s * 1e3:.2f} ms a layer, {h.per_stage_s * 1e3:.2f} ms around "
-                         f"them, {h.head_s * 1e3:.2f} ms head and choice")
+                         f"them, {h.head_s * 1e3:.2f} ms head and choice at 1 row")
         return "; ".join(words)
 
 
@@ -210,15 +226,16 @@ def measure_linear(state=None, *, dtype: str = "float32") -> dict[int, float]:
     return out
 
 
-def measure_host(state=None, *, model_type: str, steps: int = 12) -> HostTime:
-    """Host time of a decode step of a tiny ``model_type`` model: per layer (hooks), and the rest."""
-    import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
+def measure_host(state=None, *, model_type: str, steps: int = 12, rows=HOST_ROWS) -> dict[int, HostTime]:
+    """Host time of a decode step of a tiny ``model_type`` model at each of ``rows`` row counts:
+    per layer (hooks), around the layers, and the rest."""
+    from transformers import AutoModelForCausalLM
 
     from ..models.shrink import shrink_config
 
+    device = getattr(state, "device", "cpu")  # on a GPU: the launches' host time, as a real step's
     config = shrink_config(model_type)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).eval()
     base = model.get_decoder()
     layers = base.layers
     stamps: list[float] = []
@@ -228,23 +245,35 @@ def measure_host(state=None, *, model_type: str, steps: int = 12) -> HostTime:
         layer.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
     base.register_forward_pre_hook(lambda *_: around.append(time.perf_counter()))
     base.register_forward_hook(lambda *_: around.append(time.perf_counter()))
-    # As an engine's stage calls it (mpbook.models.loading.Stage.forward): a padding mask,
-    # positions, transformers' DynamicCache, the last position's logits.
+    return {r: _host_steps(model, config, device, r, steps, stamps, around) for r in rows}
+
+
+def _host_steps(model, config, device, rows: int, steps: int, stamps: list, around: list) -> HostTime:
+    import torch
+    from transformers import DynamicCache
+
+    layers = model.get_decoder().layers
+    # As an engine's stage calls it (mpbook.models.loading.Stage.forward): left-padded prompts
+    # (the mask has holes, so attention takes its masked path), positions, transformers'
+    # DynamicCache, the last position's logits.
     prompt = 8
-    ids = torch.randint(0, config.vocab_size, (1, prompt))
+    ids = torch.randint(0, config.vocab_size, (rows, prompt), device=device)
+    mask = torch.ones(rows, prompt, dtype=torch.long, device=device)
+    mask[0, :2] = 0  # the first row is the shorter prompt
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=config)
     per_layer, per_stage, head = [], [], []
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=torch.ones(1, prompt, dtype=torch.long),
-                       position_ids=torch.arange(prompt)[None], cache=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
-        for step in range(steps):
+        for _ in range(steps):
             stamps.clear()
             around.clear()
             began = time.perf_counter()
-            length = prompt + step + 1
-            logits = model(input_ids=token, attention_mask=torch.ones(1, length, dtype=torch.long),
-                           position_ids=torch.tensor([[length - 1]]), cache=cache, use_cache=True,
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=-1)
+            positions = positions[:, -1:] + 1
+            logits = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                            logits_to_keep=1).logits
             token = logits[:, -1].float().argmax(-1, keepdim=True)
             token.tolist()  # as a decode step hands its tokens on
@@ -319,7 +348,7 @@ def _median(values: list[float]) -> float:
 
 def measure_rates(state, *, dtype: str, model_types: tuple[str, ...]) -> Rates:
     """This engine's linear curve and host times (every engine measuring at once, or one alone)."""
-    return Rates(measure_linear(state, dtype=dtype), {t: measure_host(state, model_type=t) for t in model_types})
+    return Rates(measure_linear(state, dtype=dtype), _host_times(state, model_types=model_types))
 
 
 # ----------------------------------------------------------------------------- the client
@@ -398,7 +427,7 @@ def calibrate(engines, *, dtype: str = "float32", model_types=("llama",), again:
     return calibration
 
 
-def _host_times(state, *, model_types) -> dict[str, HostTime]:
+def _host_times(state, *, model_types) -> dict[str, dict[int, HostTime]]:
     return {t: measure_host(state, model_type=t) for t in model_types}
 
 
@@ -408,13 +437,14 @@ def _slowest(per_rank: list[Rates]) -> Rates:
     return Rates(per_byte, _slowest_host([x.host for x in per_rank]))
 
 
-def _slowest_host(per_rank: list[dict[str, HostTime]]) -> dict[str, HostTime]:
-    out = {}
-    for t in per_rank[0]:
-        slowest = per_rank[0][t]
-        for h in per_rank[1:]:
-            slowest = slowest.slowest(h[t])
-        out[t] = slowest
+def _slowest_host(per_rank: list[dict[str, dict[int, HostTime]]]) -> dict[str, dict[int, HostTime]]:
+    out: dict[str, dict[int, HostTime]] = {}
+    for t, curve in per_rank[0].items():
+        out[t] = {}
+        for r, slowest in curve.items():
+            for other in per_rank[1:]:
+                slowest = slowest.slowest(other[t][r])
+            out[t][r] = slowest
     return out
 
 

@@ -175,9 +175,12 @@ def predict(model: PlannedModel, layout: Layout, work: Workload, ranks: list[Ran
 def _at(works: list[RankWork], layout: Layout, work: Workload, calibration: Calibration, busy: float,
         family: str, measured: bool) -> SpeedPrediction:
     rates = calibration.rates(busy)
-    host = rates.host.get(family) or HostTime(0.0, 0.0, 0.0)
-    speeds = [RankSpeed(w, _step_parts(w, rates, host, calibration), _prefill_s(w, work, rates, host, calibration))
-              for w in works]
+    none = HostTime(0.0, 0.0, 0.0)
+    speeds = []
+    for w in works:
+        host = rates.host_time(family, w.rows) or none
+        speeds.append(RankSpeed(w, _step_parts(w, rates, host, calibration),
+                                _prefill_s(w, work, rates, host, calibration)))
     by_replica: dict[int, list[RankSpeed]] = {}
     for s in speeds:
         by_replica.setdefault(layout.coords(s.work.rank).dp, []).append(s)
