@@ -25,6 +25,7 @@ Kept per (hosts, device, threads, engines, transport, dtype) in mpbook's cache f
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, astuple, dataclass, field, replace
@@ -231,10 +232,8 @@ def measure_host(state=None, *, model_type: str, steps: int = 12, rows=HOST_ROWS
     per layer (hooks), around the layers, and the rest."""
     from transformers import AutoModelForCausalLM
 
-    from ..models.shrink import shrink_config
-
     device = getattr(state, "device", "cpu")  # on a GPU: the launches' host time, as a real step's
-    config = shrink_config(model_type)
+    config = _probe_config(model_type)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).eval()
     base = model.get_decoder()
     layers = base.layers
@@ -246,6 +245,21 @@ def measure_host(state=None, *, model_type: str, steps: int = 12, rows=HOST_ROWS
     base.register_forward_pre_hook(lambda *_: around.append(time.perf_counter()))
     base.register_forward_hook(lambda *_: around.append(time.perf_counter()))
     return {r: _host_steps(model, config, device, r, steps, stamps, around) for r in rows}
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_config(model_type: str):
+    """The tiny config of ``model_type`` (finding it builds many configs: seconds, once a process)."""
+    from ..models.shrink import shrink_config
+
+    return shrink_config(model_type)
+
+
+def warm_up(state=None, *, model_types=()) -> None:
+    """What the first measurement would otherwise pay inside its timing: the imports, the probe's
+    configs and kernels (every engine at once, before any engine measures)."""
+    for model_type in model_types:
+        measure_host(state, model_type=model_type, steps=1, rows=(1,))
 
 
 def _host_steps(model, config, device, rows: int, steps: int, stamps: list, around: list) -> HostTime:
@@ -407,6 +421,7 @@ def calibrate(engines, *, dtype: str = "float32", model_types=("llama",), again:
         return kept
     missing = wanted if kept is None else tuple(t for t in wanted if not kept.has_host_time(t))
     say = log or (lambda _: None)
+    engines.apply(warm_up, model_types=missing, stream=False)
     if kept is None:
         say(f"calibrating {engines.world_size} engines ({facts['device']}, {dtype}): one engine alone, then all at once")
         alone = engines.apply(measure_rates, dtype=dtype, model_types=missing, ranks=[0], stream=False)[0]
