@@ -137,6 +137,18 @@ class CollectiveError(RankError):
         self.rebuilt = rebuilt is None
 
 
+def interrupted_on_ranks(failures: list[RankFailure], *, what: str = "the cell") -> RankError:
+    """A run interrupted on some of its ranks, from outside the client (``Workbench.interrupt``
+    from another thread, a signal): named first, before the ranks that stopped with them."""
+    hit = [f.rank for f in failures if f.ename == "KeyboardInterrupt"]
+    others = sorted((f for f in failures if f.ename != "KeyboardInterrupt"), key=lambda f: f.rank)
+    message = f"{what} was interrupted on {_ranks(hit)} (KeyboardInterrupt)"
+    if others:
+        message += (f"; {_ranks([f.rank for f in others])} stopped with {'it' if len(hit) == 1 else 'them'}: "
+                    f"{others[0].ename}: {_short(others[0].evalue)}")
+    return RankError(failures, what=what, message=message)
+
+
 def _engine(pid: int | None, host: str | None) -> str:
     """`` (pid 123) on hostb``: what is known of a dead engine."""
     return (f" (pid {pid})" if pid else "") + (f" on {host}" if host else "")

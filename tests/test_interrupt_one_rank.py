@@ -70,6 +70,9 @@ def test_one_rank_interrupted_over_mpi_ends_the_run_within_3_s(workbench, strate
     print(f"\n{strategy} over {workbench.engines[0].transport}, rank {rank} interrupted alone: the run ended "
           f"{took:.2f} s later ({error})", end="")
     assert [f.rank for f in error.failures if f.ename == "KeyboardInterrupt"] == [rank], error
+    others = ", ".join(str(r) for r in range(workbench.world_size) if r != rank)
+    assert str(error).startswith(f"the {strategy} run was interrupted on rank {rank} (KeyboardInterrupt); "
+                                 f"rank {others} stopped with it: "), error
     assert took < 3.0, f"the run ended {took:.1f} s after the interrupt (the collective timeout is 60 s)"
     check_the_next_run(workbench, strategy=strategy)
 

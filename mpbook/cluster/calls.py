@@ -19,7 +19,7 @@ from typing import Any, ContextManager, Protocol, TextIO
 
 from ..compat import ipyparallel as ipp_compat
 from ..engine import state as engine
-from ..errors import CollectiveError, EngineDiedError, MpbookError, RankError, RankFailure
+from ..errors import CollectiveError, EngineDiedError, MpbookError, RankError, RankFailure, interrupted_on_ranks
 from ..options import parse_ranks
 from .health import EngineWatch, is_collective_failure
 
@@ -93,7 +93,7 @@ class Calls:
                 # Engines interrupted without the client (Workbench.interrupt from another
                 # thread, a signal from outside): they destroyed the group as above.
                 self._rebuild_quietly()
-                raise
+                raise interrupted_on_ranks(err.failures, what=what) from None
             collective = [f.rank for f in err.failures if is_collective_failure(f)]
             if not collective:
                 raise
