@@ -39,7 +39,7 @@ POOL_BYTES = 64 << 20  # twice this VM kind's L3: weights come from memory, as a
 PROBE_SECONDS = 0.04  # per row count: enough calls for a stable median, short in total
 LINK_SIZES = (8 << 10, 1 << 20)
 HOST_ROWS = (1, 8)  # a decode step's host time grows with its rows (masks, attention): two points
-VERSION = 3
+VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,9 @@ class HostTime:
         if clamp:
             share = min(max(share, 0.0), 1.0)
         return HostTime(*(max(a + share * (b - a), 0.0) for a, b in zip(astuple(self), astuple(other))))
+
+    def scaled(self, factor: float) -> HostTime:
+        return HostTime(*(a * factor for a in astuple(self)))
 
     def slowest(self, other: HostTime) -> HostTime:
         return HostTime(*(max(a, b) for a, b in zip(astuple(self), astuple(other))))
@@ -139,6 +142,20 @@ class Calibration:
     all_reduce: Cost | None  # None on one engine
     send: Cost | None
     measured_at: str = ""
+    # From the reference runs (see calibrate): how many times the probe's host time a step takes
+    # in the engines' own decode loop, and one all-reduce's time inside a real decode step.
+    engine_factor: float = 1.0
+    weights_factor: float = 1.0  # the same for the weights' streaming (the model's own shapes and kernels)
+    step_all_reduce_s: float | None = None
+
+    @property
+    def all_reduce_in_step(self) -> Cost | None:
+        """An all-reduce as a decode step pays it: the latency seen inside a real step (ranks
+        arrive a little apart, and the wait for the later one is part of the call) when the
+        reference run measured it, else the back-to-back one."""
+        if self.all_reduce is None or self.step_all_reduce_s is None:
+            return self.all_reduce
+        return Cost(max(self.all_reduce.latency_s, self.step_all_reduce_s), self.all_reduce.seconds_per_byte)
 
     def rates(self, busy: float) -> Rates:
         """Rates with ``busy`` engines of a host working at once (1: alone; all: together),
@@ -149,8 +166,10 @@ class Calibration:
         def mix(a: float, b: float) -> float:
             return a + share * (b - a)
 
-        per_byte = {r: mix(s, self.together.seconds_per_weight_byte[r]) for r, s in self.alone.seconds_per_weight_byte.items()}
-        host = {arch: {r: h.mixed(self.together.host[arch][r], share) for r, h in curve.items()}
+        per_byte = {r: mix(s, self.together.seconds_per_weight_byte[r]) * self.weights_factor
+                    for r, s in self.alone.seconds_per_weight_byte.items()}
+        factor = self.engine_factor
+        host = {arch: {r: h.mixed(self.together.host[arch][r], share).scaled(factor) for r, h in curve.items()}
                 for arch, curve in self.alone.host.items() if arch in self.together.host}
         return Rates(per_byte, host)
 
@@ -185,7 +204,11 @@ class Calibration:
             f"with {self.engines_per_host} busy",
         ]
         if self.all_reduce is not None:
-            words.append(f"all-reduce {self.all_reduce.seconds(8 << 10) * 1e6:.0f} us at 8 KiB over {self.transport}")
+            words.append(f"all-reduce {self.all_reduce.seconds(8 << 10) * 1e6:.0f} us at 8 KiB over {self.transport}"
+                         + (f" back to back, {self.step_all_reduce_s * 1e6:.0f} us inside a decode step"
+                            if self.step_all_reduce_s is not None else ""))
+        words.append(f"the engines' decode: {self.engine_factor:.2f}x the probe's host time, "
+                     f"{self.weights_factor:.2f}x its time per weight byte")
         for arch in sorted(a.host):
             h = a.host_time(arch, 1)
             words.append(f"{arch}: host {h.per_layer_s * 1e3:.2f} ms a layer, {h.per_stage_s * 1e3:.2f} ms around "
@@ -431,6 +454,7 @@ def calibrate(engines, *, dtype: str = "float32", model_types=("llama",), again:
             key=key, alone=alone, together=_slowest(together), all_reduce=links and links["all_reduce"],
             send=links and links["send"], measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **facts)
+        calibration = _reference_runs(engines, calibration, say)
     else:
         say(f"calibrating the host time of {', '.join(missing)}")
         alone = engines.apply(_host_times, model_types=missing, ranks=[0], stream=False)[0]
@@ -440,6 +464,64 @@ def calibrate(engines, *, dtype: str = "float32", model_types=("llama",), again:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(calibration.to_json())
     return calibration
+
+
+REFERENCE_MODEL = "tiny"  # built in, offline, a Llama: the family whose probe sets the factor
+WEIGHTS_MODEL = "small"  # built in too, 100 MB of float32 weights: more than the caches hold
+REFERENCE_ROWS = 4  # per engine
+
+
+def _reference_runs(engines, calibration: Calibration, say) -> Calibration:
+    """The probes against the real thing: the built-in models decoding through the engines' own
+    loop, data parallel over every engine at once, measured by their step breakdown
+    (:mod:`mpbook.engine.steps`) and predicted from the probes. ``tiny`` (whose matrices are
+    small: its step is host time) gives the ratio of the host parts, the engines' own cost beyond
+    the probe (their telemetry and streaming, their threads sharing the interpreter); ``small``
+    (100 MB of weights) then the ratio of the weights' streaming (a model's own matrix shapes
+    and kernels against the probe's square ones); a tensor-parallel run of ``tiny`` an
+    all-reduce's time inside a real step. The engines then hold ``tiny`` (a later run of another
+    model loads it again)."""
+    from ..models.presets import PRESETS
+    from .predict import plan
+
+    world = engines.world_size
+    say(f"calibrating against {REFERENCE_MODEL} decoding on {world} engine{'s' if world > 1 else ''}")
+    prompts = [f"calibration prompt number {i}" for i in range(world * REFERENCE_ROWS)]
+    config = PRESETS[REFERENCE_MODEL]()
+
+    def run(model, calibrated, **layout):
+        strategy = "tensor" if layout.get("tp", 1) > 1 else "data"
+        common = dict(strategy=strategy, model=model, dtype=calibration.dtype, ignore_eos=True, chat=False, **layout)
+        engines.generate(prompts, max_new_tokens=4, **common)  # loads it, touches its memory
+        result = engines.generate(prompts, max_new_tokens=16, **common)
+        predicted = plan(PRESETS[model](), **layout, batch=len(prompts), prompt_len=max(result.prompt_tokens),
+                         max_new_tokens=16, dtype=calibration.dtype, calibration=calibrated,
+                         device_memory_bytes=1 << 40, suggestions=False).speed
+        steps = [b for b in result.step_breakdown if b.get("count")]
+        measured = _mean([(b["compute"] + b["token choice"] + b["host"]) / b["count"] for b in steps])
+        return measured, predicted, steps
+
+    def part(predicted, *names):
+        return _mean([sum(r.parts[n] for n in names) for r in predicted.ranks])
+
+    measured, predicted, _ = run(REFERENCE_MODEL, calibration, dp=world)
+    host = part(predicted, "host")
+    engine_factor = max((measured - part(predicted, "weights", "kv cache")) / host, 0.5) if host > 0 else 1.0
+    calibration = replace(calibration, engine_factor=engine_factor)
+    measured, predicted, _ = run(WEIGHTS_MODEL, calibration, dp=world)
+    weights = part(predicted, "weights")
+    weights_factor = max((measured - part(predicted, "host", "kv cache")) / weights, 0.5) if weights > 0 else 1.0
+    calibration = replace(calibration, weights_factor=weights_factor)
+    if world > 1 and config.num_key_value_heads % world == 0:
+        _, predicted, steps = run(REFERENCE_MODEL, calibration, tp=world)
+        calls = _mean([r.work.all_reduces + r.work.gathers for r in predicted.ranks])
+        calibration = replace(calibration,
+                              step_all_reduce_s=_mean([b["collectives"] / b["count"] for b in steps]) / calls)
+    return calibration
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _host_times(state, *, model_types) -> dict[str, dict[int, HostTime]]:

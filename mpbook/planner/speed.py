@@ -212,7 +212,7 @@ def _stage_times(members: list[RankSpeed], stages: int, time_of) -> list[float]:
 
 
 def _step_parts(w: RankWork, rates: Rates, host: HostTime, calibration: Calibration) -> dict[str, float]:
-    reduce, send = calibration.all_reduce, calibration.send
+    reduce, send = calibration.all_reduce_in_step, calibration.send
     collectives = 0.0
     if reduce is not None:
         # An all-gather moves (ranks - 1)/ranks of its output into each rank: priced as an
