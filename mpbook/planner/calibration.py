@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
@@ -39,7 +40,7 @@ POOL_BYTES = 64 << 20  # twice this VM kind's L3: weights come from memory, as a
 PROBE_SECONDS = 0.04  # per row count: enough calls for a stable median, short in total
 LINK_SIZES = (8 << 10, 1 << 20)
 HOST_ROWS = (1, 8)  # a decode step's host time grows with its rows (masks, attention): two points
-VERSION = 5
+VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -144,18 +145,23 @@ class Calibration:
     measured_at: str = ""
     # From the reference runs (see calibrate): how many times the probe's host time a step takes
     # in the engines' own decode loop, and one all-reduce's time inside a real decode step.
+    ranks: int = 2  # the world the collectives were measured over
     engine_factor: float = 1.0
     weights_factor: float = 1.0  # the same for the weights' streaming (the model's own shapes and kernels)
     step_all_reduce_s: float | None = None
 
-    @property
-    def all_reduce_in_step(self) -> Cost | None:
-        """An all-reduce as a decode step pays it: the latency seen inside a real step (ranks
-        arrive a little apart, and the wait for the later one is part of the call) when the
-        reference run measured it, else the back-to-back one."""
-        if self.all_reduce is None or self.step_all_reduce_s is None:
-            return self.all_reduce
-        return Cost(max(self.all_reduce.latency_s, self.step_all_reduce_s), self.all_reduce.seconds_per_byte)
+    def all_reduce_in_step(self, group: int) -> Cost | None:
+        """An all-reduce over ``group`` ranks as a decode step pays it: the latency seen inside a
+        real step (ranks arrive a little apart, and the wait for the later one is part of the
+        call) when the reference run measured it, else the back-to-back one; measured over every
+        rank, and for a smaller group scaled by the rounds a small all-reduce takes (recursive
+        doubling: log2 of the ranks)."""
+        if self.all_reduce is None:
+            return None
+        latency = max(self.all_reduce.latency_s, self.step_all_reduce_s or 0.0)
+        if 2 <= group < self.ranks:
+            latency *= math.log2(group) / math.log2(self.ranks)
+        return Cost(latency, self.all_reduce.seconds_per_byte)
 
     def rates(self, busy: float) -> Rates:
         """Rates with ``busy`` engines of a host working at once (1: alone; all: together),
@@ -451,7 +457,8 @@ def calibrate(engines, *, dtype: str = "float32", model_types=("llama",), again:
         together = engines.apply(measure_rates, dtype=dtype, model_types=missing, stream=False)
         links = engines.apply(measure_links, stream=False)[0]
         calibration = Calibration(
-            key=key, alone=alone, together=_slowest(together), all_reduce=links and links["all_reduce"],
+            key=key, ranks=engines.world_size, alone=alone, together=_slowest(together),
+            all_reduce=links and links["all_reduce"],
             send=links and links["send"], measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **facts)
         calibration = _reference_runs(engines, calibration, say)

@@ -58,6 +58,7 @@ class RankWork:
     kv_bytes: float  # keys and values read per step, at the cache's mean length over the decode
     all_reduces: int  # per step
     all_reduce_bytes: int  # each
+    group: int  # ranks in its collectives (its tp group; its ep group without tp)
     gathers: int  # per step: all-gathers of the head's logits
     gather_bytes: int
     sends: int  # per step: activation to the next stage (+ tokens back to the first)
@@ -148,6 +149,7 @@ def layout_work(model: PlannedModel, layout: Layout, work: Workload, ranks: list
             all_reduces=(len(r.layers) * reduces_per_layer + (moe_layers if layout.ep > 1 else 0)
                          + (embedding_reduces if first else 0)),
             all_reduce_bytes=b * dims.hidden * e,
+            group=layout.tp if layout.tp > 1 else layout.ep,
             gathers=(len(r.layers) * gathers_per_layer + (1 if last and vocab_tp > 1 else 0)
                      + (embedding_gathers if first else 0)),
             gather_bytes=b * dims.vocab * 4,  # the logits, gathered in float32
@@ -212,7 +214,7 @@ def _stage_times(members: list[RankSpeed], stages: int, time_of) -> list[float]:
 
 
 def _step_parts(w: RankWork, rates: Rates, host: HostTime, calibration: Calibration) -> dict[str, float]:
-    reduce, send = calibration.all_reduce_in_step, calibration.send
+    reduce, send = calibration.all_reduce_in_step(w.group), calibration.send
     collectives = 0.0
     if reduce is not None:
         # An all-gather moves (ranks - 1)/ranks of its output into each rank: priced as an
@@ -230,7 +232,7 @@ def _step_parts(w: RankWork, rates: Rates, host: HostTime, calibration: Calibrat
 def _prefill_s(w: RankWork, work: Workload, rates: Rates, host: HostTime, calibration: Calibration) -> float:
     """One micro-batch's prompt through the stage: every prompt token a row of the linears."""
     rows = w.rows * work.prompt_len
-    reduce, send = calibration.all_reduce, calibration.send
+    reduce, send = calibration.all_reduce_in_step(w.group), calibration.send
     scale = work.prompt_len
     collectives = 0.0 if reduce is None else (
         w.all_reduces * reduce.seconds(w.all_reduce_bytes * scale) + w.gathers * reduce.seconds(w.gather_bytes))
@@ -288,12 +290,14 @@ def arithmetic(p: SpeedPrediction) -> list[str]:
     """How the prediction is made, one line per distinct rank and one for the layout."""
     c = p.calibration
     rates = c.rates(p.busy_engines)
+    group = max((r.work.group for r in p.ranks), default=1)
+    reduce = c.all_reduce_in_step(group) if group > 1 else None
     lines = [
         f"rates with {p.busy_engines:g} of {c.engines_per_host} engines busy: "
         f"{rates.bandwidth_bytes_per_s / 1e9:.1f} GB/s at 1 row, "
         f"{rates.matmul_flops_per_s(ELEMENT_SIZE[c.dtype]) / 1e9:.0f} GFLOP/s at {max(rates.seconds_per_weight_byte)} rows"
-        + (f"; all-reduce {c.all_reduce.latency_s * 1e6:.0f} us + {1 / max(c.all_reduce.seconds_per_byte, 1e-30) / 1e9:.2f} GB/s"
-           if c.all_reduce is not None else "")
+        + (f"; all-reduce over {group} ranks {reduce.latency_s * 1e6:.0f} us + bytes at "
+           f"{1 / max(reduce.seconds_per_byte, 1e-30) / 1e9:.2f} GB/s" if reduce is not None else "")
         + ("" if p.family_measured else f"; host time of {REFERENCE_FAMILY} (this family's not measured)")
     ]
     seen = set()
