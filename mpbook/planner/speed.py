@@ -22,9 +22,9 @@ when ``m < p`` (stages idle: the bubble) and the slowest stage's ``m`` steps whe
 Decode tokens/s is the sum over replicas of ``R / T``; the prefill is GPipe's ``(m + p - 1)``
 slowest micro-batch stage passes for ``b x prompt`` rows.
 
-CPU engines share the memory bus and the cores: each rate is the one measured with as many
-engines busy at once as the layout keeps busy (every engine for data and tensor parallel; for a
-pipeline, the stages' mean occupancy), interpolated between "alone" and "together".
+CPU engines share the memory bus and the cores: each rate is the one measured with every engine
+of the host busy at once ("together"; a pipeline's waiting stages poll, so they count too), or
+"alone" on a host with one engine.
 Not modelled: the prefill's attention beyond its matmuls' FLOPs, the skew between ranks that a
 collective waits out (it is in the measured latency), and a step's work the calibration does
 not see (streaming the text, telemetry).
@@ -165,13 +165,12 @@ def predict(model: PlannedModel, layout: Layout, work: Workload, ranks: list[Ran
     family = model.config.get_text_config(decoder=True).model_type
     measured = calibration.has_host_time(family)
     works = layout_work(model, layout, work, ranks)
+    # Every engine of the host counts as busy, a pipeline's waiting stages too: a wait polls
+    # (mpbook.parallel.mpi), and with more engines than cores the waiting ones still take turns
+    # on them. (Rates at a pipeline's mean occupancy instead predicted 4 stages on 2 cores
+    # nearly twice as fast as they ran.)
     busy = float(min(layout.world_size, calibration.engines_per_host))
-    prediction = _at(works, layout, work, calibration, busy, family if measured else REFERENCE_FAMILY, measured)
-    if layout.pp > 1:  # a pipeline keeps only some of its engines busy: rates at that occupancy
-        occupied = (1 - prediction.bubble) * layout.world_size
-        prediction = _at(works, layout, work, calibration, min(max(occupied, 1.0), busy),
-                         family if measured else REFERENCE_FAMILY, measured)
-    return prediction
+    return _at(works, layout, work, calibration, busy, family if measured else REFERENCE_FAMILY, measured)
 
 
 def _at(works: list[RankWork], layout: Layout, work: Workload, calibration: Calibration, busy: float,
