@@ -7,7 +7,7 @@ same from plain Python.
 from .errors import MpbookError, RankError
 from .layout import Layout
 from .planner import MemoryPlan, plan
-from .planner.calibration import calibrate
+from .planner.calibrating import calibrate
 from .workbench import Workbench
 
 __all__ = [

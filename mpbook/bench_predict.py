@@ -20,7 +20,7 @@ def bench_predict(*, models=("tiny", "small"), engines: int | None = None, cpu: 
     from .bench import bench_prompts
     from .parallel.pipeline import default_microbatches
     from .planner import plan
-    from .planner.calibration import calibrate
+    from .planner.calibrating import calibrate
     from .planner.suggestions import valid_layouts
     from .workbench import Workbench
 

@@ -39,7 +39,8 @@ class Explorer:
                  dtype: str = "float32", calibrate: bool = True, log=print):
         from . import models
         from .planner import plan
-        from .planner.calibration import calibrate as measure, kept_calibration
+        from .planner.calibrating import calibrate as measure
+        from .planner.calibration import kept_calibration
         from .planner.suggestions import valid_layouts
 
         engines = engines if engines is not None else _magics_cluster()

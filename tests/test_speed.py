@@ -154,17 +154,17 @@ def test_the_plan_shows_its_speed_arithmetic():
 
 
 def test_calibration_on_real_engines(workbench):
-    """Measured once on the engines, kept, and what plan() uses for that cluster from then on."""
-    began = time.perf_counter()
+    """Measured on the engines, kept (another test of this session may have measured it first),
+    and what plan() uses for that cluster from then on."""
     cal = mpbook.calibrate(workbench)
-    first = time.perf_counter() - began
-    assert cal.engines_per_host == 2 and cal.threads >= 1 and cal.transport in ("mpi", "gloo")
+    assert cal.engines_per_host == 2 and cal.ranks == 2 and cal.threads >= 1 and cal.transport in ("mpi", "gloo")
     assert 1e8 < cal.alone.bandwidth_bytes_per_s < 1e13
     one, eight = cal.alone.host_time("llama", 1), cal.alone.host_time("llama", 8)
     assert 0 < one.per_layer_s < eight.per_layer_s and cal.all_reduce.latency_s > 0
+    assert cal.step_all_reduce_s > 0 and cal.engine_factor > 0 and cal.weights_factor > 0  # the reference runs
     began = time.perf_counter()
-    assert mpbook.calibrate(workbench) == cal  # kept: nothing measured again
-    assert time.perf_counter() - began < first / 5
+    assert mpbook.calibrate(workbench) == cal  # kept: read from disk, nothing measured again
+    assert time.perf_counter() - began < 1.0
     p = mpbook.plan("tiny", tp=2, batch=2, prompt_len=8, max_new_tokens=8, engines=workbench, suggestions=False)
     assert p.speed is not None and p.speed.calibration == cal
 

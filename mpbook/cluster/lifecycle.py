@@ -36,7 +36,9 @@ from .hosts import HostSlots, check_hosts, controller_address, rank_order, span_
 from .launch import OWNER_ENV
 from .transport import TransportChoice, attached_transport, choose_transport, configure_mpi_engines
 
-ENGINE_TIMEOUT_S = 60.0  # for engines to register after they are launched
+# For engines to register after they are launched: seconds when the machine is idle, minutes
+# when every core is busy (each engine imports torch first).
+ENGINE_TIMEOUT_S = 120.0
 # ipyparallel's SSH launcher starts engines one after another, each over a few ssh calls.
 REMOTE_ENGINE_TIMEOUT_S = 180.0
 # ipyparallel's default heartbeat (3 s) makes engine registration take ~6.5 s for two

@@ -19,8 +19,9 @@ process, their threads, their transport):
   CPU engines share the memory bus and the cores (on a GPU each engine has its own).
 
 Kept per (hosts, device, threads, engines, transport, dtype) in mpbook's cache folder
-(``MPBOOK_CACHE``), so it is measured once; ``calibrate(..., again=True)`` measures again
-(after the machine changed, or when it was busy while measuring).
+(``MPBOOK_CACHE``), so it is measured once; ``calibrate(..., again=True)``
+(:mod:`mpbook.planner.calibrating`) measures again (after the machine changed, or when it was
+busy while measuring).
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, astuple, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
-from ..errors import MpbookError
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 WIDTH = 1024  # the probe's weights: WIDTH x WIDTH
@@ -391,7 +391,7 @@ def _median(values: list[float]) -> float:
 
 def measure_rates(state, *, dtype: str, model_types: tuple[str, ...]) -> Rates:
     """This engine's linear curve and host times (every engine measuring at once, or one alone)."""
-    return Rates(measure_linear(state, dtype=dtype), _host_times(state, model_types=model_types))
+    return Rates(measure_linear(state, dtype=dtype), host_times(state, model_types=model_types))
 
 
 # ----------------------------------------------------------------------------- the client
@@ -424,128 +424,20 @@ def kept_calibration(engines, dtype: str) -> Calibration | None:
         key, _ = cluster_key(engines, dtype)
     except Exception:  # noqa: BLE001  a stopped cluster: no speed, the memory plan still stands
         return None
-    return _read(cache_path(key))
+    return read_kept(cache_path(key))
 
 
-def calibrate(engines, *, dtype: str = "float32", model_types=("llama",), again: bool = False,
-              log=None) -> Calibration:
-    """Measure the cluster ``engines`` (a Workbench) once, or read what it measured before.
-
-    ``model_types``: the families whose host time per layer is measured (a few seconds each);
-    a kept calibration without one of them measures only that one and keeps it too.
-    ``again``: measure everything again (the machine changed, or it was busy).
-    """
-    from datetime import datetime, timezone
-
-    from ..options import check_dtype
-
-    if not hasattr(engines, "apply"):
-        raise MpbookError("calibrate() needs a running cluster: give engines=wb (Workbench.start(...))")
-    dtype = check_dtype(dtype)
-    key, facts = cluster_key(engines, dtype)
-    path = cache_path(key)
-    kept = None if again else _read(path)
-    wanted = tuple(dict.fromkeys(model_types))
-    if kept is not None and all(kept.has_host_time(t) for t in wanted):
-        return kept
-    missing = wanted if kept is None else tuple(t for t in wanted if not kept.has_host_time(t))
-    say = log or (lambda _: None)
-    engines.apply(warm_up, model_types=missing, stream=False)
-    if kept is None:
-        say(f"calibrating {engines.world_size} engines ({facts['device']}, {dtype}): one engine alone, then all at once")
-        alone = engines.apply(measure_rates, dtype=dtype, model_types=missing, ranks=[0], stream=False)[0]
-        together = engines.apply(measure_rates, dtype=dtype, model_types=missing, stream=False)
-        links = engines.apply(measure_links, stream=False)[0]
-        calibration = Calibration(
-            key=key, ranks=engines.world_size, alone=alone, together=_slowest(together),
-            all_reduce=links and links["all_reduce"],
-            send=links and links["send"], measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **facts)
-        calibration = _reference_runs(engines, calibration, say)
-    else:
-        say(f"calibrating the host time of {', '.join(missing)}")
-        alone = engines.apply(_host_times, model_types=missing, ranks=[0], stream=False)[0]
-        together = _slowest_host(engines.apply(_host_times, model_types=missing, stream=False))
-        calibration = replace(kept, alone=replace(kept.alone, host={**kept.alone.host, **alone}),
-                              together=replace(kept.together, host={**kept.together.host, **together}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(calibration.to_json())
-    return calibration
-
-
-REFERENCE_MODEL = "tiny"  # built in, offline, a Llama: the family whose probe sets the factor
-WEIGHTS_MODEL = "small"  # built in too, 100 MB of float32 weights: more than the caches hold
-REFERENCE_ROWS = 4  # per engine
-REFERENCE_REPEATS = 3
-
-
-def _reference_runs(engines, calibration: Calibration, say) -> Calibration:
-    """The probes against the real thing: the built-in models decoding through the engines' own
-    loop, data parallel over every engine at once, measured by their step breakdown
-    (:mod:`mpbook.engine.steps`) and predicted from the probes. ``tiny`` (whose matrices are
-    small: its step is host time) gives the ratio of the host parts, the engines' own cost beyond
-    the probe (their telemetry and streaming, their threads sharing the interpreter); ``small``
-    (100 MB of weights) then the ratio of the weights' streaming (a model's own matrix shapes
-    and kernels against the probe's square ones); a tensor-parallel run of ``tiny`` an
-    all-reduce's time inside a real step. The engines then hold ``tiny`` (a later run of another
-    model loads it again)."""
-    from ..models.presets import PRESETS
-    from .predict import plan
-
-    world = engines.world_size
-    say(f"calibrating against {REFERENCE_MODEL} decoding on {world} engine{'s' if world > 1 else ''}")
-    prompts = [f"calibration prompt number {i}" for i in range(world * REFERENCE_ROWS)]
-    config = PRESETS[REFERENCE_MODEL]()
-
-    def run(model, calibrated, **layout):
-        strategy = "tensor" if layout.get("tp", 1) > 1 else "data"
-        common = dict(strategy=strategy, model=model, dtype=calibration.dtype, ignore_eos=True, chat=False, **layout)
-        engines.generate(prompts, max_new_tokens=4, **common)  # loads it, touches its memory
-        # The median of a few runs: these machines' speed moves from one second to the next.
-        runs = sorted((engines.generate(prompts, max_new_tokens=16, **common) for _ in range(REFERENCE_REPEATS)),
-                      key=lambda r: r.decode_seconds)
-        result = runs[len(runs) // 2]
-        predicted = plan(PRESETS[model](), **layout, batch=len(prompts), prompt_len=max(result.prompt_tokens),
-                         max_new_tokens=16, dtype=calibration.dtype, calibration=calibrated,
-                         device_memory_bytes=1 << 40, suggestions=False).speed
-        steps = [b for b in result.step_breakdown if b.get("count")]
-        measured = _mean([(b["compute"] + b["token choice"] + b["host"]) / b["count"] for b in steps])
-        return measured, predicted, steps
-
-    def part(predicted, *names):
-        return _mean([sum(r.parts[n] for n in names) for r in predicted.ranks])
-
-    measured, predicted, _ = run(REFERENCE_MODEL, calibration, dp=world)
-    host = part(predicted, "host")
-    engine_factor = max((measured - part(predicted, "weights", "kv cache")) / host, 0.5) if host > 0 else 1.0
-    calibration = replace(calibration, engine_factor=engine_factor)
-    measured, predicted, _ = run(WEIGHTS_MODEL, calibration, dp=world)
-    weights = part(predicted, "weights")
-    weights_factor = max((measured - part(predicted, "host", "kv cache")) / weights, 0.5) if weights > 0 else 1.0
-    calibration = replace(calibration, weights_factor=weights_factor)
-    if world > 1 and config.num_key_value_heads % world == 0:
-        _, predicted, steps = run(REFERENCE_MODEL, calibration, tp=world)
-        calls = _mean([r.work.all_reduces + r.work.gathers for r in predicted.ranks])
-        calibration = replace(calibration,
-                              step_all_reduce_s=_mean([b["collectives"] / b["count"] for b in steps]) / calls)
-    return calibration
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _host_times(state, *, model_types) -> dict[str, dict[int, HostTime]]:
+def host_times(state, *, model_types) -> dict[str, dict[int, HostTime]]:
     return {t: measure_host(state, model_type=t) for t in model_types}
 
 
-def _slowest(per_rank: list[Rates]) -> Rates:
+def slowest_rates(per_rank: list[Rates]) -> Rates:
     """The slowest engine's figures: a layout waits for its slowest rank."""
     per_byte = {r: max(x.seconds_per_weight_byte[r] for x in per_rank) for r in per_rank[0].seconds_per_weight_byte}
-    return Rates(per_byte, _slowest_host([x.host for x in per_rank]))
+    return Rates(per_byte, slowest_host([x.host for x in per_rank]))
 
 
-def _slowest_host(per_rank: list[dict[str, dict[int, HostTime]]]) -> dict[str, dict[int, HostTime]]:
+def slowest_host(per_rank: list[dict[str, dict[int, HostTime]]]) -> dict[str, dict[int, HostTime]]:
     out: dict[str, dict[int, HostTime]] = {}
     for t, curve in per_rank[0].items():
         out[t] = {}
@@ -556,7 +448,7 @@ def _slowest_host(per_rank: list[dict[str, dict[int, HostTime]]]) -> dict[str, d
     return out
 
 
-def _read(path: Path) -> Calibration | None:
+def read_kept(path: Path) -> Calibration | None:
     try:
         return Calibration.from_json(path.read_text())
     except (OSError, ValueError, KeyError, TypeError):

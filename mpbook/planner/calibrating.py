@@ -1,0 +1,122 @@
+"""Calibrating a cluster: the probes of :mod:`mpbook.planner.calibration` on every engine, alone
+and together, then checked against the engines' own decode of the built-in models (reference
+runs, predicted by :mod:`mpbook.planner.speed` through :func:`mpbook.plan`); the result kept
+on disk for the next time."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import MpbookError
+from .calibration import (
+    Calibration, host_times, read_kept, slowest_rates, slowest_host, cache_path, cluster_key, measure_links, measure_rates,
+    warm_up,
+)
+
+
+def calibrate(engines, *, dtype: str = "float32", model_types=("llama",), again: bool = False,
+              log=None) -> Calibration:
+    """Measure the cluster ``engines`` (a Workbench) once, or read what it measured before.
+
+    ``model_types``: the families whose host time per layer is measured (a few seconds each);
+    a kept calibration without one of them measures only that one and keeps it too.
+    ``again``: measure everything again (the machine changed, or it was busy).
+    """
+    from datetime import datetime, timezone
+
+    from ..options import check_dtype
+
+    if not hasattr(engines, "apply"):
+        raise MpbookError("calibrate() needs a running cluster: give engines=wb (Workbench.start(...))")
+    dtype = check_dtype(dtype)
+    key, facts = cluster_key(engines, dtype)
+    path = cache_path(key)
+    kept = None if again else read_kept(path)
+    wanted = tuple(dict.fromkeys(model_types))
+    if kept is not None and all(kept.has_host_time(t) for t in wanted):
+        return kept
+    missing = wanted if kept is None else tuple(t for t in wanted if not kept.has_host_time(t))
+    say = log or (lambda _: None)
+    engines.apply(warm_up, model_types=missing, stream=False)
+    if kept is None:
+        say(f"calibrating {engines.world_size} engines ({facts['device']}, {dtype}): one engine alone, then all at once")
+        alone = engines.apply(measure_rates, dtype=dtype, model_types=missing, ranks=[0], stream=False)[0]
+        together = engines.apply(measure_rates, dtype=dtype, model_types=missing, stream=False)
+        links = engines.apply(measure_links, stream=False)[0]
+        calibration = Calibration(
+            key=key, ranks=engines.world_size, alone=alone, together=slowest_rates(together),
+            all_reduce=links and links["all_reduce"],
+            send=links and links["send"], measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **facts)
+        calibration = _reference_runs(engines, calibration, say)
+    else:
+        say(f"calibrating the host time of {', '.join(missing)}")
+        alone = engines.apply(host_times, model_types=missing, ranks=[0], stream=False)[0]
+        together = slowest_host(engines.apply(host_times, model_types=missing, stream=False))
+        calibration = replace(kept, alone=replace(kept.alone, host={**kept.alone.host, **alone}),
+                              together=replace(kept.together, host={**kept.together.host, **together}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(calibration.to_json())
+    return calibration
+
+
+REFERENCE_MODEL = "tiny"  # built in, offline, a Llama: the family whose probe sets the factor
+WEIGHTS_MODEL = "small"  # built in too, 100 MB of float32 weights: more than the caches hold
+REFERENCE_ROWS = 4  # per engine
+REFERENCE_REPEATS = 3
+
+
+def _reference_runs(engines, calibration: Calibration, say) -> Calibration:
+    """The probes against the real thing: the built-in models decoding through the engines' own
+    loop, data parallel over every engine at once, measured by their step breakdown
+    (:mod:`mpbook.engine.steps`) and predicted from the probes. ``tiny`` (whose matrices are
+    small: its step is host time) gives the ratio of the host parts, the engines' own cost beyond
+    the probe (their telemetry and streaming, their threads sharing the interpreter); ``small``
+    (100 MB of weights) then the ratio of the weights' streaming (a model's own matrix shapes
+    and kernels against the probe's square ones); a tensor-parallel run of ``tiny`` an
+    all-reduce's time inside a real step. The engines then hold ``tiny`` (a later run of another
+    model loads it again)."""
+    from ..models.presets import PRESETS
+    from .predict import plan
+
+    world = engines.world_size
+    say(f"calibrating against {REFERENCE_MODEL} decoding on {world} engine{'s' if world > 1 else ''}")
+    prompts = [f"calibration prompt number {i}" for i in range(world * REFERENCE_ROWS)]
+    config = PRESETS[REFERENCE_MODEL]()
+
+    def run(model, calibrated, **layout):
+        strategy = "tensor" if layout.get("tp", 1) > 1 else "data"
+        common = dict(strategy=strategy, model=model, dtype=calibration.dtype, ignore_eos=True, chat=False, **layout)
+        engines.generate(prompts, max_new_tokens=4, **common)  # loads it, touches its memory
+        # The median of a few runs: these machines' speed moves from one second to the next.
+        runs = sorted((engines.generate(prompts, max_new_tokens=16, **common) for _ in range(REFERENCE_REPEATS)),
+                      key=lambda r: r.decode_seconds)
+        result = runs[len(runs) // 2]
+        predicted = plan(PRESETS[model](), **layout, batch=len(prompts), prompt_len=max(result.prompt_tokens),
+                         max_new_tokens=16, dtype=calibration.dtype, calibration=calibrated,
+                         device_memory_bytes=1 << 40, suggestions=False).speed
+        steps = [b for b in result.step_breakdown if b.get("count")]
+        measured = _mean([(b["compute"] + b["token choice"] + b["host"]) / b["count"] for b in steps])
+        return measured, predicted, steps
+
+    def part(predicted, *names):
+        return _mean([sum(r.parts[n] for n in names) for r in predicted.ranks])
+
+    measured, predicted, _ = run(REFERENCE_MODEL, calibration, dp=world)
+    host = part(predicted, "host")
+    engine_factor = max((measured - part(predicted, "weights", "kv cache")) / host, 0.5) if host > 0 else 1.0
+    calibration = replace(calibration, engine_factor=engine_factor)
+    measured, predicted, _ = run(WEIGHTS_MODEL, calibration, dp=world)
+    weights = part(predicted, "weights")
+    weights_factor = max((measured - part(predicted, "host", "kv cache")) / weights, 0.5) if weights > 0 else 1.0
+    calibration = replace(calibration, weights_factor=weights_factor)
+    if world > 1 and config.num_key_value_heads % world == 0:
+        _, predicted, steps = run(REFERENCE_MODEL, calibration, tp=world)
+        calls = _mean([r.work.all_reduces + r.work.gathers for r in predicted.ranks])
+        calibration = replace(calibration,
+                              step_all_reduce_s=_mean([b["collectives"] / b["count"] for b in steps]) / calls)
+    return calibration
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
