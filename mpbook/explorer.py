@@ -430,7 +430,8 @@ def _plot_png(rows: list[dict[str, Any]]) -> bytes:
     ax.set_ylabel("decode tokens/s")
     ax.plot([], [], "o", color="#4e79a7", label="measured")
     ax.plot([], [], "o", mfc="none", color="#e15759", label="predicted")
-    ax.legend(fontsize=8)
+    # A fixed corner: "best" searches the points for room, and warns when that is slow.
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

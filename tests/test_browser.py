@@ -282,12 +282,11 @@ def test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves(page, jupyterlab,
     )
     outcome = page.evaluate(OUTCOME)
     settled = page.evaluate(READ_DASHBOARD, WATCH_MARKER)  # the long cell's dashboard, at rest
-    page.locator(".mpbook-dashboard").last.scroll_into_view_if_needed()  # the long cell's, done
     page.screenshot(path=str(tmp_path / "quickstart-finished.png"))
 
     # Every cell ran, none has an error output, and the last one stopped the cluster.
+    assert not outcome["errors"], outcome
     assert outcome["state"].startswith("finished"), outcome
-    assert not outcome["errors"], outcome["errors"]
     assert all(isinstance(n, int) and n > 0 for n in outcome["counts"]), outcome["counts"]
     assert "stopped the cluster" in outcome["last"], outcome["last"]
     assert outcome["dashboards"] >= 6  # the standing one, %%mp run's, one per strategy cell
@@ -312,6 +311,8 @@ def test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves(page, jupyterlab,
     assert "done in" in samples[-1]["status"], samples[-1]["status"]  # seen while watching
     assert "done in" in settled["status"] and "tokens" in settled["status"], settled["status"]
     assert settled["phase"] == ["idle", "idle"]
+    page.locator(".mpbook-dashboard").last.scroll_into_view_if_needed()  # the long cell's, done
+    page.screenshot(path=str(tmp_path / "quickstart-finished.png"))
     assert (tmp_path / "quickstart-finished.png").stat().st_size > 0
 
     # Clean-up, checked (the fixtures do the same, unchecked, when an assertion above fails):

@@ -29,10 +29,6 @@ INTERRUPT_AFTER_S = 1.5
 def interrupted_alone(wb, rank: int, **layout) -> tuple[float, RankError]:
     """Seconds from interrupting ``rank`` alone to the end of the run, and the run's error."""
     wb.generate(SHORT, model=MODEL, max_new_tokens=2, **layout)  # loaded: the interrupt lands in the decode
-    # An engine's first error report through the model's code formats its traceback with
-    # IPython, which reads and parses each source file once (1-2 s on this loaded 2-core VM):
-    # a whole interrupt first pays that, which is not what this test measures.
-    interrupted_run(wb, None, **layout)
     return interrupted_run(wb, [rank], **layout)
 
 

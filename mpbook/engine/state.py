@@ -226,6 +226,7 @@ def setup(
         state.cache["runner"], state.telemetry = kept[2], kept[3]
     state.publisher = publish.install(state)
     _abort_after_interrupted_cells(state)
+    _plain_tracebacks()
     ns[STATE_NAME] = state
     _bind_cell_names(ns, state)
     return describe(state)
@@ -332,6 +333,18 @@ def describe(state: EngineState) -> EngineInfo:
         model_bytes=getattr(state.cache.get("runner"), "weight_bytes", 0),
         transport=state.transport,
     )
+
+
+def _plain_tracebacks() -> None:
+    """Report this engine's errors with Python's own traceback format (``%xmode Plain``).
+
+    IPython's default mode parses every source file in the stack (torch's and the model's)
+    to show context around each frame: 1-3 s on a busy CPU before the error reaches the
+    client, which holds up every interrupt and failure of a run (its ranks all report one).
+    Plain mode keeps each frame's file, line and code, and takes milliseconds."""
+    from IPython import get_ipython
+
+    get_ipython().InteractiveTB.set_mode("Plain")
 
 
 def _abort_after_interrupted_cells(state: EngineState) -> None:
