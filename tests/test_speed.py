@@ -106,6 +106,38 @@ def test_pipeline_round_is_the_longer_of_the_way_round_and_the_slowest_stage_m_t
     assert 0.4 < one.speed.bubble < 0.6
 
 
+def test_a_hop_measured_inside_a_step_replaces_the_back_to_back_send():
+    """A pipeline hop priced as the reference run measured it (0.4 ms, against the probe's 5 us):
+    each stage's sends pay it, and the round grows by it once per stage and micro-batch."""
+    from dataclasses import replace
+
+    cal = hand_calibration()
+    slow = replace(cal, step_send_s=0.4 * MS)
+    fast_p, slow_p = (mpbook.plan("tiny", pp=2, batch=4, prompt_len=10, max_new_tokens=11, microbatches=2,
+                                  device_memory_bytes=1 << 30, suggestions=False, calibration=c) for c in (cal, slow))
+    first, last = slow_p.speed.ranks
+    assert first.parts["sends"] == pytest.approx(0.4 * MS + 2 * 64 * 4 * 2e-9)
+    assert last.parts["sends"] == pytest.approx(0.4 * MS + 2 * 8 * 2e-9)
+    # m = p = 2: the round is 2 x the slowest (the last) stage, each step 0.4 ms - 5 us dearer
+    assert slow_p.speed.decode_round_s[0] - fast_p.speed.decode_round_s[0] == pytest.approx(2 * (0.4 * MS - 5e-6))
+    assert "a pipeline hop 400 us inside a decode step" in slow.summary()
+    # never cheaper than the back-to-back send
+    assert replace(cal, step_send_s=1e-6).send_in_step() == cal.send
+
+
+def test_a_reference_run_fits_the_one_value_it_measures():
+    """calibrate()'s fit: the seconds at which a falling prediction meets the measured tok/s."""
+    from mpbook.planner.calibrating import FIT_MAX_S, fitted
+
+    def predicted(extra_s):  # 4 rows a step of 2 ms + 13 all-reduces of extra_s each
+        return 4 / (2 * MS + 13 * extra_s)
+
+    assert fitted(predicted, 4 / (2 * MS + 13 * 0.25 * MS)) == pytest.approx(0.25 * MS, rel=1e-9)
+    assert fitted(predicted, 4 / (2 * MS)) is None  # no extra time is already as slow as measured
+    assert fitted(predicted, 5000.0) is None  # faster than the probes allow: the probes stand
+    assert fitted(predicted, 1e-3) == FIT_MAX_S  # slower than any hop explains: capped
+
+
 def test_engines_busy_together_take_the_together_rates():
     """Two engines that slow each other down 2x when both work: data parallel on both pays it,
     and so does a pipeline (its waiting stage polls: it is busy too); one engine does not."""
@@ -161,7 +193,10 @@ def test_calibration_on_real_engines(workbench):
     assert 1e8 < cal.alone.bandwidth_bytes_per_s < 1e13
     one, eight = cal.alone.host_time("llama", 1), cal.alone.host_time("llama", 8)
     assert 0 < one.per_layer_s < eight.per_layer_s and cal.all_reduce.latency_s > 0
-    assert cal.step_all_reduce_s > 0 and cal.engine_factor > 0 and cal.weights_factor > 0  # the reference runs
+    # the reference runs: factors, and an all-reduce's and a hop's time inside a real step (None
+    # where the back-to-back figure already predicted the run no faster than it went)
+    assert cal.engine_factor > 0 and cal.weights_factor > 0
+    assert all(s is None or 0 < s <= 0.1 for s in (cal.step_all_reduce_s, cal.step_send_s))
     began = time.perf_counter()
     assert mpbook.calibrate(workbench) == cal  # kept: read from disk, nothing measured again
     assert time.perf_counter() - began < 1.0

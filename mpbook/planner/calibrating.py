@@ -68,15 +68,19 @@ REFERENCE_REPEATS = 3
 
 def _reference_runs(engines, calibration: Calibration, say) -> Calibration:
     """The probes against the real thing: the built-in models decoding through the engines' own
-    loop, data parallel over every engine at once, measured by their step breakdown
-    (:mod:`mpbook.engine.steps`) and predicted from the probes. ``tiny`` (whose matrices are
-    small: its step is host time) gives the ratio of the host parts, the engines' own cost beyond
-    the probe (their telemetry and streaming, their threads sharing the interpreter); ``small``
-    (100 MB of weights) then the ratio of the weights' streaming (a model's own matrix shapes
-    and kernels against the probe's square ones); a tensor-parallel run of ``tiny`` an
-    all-reduce's time inside a real step. The engines then hold ``tiny`` (a later run of another
-    model loads it again)."""
+    loop, measured by their step breakdown (:mod:`mpbook.engine.steps`) and predicted from the
+    probes. Data parallel over every engine at once: ``tiny`` (whose matrices are small: its
+    step is host time) gives the ratio of the host parts, the engines' own cost beyond the probe
+    (their telemetry and streaming, their threads sharing the interpreter); ``small`` (100 MB of
+    weights) then the ratio of the weights' streaming (a model's own matrix shapes and kernels
+    against the probe's square ones). Then ``tiny`` over every engine as one tensor-parallel
+    group gives an all-reduce's time inside a real step (the ranks arrive apart, and the wait is
+    part of the call), and as a pipeline of one stage per engine a hop's (the send, the stage's
+    schedule around it, the wait for the next stage): each the value at which the prediction of
+    that run equals its measured tokens/s. The engines then hold ``tiny`` (a later run of
+    another model loads it again)."""
     from ..models.presets import PRESETS
+    from ..parallel.pipeline import default_microbatches
     from .predict import plan
 
     world = engines.world_size
@@ -84,38 +88,75 @@ def _reference_runs(engines, calibration: Calibration, say) -> Calibration:
     prompts = [f"calibration prompt number {i}" for i in range(world * REFERENCE_ROWS)]
     config = PRESETS[REFERENCE_MODEL]()
 
-    def run(model, calibrated, **layout):
-        strategy = "tensor" if layout.get("tp", 1) > 1 else "data"
-        common = dict(strategy=strategy, model=model, dtype=calibration.dtype, ignore_eos=True, chat=False, **layout)
+    def run(model, **layout):
+        """The median of a few runs (these machines' speed moves from one second to the next),
+        and the prediction of that run from a calibration."""
+        strategy = "tensor" if layout.get("tp", 1) > 1 else "pipeline" if layout.get("pp", 1) > 1 else "data"
+        microbatches = default_microbatches(layout.get("pp", 1), len(prompts))
+        common = dict(strategy=strategy, model=model, dtype=calibration.dtype, ignore_eos=True, chat=False,
+                      microbatches=microbatches, **layout)
         engines.generate(prompts, max_new_tokens=4, **common)  # loads it, touches its memory
-        # The median of a few runs: these machines' speed moves from one second to the next.
         runs = sorted((engines.generate(prompts, max_new_tokens=16, **common) for _ in range(REFERENCE_REPEATS)),
                       key=lambda r: r.decode_seconds)
         result = runs[len(runs) // 2]
-        predicted = plan(PRESETS[model](), **layout, batch=len(prompts), prompt_len=max(result.prompt_tokens),
-                         max_new_tokens=16, dtype=calibration.dtype, calibration=calibrated,
-                         device_memory_bytes=1 << 40, suggestions=False).speed
+
+        def predicted(calibrated: Calibration):
+            return plan(PRESETS[model](), **layout, batch=len(prompts), prompt_len=max(result.prompt_tokens),
+                        max_new_tokens=16, dtype=calibration.dtype, microbatches=microbatches,
+                        calibration=calibrated, device_memory_bytes=1 << 40, suggestions=False).speed
+
+        return result, predicted
+
+    def step_seconds(result) -> float:
         steps = [b for b in result.step_breakdown if b.get("count")]
-        measured = _mean([(b["compute"] + b["token choice"] + b["host"]) / b["count"] for b in steps])
-        return measured, predicted, steps
+        return _mean([(b["compute"] + b["token choice"] + b["host"]) / b["count"] for b in steps])
 
     def part(predicted, *names):
         return _mean([sum(r.parts[n] for n in names) for r in predicted.ranks])
 
-    measured, predicted, _ = run(REFERENCE_MODEL, calibration, dp=world)
-    host = part(predicted, "host")
-    engine_factor = max((measured - part(predicted, "weights", "kv cache")) / host, 0.5) if host > 0 else 1.0
+    result, predicted = run(REFERENCE_MODEL, dp=world)
+    guess = predicted(calibration)
+    host = part(guess, "host")
+    engine_factor = max((step_seconds(result) - part(guess, "weights", "kv cache")) / host, 0.5) if host > 0 else 1.0
     calibration = replace(calibration, engine_factor=engine_factor)
-    measured, predicted, _ = run(WEIGHTS_MODEL, calibration, dp=world)
-    weights = part(predicted, "weights")
-    weights_factor = max((measured - part(predicted, "host", "kv cache")) / weights, 0.5) if weights > 0 else 1.0
+    result, predicted = run(WEIGHTS_MODEL, dp=world)
+    guess = predicted(calibration)
+    weights = part(guess, "weights")
+    weights_factor = (max((step_seconds(result) - part(guess, "host", "kv cache")) / weights, 0.5)
+                      if weights > 0 else 1.0)
     calibration = replace(calibration, weights_factor=weights_factor)
     if world > 1 and config.num_key_value_heads % world == 0:
-        _, predicted, steps = run(REFERENCE_MODEL, calibration, tp=world)
-        calls = _mean([r.work.all_reduces + r.work.gathers for r in predicted.ranks])
-        calibration = replace(calibration,
-                              step_all_reduce_s=_mean([b["collectives"] / b["count"] for b in steps]) / calls)
+        result, predicted = run(REFERENCE_MODEL, tp=world)
+        calibration = replace(calibration, step_all_reduce_s=fitted(
+            lambda s: predicted(replace(calibration, step_all_reduce_s=s)).decode_tokens_per_s,
+            result.decode_tokens_per_s))
+    if 1 < world <= config.num_hidden_layers:
+        result, predicted = run(REFERENCE_MODEL, pp=world)
+        calibration = replace(calibration, step_send_s=fitted(
+            lambda s: predicted(replace(calibration, step_send_s=s)).decode_tokens_per_s,
+            result.decode_tokens_per_s))
     return calibration
+
+
+FIT_MAX_S = 0.1  # no collective or hop inside a step is priced above this
+
+
+def fitted(predicted_tokens_per_s, measured_tokens_per_s: float) -> float | None:
+    """The seconds ``s`` at which ``predicted_tokens_per_s(s)`` (which falls as ``s`` grows)
+    equals what was measured, by bisection; None when ``s`` = 0 already predicts no faster
+    than measured (the back-to-back figures stand)."""
+    low, high = 0.0, FIT_MAX_S
+    if predicted_tokens_per_s(low) <= measured_tokens_per_s:
+        return None
+    if predicted_tokens_per_s(high) > measured_tokens_per_s:
+        return high
+    for _ in range(40):  # 0.1 s / 2**40: far below a microsecond
+        middle = (low + high) / 2
+        if predicted_tokens_per_s(middle) > measured_tokens_per_s:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
 
 
 def _mean(values: list[float]) -> float:

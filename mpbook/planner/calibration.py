@@ -40,7 +40,7 @@ POOL_BYTES = 64 << 20  # twice this VM kind's L3: weights come from memory, as a
 PROBE_SECONDS = 0.04  # per row count: enough calls for a stable median, short in total
 LINK_SIZES = (8 << 10, 1 << 20)
 HOST_ROWS = (1, 8)  # a decode step's host time grows with its rows (masks, attention): two points
-VERSION = 6
+VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,15 @@ class Calibration:
     engine_factor: float = 1.0
     weights_factor: float = 1.0  # the same for the weights' streaming (the model's own shapes and kernels)
     step_all_reduce_s: float | None = None
+    step_send_s: float | None = None  # a pipeline hop inside a real decode step (see send_in_step)
+
+    def send_in_step(self) -> Cost | None:
+        """A pipeline hop as a decode step pays it: the send and receive with the stage's own
+        work around them (its schedule's bookkeeping, the wait for the receiving stage) when
+        the reference run measured it, else the back-to-back send."""
+        if self.send is None:
+            return None
+        return Cost(max(self.send.latency_s, self.step_send_s or 0.0), self.send.seconds_per_byte)
 
     def all_reduce_in_step(self, group: int) -> Cost | None:
         """An all-reduce over ``group`` ranks as a decode step pays it: the latency seen inside a
@@ -213,6 +222,9 @@ class Calibration:
             words.append(f"all-reduce {self.all_reduce.seconds(8 << 10) * 1e6:.0f} us at 8 KiB over {self.transport}"
                          + (f" back to back, {self.step_all_reduce_s * 1e6:.0f} us inside a decode step"
                             if self.step_all_reduce_s is not None else ""))
+        if self.send is not None and self.step_send_s is not None:
+            words.append(f"a pipeline hop {self.step_send_s * 1e6:.0f} us inside a decode step "
+                         f"({self.send.seconds(8 << 10) * 1e6:.0f} us back to back at 8 KiB)")
         words.append(f"the engines' decode: {self.engine_factor:.2f}x the probe's host time, "
                      f"{self.weights_factor:.2f}x its time per weight byte")
         for arch in sorted(a.host):

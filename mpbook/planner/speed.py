@@ -213,7 +213,7 @@ def _stage_times(members: list[RankSpeed], stages: int, time_of) -> list[float]:
 
 
 def _step_parts(w: RankWork, rates: Rates, host: HostTime, calibration: Calibration) -> dict[str, float]:
-    reduce, send = calibration.all_reduce_in_step(w.group), calibration.send
+    reduce, send = calibration.all_reduce_in_step(w.group), calibration.send_in_step()
     collectives = 0.0
     if reduce is not None:
         # An all-gather moves (ranks - 1)/ranks of its output into each rank: priced as an
@@ -231,7 +231,7 @@ def _step_parts(w: RankWork, rates: Rates, host: HostTime, calibration: Calibrat
 def _prefill_s(w: RankWork, work: Workload, rates: Rates, host: HostTime, calibration: Calibration) -> float:
     """One micro-batch's prompt through the stage: every prompt token a row of the linears."""
     rows = w.rows * work.prompt_len
-    reduce, send = calibration.all_reduce_in_step(w.group), calibration.send
+    reduce, send = calibration.all_reduce_in_step(w.group), calibration.send_in_step()
     scale = work.prompt_len
     collectives = 0.0 if reduce is None else (
         w.all_reduces * reduce.seconds(w.all_reduce_bytes * scale) + w.gathers * reduce.seconds(w.gather_bytes))
