@@ -285,9 +285,10 @@ def test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves(page, jupyterlab,
     page.screenshot(path=str(tmp_path / "quickstart-finished.png"))
 
     # Every cell ran, none has an error output, and the last one stopped the cluster.
-    assert not outcome["errors"], outcome
-    assert outcome["state"].startswith("finished"), outcome
-    assert all(isinstance(n, int) and n > 0 for n in outcome["counts"]), outcome["counts"]
+    # (a kernel that died leaves no error output: the server's log says so)
+    assert not outcome["errors"], (outcome, jupyterlab.log())
+    assert outcome["state"].startswith("finished"), (outcome, jupyterlab.log())
+    assert all(isinstance(n, int) and n > 0 for n in outcome["counts"]), (outcome, jupyterlab.log())
     assert "stopped the cluster" in outcome["last"], outcome["last"]
     assert outcome["dashboards"] >= 6  # the standing one, %%mp run's, one per strategy cell
 

@@ -44,6 +44,11 @@ REMOTE_ENGINE_TIMEOUT_S = 180.0
 # ipyparallel's default heartbeat (3 s) makes engine registration take ~6.5 s for two
 # engines here; 250 ms brings it to ~2 s and still notices a dead engine within seconds.
 HEARTBEAT_MS = 250
+# ipyparallel unregisters an engine after 10 missed beats, 2.5 s at this period: a 2-core
+# machine with every core busy held beats up that long, and live engines were reported dead
+# mid-run. 40 (10 s) still names a dead engine well within the collective timeout (a killed
+# one is named at once anyway: its nanny, or mpbook's watch of its pid, tells).
+HEARTBEAT_MISSES = 40
 
 log = logging.getLogger("mpbook")
 
@@ -175,7 +180,9 @@ class Cluster:
         controller_ip = self.address or "127.0.0.1"
         # Schedulers in threads rather than 8 forked processes: a faster start, and
         # fewer processes to compete for the cores with the engines.
-        controller_args = [f"--HeartMonitor.period={HEARTBEAT_MS}", "--IPController.use_threads=True"]
+        controller_args = [f"--HeartMonitor.period={HEARTBEAT_MS}",
+                           f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
+                           "--IPController.use_threads=True"]
         if self.slots:
             from .ssh import configure_engines, engine_environment
 
