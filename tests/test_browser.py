@@ -241,6 +241,9 @@ OUTCOME = """() => {
         last: cells.length ? cells[cells.length - 1].model.outputs.toJSON()
             .map((o) => o.text || '').join('') : '',
         dashboards: document.querySelectorAll('.mpbook-dashboard').length,
+        noise: cells.flatMap((c, i) => c.model.outputs.toJSON()
+            .filter((o) => o.output_type === 'stream' && (o.name === 'stderr' || String(o.text).includes('Traceback')))
+            .map((o) => `cell ${i}: ${String(o.text).slice(-800)}`)),
     };
 }"""
 
@@ -290,6 +293,8 @@ def test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves(page, jupyterlab,
     assert outcome["state"].startswith("finished"), (outcome, jupyterlab.log())
     assert all(isinstance(n, int) and n > 0 for n in outcome["counts"]), (outcome, jupyterlab.log())
     assert "stopped the cluster" in outcome["last"], outcome["last"]
+    # nothing on stderr and no traceback anywhere: a reader sees only what the notebook means to show
+    assert not outcome["noise"], "the notebook printed errors or logs:\n" + "\n".join(outcome["noise"])
     assert outcome["dashboards"] >= 6  # the standing one, %%mp run's, one per strategy cell
 
     # The dashboard rendered as widgets in the page, and its numbers moved while the cell ran.
@@ -302,7 +307,7 @@ def test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves(page, jupyterlab,
     rates = [_number(s["tokens"][0]) for s in decoding]
     assert any(r and r > 0 for r in rates), rates
     # (a cell read while the widget re-renders it can be empty for a moment: those reads say nothing)
-    shown = [m for s in decoding for m in s["memory"] if m]
+    shown = [m for s in decoding for m in s["memory"] if m and m != "–"]  # "–": no sample from that rank yet
     assert shown and all("MiB" in m or "GiB" in m for m in shown), [s["memory"] for s in decoding]
     assert all(" / " in m for m in last["memory"]), last["memory"]  # against the host's memory
     assert last["plot"]

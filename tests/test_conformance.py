@@ -220,11 +220,25 @@ def test_a_sample_combines_tp_with_pp_and_ep_on_four_engines(wb4):
     assert_as_committed(report)
 
 
+@pytest.fixture
+def timeout_15s(workbench):
+    """The shared workbench whose collectives give up after 15 s (the failed run below waits for
+    that timeout: the default 60 s would be spent waiting), for one test."""
+    before = workbench.timeout_s
+    workbench.cluster.timeout_s = 15.0
+    workbench.cluster.rebuild_group()
+    yield workbench
+    workbench.cluster.timeout_s = before
+    if not workbench.stopped:
+        workbench.cluster.rebuild_group()
+
+
 @pytest.mark.cluster
-def test_a_pipeline_run_after_a_failed_one_gets_its_own_activations(workbench, tmp_path):
+def test_a_pipeline_run_after_a_failed_one_gets_its_own_activations(timeout_15s, tmp_path):
     """Found by the sweep: a stage that failed to load left the first stage's send pending in
     MPI, and the next run's receive took that stale activation (the group was not formed again
     after mpbook's own MPI timeout). Now the group is formed again and the next run is right."""
+    workbench = timeout_15s
     import torch
     from safetensors.torch import load_file, save_file
 

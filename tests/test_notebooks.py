@@ -73,8 +73,12 @@ def test_the_quickstart_introduces_every_strategy():
 
 @pytest.mark.cluster
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_a_kernel_and_stops_its_cluster(path, monkeypatch):
+def test_notebook_runs_in_a_kernel_and_stops_its_cluster(path, monkeypatch, request):
     from nbclient import NotebookClient
+
+    if path.stem == "00_quickstart" and _quickstart_runs_in_the_browser(request.session):
+        pytest.skip("the quickstart runs whole in JupyterLab in this session (test_browser.py), checked the "
+                    "same way: every cell, nothing on stderr, no traceback, every process ended")
 
     nb = nbformat.read(path, as_version=4)
     # The kernel inherits this environment (the test IPYTHONDIR and MPBOOK_CACHE of conftest)
@@ -101,3 +105,16 @@ def test_notebook_runs_in_a_kernel_and_stops_its_cluster(path, monkeypatch):
         shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "display_data"]
         widgets = [o for o in shown if "application/vnd.jupyter.widget-view+json" in o.data]
         assert len(widgets) >= 5  # the standing dashboard and one per strategy cell
+
+
+def _quickstart_runs_in_the_browser(session) -> bool:
+    """Whether test_browser.py's quickstart test is collected in this session and can run
+    (Chromium and Playwright here): running the notebook twice would only cost the time."""
+    import importlib.util
+    import os
+
+    from test_browser import CHROMIUM
+
+    collected = any(item.name == "test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves"
+                    for item in session.items)
+    return collected and os.path.exists(CHROMIUM) and importlib.util.find_spec("playwright") is not None
