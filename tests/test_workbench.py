@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from cluster_probe import alive, gone_within, process_tree, snapshot
+from cluster_probe import alive, gone_within, process_tree, processes, snapshot
 from mpbook import RankError, Workbench
+from mpbook.cluster.transport import mpi_shared_memory_files
 from mpbook.devices import EngineSpec
 
 
@@ -36,6 +37,8 @@ def test_start_restart_and_stop_replace_then_end_every_process_port_and_folder(c
         assert [e.rank for e in wb.status()] == [0, 1]
         wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == world_size")
         snap = snapshot(wb)  # after a collective: gloo's listeners are among the ports
+        shared_memory = mpi_shared_memory_files(processes(wb))
+        assert shared_memory or wb.engines[0].transport != "mpi"  # MPICH's file of the world
         assert len(snap["pids"]) >= 5  # controller, 2 engines, 2 nannies
         assert snap["listening"] and os.path.isdir(snap["rendezvous_dir"])
     finally:
@@ -44,6 +47,7 @@ def test_start_restart_and_stop_replace_then_end_every_process_port_and_folder(c
         took = time.monotonic() - began
     assert gone_within(snap, 0) == ([], [])  # stop returns once everything is gone
     assert not os.path.exists(snap["rendezvous_dir"])
+    assert [path for path in shared_memory if os.path.exists(path)] == []  # MPICH leaves it: stop removes it
     # every engine ended as asked (SIGTERM); one that exits with an error has its whole log
     # printed by ipyparallel, which would land in the notebook on every stop
     time.sleep(0.5)

@@ -109,3 +109,22 @@ def attached_transport(client, engine_ids: list[int], transport: str, *, use_gpu
         raise MpbookError(f"transport='mpi': {why}; start them with `ipcluster start --engines mpi -n {n}`, "
                           "or use transport='gloo'")
     return TransportChoice("gloo", note=f"no MPI world ({why}): collectives over gloo")
+
+
+MPICH_SHARED_MEMORY = "/dev/shm/mpich_shm_"
+
+
+def mpi_shared_memory_files(procs) -> set[str]:
+    """The shared-memory files MPICH made for these processes' MPI world (one per world, mapped
+    by every rank). MPICH removes it in ``MPI_Finalize``, which an engine never reaches (it
+    exits without finalizing: a world whose peers are gone could wait there), and the name
+    must stay while the world runs (a rank that unlinked it broke the next collective): the
+    cluster's stop removes it once the engines are gone."""
+    found = set()
+    for proc in procs:
+        try:
+            with open(f"/proc/{proc.pid}/maps") as maps:
+                found.update(word for line in maps for word in line.split() if word.startswith(MPICH_SHARED_MEMORY))
+        except OSError:  # gone already, or not Linux
+            pass
+    return found
