@@ -37,7 +37,7 @@ def test_start_restart_and_stop_replace_then_end_every_process_port_and_folder(c
         assert [e.rank for e in wb.status()] == [0, 1]
         wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == world_size")
         snap = snapshot(wb)  # after a collective: gloo's listeners are among the ports
-        shared_memory = mpi_shared_memory_files(processes(wb))
+        shared_memory = mpi_shared_memory_files(p.pid for p in processes(wb))
         assert shared_memory or wb.engines[0].transport != "mpi"  # MPICH's file of the world
         assert len(snap["pids"]) >= 5  # controller, 2 engines, 2 nannies
         assert snap["listening"] and os.path.isdir(snap["rendezvous_dir"])

@@ -96,6 +96,12 @@ def main(argv: list[str]) -> None:
         remove_rendezvous()
     except Exception:
         traceback.print_exc()
+    try:
+        from mpbook.cluster.transport import mpi_shared_memory_files, remove_files
+
+        remove_files(mpi_shared_memory_files([os.getpid()]))  # MPICH's, which only MPI_Finalize removes
+    except Exception:
+        traceback.print_exc()
     # With torch loaded, interpreter finalization costs a second of CPU per engine and does
     # nothing that a process about to end needs: the engine has stopped its kernel, and its
     # nanny tells the controller. Skipping it makes stop and restart that much faster.

@@ -35,7 +35,7 @@ from .health import EngineWatch, process_running, signal_engines
 from .hosts import HostSlots, check_hosts, controller_address, rank_order, span_warning
 from .launch import OWNER_ENV
 from .transport import (
-    TransportChoice, attached_transport, choose_transport, configure_mpi_engines, mpi_shared_memory_files,
+    TransportChoice, attached_transport, choose_transport, configure_mpi_engines, mpi_shared_memory_files, remove_files,
 )
 
 # For engines to register after they are launched: seconds when the machine is idle, minutes
@@ -505,7 +505,7 @@ class Cluster:
                 _quiet(lambda: os.kill(pid, signal.SIGINT) if process_running(pid) else None)
         if self.owned and ipp_cluster is not None:
             procs = list({p.pid: p for p in [*self._started_procs, *process_trees(self.pids())]}.values())
-            shared_memory = mpi_shared_memory_files(procs)
+            shared_memory = mpi_shared_memory_files(p.pid for p in procs)
             if client is not None:
                 _quiet(client.close)
             left_remotely = {}
@@ -523,11 +523,7 @@ class Cluster:
                 _quiet(lambda: remove_remote_files(left_remotely, self._multiplex.options if self._multiplex else ()))
             _quiet(ipp_cluster.stop_controller_sync)
             _reap(procs)
-            for path in shared_memory:
-                try:
-                    os.unlink(path)
-                except OSError:  # another stop of the same world, or removed by MPICH itself
-                    pass
+            remove_files(shared_memory)
             if self._multiplex is not None:
                 self._multiplex.close([slot.name for slot in self.slots])
                 self._multiplex = None

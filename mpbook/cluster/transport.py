@@ -114,17 +114,28 @@ def attached_transport(client, engine_ids: list[int], transport: str, *, use_gpu
 MPICH_SHARED_MEMORY = "/dev/shm/mpich_shm_"
 
 
-def mpi_shared_memory_files(procs) -> set[str]:
+def mpi_shared_memory_files(pids) -> set[str]:
     """The shared-memory files MPICH made for these processes' MPI world (one per world, mapped
     by every rank). MPICH removes it in ``MPI_Finalize``, which an engine never reaches (it
     exits without finalizing: a world whose peers are gone could wait there), and the name
-    must stay while the world runs (a rank that unlinked it broke the next collective): the
-    cluster's stop removes it once the engines are gone."""
+    must stay while the world runs (a rank that unlinked it broke the next collective). Left
+    behind, it is more than lost memory: its name is the world's id (MPICH derives it from
+    the launcher's job, and pids come round), and a later world that comes to the same name
+    opens the stale file instead of a fresh one. So an engine removes it on its way out, and
+    the cluster's stop once the engines are gone (for those that were killed)."""
     found = set()
-    for proc in procs:
+    for pid in pids:
         try:
-            with open(f"/proc/{proc.pid}/maps") as maps:
+            with open(f"/proc/{pid}/maps") as maps:
                 found.update(word for line in maps for word in line.split() if word.startswith(MPICH_SHARED_MEMORY))
         except OSError:  # gone already, or not Linux
             pass
     return found
+
+
+def remove_files(paths) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:  # removed already (another rank of the world, or the stop)
+            pass
