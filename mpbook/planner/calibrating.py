@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import MpbookError
+from ..layout import Layout
 from .calibration import (
     Calibration, host_times, read_kept, slowest_rates, slowest_host, cache_path, cluster_key, measure_links, measure_rates,
     warm_up,
@@ -91,9 +92,9 @@ def _reference_runs(engines, calibration: Calibration, say) -> Calibration:
     def run(model, **layout):
         """The median of a few runs (these machines' speed moves from one second to the next),
         and the prediction of that run from a calibration."""
-        strategy = "tensor" if layout.get("tp", 1) > 1 else "pipeline" if layout.get("pp", 1) > 1 else "data"
-        microbatches = default_microbatches(layout.get("pp", 1), len(prompts))
-        common = dict(strategy=strategy, model=model, dtype=calibration.dtype, ignore_eos=True, chat=False,
+        shape = Layout(**layout)
+        microbatches = default_microbatches(shape.pp, len(prompts))
+        common = dict(strategy=shape.strategy, model=model, dtype=calibration.dtype, ignore_eos=True, chat=False,
                       microbatches=microbatches, **layout)
         engines.generate(prompts, max_new_tokens=4, **common)  # loads it, touches its memory
         runs = sorted((engines.generate(prompts, max_new_tokens=16, **common) for _ in range(REFERENCE_REPEATS)),
