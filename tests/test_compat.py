@@ -132,9 +132,9 @@ def test_ipyparallel_adapter_reads_per_target_output_and_waits_for_some_targets(
     metadata = ipp_compat.target_metadata(result)
     assert [md["stdout"] for md in metadata] == ["out 0\n", "out 1\n"]
 
-    from mpbook.engine import state as engine
+    from mpbook.engine import group
 
-    result = workbench.client[workbench.engine_ids()].apply_async(engine.call, _sleep_by_rank)
+    result = workbench.client[workbench.engine_ids()].apply_async(group.call, _sleep_by_rank)
     began = time.monotonic()
     assert ipp_compat.wait_for_targets(result, [0], timeout_s=20)  # rank 0 is done long before rank 1
     assert not result.ready()

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from cluster_probe import processes, rendezvous_path, sockets
-from mpbook.engine import state as engine
+from mpbook.engine import group
 
 
 def reduce_sum(state):
@@ -79,7 +79,7 @@ def test_gloo_listens_on_loopback(workbench):
     engines = roles(workbench)["engine"]
     with_group = {p.pid: listening([p]) for p in engines}
     try:
-        workbench.apply(engine.teardown, stream=False)  # leave the process group: gloo closes its listener
+        workbench.apply(group.teardown, stream=False)  # leave the process group: gloo closes its listener
         gloo = {p.pid: with_group[p.pid] - listening([p]) for p in engines}
     finally:
         workbench.cluster.rebuild_group()

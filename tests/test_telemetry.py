@@ -9,7 +9,7 @@ import pytest
 
 from mpbook.cluster import calls as remote
 from mpbook.engine import publish
-from mpbook.engine import state as engine
+from mpbook.engine import group
 from mpbook.compat.ipyparallel import target_metadata
 from mpbook.protocol import TELEMETRY_LATEST, TELEMETRY_START
 from mpbook.engine.telemetry import Telemetry
@@ -98,7 +98,7 @@ def _phases_via_state(state, steps):
 
 
 def test_an_apply_publishes_through_state_telemetry(workbench):
-    result = workbench.client[workbench.engine_ids()].apply_async(engine.call, _phases_via_state, 10)
+    result = workbench.client[workbench.engine_ids()].apply_async(group.call, _phases_via_state, 10)
     seen, seconds = _collect(result, workbench.ranks)
     for rank in workbench.ranks:
         phases = {s["phase"] for s in seen[rank]}

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ContextManager, Protocol, TextIO
 
 from ..compat import ipyparallel as ipp_compat
-from ..engine import state as engine
+from ..engine import group
 from ..errors import CollectiveError, EngineDiedError, MpbookError, RankError, RankFailure, interrupted_on_ranks
 from ..options import parse_ranks
 from .health import EngineWatch, is_collective_failure
@@ -67,7 +67,7 @@ class Calls:
         cluster = self.cluster
         cluster.check_running(what)
         chosen = parse_ranks(ranks, cluster.world_size)
-        result = cluster.client[cluster.engine_ids(chosen)].apply_async(engine.call, fn, *args, **kwargs)
+        result = cluster.client[cluster.engine_ids(chosen)].apply_async(group.call, fn, *args, **kwargs)
         return self.wait(result, chosen, what, stream=stream, follow=follow)
 
     def wait(self, result, chosen: list[int], what: str, *, stream: bool, follow: Follow | None = None) -> list[Any]:

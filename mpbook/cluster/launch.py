@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
         traceback.print_exc()
         code = 1
     try:
-        from mpbook.engine.state import remove_rendezvous
+        from mpbook.engine.rendezvous import remove_rendezvous
 
         remove_rendezvous()
     except Exception:

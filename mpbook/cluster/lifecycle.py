@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..devices import EngineSpec, visible_gpu_count
-from ..engine import state as engine
+from ..engine import group, network
+from ..engine import rendezvous as meeting
 from ..errors import EngineDiedError, MpbookError, NoClusterError
 from ..layout import ranks_by_host
 from ..options import DEFAULT_TIMEOUT_S, check_engine_count, check_threads, check_timeout
@@ -293,7 +294,7 @@ class Cluster:
                 f"{n or 1} wanted; start more engines or ask for fewer with -n"
             ) from None
         chosen = sorted(client.ids)[: n or None]
-        found = client[chosen].apply_sync(engine.hostname)
+        found = client[chosen].apply_sync(network.hostname)
         ids = rank_order(chosen, found)  # ranks by host
         hosts = [found[chosen.index(eid)] for eid in ids]
         kind = rendezvous or ("file" if len(set(hosts)) == 1 else "tcp")
@@ -328,7 +329,7 @@ class Cluster:
             ids = sorted(self.client.ids)[: self.spec.n]
             if self.slots:
                 # Ranks by host, in the order the hosts were given.
-                found = self.client[ids].apply_sync(engine.hostname)
+                found = self.client[ids].apply_sync(network.hostname)
                 order = rank_order(ids, found, first=_host_names(self.slots, found))
                 hosts = [found[ids.index(eid)] for eid in order]
                 ids = order
@@ -340,7 +341,7 @@ class Cluster:
             # Each host's cores, shared among that host's engines.
             cores = self.client[ids].apply_sync(_usable_cores)
             threads = [max(1, c // hosts.count(h)) for c, h in zip(cores, hosts)]
-        rdzv: Rendezvous = self.client[ids[0]].apply_sync(engine.make_rendezvous, self.rendezvous_kind, self.address)
+        rdzv: Rendezvous = self.client[ids[0]].apply_sync(meeting.make_rendezvous, self.rendezvous_kind, self.address)
         self._rendezvous = rdzv
         table = {}
         for rank, (eid, host) in enumerate(zip(ids, hosts)):
@@ -356,13 +357,13 @@ class Cluster:
                 mpi=self.transport.name == "mpi",
                 toward=self.address,
             )
-        result = self.client[ids].apply_async(engine.setup_from_table, table)
+        result = self.client[ids].apply_async(group.setup_from_table, table)
         self.engines = calls.wait(result, self.ranks, stream=False, what="forming the process group")
 
     def rebuild_group(self) -> None:
         """Destroy the process group on every rank and form it again at a fresh rendezvous;
         the engines keep their loaded models (their collectives move to the new group)."""
-        self.client[self._engine_ids].apply_async(engine.teardown, keep_model=True).get(timeout=self.timeout_s)
+        self.client[self._engine_ids].apply_async(group.teardown, keep_model=True).get(timeout=self.timeout_s)
         self._form_group(hosts=self._hosts)
 
     # ----------------------------------------------------------------- properties
@@ -474,12 +475,12 @@ class Cluster:
                     f"{self.world_size} wanted: start engines there (e.g. `ipengine` or `ipcluster engines`), "
                     "then `%mp restart` again"
                 )
-            _quiet(lambda: self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s))
+            _quiet(lambda: self.client[ids].apply_async(group.teardown).get(timeout=self.timeout_s))
             ids = sorted(ids + spare[: self.world_size - len(ids)])
             self._engine_ids = ids
         else:
-            _quiet(lambda: self.client[ids].apply_async(engine.teardown).get(timeout=self.timeout_s))
-        hosts = self.client[ids].apply_sync(engine.hostname)
+            _quiet(lambda: self.client[ids].apply_async(group.teardown).get(timeout=self.timeout_s))
+        hosts = self.client[ids].apply_sync(network.hostname)
         self._form_group(hosts=hosts)
         return self
 
@@ -498,7 +499,7 @@ class Cluster:
                 # SIGTERM until its cell ends: interrupt it first.
                 signal_engines(client, signal.SIGINT, live)
             # Destroying the group on every rank lets NCCL/gloo close their sockets cleanly.
-            _quiet(lambda: client[live].apply_async(engine.teardown).get(timeout=5))
+            _quiet(lambda: client[live].apply_async(group.teardown).get(timeout=5))
         elif self.owned:
             # No controller to reach the engines through; they are ours and on this host.
             for pid in self.pids()["engines"]:

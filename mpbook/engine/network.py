@@ -13,6 +13,24 @@ from __future__ import annotations
 import socket
 
 
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def host_address() -> str:
+    """An address of this host that other hosts can reach (for a TCP rendezvous)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return socket.gethostname()
+
+
+def group_address(toward: str | None) -> str:
+    """The address this engine's process group uses: on the route to ``toward`` (the address
+    the hosts share) when given, else the one its host name resolves to."""
+    return route_source(toward) if toward else host_address()
+
+
 def route_source(toward: str) -> str:
     """This host's address on the route to ``toward`` (``toward`` itself when it is local).
 

@@ -18,7 +18,7 @@ Why this is safe from a thread (ipykernel 7, ipyparallel 9):
   could be filed under the next request).
 
 Tasks are bracketed in two places: ``execute`` requests (``%%mp run``) by the shell's
-``pre_execute``/``post_execute`` events, ``apply`` requests by :func:`mpbook.engine.state.call`.
+``pre_execute``/``post_execute`` events, ``apply`` requests by :func:`mpbook.engine.group.call`.
 """
 
 from __future__ import annotations
