@@ -310,18 +310,39 @@ def plot_timeline(run: Any, phase: str | None = None, *, hosts: Sequence[str] | 
     width_in = 9.0
     fig = PlotFigure(figsize=(width_in, 0.6 * len(ranks) + 1.8), layout="constrained")
     ax = fig.add_subplot()
-    cmap = _colours(m)
     end_ms = max(t for _, _, t in spans) * 1000
     ax.set_xlim(0, end_ms * 1.01 or 1.0)
     # Pixels per millisecond, near enough to decide which numbers fit (the axes take most of
     # the figure's width; the rest is the row labels).
     px_per_ms = 0.8 * width_in * fig.dpi / (end_ms * 1.01 or 1.0)
+    _draw_bars(ax, ranks, spans, microbatches, px_per_ms)
+    names = {r: f"stage {min(e.stage for e in events if e.rank == r)}" for r in ranks}
+    ax.set_yticks(range(len(ranks)), [names[r] if one_rank_a_stage else f"{names[r]} · rank {r}" for r in ranks])
+    ax.invert_yaxis()
+    _mark_hosts_on_rows(ax, groups)
+    ax.set_xlabel("ms since the first step began")
+    phases = [ph for ph in TIMELINE_PHASES if any(e.phase == ph for e in events)]
+    if len(phases) > 1:
+        _mark_decode_start(ax, spans)
+    ax.set_title(
+        f"pipeline timeline, {_timeline_phrase(events)}: p={p} stage{'s' if p != 1 else ''}, "
+        f"m={m} micro-batch{'es' if m != 1 else ''}\n"
+        f"{_bubble_line(events, phases, ranks, microbatches)}",
+        fontsize="medium",
+        pad=14 if len(phases) > 1 else 6,
+    )
+    return fig
+
+
+def _draw_bars(ax, ranks: list[int], spans, microbatches: list[int], px_per_ms: float) -> None:
+    """One rectangle per (micro-batch, step) of each rank's row, coloured by micro-batch, with
+    the micro-batch's number where it fits."""
+    cmap = _colours(len(microbatches))
     for row, rank in enumerate(ranks):
         bars = sorted((x for x in spans if x[0].rank == rank), key=lambda x: x[1])
         lefts = [s * 1000 for _, s, _ in bars]
         widths = [(t - s) * 1000 for _, s, t in bars]
         thin = [w * px_per_ms < THIN_PX for w in widths]
-        # One rectangle per (micro-batch, step) of this rank, coloured by micro-batch.
         ax.barh(
             [row] * len(bars),
             widths,
@@ -335,19 +356,20 @@ def plot_timeline(run: Any, phase: str | None = None, *, hosts: Sequence[str] | 
             label = str(e.microbatch)
             if w * px_per_ms >= LABEL_PX_PER_CHAR * (len(label) + 1):
                 ax.text(x + w / 2, row, label, ha="center", va="center", fontsize="x-small", color="white")
-    names = {r: f"stage {min(e.stage for e in events if e.rank == r)}" for r in ranks}
-    ax.set_yticks(range(len(ranks)), [names[r] if one_rank_a_stage else f"{names[r]} · rank {r}" for r in ranks])
-    ax.invert_yaxis()
-    _mark_hosts_on_rows(ax, groups)
-    ax.set_xlabel("ms since the first step began")
-    phases = [ph for ph in TIMELINE_PHASES if any(e.phase == ph for e in events)]
-    if len(phases) > 1:
-        # Where the decode begins: the prefill's last bar ends there.
-        decode_from = min(s for e, s, _ in spans if e.phase == "decode") * 1000
-        ax.axvline(decode_from, color="#555555", linewidth=0.8, linestyle="--")
-        above = ax.get_xaxis_transform()  # x in ms, y in the axes' height: just above the rows
-        ax.text(decode_from, 1.01, "← prefill ", transform=above, ha="right", va="bottom", fontsize="x-small", color="#555555")
-        ax.text(decode_from, 1.01, " decode →", transform=above, ha="left", va="bottom", fontsize="x-small", color="#555555")
+
+
+def _mark_decode_start(ax, spans) -> None:
+    """A dashed line where the decode begins (the prefill's last bar ends there), named on each side."""
+    decode_from = min(s for e, s, _ in spans if e.phase == "decode") * 1000
+    ax.axvline(decode_from, color="#555555", linewidth=0.8, linestyle="--")
+    above = ax.get_xaxis_transform()  # x in ms, y in the axes' height: just above the rows
+    ax.text(decode_from, 1.01, "← prefill ", transform=above, ha="right", va="bottom", fontsize="x-small", color="#555555")
+    ax.text(decode_from, 1.01, " decode →", transform=above, ha="left", va="bottom", fontsize="x-small", color="#555555")
+
+
+def _bubble_line(events, phases: list[str], ranks: list[int], microbatches: list[int]) -> str:
+    """Each phase's measured bubble, then its theory for this schedule."""
+    p, m = len({e.stage for e in events}), len(microbatches)
     measured = ", ".join(f"{ph} {bubble_fraction([e for e in events if e.phase == ph]):.0%}" for ph in phases)
     theory = []
     if "prefill" in phases:
@@ -358,14 +380,7 @@ def plot_timeline(run: Any, phase: str | None = None, *, hosts: Sequence[str] | 
         steps = max((len([e for e in events if e.phase == "decode" and e.rank == r and e.microbatch == mb])
                      for r in ranks for mb in microbatches), default=0)
         theory.append(f"decode {interleaved_bubble(p, m, steps):.0%} (interleaved, {steps} steps)")
-    ax.set_title(
-        f"pipeline timeline, {_timeline_phrase(events)}: p={p} stage{'s' if p != 1 else ''}, "
-        f"m={m} micro-batch{'es' if m != 1 else ''}\n"
-        f"bubble measured: {measured} · in theory: {', '.join(theory)}",
-        fontsize="medium",
-        pad=14 if len(phases) > 1 else 6,
-    )
-    return fig
+    return f"bubble measured: {measured} · in theory: {', '.join(theory)}"
 
 
 def _colours(n: int) -> list:

@@ -37,6 +37,17 @@ class RunInfo:
     decode: Any  # token ids -> text
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A run checked and encoded on the client, before any engine works (Session._prepare)."""
+
+    request: Request
+    info: ModelInfo
+    encoded: EncodedPrompts
+    prompt_tokens: list[int]  # each prompt's length in tokens
+    chosen_microbatches: bool  # the micro-batches were left to mpbook (one per pipeline stage)
+
+
 def check_request(request: Request, *, config, prompt_tokens: list[int]) -> None:
     """What the layout's check (:func:`choose_layout`) leaves: each prompt and its new tokens
     within the model's context, and left padding only for a model that reads positions.
@@ -132,6 +143,40 @@ class Session:
         import time
 
         began = time.perf_counter()
+        prepared = self._prepare(
+            prompts, strategy=strategy, model=model, dp=dp, pp=pp, tp=tp, ep=ep, microbatches=microbatches,
+            max_new_tokens=max_new_tokens, dtype=dtype, stage_sizes=stage_sizes, attention=attention, plans=plans,
+            chat=chat, system=system, sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                     repetition_penalty=repetition_penalty, seed=seed),
+            stop=stop, ignore_eos=ignore_eos, stream=stream, track_tensors=track_tensors, compile=compile,
+            follow=follow)
+        request, info, encoded, prompt_tokens = prepared.request, prepared.info, prepared.encoded, prepared.prompt_tokens
+        chosen_microbatches = prepared.chosen_microbatches
+        self._check_before_loading(request, info, prompt_tokens)
+        _fetch_weights(info, follow)
+        _describe_run(follow, strategy, request, encoded, info)
+        dispatched = time.perf_counter()
+        outputs = self._dispatch(request, info, strategy=strategy, prompt_len=max(prompt_tokens),
+                                 default_microbatches=chosen_microbatches, follow=follow)
+        self._note_engines_memory(outputs)
+        result = merge(
+            outputs, strategy=strategy, request=request, prompts=encoded.shown, tokenizer=info.tokenizer,
+            prompt_tokens=prompt_tokens, device_type=self.cluster.device_type,
+        )
+        result.messages = encoded.messages
+        result.prepare_seconds = dispatched - began
+        result.cell_seconds = time.perf_counter() - began
+        show = getattr(follow, "show_result", None)
+        if show is not None:
+            show(result)
+        return result
+
+    # ----------------------------------------------------------------- the steps of a run
+    def _prepare(self, prompts, *, strategy, model, dp, pp, tp, ep, microbatches, max_new_tokens, dtype,
+                 stage_sizes, attention, plans, chat, system, sampling, stop, ignore_eos, stream, track_tensors,
+                 compile, follow) -> Prepared:
+        """Every argument checked, the model resolved, the prompts encoded and the layout
+        chosen: the run's Request, before any engine works."""
         if isinstance(prompts, str):
             prompts = [prompts]
         _check_strategy(strategy, dp=dp, pp=pp, tp=tp, ep=ep)
@@ -140,8 +185,7 @@ class Session:
         chosen_microbatches = microbatches is None  # then one per pipeline stage, once the layout is known
         microbatches = 1 if chosen_microbatches else check_microbatches(microbatches)
         stage_sizes = check_stage_sizes(stage_sizes)
-        sampling = choose_sampling(temperature=temperature, top_k=top_k, top_p=top_p,
-                                   repetition_penalty=repetition_penalty, seed=seed)
+        sampling = choose_sampling(**sampling)
         stop_strings = check_stop(stop)
         check_prompts(prompts)
         info = self._resolve(model, follow)
@@ -164,26 +208,8 @@ class Session:
                               stop_strings=stop_strings, ignore_eos=bool(ignore_eos)),
             track_tensors=track_tensors, stream=stream, compile=bool(compile),
         )
-        self._check_before_loading(request, info, prompt_tokens)
-        _fetch_weights(info, follow)
-        _describe_run(follow, strategy, request, encoded, info)
-        dispatched = time.perf_counter()
-        outputs = self._dispatch(request, info, strategy=strategy, prompt_len=max(prompt_tokens),
-                                 default_microbatches=chosen_microbatches, follow=follow)
-        self._note_engines_memory(outputs)
-        result = merge(
-            outputs, strategy=strategy, request=request, prompts=encoded.shown, tokenizer=info.tokenizer,
-            prompt_tokens=prompt_tokens, device_type=self.cluster.device_type,
-        )
-        result.messages = encoded.messages
-        result.prepare_seconds = dispatched - began
-        result.cell_seconds = time.perf_counter() - began
-        show = getattr(follow, "show_result", None)
-        if show is not None:
-            show(result)
-        return result
+        return Prepared(request, info, encoded, prompt_tokens, chosen_microbatches)
 
-    # ----------------------------------------------------------------- the steps of a run
     def _resolve(self, model: str, follow: Follow | None) -> ModelInfo:
         """The model, resolved once per kernel. The dashboard is on screen from here, saying
         what the client does before the engines are called (a kernel's first model takes
