@@ -82,3 +82,24 @@ def _graphs_compiled(state) -> int:
     from mpbook.compat.torch import graphs_compiled
 
     return graphs_compiled()
+
+
+@pytest.mark.cluster
+def test_compiled_expert_parallel_matches_eager_and_one_device(workbench):
+    """A mixture-of-experts step compiled with its experts split over the engines (ep=2): the
+    expert all-reduce runs inside the compiled step, tokens as eager and as transformers' own."""
+    from test_models import NEW_TOKENS as FAMILY_NEW_TOKENS
+    from test_models import PROMPTS as FAMILY_PROMPTS
+    from test_models import assert_matches, family_folder
+
+    folder = family_folder("mixtral")
+    run = dict(strategy="expert", model=folder, max_new_tokens=FAMILY_NEW_TOKENS)
+    eager = workbench.generate(FAMILY_PROMPTS, **run)
+    first = workbench.generate(FAMILY_PROMPTS, compile=True, **run)
+    assert all(seconds is not None and seconds > 0 for seconds in first.compile_seconds)
+    again = workbench.generate(FAMILY_PROMPTS, compile=True, **run)
+    assert again.compile_seconds == [None] * workbench.world_size
+    assert first.token_ids == again.token_ids == eager.token_ids
+    assert_matches(again, folder, logits=False)
+    assert again.layout.ep == workbench.world_size
+    assert again.collectives == eager.collectives and any(c.get("all_reduce") for c in again.collectives)
