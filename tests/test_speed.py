@@ -138,21 +138,6 @@ def test_a_reference_run_fits_the_one_value_it_measures():
     assert fitted(predicted, 1e-3) == FIT_MAX_S  # slower than any hop explains: capped
 
 
-def test_a_smaller_group_pays_fewer_rounds_unless_the_engines_outnumber_the_cores():
-    from dataclasses import replace
-
-    four = replace(hand_calibration(engines=4), ranks=4, step_all_reduce_s=400e-6)
-    # 4 engines on 8 cores: an all-reduce over 2 of them takes log2(2)/log2(4) of the rounds
-    assert four.all_reduce_in_step(4).latency_s == pytest.approx(400e-6)
-    assert replace(four, cores=8).all_reduce_in_step(2).latency_s == pytest.approx(200e-6)
-    # 4 engines on 2 cores: the wait is for a peer's turn on a core, as long in a pair as in all four
-    crowded = replace(four, cores=2)
-    assert crowded.oversubscribed and not replace(four, cores=8).oversubscribed
-    assert crowded.all_reduce_in_step(2).latency_s == pytest.approx(400e-6)
-    assert "(4 threads on 2 cores)" in crowded.summary()
-    assert not replace(four, device="NVIDIA H200", cores=2).oversubscribed  # a GPU engine's work is on its device
-
-
 def test_engines_busy_together_take_the_together_rates():
     """Two engines that slow each other down 2x when both work: data parallel on both pays it,
     and so does a pipeline (its waiting stage polls: it is busy too); one engine does not."""

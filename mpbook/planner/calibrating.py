@@ -10,7 +10,7 @@ from dataclasses import replace
 from ..errors import MpbookError
 from ..layout import Layout
 from .calibration import (
-    Calibration, host_cores, host_times, read_kept, slowest_rates, slowest_host, cache_path, cluster_key, measure_links, measure_rates,
+    Calibration, host_times, read_kept, slowest_rates, slowest_host, cache_path, cluster_key, measure_links, measure_rates,
     warm_up,
 )
 
@@ -44,9 +44,8 @@ def calibrate(engines, *, dtype: str = "float32", model_types=("llama",), again:
         alone = engines.apply(measure_rates, dtype=dtype, model_types=missing, ranks=[0], stream=False)[0]
         together = engines.apply(measure_rates, dtype=dtype, model_types=missing, stream=False)
         links = engines.apply(measure_links, stream=False)[0]
-        cores = engines.apply(host_cores, ranks=[0], stream=False)[0]
         calibration = Calibration(
-            key=key, ranks=engines.world_size, cores=cores, alone=alone, together=slowest_rates(together),
+            key=key, ranks=engines.world_size, alone=alone, together=slowest_rates(together),
             all_reduce=links and links["all_reduce"],
             send=links and links["send"], measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **facts)

@@ -40,7 +40,7 @@ POOL_BYTES = 64 << 20  # twice this VM kind's L3: weights come from memory, as a
 PROBE_SECONDS = 0.04  # per row count: enough calls for a stable median, short in total
 LINK_SIZES = (8 << 10, 1 << 20)
 HOST_ROWS = (1, 8)  # a decode step's host time grows with its rows (masks, attention): two points
-VERSION = 8
+VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -150,12 +150,6 @@ class Calibration:
     weights_factor: float = 1.0  # the same for the weights' streaming (the model's own shapes and kernels)
     step_all_reduce_s: float | None = None
     step_send_s: float | None = None  # a pipeline hop inside a real decode step (see send_in_step)
-    cores: int = 0  # the host's logical CPUs, as rank 0's engine counts them (0: not known)
-
-    @property
-    def oversubscribed(self) -> bool:
-        """CPU engines whose threads outnumber the host's cores (they take turns on them)."""
-        return self.device == "cpu" and self.cores > 0 and self.engines_per_host * self.threads > self.cores
 
     def send_in_step(self) -> Cost | None:
         """A pipeline hop as a decode step pays it: the send and receive with the stage's own
@@ -170,13 +164,11 @@ class Calibration:
         real step (ranks arrive a little apart, and the wait for the later one is part of the
         call) when the reference run measured it, else the back-to-back one; measured over every
         rank, and for a smaller group scaled by the rounds a small all-reduce takes (recursive
-        doubling: log2 of the ranks). Not when the engines outnumber the cores: then the wait
-        inside a step is mostly for a peer's turn on a core, which a smaller group does not
-        shorten (every engine of the host still takes its turns)."""
+        doubling: log2 of the ranks)."""
         if self.all_reduce is None:
             return None
         latency = max(self.all_reduce.latency_s, self.step_all_reduce_s or 0.0)
-        if 2 <= group < self.ranks and not self.oversubscribed:
+        if 2 <= group < self.ranks:
             latency *= math.log2(group) / math.log2(self.ranks)
         return Cost(latency, self.all_reduce.seconds_per_byte)
 
@@ -224,8 +216,7 @@ class Calibration:
             f"{self.device}, {self.threads} thread{'s' if self.threads != 1 else ''}/engine, {self.dtype}: "
             f"{a.bandwidth_bytes_per_s / 1e9:.1f} GB/s and {a.matmul_flops_per_s(e) / 1e9:.0f} GFLOP/s alone",
             f"{t.bandwidth_bytes_per_s / 1e9:.1f} GB/s and {t.matmul_flops_per_s(e) / 1e9:.0f} GFLOP/s each "
-            f"with {self.engines_per_host} busy"
-            + (f" ({self.engines_per_host * self.threads} threads on {self.cores} cores)" if self.oversubscribed else ""),
+            f"with {self.engines_per_host} busy",
         ]
         if self.all_reduce is not None:
             words.append(f"all-reduce {self.all_reduce.seconds(8 << 10) * 1e6:.0f} us at 8 KiB over {self.transport}"
@@ -413,13 +404,6 @@ def _median(values: list[float]) -> float:
 def measure_rates(state, *, dtype: str, model_types: tuple[str, ...]) -> Rates:
     """This engine's linear curve and host times (every engine measuring at once, or one alone)."""
     return Rates(measure_linear(state, dtype=dtype), host_times(state, model_types=model_types))
-
-
-def host_cores(state) -> int:
-    """The logical CPUs this engine may run on (its affinity), which its host's engines share."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 
 # ----------------------------------------------------------------------------- the client
