@@ -154,12 +154,43 @@ def test_engines_busy_together_take_the_together_rates():
     assert pipeline.speed.busy_engines == 2
 
 
-def test_rates_interpolate_between_alone_and_together_and_between_row_counts():
-    cal = hand_calibration(together_factor=3.0)
+def test_ranks_waiting_in_all_reduces_leave_their_cores_to_the_others():
+    """tp=2 on two engines that slow each other down 2x when both work: a rank's all-reduce
+    wait sleeps, so on average 2 x (1 - the collectives' share) engines compute at once, and the
+    rates are the ones of that many busy engines; the share is the one at those rates (iterated to agree)."""
+    from dataclasses import replace
+
+    from mpbook.planner.speed import collective_share
+
+    cal = replace(hand_calibration(together_factor=2.0), step_all_reduce_s=0.3e-3)
+    p = mpbook.plan("tiny", tp=2, batch=4, prompt_len=10, max_new_tokens=11, device_memory_bytes=1 << 30,
+                    suggestions=False, calibration=cal).speed
+    share = collective_share(p)
+    assert 0.2 < share < 0.5  # 14 all-reduces and gathers of 0.3 ms against 8-16 ms of host work
+    assert p.busy_engines == pytest.approx(2 * (1 - share), abs=0.02)
+    rank = p.ranks[0]
+    # the host's 6 layers, the work around them and the head, at the rates of that many busy engines
+    assert rank.parts["host"] == pytest.approx((6 + 0.5 + 1.5) * MS * max(1, 2 * p.busy_engines / 2), rel=1e-6)
+    assert any("their cores free" in line for line in p.arithmetic())
+    # data parallel makes no all-reduce: both engines count as busy, as before
+    assert mpbook.plan("tiny", dp=2, batch=2, prompt_len=10, max_new_tokens=11, device_memory_bytes=1 << 30,
+                       suggestions=False, calibration=cal).speed.busy_engines == 2
+
+
+def test_busy_engines_share_the_capacity_all_of_them_measured_and_interpolate_row_counts():
+    # Four engines 3x slower each when all work: in all they do 4/3 of one alone's work.
+    cal = hand_calibration(engines=4, together_factor=3.0)
     assert cal.rates(1).seconds_per_weight_byte[1] == pytest.approx(1e-9)
-    assert cal.rates(2).seconds_per_weight_byte[1] == pytest.approx(3e-9)
-    assert cal.rates(1.5).host_time("llama", 1) == HostTime(pytest.approx(2 * MS), pytest.approx(1 * MS),
-                                                            pytest.approx(3 * MS))
+    assert cal.rates(4).seconds_per_weight_byte[1] == pytest.approx(3e-9)
+    # 2 busy share that: 3 ns x 2/4 each; 1.2 busy would get more than one alone can: alone's
+    assert cal.rates(2).host_time("llama", 1) == HostTime(pytest.approx(1.5 * MS), pytest.approx(0.75 * MS),
+                                                          pytest.approx(2.25 * MS))
+    assert cal.rates(1.2).seconds_per_weight_byte[1] == pytest.approx(1e-9)
+    # Two engines 3x slower each: in all less than one alone, nothing to share: interpolated
+    two = hand_calibration(engines=2, together_factor=3.0)
+    assert two.rates(1).seconds_per_weight_byte[1] == pytest.approx(1e-9)
+    assert two.rates(2).seconds_per_weight_byte[1] == pytest.approx(3e-9)
+    assert two.rates(1.5).seconds_per_weight_byte[1] == pytest.approx(2e-9)
     # Host time grows with the rows: on the line through the measured row counts, and beyond.
     curve = Rates({1: 1.0}, {"llama": {1: HostTime(1.0, 2.0, 3.0), 8: HostTime(8.0, 9.0, 10.0)}})
     assert curve.host_time("llama", 4) == HostTime(4.0, 5.0, 6.0)

@@ -40,7 +40,7 @@ POOL_BYTES = 64 << 20  # twice this VM kind's L3: weights come from memory, as a
 PROBE_SECONDS = 0.04  # per row count: enough calls for a stable median, short in total
 LINK_SIZES = (8 << 10, 1 << 20)
 HOST_ROWS = (1, 8)  # a decode step's host time grows with its rows (masks, attention): two points
-VERSION = 7
+VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,22 @@ class Cost:
         (b1, t1), (b2, t2) = small, large
         per_byte = max((t2 - t1) / (b2 - b1), 0.0)
         return cls(max(t1 - b1 * per_byte, 0.0), per_byte)
+
+
+def shared_seconds(alone: float, together: float, busy: float, engines: int) -> float:
+    """The time of one unit of work on each of ``busy`` engines of a host of ``engines``, from
+    its time with one engine working (``alone``) and with all of them (``together``).
+
+    All the engines together did ``engines / together`` units a second, in all: ``busy`` of them
+    share that, each doing no more than one alone, so ``max(alone, together x busy / engines)``.
+    Where the engines together did less in all than one alone (contention that costs more than
+    the second engine gives, or a noisy measurement), there is no capacity to share: the time
+    is interpolated between the two measurements instead."""
+    if engines <= 1:
+        return alone
+    if together <= engines * alone:
+        return max(alone, together * busy / engines)
+    return alone + (together - alone) * (busy - 1) / (engines - 1)
 
 
 @dataclass(frozen=True)
@@ -173,18 +189,20 @@ class Calibration:
         return Cost(latency, self.all_reduce.seconds_per_byte)
 
     def rates(self, busy: float) -> Rates:
-        """Rates with ``busy`` engines of a host working at once (1: alone; all: together),
-        each figure interpolated between the two measurements."""
+        """Rates with ``busy`` engines of a host working at once (1: alone; all: together).
+
+        The host's cores and memory bus are shared: all its engines busy together got, in all,
+        what ``together`` measured; ``busy`` of them share that capacity, each getting at most
+        what one gets alone. So each figure's time is ``max(alone, together x busy / engines)``
+        (:func:`shared_seconds`)."""
         n = self.engines_per_host
-        share = 0.0 if n <= 1 else min(max((busy - 1) / (n - 1), 0.0), 1.0)
-
-        def mix(a: float, b: float) -> float:
-            return a + share * (b - a)
-
-        per_byte = {r: mix(s, self.together.seconds_per_weight_byte[r]) * self.weights_factor
+        busy = min(max(busy, 1.0), float(max(n, 1)))
+        per_byte = {r: shared_seconds(s, self.together.seconds_per_weight_byte[r], busy, n) * self.weights_factor
                     for r, s in self.alone.seconds_per_weight_byte.items()}
         factor = self.engine_factor
-        host = {arch: {r: h.mixed(self.together.host[arch][r], share).scaled(factor) for r, h in curve.items()}
+        host = {arch: {r: HostTime(*(shared_seconds(a, t, busy, n) for a, t in
+                                     zip(astuple(h), astuple(self.together.host[arch][r])))).scaled(factor)
+                       for r, h in curve.items()}
                 for arch, curve in self.alone.host.items() if arch in self.together.host}
         return Rates(per_byte, host)
 
