@@ -36,23 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .layout import Layout
+from .planner.workload import SAMPLE_PROMPTS as BENCH_PROMPTS, sample_prompts as bench_prompts
 from .protocol import DEFAULT_DTYPE, DEFAULT_MODEL
-
-BENCH_PROMPTS = [
-    "Explain pipeline parallelism in one sentence.",
-    "What does an all-reduce do?",
-    "Why do micro-batches shrink the pipeline bubble?",
-    "Tensor parallelism splits every weight matrix across devices, so",
-    "Data parallel replicas",
-    "The KV cache holds",
-    "A model too large for one GPU",
-    "Throughput is measured in tokens per second",
-]
-
-
-def bench_prompts(batch: int) -> list[str]:
-    """``batch`` prompts: the benchmark's own, repeated as needed."""
-    return (BENCH_PROMPTS * (batch // len(BENCH_PROMPTS) + 1))[:batch]
 
 
 @dataclass(frozen=True)

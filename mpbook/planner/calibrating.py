@@ -13,6 +13,7 @@ from .calibration import (
     Calibration, host_times, read_kept, slowest_rates, slowest_host, cache_path, cluster_key, measure_links, measure_rates,
     warm_up,
 )
+from .workload import sample_prompts
 
 
 def calibrate(engines, *, dtype: str = "float32", model_types=("llama",), again: bool = False,
@@ -63,7 +64,13 @@ def calibrate(engines, *, dtype: str = "float32", model_types=("llama",), again:
 
 REFERENCE_MODEL = "tiny"  # built in, offline, a Llama: the family whose probe sets the factor
 WEIGHTS_MODEL = "small"  # built in too, 100 MB of float32 weights: more than the caches hold
-REFERENCE_ROWS = 4  # per engine
+# The workload the reference runs decode: the default one of `explore` and `bench --predict` (8
+# prompts, one row an engine at least, 32 new tokens). The fits below absorb what the model
+# leaves out (a collective's wait for its slowest peer grows with the rows), so they are made
+# where they are used most: fitted at 16 rows on 4 engines, tp=4 at 8 rows ran 1.3x as fast
+# as predicted.
+REFERENCE_BATCH = 8
+REFERENCE_NEW_TOKENS = 32
 REFERENCE_REPEATS = 3
 
 
@@ -74,19 +81,20 @@ def _reference_runs(engines, calibration: Calibration, say) -> Calibration:
     step is host time) gives the ratio of the host parts, the engines' own cost beyond the probe
     (their telemetry and streaming, their threads sharing the interpreter); ``small`` (100 MB of
     weights) then the ratio of the weights' streaming (a model's own matrix shapes and kernels
-    against the probe's square ones). Then ``tiny`` over every engine as one tensor-parallel
-    group gives an all-reduce's time inside a real step (the ranks arrive apart, and the wait is
-    part of the call), and as a pipeline of one stage per engine a hop's (the send, the stage's
-    schedule around it, the wait for the next stage): each the value at which the prediction of
-    that run equals its measured tokens/s. The engines then hold ``tiny`` (a later run of
-    another model loads it again)."""
+    against the probe's square ones). Then, for each tensor-parallel group size ``tiny`` allows,
+    both models as replicas of such groups over every engine give an all-reduce's time inside a
+    real step (the ranks arrive apart, and the wait is part of the call; the mean of the two
+    fits: one with little compute between the calls, one with much), and ``tiny`` as a pipeline of one stage
+    per engine a hop's time (the send, the stage's schedule around it, the wait for the next
+    stage): each the value at which the prediction of that run equals its measured tokens/s.
+    The engines then hold ``tiny`` (a later run of another model loads it again)."""
     from ..models.presets import PRESETS
     from ..parallel.pipeline import default_microbatches
     from .predict import plan
 
     world = engines.world_size
     say(f"calibrating against {REFERENCE_MODEL} decoding on {world} engine{'s' if world > 1 else ''}")
-    prompts = [f"calibration prompt number {i}" for i in range(world * REFERENCE_ROWS)]
+    prompts = sample_prompts(max(REFERENCE_BATCH, world))
     config = PRESETS[REFERENCE_MODEL]()
 
     def run(model, **layout):
@@ -94,43 +102,46 @@ def _reference_runs(engines, calibration: Calibration, say) -> Calibration:
         and the prediction of that run from a calibration."""
         shape = Layout(**layout)
         microbatches = default_microbatches(shape.pp, len(prompts))
-        common = dict(strategy=shape.strategy, model=model, dtype=calibration.dtype, ignore_eos=True, chat=False,
+        common = dict(strategy=shape.strategy, model=model, dtype=calibration.dtype, ignore_eos=True,
                       microbatches=microbatches, **layout)
         engines.generate(prompts, max_new_tokens=4, **common)  # loads it, touches its memory
-        runs = sorted((engines.generate(prompts, max_new_tokens=16, **common) for _ in range(REFERENCE_REPEATS)),
-                      key=lambda r: r.decode_seconds)
+        runs = sorted((engines.generate(prompts, max_new_tokens=REFERENCE_NEW_TOKENS, **common)
+                       for _ in range(REFERENCE_REPEATS)), key=lambda r: r.decode_seconds)
         result = runs[len(runs) // 2]
 
         def predicted(calibrated: Calibration):
             return plan(PRESETS[model](), **layout, batch=len(prompts), prompt_len=max(result.prompt_tokens),
-                        max_new_tokens=16, dtype=calibration.dtype, microbatches=microbatches,
+                        max_new_tokens=REFERENCE_NEW_TOKENS, dtype=calibration.dtype, microbatches=microbatches,
                         calibration=calibrated, device_memory_bytes=1 << 40, suggestions=False).speed
 
         return result, predicted
 
-    def step_seconds(result) -> float:
-        steps = [b for b in result.step_breakdown if b.get("count")]
-        return _mean([(b["compute"] + b["token choice"] + b["host"]) / b["count"] for b in steps])
-
-    def part(predicted, *names):
-        return _mean([sum(r.parts[n] for n in names) for r in predicted.ranks])
-
+    # Each factor is the one at which the run's predicted decode tok/s equals its measured: the
+    # decode's time holds more than its steps' breakdown (the loop around the steps), and
+    # factors fitted to the breakdown alone predicted the very run they came from 26% fast.
     result, predicted = run(REFERENCE_MODEL, dp=world)
-    guess = predicted(calibration)
-    host = part(guess, "host")
-    engine_factor = max((step_seconds(result) - part(guess, "weights", "kv cache")) / host, 0.5) if host > 0 else 1.0
-    calibration = replace(calibration, engine_factor=engine_factor)
+    calibration = replace(calibration, engine_factor=fitted(
+        lambda f: predicted(replace(calibration, engine_factor=f)).decode_tokens_per_s,
+        result.decode_tokens_per_s, low=FACTORS[0], high=FACTORS[1]) or FACTORS[0])
     result, predicted = run(WEIGHTS_MODEL, dp=world)
-    guess = predicted(calibration)
-    weights = part(guess, "weights")
-    weights_factor = (max((step_seconds(result) - part(guess, "host", "kv cache")) / weights, 0.5)
-                      if weights > 0 else 1.0)
-    calibration = replace(calibration, weights_factor=weights_factor)
-    if world > 1 and config.num_key_value_heads % world == 0:
-        result, predicted = run(REFERENCE_MODEL, tp=world)
-        calibration = replace(calibration, step_all_reduce_s=fitted(
-            lambda s: predicted(replace(calibration, step_all_reduce_s=s)).decode_tokens_per_s,
-            result.decode_tokens_per_s))
+    calibration = replace(calibration, weights_factor=fitted(
+        lambda f: predicted(replace(calibration, weights_factor=f)).decode_tokens_per_s,
+        result.decode_tokens_per_s, low=FACTORS[0], high=FACTORS[1]) or FACTORS[0])
+    in_step = {}
+    for group in tensor_groups(world, config.num_key_value_heads):
+        fits = []
+        for model in (REFERENCE_MODEL, WEIGHTS_MODEL):  # little compute between the calls, and much
+            result, predicted = run(model, dp=world // group, tp=group)
+            fits.append(fitted(
+                lambda s: predicted(replace(calibration, step_all_reduce_s={group: s})).decode_tokens_per_s,
+                result.decode_tokens_per_s))
+        say(f"an all-reduce over {group} inside a decode step: "
+            + ", ".join(f"{'-' if f is None else f'{f * 1e6:.0f} us'} fitted on {m}"
+                        for f, m in zip(fits, (REFERENCE_MODEL, WEIGHTS_MODEL))))
+        fits = [f for f in fits if f is not None]
+        if fits:
+            in_step[group] = _mean(fits)
+    calibration = replace(calibration, step_all_reduce_s=in_step)
     if 1 < world <= config.num_hidden_layers:
         result, predicted = run(REFERENCE_MODEL, pp=world)
         calibration = replace(calibration, step_send_s=fitted(
@@ -139,19 +150,27 @@ def _reference_runs(engines, calibration: Calibration, say) -> Calibration:
     return calibration
 
 
+def tensor_groups(world: int, kv_heads: int) -> list[int]:
+    """The tensor-parallel group sizes the reference model can run on ``world`` engines (every
+    engine busy: ``world / group`` replicas of each)."""
+    return [g for g in range(2, world + 1) if world % g == 0 and kv_heads % g == 0]
+
+
 FIT_MAX_S = 0.1  # no collective or hop inside a step is priced above this
+FACTORS = (0.25, 20.0)  # the probes' host time and time per weight byte are scaled within this
 
 
-def fitted(predicted_tokens_per_s, measured_tokens_per_s: float) -> float | None:
-    """The seconds ``s`` at which ``predicted_tokens_per_s(s)`` (which falls as ``s`` grows)
-    equals what was measured, by bisection; None when ``s`` = 0 already predicts no faster
-    than measured (the back-to-back figures stand)."""
-    low, high = 0.0, FIT_MAX_S
+def fitted(predicted_tokens_per_s, measured_tokens_per_s: float, *, low: float = 0.0,
+           high: float = FIT_MAX_S) -> float | None:
+    """The value ``s`` in [``low``, ``high``] at which ``predicted_tokens_per_s(s)`` (which falls
+    as ``s`` grows) equals what was measured, by bisection (``high`` where even that predicts
+    faster); None when ``low`` already predicts no faster than measured (for a collective's or
+    a hop's seconds: the back-to-back figures stand)."""
     if predicted_tokens_per_s(low) <= measured_tokens_per_s:
         return None
     if predicted_tokens_per_s(high) > measured_tokens_per_s:
         return high
-    for _ in range(40):  # 0.1 s / 2**40: far below a microsecond
+    for _ in range(40):  # (high - low) / 2**40: far below what was measured
         middle = (low + high) / 2
         if predicted_tokens_per_s(middle) > measured_tokens_per_s:
             low = middle

@@ -40,7 +40,7 @@ POOL_BYTES = 64 << 20  # twice this VM kind's L3: weights come from memory, as a
 PROBE_SECONDS = 0.04  # per row count: enough calls for a stable median, short in total
 LINK_SIZES = (8 << 10, 1 << 20)
 HOST_ROWS = (1, 8)  # a decode step's host time grows with its rows (masks, attention): two points
-VERSION = 8
+VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -160,11 +160,11 @@ class Calibration:
     send: Cost | None
     measured_at: str = ""
     # From the reference runs (see calibrate): how many times the probe's host time a step takes
-    # in the engines' own decode loop, and one all-reduce's time inside a real decode step.
+    # in the engines' own decode loop, and an all-reduce's time inside a real step by group size.
     ranks: int = 2  # the world the collectives were measured over
     engine_factor: float = 1.0
     weights_factor: float = 1.0  # the same for the weights' streaming (the model's own shapes and kernels)
-    step_all_reduce_s: float | None = None
+    step_all_reduce_s: dict[int, float] = field(default_factory=dict)  # group size -> see all_reduce_in_step
     step_send_s: float | None = None  # a pipeline hop inside a real decode step (see send_in_step)
 
     def send_in_step(self) -> Cost | None:
@@ -176,16 +176,23 @@ class Calibration:
         return Cost(max(self.send.latency_s, self.step_send_s or 0.0), self.send.seconds_per_byte)
 
     def all_reduce_in_step(self, group: int) -> Cost | None:
-        """An all-reduce over ``group`` ranks as a decode step pays it: the latency seen inside a
-        real step (ranks arrive a little apart, and the wait for the later one is part of the
-        call) when the reference run measured it, else the back-to-back one; measured over every
-        rank, and for a smaller group scaled by the rounds a small all-reduce takes (recursive
-        doubling: log2 of the ranks)."""
+        """An all-reduce over ``group`` ranks as a decode step pays it.
+
+        Back to back it costs what the links measured over every rank (for a smaller group
+        scaled by the rounds a small all-reduce takes: recursive doubling, log2 of the ranks).
+        Inside a real step the ranks reach it apart (a peer was slower, or, with more engines
+        than cores, descheduled while another engine ran), and that wait is part of the call:
+        the reference runs fitted it per group size (the nearest fitted size, scaled the same
+        way, for another). On 4 engines of 2 cores, groups of 4, it came to 0.5-0.7 ms a call
+        fitted on ``tiny`` and 0.9-1.4 ms on ``small`` (0.3-0.5 ms back to back)."""
         if self.all_reduce is None:
             return None
-        latency = max(self.all_reduce.latency_s, self.step_all_reduce_s or 0.0)
+        latency = self.all_reduce.latency_s
         if 2 <= group < self.ranks:
             latency *= math.log2(group) / math.log2(self.ranks)
+        if self.step_all_reduce_s and group >= 2:
+            nearest = min(self.step_all_reduce_s, key=lambda g: (abs(math.log2(g) - math.log2(group)), g))
+            latency = max(latency, self.step_all_reduce_s[nearest] * math.log2(group) / math.log2(nearest))
         return Cost(latency, self.all_reduce.seconds_per_byte)
 
     def rates(self, busy: float) -> Rates:
@@ -223,6 +230,7 @@ class Calibration:
                          {k: {int(r): HostTime(**h) for r, h in v.items()} for k, v in d["host"].items()})
 
         return cls(**{**data, "alone": rates(data["alone"]), "together": rates(data["together"]),
+                      "step_all_reduce_s": {int(g): t for g, t in data["step_all_reduce_s"].items()},
                       "all_reduce": Cost(**data["all_reduce"]) if data["all_reduce"] else None,
                       "send": Cost(**data["send"]) if data["send"] else None})
 
@@ -238,8 +246,10 @@ class Calibration:
         ]
         if self.all_reduce is not None:
             words.append(f"all-reduce {self.all_reduce.seconds(8 << 10) * 1e6:.0f} us at 8 KiB over {self.transport}"
-                         + (f" back to back, {self.step_all_reduce_s * 1e6:.0f} us inside a decode step"
-                            if self.step_all_reduce_s is not None else ""))
+                         + (" back to back; inside a decode step "
+                            + ", ".join(f"{s * 1e6:.0f} us in groups of {g}"
+                                        for g, s in sorted(self.step_all_reduce_s.items()))
+                            if self.step_all_reduce_s else ""))
         if self.send is not None and self.step_send_s is not None:
             words.append(f"a pipeline hop {self.step_send_s * 1e6:.0f} us inside a decode step "
                          f"({self.send.seconds(8 << 10) * 1e6:.0f} us back to back at 8 KiB)")

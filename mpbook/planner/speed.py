@@ -13,7 +13,8 @@ Per rank, one micro-batch of ``b`` rows through the rank's stage, one decode ste
   every stage, plus the final norm, head and the token's choice on the last stage;
 - **collectives**: each all-reduce and all-gather the plan puts in a layer (tensor parallel's
   row-split projections, the experts' sum), and the vocabulary-split head's gather, at the
-  transport's measured latency + bytes / bandwidth;
+  transport's measured latency + bytes / bandwidth, the latency the one seen inside a real
+  step for the group's size (the ranks reach a collective apart, and the wait is part of it);
 - **sends**: a pipeline stage's activation to the next stage, the tokens back to the first.
 
 A replica of ``R`` rows in ``m`` micro-batches over ``p`` stages: one token for every row takes
@@ -24,14 +25,13 @@ slowest micro-batch stage passes for ``b x prompt`` rows.
 
 CPU engines share the memory bus and the cores: each rate is the one measured with every engine
 of the host busy at once ("together"; a pipeline's waiting stages poll, so they count too), or
-"alone" on a host with one engine. A rank waiting in an all-reduce is the exception: past its
-first spin the wait yields its core and then sleeps between polls (:mod:`mpbook.parallel.mpi`),
-so a tensor- or expert-parallel layout's ranks compute with ``N x (1 - the collectives' share of
-the step)`` engines busy on average, found by iterating from all N (measured on 4 engines on 2
-cores: tp=4's ranks computed a step in 4.1 ms, dp=4's in 7.0 ms).
+"alone" on a host with one engine. A tensor-parallel rank waiting in an all-reduce counts as
+busy too: the wait is for peers that, with more engines than cores, take turns on the cores
+with every other engine, and the all-reduce's latency inside a step is fitted with the compute
+priced so (see :meth:`Calibration.all_reduce_in_step`).
 Not modelled: the prefill's attention beyond its matmuls' FLOPs, the skew between ranks that a
-collective waits out (it is in the measured latency), and a step's work the calibration does
-not see (streaming the text, telemetry).
+collective waits out (it is in the latency fitted inside a step), and a step's work the
+calibration does not see (streaming the text, telemetry).
 """
 
 from __future__ import annotations
@@ -169,29 +169,15 @@ def predict(model: PlannedModel, layout: Layout, work: Workload, ranks: list[Ran
     family = model.config.get_text_config(decoder=True).model_type
     measured = calibration.has_host_time(family)
     works = layout_work(model, layout, work, ranks)
-    # Every engine of the host counts as busy, a pipeline's waiting stages too: a wait polls
-    # (mpbook.parallel.mpi), and with more engines than cores the waiting ones still take turns
-    # on them. (Rates at a pipeline's mean occupancy instead predicted 4 stages on 2 cores
-    # nearly twice as fast as they ran.)
+    # Every engine of the host counts as busy, a pipeline's waiting stages and a tensor-parallel
+    # rank waiting in an all-reduce too. Rates at a pipeline's mean occupancy instead predicted
+    # 4 stages on 2 cores nearly twice as fast as they ran; rates at a tp layout's share of the
+    # step outside its all-reduces (as if the waiting ranks left their cores to the others)
+    # predicted groups of 2 on 4 engines of 2 cores 31-45% fast. Counted busy, with the
+    # all-reduce inside a step fitted per group size, every layout there came within 23%.
     everyone = float(min(layout.world_size, calibration.engines_per_host))
     family = family if measured else REFERENCE_FAMILY
-    prediction = _at(works, layout, work, calibration, everyone, family, measured)
-    for _ in range(BUSY_ITERATIONS):
-        # Ranks waiting in a collective free their cores (see the module's docstring).
-        busy = max(1.0, everyone * (1 - collective_share(prediction)))
-        if abs(busy - prediction.busy_engines) < 0.01:
-            break
-        prediction = _at(works, layout, work, calibration, busy, family, measured)
-    return prediction
-
-
-BUSY_ITERATIONS = 8  # fewer engines busy -> faster compute -> a larger collective share: it settles in a few
-
-
-def collective_share(prediction: SpeedPrediction) -> float:
-    """The mean share of a rank's decode step spent in all-reduces and all-gathers."""
-    shares = [r.parts["collectives"] / r.step_s for r in prediction.ranks if r.step_s > 0]
-    return sum(shares) / len(shares) if shares else 0.0
+    return _at(works, layout, work, calibration, everyone, family, measured)
 
 
 def _at(works: list[RankWork], layout: Layout, work: Workload, calibration: Calibration, busy: float,
@@ -235,15 +221,18 @@ def _stage_times(members: list[RankSpeed], stages: int, time_of) -> list[float]:
 
 def _step_parts(w: RankWork, rates: Rates, host: HostTime, calibration: Calibration) -> dict[str, float]:
     reduce, send = calibration.all_reduce_in_step(w.group), calibration.send_in_step()
+    parts = {
+        "weights": rates.linear_seconds(w.weight_bytes, w.rows),
+        "kv cache": rates.linear_seconds(w.kv_bytes, 1),
+        "host": _host_s(w, host),
+    }
     collectives = 0.0
     if reduce is not None:
         # An all-gather moves (ranks - 1)/ranks of its output into each rank: priced as an
         # all-reduce of the output, which moves about as much.
         collectives = w.all_reduces * reduce.seconds(w.all_reduce_bytes) + w.gathers * reduce.seconds(w.gather_bytes)
     return {
-        "weights": rates.linear_seconds(w.weight_bytes, w.rows),
-        "kv cache": rates.linear_seconds(w.kv_bytes, 1),
-        "host": _host_s(w, host),
+        **parts,
         "collectives": collectives,
         "sends": w.sends * send.seconds(w.send_bytes) if send is not None else 0.0,
     }
@@ -254,10 +243,11 @@ def _prefill_s(w: RankWork, work: Workload, rates: Rates, host: HostTime, calibr
     rows = w.rows * work.prompt_len
     reduce, send = calibration.all_reduce_in_step(w.group), calibration.send_in_step()
     scale = work.prompt_len
+    compute = rates.linear_seconds(w.weight_bytes, rows) + _host_s(w, host)
     collectives = 0.0 if reduce is None else (
         w.all_reduces * reduce.seconds(w.all_reduce_bytes * scale) + w.gathers * reduce.seconds(w.gather_bytes))
     sends = 0.0 if send is None else w.sends * send.seconds(w.send_bytes * scale)
-    return rates.linear_seconds(w.weight_bytes, rows) + _host_s(w, host) + collectives + sends
+    return compute + collectives + sends
 
 
 def _host_s(w: RankWork, host: HostTime) -> float:
@@ -313,9 +303,7 @@ def arithmetic(p: SpeedPrediction) -> list[str]:
     group = max((r.work.group for r in p.ranks), default=1)
     reduce = c.all_reduce_in_step(group) if group > 1 else None
     lines = [
-        f"rates with {p.busy_engines:.3g} of {c.engines_per_host} engines busy"
-        + (f" (a {collective_share(p):.0%} share of each step in all-reduces, their cores free)"
-           if p.busy_engines < min(p.layout.world_size, c.engines_per_host) else "") + ": "
+        f"rates with {p.busy_engines:.3g} of {c.engines_per_host} engines busy: "
         f"{rates.bandwidth_bytes_per_s / 1e9:.1f} GB/s at 1 row, "
         f"{rates.matmul_flops_per_s(ELEMENT_SIZE[c.dtype]) / 1e9:.0f} GFLOP/s at {max(rates.seconds_per_weight_byte)} rows"
         + (f"; all-reduce over {group} ranks {reduce.latency_s * 1e6:.0f} us + bytes at "

@@ -11,6 +11,24 @@ from ..options import check_max_new_tokens, check_microbatches, check_stage_size
 # "sdpa" is what mpbook's loader asks transformers for; "eager" materializes the scores.
 ATTENTION = ("sdpa", "eager")
 
+# The prompts of the default workload: what `bench` runs and the calibration's reference runs
+# decode (mpbook.planner.calibrating), so that the speed model is fitted where it is held to account.
+SAMPLE_PROMPTS = [
+    "Explain pipeline parallelism in one sentence.",
+    "What does an all-reduce do?",
+    "Why do micro-batches shrink the pipeline bubble?",
+    "Tensor parallelism splits every weight matrix across devices, so",
+    "Data parallel replicas",
+    "The KV cache holds",
+    "A model too large for one GPU",
+    "Throughput is measured in tokens per second",
+]
+
+
+def sample_prompts(batch: int) -> list[str]:
+    """``batch`` prompts: the sample ones, repeated as needed."""
+    return (SAMPLE_PROMPTS * (batch // len(SAMPLE_PROMPTS) + 1))[:batch]
+
 
 @dataclass(frozen=True)
 class Workload:
