@@ -158,6 +158,9 @@ def _build_runner(state, request: Request) -> Runner:
             stage_sizes=request.stage_sizes, plans=request.plans, attention=request.attention,
             telemetry=state.telemetry,
         )
+    if state.device.type == "cpu":
+        # Bit-for-bit copies onto 2 MiB pages: a CPU decode streams every weight each token.
+        models.place_on_huge_pages(stage.model)
     vocab = None
     if stage.vocab is not None:
         start, stop = stage.vocab
