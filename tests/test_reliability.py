@@ -312,3 +312,32 @@ def test_soak_of_generation_cells_no_failure_no_memory_creep(shared_shell, tiny_
     print("\nsoak:", report.summary())
     assert report.failure is None and len(report.seconds) == 25
     assert report.max_growth() < 0.05, report.summary()
+
+
+@pytest.mark.cluster
+def test_a_controller_that_stops_while_starting_is_started_again(monkeypatch, caplog):
+    """A controller can lose a port it chose to another process before binding it; it then
+    exits at start. Here the first one ends at once (its owner watch sees no owner)."""
+    import subprocess
+
+    from mpbook.cluster.lifecycle import Cluster
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    launch, tries = Cluster._launch, []
+
+    def first_without_owner(cluster):
+        tries.append(cluster)
+        if len(tries) == 1:
+            cluster.owner_pid = gone.pid
+        launch(cluster)
+
+    monkeypatch.setattr(Cluster, "_launch", first_without_owner)
+    with caplog.at_level("WARNING", logger="mpbook"), Workbench.start(2, cpu=True) as wb:
+        assert len(tries) == 2 and tries[0].stopped
+        assert "the cluster's controller stopped while starting" in caplog.text
+        assert "starting the cluster again" in caplog.text
+        assert wb.apply(reduce_sum, stream=False) == [3.0, 3.0]
+        first = {p.pid for p in psutil.Process().children(recursive=True)} - set(snapshot(wb)["pids"])
+        assert not alive(first), "the first try left processes behind"
+        print("\n" + caplog.text.strip())

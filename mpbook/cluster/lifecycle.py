@@ -56,6 +56,19 @@ HEARTBEAT_MISSES = 40
 log = logging.getLogger("mpbook")
 
 
+class ControllerStoppedError(MpbookError):
+    """The controller of a cluster being started exited before it was up."""
+
+
+def last_words(launcher, lines: int = 3) -> str:
+    """The last lines a launched process wrote (its error, when it stopped), in one line."""
+    try:
+        output = launcher.get_output() if launcher is not None else ""
+    except Exception:
+        return ""
+    return " | ".join(line.strip() for line in (output or "").strip().splitlines()[-lines:])
+
+
 class Cluster:
     """Engines, one per device, joined in one torch.distributed process group."""
 
@@ -84,6 +97,8 @@ class Cluster:
         self.address: str | None = None
         self._multiplex = None  # mpbook.cluster.ssh.Multiplex: the launcher's shared ssh connections
         self.links: list | None = None  # the last measurement of the links (mpbook.bench_links)
+        # The process whose end ends the cluster's processes (mpbook.cluster.launch's owner watch).
+        self.owner_pid = os.getpid()
         self._arm_exit_hook()
 
     def _arm_exit_hook(self) -> None:
@@ -128,9 +143,7 @@ class Cluster:
         if threads is not None:
             spec = dataclasses.replace(spec, threads=threads)
         choice = choose_transport(transport, use_gpu=spec.use_gpu)
-        cluster = cls(owned=True, spec=spec, timeout_s=timeout_s, rendezvous="file", transport=choice)
-        cluster._launch()
-        return cluster
+        return cls._launched(lambda: cls(owned=True, spec=spec, timeout_s=timeout_s, rendezvous="file", transport=choice))
 
     @classmethod
     def _start_on_hosts(cls, hosts, *, n, gpu, timeout_s, threads, transport, ip, launcher, python) -> Cluster:
@@ -154,9 +167,28 @@ class Cluster:
             choice = TransportChoice("nccl" if gpu else "gloo")
         # threads=0: each engine takes its host's cores divided among that host's engines.
         spec = EngineSpec(n=total, use_gpu=gpu, threads=threads or 0)
-        cluster = cls(owned=True, spec=spec, timeout_s=timeout_s, rendezvous="tcp", transport=choice)
-        cluster.slots, cluster.launcher, cluster.remote_python, cluster.address = slots, launcher, python, address
-        cluster._launch()
+        def make() -> Cluster:
+            cluster = cls(owned=True, spec=spec, timeout_s=timeout_s, rendezvous="tcp", transport=choice)
+            cluster.slots, cluster.launcher, cluster.remote_python, cluster.address = slots, launcher, python, address
+            return cluster
+
+        return cls._launched(make)
+
+    @staticmethod
+    def _launched(make: Callable[[], Cluster]) -> Cluster:
+        """Launch a new cluster; once more if its controller stopped while starting.
+
+        The controller binds ports it chose at random a moment earlier; another process
+        can take one in between (seen with several clusters starting at once on a busy
+        host), and the controller then exits at start. A second try picks other ports.
+        """
+        try:
+            cluster = make()
+            cluster._launch()
+        except ControllerStoppedError as exc:
+            log.warning("mpbook: %s; starting the cluster again", exc)
+            cluster = make()
+            cluster._launch()
         return cluster
 
     def _launch(self) -> None:
@@ -168,11 +200,11 @@ class Cluster:
         config = Config()
         launch = [sys.executable, "-m", "mpbook.cluster.launch"]
         config.LocalControllerLauncher.controller_cmd = [*launch, "controller"]
-        config.LocalControllerLauncher.environment = {OWNER_ENV: str(os.getpid())}
+        config.LocalControllerLauncher.environment = {OWNER_ENV: str(self.owner_pid)}
         config.LocalEngineLauncher.engine_cmd = [*launch, "engine"]
         threads = str(spec.threads)
         environment = {
-            OWNER_ENV: str(os.getpid()),
+            OWNER_ENV: str(self.owner_pid),
             "OMP_NUM_THREADS": threads,
             "MKL_NUM_THREADS": threads,
             "TOKENIZERS_PARALLELISM": "false",
@@ -231,12 +263,17 @@ class Cluster:
             # from a parent that was killed; remember them now to reap them at stop.
             self._started_procs = process_trees(self.pids())
         except BaseException as exc:
+            # (read before stop, which removes the controller's output file)
+            said = last_words(ipp_cluster.controller)
             self.stop()
             if isinstance(exc, (KeyboardInterrupt, MpbookError)):
                 raise
-            raise MpbookError(
-                f"the cluster did not come up ({type(exc).__name__}: {exc}); its logs are in {ipp_cluster.profile_dir}/log"
-            ) from exc
+            where = f"its logs are in {ipp_cluster.profile_dir}/log"
+            if isinstance(exc, RuntimeError) and str(exc).startswith("Controller stopped"):
+                raise ControllerStoppedError(
+                    f"the cluster's controller stopped while starting ({exc}" + (f"; it wrote: {said}" if said else "")
+                    + f"); {where}") from exc
+            raise MpbookError(f"the cluster did not come up ({type(exc).__name__}: {exc}); {where}") from exc
 
     @classmethod
     def attach(
