@@ -163,6 +163,11 @@ def _run(state, request: Request) -> RankOutput:
 
     compiled = compiled_decode(runner, request) if request.compile and request.max_new_tokens > 1 else None
     microbatches = make_microbatches(state, runner, request, rows, reports, compiled=compiled)
+    if runner.device.type == "cpu":
+        from ..models import order_weights
+
+        # Few rows per forward stream a weight faster stored column by column (models.weight_order).
+        order_weights(runner.model, rows=max(len(mb.prompts) for mb in microbatches))
     tracker = contextlib.nullcontext()
     if request.track_tensors:
         tracker = TensorPeak(runner.model, *(mb.mask for mb in microbatches), *(mb.ids for mb in microbatches))

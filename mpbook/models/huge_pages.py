@@ -66,22 +66,34 @@ def _movable(tensor) -> bool:
 
 
 def _on_huge_pages(tensor):
-    """A copy of ``tensor`` in its own anonymous private mapping (private: a shared anonymous
-    mapping is shmem, which has a huge-page setting of its own), starting on a 2 MiB boundary.
+    """A copy of ``tensor`` in its own mapping on huge pages (:func:`empty`)."""
+    copy = empty(tensor.shape, tensor.dtype)
+    copy.copy_(tensor)  # the tensor keeps the mapping alive; freeing it unmaps the region
+    return copy
+
+
+def empty(shape, dtype):
+    """A new contiguous CPU tensor in its own anonymous private mapping advised for huge pages
+    (private: a shared anonymous mapping is shmem, which has a huge-page setting of its own),
+    starting on a 2 MiB boundary; a plain ``torch.empty`` where it would not fill a huge page
+    or the kernel has them off.
 
     The kernel aligns only mappings whose length is a multiple of 2 MiB, and a huge page backs
     only a whole aligned 2 MiB of the advised range: so the mapping is 2 MiB longer than the
     tensor, the tensor starts at its first boundary, and only the tensor's whole 2 MiB blocks
     are advised (its tail stays on 4 KiB pages, so no page past its end is ever resident)."""
+    import math
+
     import torch
 
-    nbytes = tensor.numel() * tensor.element_size()
+    count = math.prod(shape)
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if nbytes < HUGE_PAGE or not available():
+        return torch.empty(shape, dtype=dtype)
     area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     start = -torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
     area.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
-    copy = torch.frombuffer(area, dtype=tensor.dtype, count=tensor.numel(), offset=start).view(tensor.shape)
-    copy.copy_(tensor)  # the tensor keeps the mapping alive; freeing it unmaps the region
-    return copy
+    return torch.frombuffer(area, dtype=dtype, count=count, offset=start).view(shape)
 
 
 def huge_page_bytes(tensor) -> int:
