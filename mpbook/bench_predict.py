@@ -39,11 +39,12 @@ def bench_predict(*, models=("tiny", "small"), engines: int | None = None, cpu: 
         cases = [(model, layout) for model, config in configs.items()
                  for layout in valid_layouts(config, wb.world_size, batch=batch)]
         rounds: dict[Any, list[tuple[float, float, Any]]] = {case: [] for case in cases}
+        chosen = {case: default_microbatches(case[1].pp, batch // case[1].dp) for case in cases}
         for round_index in range(max(repeats, 1)):
             calibration = calibrate(wb, dtype=dtype, model_types=families, again=round_index > 0 or not kept, log=log)
             log(f"round {round_index + 1} of {repeats}: {calibration.summary()}")
             for model, layout in list(rounds):
-                microbatches = default_microbatches(layout.pp, batch // layout.dp)
+                microbatches = chosen[(model, layout)]
                 dims = dict(dp=layout.dp, pp=layout.pp, tp=layout.tp, ep=layout.ep)
 
                 def run():
@@ -65,7 +66,8 @@ def bench_predict(*, models=("tiny", "small"), engines: int | None = None, cpu: 
                     continue
                 rounds[(model, layout)].append((predicted.speed.decode_tokens_per_s, result.decode_tokens_per_s,
                                                 predicted.speed))
-        records = [_record(model, layout, runs, wb.world_size, batch, log) for (model, layout), runs in rounds.items()]
+        records = [_record(model, layout, runs, wb.world_size, chosen[(model, layout)], log)
+                   for (model, layout), runs in rounds.items()]
     if records:
         worst = max(records, key=lambda r: abs(r["error"]))
         log(f"largest error {worst['error']:+.0%} ({worst['model']}, {worst['layout']}); "
@@ -73,14 +75,13 @@ def bench_predict(*, models=("tiny", "small"), engines: int | None = None, cpu: 
     return records
 
 
-def _record(model: str, layout, runs: list[tuple[float, float, Any]], engines: int, batch: int, log) -> dict[str, Any]:
-    """One layout's row: the medians over its rounds, and each round's pair."""
-    from .parallel.pipeline import default_microbatches
-
+def _record(model: str, layout, runs: list[tuple[float, float, Any]], engines: int, microbatches: int,
+            log) -> dict[str, Any]:
+    """One layout's row: the medians over its rounds, and each round's pair; what bounds it is
+    said by the round whose prediction is the median (the lower middle one of an even count)."""
     predicted = statistics.median(p for p, _, _ in runs)
     measured = statistics.median(m for _, m, _ in runs)
-    speed = runs[len(runs) // 2][2]
-    microbatches = default_microbatches(layout.pp, batch // layout.dp)
+    speed = sorted(runs, key=lambda run: run[0])[(len(runs) - 1) // 2][2]
     record = dict(model=model, layout=str(layout), microbatches=microbatches, engines=engines,
                   predicted_tok_s=predicted, measured_tok_s=measured, error=predicted / measured - 1,
                   bound=speed.bound, rounds=[dict(predicted_tok_s=p, measured_tok_s=m) for p, m, _ in runs])

@@ -7,8 +7,10 @@ process, their threads, their transport):
 
 - **a linear's cost per weight byte at each row count**: a matmul of ``rows`` x 1024 by
   1024 x 1024 weights, cycled through 64 MiB of them so that they come from memory as a
-  model's do. At 1 row this is the memory bandwidth; at hundreds of rows the matmul rate. One
-  curve covers decode (rows = a micro-batch) and prefill (rows x prompt tokens) alike.
+  model's do, and stored in the order an engine stores its own for that many rows
+  (:mod:`mpbook.models.weight_order`). At 1 row this is the memory bandwidth; at hundreds of
+  rows the matmul rate. One curve covers decode (rows = a micro-batch) and prefill (rows x
+  prompt tokens) alike.
 - **the host's time per decoder layer**, around the layers (mask, positions, rotary tables) and
   for the head and the token's choice, for the model's family: a decode step of a tiny model of the same ``model_type``
   (:func:`mpbook.models.shrink.shrink_config`), each layer timed by hooks. Its compute is
@@ -34,13 +36,13 @@ from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
 
-ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+ROWS = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512)  # 3 and 4: either side of the weight order's switch
 WIDTH = 1024  # the probe's weights: WIDTH x WIDTH
 POOL_BYTES = 64 << 20  # twice this VM kind's L3: weights come from memory, as a model's do
 PROBE_SECONDS = 0.04  # per row count: enough calls for a stable median, short in total
 LINK_SIZES = (8 << 10, 1 << 20)
 HOST_ROWS = (1, 8)  # a decode step's host time grows with its rows (masks, attention): two points
-VERSION = 9
+VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -270,25 +272,30 @@ def _element_size(dtype: str) -> int:
 
 # ----------------------------------------------------------------------------- on an engine
 def measure_linear(state=None, *, dtype: str = "float32") -> dict[int, float]:
-    """Seconds per weight byte of ``rows`` rows through WIDTH x WIDTH linears (runs on an engine)."""
+    """Seconds per weight byte of ``rows`` rows through WIDTH x WIDTH linears (runs on an engine),
+    each weight stored in the order a run of that many rows has it (mpbook.models.weight_order)."""
     import torch
+
+    from ..models.weight_order import order_weights
 
     torch_dtype = getattr(torch, dtype)
     e = torch.finfo(torch_dtype).bits // 8
     device = getattr(state, "device", "cpu")
     count = max(POOL_BYTES // (WIDTH * WIDTH * e), 2)
-    pool = [torch.randn(WIDTH, WIDTH, device=device).to(torch_dtype) for _ in range(count)]
+    pool = torch.nn.ModuleList(torch.nn.Linear(WIDTH, WIDTH, bias=False, device=device, dtype=torch_dtype)
+                               for _ in range(count))
     out: dict[int, float] = {}
     with torch.inference_mode():
         for rows in ROWS:
+            order_weights(pool, rows=rows)
             x = torch.randn(rows, WIDTH, device=device).to(torch_dtype)
-            torch.nn.functional.linear(x, pool[0])  # first touch of this shape's kernel
+            pool[0](x)  # first touch of this shape's kernel
             times = []
             began = time.perf_counter()
             while time.perf_counter() - began < PROBE_SECONDS or len(times) < 3:
                 start = time.perf_counter()
-                for w in pool:
-                    torch.nn.functional.linear(x, w)
+                for linear in pool:
+                    linear(x)
                 _synchronize(device)
                 times.append(time.perf_counter() - start)
             out[rows] = sorted(times)[len(times) // 2] / (count * WIDTH * WIDTH * e)
