@@ -256,3 +256,16 @@ def test_the_commands_layout_advice_names_exist(cpu, attached):
 
     with pytest.raises(UsageError, match="unrecognized arguments: -n 4"):
         parse("restart -n 4", cell=False)
+
+
+def test_default_stages_balance_the_weights_a_decode_step_reads():
+    from mpbook.parallel.pipeline import balanced_stage_sizes
+
+    # a head of 8 layers' weights (llama-135m): the last stage takes fewer layers
+    assert balanced_stage_sizes(30, 3, 8.0) == [13, 12, 5]
+    assert balanced_stage_sizes(30, 2, 8.0) == [19, 11]
+    # a head under half a layer: the equal split
+    assert balanced_stage_sizes(6, 4, 0.4) == [len(r) for r in split_layers(6, 4)]
+    assert balanced_stage_sizes(8, 1, 8.0) == [8]
+    with pytest.raises(MpbookError, match="at most 6 stages"):
+        balanced_stage_sizes(6, 8)

@@ -47,3 +47,27 @@ def test_prediction_matches_the_engines(wb, tiny_folder, strategy, microbatches,
         assert predicted.parameters == result.weight_bytes[rank]
         measured_peak = result.tensor_peak_bytes[rank]
         assert abs(predicted.total - measured_peak) <= 0.12 * measured_peak, (rank, predicted.total, measured_peak)
+
+
+@pytest.fixture(scope="module")
+def large_head_folder(tmp_path_factory):
+    """A model whose LM head weighs as much as 12 of its 6 decoder layers (a small model's
+    large vocabulary, as in SmolLM or Qwen2.5-0.5B)."""
+    from mpbook.models import save_random, tiny_config
+
+    config = tiny_config()
+    config.vocab_size = 8192
+    return str(save_random(config, tmp_path_factory.mktemp("large-head"), seed=5))
+
+
+def test_default_stages_balance_the_head_and_the_plan_holds_them(wb, large_head_folder):
+    from mpbook.reference import reference
+
+    plan = mpbook.plan(large_head_folder, pp=2, batch=2, prompt_len=12, max_new_tokens=4, device_memory_bytes=1 << 40)
+    assert [str(r.layers) for r in plan.ranks] == [str(range(0, 5)), str(range(5, 6))]
+    _, tokens = reference(large_head_folder, PROMPTS[:2], max_new_tokens=4)
+    result = wb.generate(PROMPTS[:2], strategy="pipeline", model=large_head_folder, max_new_tokens=4)
+    assert result.token_ids == tokens
+    assert [predicted.parameters for predicted in plan.ranks] == result.weight_bytes
+    # the last stage's weights (its layer and the head) no heavier than the first's five layers
+    assert result.weight_bytes[1] <= 1.5 * result.weight_bytes[0]

@@ -27,9 +27,21 @@ class ModelTensors:
     layers: tuple[tuple[Any, ...], ...]  # the whole model's tensors of each decoder layer (structure.Held)
     split_names: tuple[str, ...]  # short names of what the tp plan splits in a layer, for the arithmetic ("q/k/v")
     layer_prefix: str  # the decoder layers' names start with it ("model.layers.")
+    head_bytes: int = 0  # the LM head's weights, read every decode step (a tied one: the embedding's)
     config: Any = field(repr=False, compare=False)
     plans: dict | None = field(default=None, repr=False, compare=False)
     _held: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def stage_sizes(self, pp: int) -> tuple[int, ...] | None:
+        """Layers per stage when none are asked for (None without stages): balanced by the
+        weights a decode step reads, the head counted in layers of the mean layer's bytes
+        (:func:`mpbook.parallel.pipeline.balanced_stage_sizes`)."""
+        from ..parallel.pipeline import balanced_stage_sizes
+
+        if pp <= 1:
+            return None
+        layer_bytes = sum(t.nbytes for layer in self.layers for t in layer) / max(len(self.layers), 1)
+        return tuple(balanced_stage_sizes(len(self.layers), pp, self.head_bytes / layer_bytes if layer_bytes else 0.0))
 
     def held(self, layout, rank: int, stage_sizes=None) -> list:
         """What rank ``rank`` of ``layout`` holds (:func:`mpbook.models.parts.held_tensors`),
@@ -105,6 +117,8 @@ def _read(config, dtype: str, plans) -> ModelTensors:
     for t in whole:
         if t.name.startswith(s.layer_prefix):
             layers[int(t.name[len(s.layer_prefix):].split(".", 1)[0])].append(t)
+    by_name = {t.name: t.nbytes for t in whole}
+    head_bytes = sum(by_name.get(t.shared_with, 0) if t.shared_with else t.nbytes for t in whole if t.kind == "head")
     split = [k.rsplit(".", 1)[-1] for k, v in s.layer_rules.items() if v not in ("replicate",)
              and not v.startswith(("replicated", "local", "mla"))]
     return ModelTensors(
@@ -113,6 +127,7 @@ def _read(config, dtype: str, plans) -> ModelTensors:
         layers=tuple(tuple(layer) for layer in layers),
         split_names=tuple(dict.fromkeys(_short_name(n) for n in split)),
         layer_prefix=s.layer_prefix,
+        head_bytes=head_bytes,
         config=config,
         plans=plans,
     )

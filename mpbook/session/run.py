@@ -196,6 +196,12 @@ class Session:
             microbatches=microbatches, stage_sizes=stage_sizes, plans=plans, max_new_tokens=max_new_tokens,
             dtype=dtype,
         )
+        if stage_sizes is None and layout.pp > 1:
+            from ..planner.model_tensors import model_tensors
+
+            # None asked: balanced by the weights a decode step reads (the head counts), the
+            # split the planner plans with (mpbook.parallel.pipeline.balanced_stage_sizes).
+            stage_sizes = model_tensors(info.config, dtype, plans).stage_sizes(layout.pp)
         if chosen_microbatches:
             from ..parallel.pipeline import default_microbatches
 
