@@ -72,3 +72,19 @@ def test_engines_order_their_weights_for_the_rows_of_each_run(workbench, tiny_fo
     result = workbench.generate(texts, strategy="data", model=tiny_folder, max_new_tokens=4)
     assert result.token_ids == tokens
     assert workbench.apply(runner_weight_order, stream=False) == [[order]] * len(workbench.engines)
+
+
+@pytest.mark.cluster
+def test_a_forward_pass_alone_keeps_the_order_the_weights_have(workbench, tiny_folder):
+    """Its rows x prompt tokens run either order within 5%: no copy for it."""
+    from mpbook.reference import reference
+
+    texts = ["Hi", "Tensor parallel splits every weight matrix"]
+    workbench.generate(texts, strategy="data", model=tiny_folder, max_new_tokens=2)
+    assert workbench.apply(runner_weight_order, stream=False) == [["columns"]] * len(workbench.engines)
+    logits, _ = reference(tiny_folder, texts, max_new_tokens=1)
+    result = workbench.forward(texts, strategy="data", model=tiny_folder)
+    assert result.logits is not None and len(result.logits) == len(logits) == 2
+    for got, want in zip(result.logits, logits):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert workbench.apply(runner_weight_order, stream=False) == [["columns"]] * len(workbench.engines)

@@ -45,9 +45,11 @@ class ModelTensors:
 
     def held(self, layout, rank: int, stage_sizes=None) -> list:
         """What rank ``rank`` of ``layout`` holds (:func:`mpbook.models.parts.held_tensors`),
-        kept: every plan of the same model (and each suggested layout) asks again."""
+        kept: every plan of the same model (and each suggested layout) asks again. Without
+        ``stage_sizes``, the stages a run has when none are asked for (:meth:`stage_sizes`)."""
         from ..models.parts import held_tensors
 
+        stage_sizes = stage_sizes or self.stage_sizes(layout.pp)
         key = (layout, rank, tuple(stage_sizes) if stage_sizes else None)
         if key not in self._held:
             self._held[key] = held_tensors(self.config, layout, rank, plans=self.plans, stage_sizes=stage_sizes,

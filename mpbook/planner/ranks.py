@@ -110,8 +110,8 @@ class PlannedModel:
 def ranks_memory(model: PlannedModel, layout: Layout, work: Workload) -> list[RankMemory]:
     """Every rank of ``layout`` running ``work``: its weights, KV cache and activations."""
     held, dims, cached = model.tensors, model.dims, model.cache
-    stage_sizes = work.stage_sizes or held.stage_sizes(layout.pp)  # none asked: balanced, as a run has them
-    stages = split_layers(len(held.layers), layout.pp, stage_sizes)
+    # none asked: balanced by the weights read, as a run has them (held() resolves them the same way)
+    stages = split_layers(len(held.layers), layout.pp, work.stage_sizes or held.stage_sizes(layout.pp))
     replicas = split_evenly(work.batch, layout.dp)
     e = ELEMENT_SIZE[work.dtype]
     # Attention is split by tp when the plan splits the heads (a gathered qkv computes every
@@ -124,7 +124,7 @@ def ranks_memory(model: PlannedModel, layout: Layout, work: Workload) -> list[Ra
         last = c.pp == layout.pp - 1
         rows = len(replicas[c.dp])
         mb = max((len(r) for r in split_evenly(rows, work.microbatches)), default=0)
-        weights = _weights(held, layout, rank, layers, stage_sizes)
+        weights = _weights(held, layout, rank, layers, work.stage_sizes)
         kv = kv_cache(cached, dims, work, layers=layers, rows=rows, element_size=e, tp=heads_tp,
                       tp_rank=c.tp if heads_tp > 1 else 0)
         act = activations(

@@ -259,7 +259,7 @@ def _bytes_by_kind(model: PlannedModel, layout: Layout, rank: int, work: Workloa
     from ..models.parts import held_bytes
 
     stage_sizes = work.stage_sizes if work.stage_sizes and len(work.stage_sizes) == layout.pp else None
-    return held_bytes(model.tensors.held(layout, rank, stage_sizes or model.tensors.stage_sizes(layout.pp)))
+    return held_bytes(model.tensors.held(layout, rank, stage_sizes))
 
 
 def _layer_collectives(s) -> tuple[int, int]:
