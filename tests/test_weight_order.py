@@ -1,7 +1,7 @@
-"""Each Linear weight of a CPU model in the order a run's rows stream fastest
-(mpbook.models.weight_order): a real model from from_pretrained, its weights stored column-major
-for a few rows and back, the values unchanged, ties kept, the same tokens; the engines order
-their weights before each run."""
+"""Each Linear weight of a CPU model stored as a run's rows stream it fastest
+(mpbook.models.weight_order, mpbook.models.packed_linear): a real model from from_pretrained,
+its weights stored column-major, packed for oneDNN and back, the values unchanged, ties kept,
+the same tokens, eager and compiled; the engines store their weights so before each run."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from mpbook import models
 from mpbook.models.huge_pages import HUGE_PAGE, available, huge_page_bytes
+from mpbook.models import packed_linear
 from mpbook.models.weight_order import COLUMNS_UP_TO_ROWS, column_major, order_weights
 
 
@@ -26,7 +27,7 @@ def test_weights_go_column_major_for_few_rows_and_back_with_the_same_values_and_
         tokens_before = lm.generate(ids, max_new_tokens=8, do_sample=False)
     assert all(w.is_contiguous() for w in linear_weights(lm))  # transformers' order, as loaded
 
-    copied = order_weights(lm, rows=COLUMNS_UP_TO_ROWS)
+    copied = order_weights(lm, rows=COLUMNS_UP_TO_ROWS, pack=False)
 
     weights = linear_weights(lm)
     assert copied == sum({w.data_ptr(): w.numel() * w.element_size() for w in weights}.values()) > 0
@@ -42,10 +43,63 @@ def test_weights_go_column_major_for_few_rows_and_back_with_the_same_values_and_
         assert large and all(huge_page_bytes(w) >= HUGE_PAGE for w in large)
 
     assert order_weights(lm, rows=1) == 0  # already in order: nothing copied
-    assert order_weights(lm, rows=COLUMNS_UP_TO_ROWS + 1) == copied
+    assert order_weights(lm, rows=COLUMNS_UP_TO_ROWS + 1, pack=False) == copied
     assert all(w.is_contiguous() for w in linear_weights(lm))
     for name, t in lm.state_dict().items():
         assert torch.equal(t, before[name]), name
+
+
+def test_weights_are_packed_for_several_rows_and_given_back_bit_for_bit():
+    lm = models.load_whole("small", dtype=torch.float32, device=torch.device("cpu"))
+    if not packed_linear.available():
+        pytest.skip("this torch has no oneDNN on the CPU: weights stay dense")
+    before = {name: t.clone() for name, t in lm.state_dict().items()}
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21], [2, 4, 6, 8, 10, 12], [3, 6, 9, 12, 15, 18], [7, 7, 7, 7, 7, 7]])
+    with torch.inference_mode():
+        logits_before = lm(ids).logits
+        tokens_before = lm.generate(ids, max_new_tokens=8, do_sample=False)
+
+    packed = order_weights(lm, rows=4)
+
+    linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    head = lm.get_output_embeddings()
+    assert head.weight is lm.get_input_embeddings().weight  # tied: also the embedding, so dense
+    assert not packed_linear.is_packed(head) and head.weight.is_contiguous()
+    others = [m for m in linears if m is not head]
+    assert others and all(packed_linear.is_packed(m) and m.weight.is_meta for m in others)
+    assert packed == sum(m.weight.numel() * m.weight.element_size() for m in others)
+    with torch.inference_mode():
+        torch.testing.assert_close(lm(ids).logits, logits_before, rtol=1e-4, atol=1e-4)
+        assert torch.equal(lm.generate(ids, max_new_tokens=8, do_sample=False), tokens_before)
+    assert order_weights(lm, rows=8) == 0  # packed already: nothing copied
+
+    order_weights(lm, rows=1)  # one row: dense again, column-major
+    assert not any(packed_linear.is_packed(m) for m in linears)
+    assert all(column_major(m.weight) for m in linears)
+    for name, t in lm.state_dict().items():
+        assert torch.equal(t, before[name]), name
+
+
+def test_a_packed_layer_compiles_to_the_eager_result():
+    layer = torch.nn.Linear(64, 48).requires_grad_(False)
+    x = torch.randn(3, 1, 64)
+    if not packed_linear.available():
+        pytest.skip("this torch has no oneDNN on the CPU: weights stay dense")
+    with torch.inference_mode():
+        want = layer(x)
+        packed_linear.pack(layer, rows=3)
+        compiled = torch.compile(lambda t: layer(t) * 2, dynamic=False)
+        torch.testing.assert_close(compiled(x), want * 2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_with_a_forward_of_its_own_is_not_packed():
+    """A tensor-parallel row-wise layer reads its weight in mpbook's wrapper: it stays dense."""
+    layer = torch.nn.Linear(64, 48)
+    layer.forward = lambda x: torch.nn.functional.linear(x, layer.weight)
+    assert not packed_linear.packable(layer)
+    order_weights(torch.nn.ModuleList([layer]), rows=4)
+    assert not packed_linear.is_packed(layer) and not layer.weight.is_meta
 
 
 def test_other_dtypes_keep_transformers_order():
@@ -58,20 +112,28 @@ def runner_weight_order(state):
 
     from mpbook.models.weight_order import column_major
 
-    weights = [m.weight for m in state.cache["runner"].model.modules() if isinstance(m, torch.nn.Linear)]
-    return sorted({"columns" if column_major(w) else "rows" if w.is_contiguous() else "other" for w in weights})
+    from mpbook.models.packed_linear import is_packed
+
+    linears = [m for m in state.cache["runner"].model.modules() if isinstance(m, torch.nn.Linear)]
+    return sorted({"packed" if is_packed(m) else "columns" if column_major(m.weight)
+                   else "rows" if m.weight.is_contiguous() else "other" for m in linears})
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("prompts, order", [(2, "columns"), (8, "rows")])
-def test_engines_order_their_weights_for_the_rows_of_each_run(workbench, tiny_folder, prompts, order):
+@pytest.mark.parametrize("prompts, stores, compile", [(2, ["columns"], False), (8, ["packed", "rows"], False),
+                                                     (8, ["packed", "rows"], True)])
+def test_engines_store_their_weights_for_the_rows_of_each_run(workbench, tiny_folder, prompts, stores, compile):
+    """2 prompts on 2 engines: 1 row each, column-major. 8: 4 rows each, packed but for the
+    tied head (row-major from 4 rows), eager and compiled alike."""
     from mpbook.reference import reference
 
+    if "packed" in stores and not packed_linear.available():
+        pytest.skip("this torch has no oneDNN on the CPU: weights stay dense")
     texts = ["Hi", "Tensor parallel splits every weight matrix"] * (prompts // 2)
     _, tokens = reference(tiny_folder, texts, max_new_tokens=4)
-    result = workbench.generate(texts, strategy="data", model=tiny_folder, max_new_tokens=4)
+    result = workbench.generate(texts, strategy="data", model=tiny_folder, max_new_tokens=4, compile=compile)
     assert result.token_ids == tokens
-    assert workbench.apply(runner_weight_order, stream=False) == [[order]] * len(workbench.engines)
+    assert workbench.apply(runner_weight_order, stream=False) == [stores] * len(workbench.engines)
 
 
 @pytest.mark.cluster

@@ -7,7 +7,11 @@
 - ``torch.distributed.distributed_c10d._abort_process_group``: end the process groups of an
   interrupted rank at once, without waiting for work in flight (gloo and NCCL);
 - ``torch._dynamo.utils.counters``: how many graphs ``torch.compile`` has made in this process
-  (:func:`graphs_compiled`; the tests check that ``--compile`` compiles once per shape).
+  (:func:`graphs_compiled`; the tests check that ``--compile`` compiles once per shape);
+- ``torch.ops.mkldnn._reorder_linear_weight`` and ``torch.ops.mkldnn._linear_pointwise``: a
+  Linear weight packed in oneDNN's blocked layout and the product with it, the pair inductor's
+  CPU weight prepacking uses (:func:`onednn_pack`, :func:`onednn_linear`;
+  :mod:`mpbook.models.packed_linear`).
 """
 
 from __future__ import annotations
@@ -104,6 +108,28 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def onednn_pack(weight, rows: int):
+    """``weight`` (out, in) packed for oneDNN's matrix product with ``rows`` rows of input: an
+    opaque tensor of the same bytes (``to_dense()`` gives the weight back, bit for bit)."""
+    import torch
+
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def onednn_linear(x, packed, bias):
+    """``F.linear(x, weight, bias)`` with the weight packed by :func:`onednn_pack`."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN on the CPU (x86 and Arm wheels do)."""
+    import torch
+
+    return torch.backends.mkldnn.is_available()
+
+
 def verify() -> None:
     """Raise with a clear message if this torch lacks what the adapter uses.
 
@@ -153,6 +179,15 @@ def verify() -> None:
             problems.append("torch._dynamo.utils.counters no longer counts compiled graphs as unique_graphs")
     except (ImportError, KeyError) as exc:
         problems.append(f"torch._dynamo.utils.counters: {exc}")
+    if onednn_available():
+        try:
+            weight, x = torch.randn(24, 16), torch.randn(3, 16)
+            packed = onednn_pack(weight, 3)
+            if not torch.equal(packed.to_dense(), weight):
+                problems.append("a oneDNN-packed weight's to_dense() is not the weight")
+            torch.testing.assert_close(onednn_linear(x, packed, None), x @ weight.t())
+        except (AttributeError, RuntimeError, AssertionError) as exc:
+            problems.append(f"mkldnn._reorder_linear_weight / _linear_pointwise: {type(exc).__name__}: {exc}")
     if problems:
         raise RuntimeError(
             f"mpbook.compat.torch was checked against torch {CHECKED}; torch {torch.__version__} differs: "

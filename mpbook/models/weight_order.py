@@ -1,4 +1,4 @@
-"""Each Linear weight of a CPU model stored in the order its forward streams fastest.
+"""Each Linear weight of a CPU model stored as its forward streams it fastest.
 
 transformers stores a Linear's weight as (out, in), row after row, and ``F.linear`` hands it to
 the CPU BLAS (MKL's sgemm in torch's x86 wheels). With few rows of input, the usual case of a
@@ -14,23 +14,27 @@ columns     0.81  0.66  0.67  1.26  1.16  1.04
 =========== ===== ===== ===== ===== ===== =====
 
 (greedy ``generate`` of that model: 1 row 0.95x, 3 rows 0.80x, 4 rows 1.13x; a 64-row
-prefill 1.05x.) So before each run a CPU engine puts its float32 Linear weights in the order
-for the rows each of its forward passes carries (:data:`COLUMNS_UP_TO_ROWS`), copying only
-when the order changes, onto huge pages as after loading (:mod:`.huge_pages`). The values
-are the same; a product sums in another order, so logits move by float32 rounding (as they
-do between layouts anyway) and stay within the tests' 1e-4 of one device.
+prefill 1.05x.) oneDNN's packed layout (:mod:`.packed_linear`) beats both from 2 rows on. So
+before each run a CPU engine puts its float32 Linear weights in the store for the rows each
+of its forward passes carries: packed from :data:`PACKED_FROM_ROWS` rows where the layer can
+be, else column-major up to :data:`COLUMNS_UP_TO_ROWS` rows and row-major above, changing only
+what is not already so, dense weights onto huge pages as after loading (:mod:`.huge_pages`).
+The values are the same; a product sums in another order, so logits move by float32 rounding
+(as they do between layouts anyway) and stay within the tests' 1e-4 of one device.
 
-Tied weights (the head and the token embedding) are one tensor and move once; an embedding
-looks rows up in a column-major weight as well (22 us against 5 for three tokens of a
-49,152-entry table). Other dtypes run on other kernels and keep transformers' order.
+Tied weights (the head and the token embedding) are one tensor, never packed, and move once;
+an embedding looks rows up in a column-major weight as well (22 us against 5 for three tokens
+of a 49,152-entry table). Other dtypes run on other kernels and keep transformers' order.
 """
 
 from __future__ import annotations
 
 from . import huge_pages
 
-# The most rows per forward for which a weight is stored column-major (the table above).
+# The most rows per forward for which a dense weight is stored column-major (the table above).
 COLUMNS_UP_TO_ROWS = 3
+# From this many rows per forward a weight is packed for oneDNN where it can be (packed_linear).
+PACKED_FROM_ROWS = 2
 
 
 def column_order(rows: int) -> bool:
@@ -43,15 +47,28 @@ def column_major(tensor) -> bool:
     return tensor.dim() == 2 and tensor.shape[0] > 1 and tensor.t().is_contiguous()
 
 
-def order_weights(model, rows: int) -> int:
-    """Store ``model``'s float32 CPU Linear weights in the order for ``rows`` rows per forward;
-    the bytes copied (0 when every weight already is)."""
+def order_weights(model, rows: int, *, pack: bool = True) -> int:
+    """Store ``model``'s float32 CPU Linear weights as a forward of ``rows`` rows streams them
+    fastest: packed for oneDNN from 2 rows on (:mod:`.packed_linear`, where ``pack`` and this
+    torch allow and the layer runs its own forward), else column- or row-major; the bytes
+    copied (0 when every weight already is as wanted)."""
     import torch
 
+    from . import packed_linear
+
+    packing = pack and rows >= PACKED_FROM_ROWS and packed_linear.available()
     columns = column_order(rows)
+    dense = _tied(model) | packed_linear.weight_read_by_name(model) if packing else set()
     copied = 0
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
+            continue
+        if packed_linear.is_packed(module):
+            if packing:
+                continue
+            packed_linear.unpack(module)  # row-major, ordered below
+        elif packing and id(module) not in dense and id(module.weight) not in dense and packed_linear.packable(module):
+            copied += packed_linear.pack(module, rows)
             continue
         weight = module.weight
         if not _orderable(weight) or column_major(weight) == columns:
@@ -59,6 +76,15 @@ def order_weights(model, rows: int) -> int:
         weight.data = _reordered(weight.data, columns=columns)
         copied += weight.numel() * weight.element_size()
     return copied
+
+
+def _tied(model) -> set[int]:
+    """The parameters (by id) that more than one module holds: a tied head and embedding."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
 
 
 def _orderable(weight) -> bool:

@@ -161,21 +161,24 @@ def _gather_output(module, group, full_shapes):
 def _rowwise(module, group, full_shapes, *, split: bool, where: str, style: str):
     """``split``: the input arrives whole, and this rank keeps the features its weight rows read."""
     import torch
-    import torch.nn.functional as F
 
     transposed = _transposed(module)
     if not (isinstance(module, torch.nn.Linear) or transposed):
         raise unsupported(style, f"{where} (a {type(module).__name__}, not a linear layer)")
+    from ..models.packed_linear import WRAPPED, product
+
     weight = full_shapes["weight"]
     mine = shard_range(weight[0] if transposed else weight[-1], group.size, group.rank)
     start, stop = mine.start, mine.stop
+    if not transposed:  # its product goes through packed_linear.product: a CPU run may pack it
+        setattr(module, WRAPPED, True)
 
     def rowwise(x):
         if split:  # the input is whole: keep the features this rank's weight rows read
             x = x[..., start:stop]
         # Row-split weight: each rank's product is a partial sum over its slice of the inner
         # dimension, so all-reduce; the bias is added once, after the sum.
-        out = x @ module.weight if transposed else F.linear(x, module.weight)
+        out = x @ module.weight if transposed else product(module, x)
         out = group.all_reduce(out)
         return out if module.bias is None else out + module.bias
 

@@ -42,7 +42,7 @@ POOL_BYTES = 64 << 20  # twice this VM kind's L3: weights come from memory, as a
 PROBE_SECONDS = 0.04  # per row count: enough calls for a stable median, short in total
 LINK_SIZES = (8 << 10, 1 << 20)
 HOST_ROWS = (1, 8)  # a decode step's host time grows with its rows (masks, attention): two points
-VERSION = 10
+VERSION = 11
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,7 @@ def _element_size(dtype: str) -> int:
 # ----------------------------------------------------------------------------- on an engine
 def measure_linear(state=None, *, dtype: str = "float32") -> dict[int, float]:
     """Seconds per weight byte of ``rows`` rows through WIDTH x WIDTH linears (runs on an engine),
-    each weight stored in the order a run of that many rows has it (mpbook.models.weight_order)."""
+    each weight stored as a run of that many rows has it (packed or ordered: mpbook.models.weight_order)."""
     import torch
 
     from ..models.weight_order import order_weights
