@@ -271,6 +271,10 @@ def planned(folder, layout: Layout, *, prompt_len: int, plans=None):
                 prompt_len=prompt_len, max_new_tokens=0, plans=plans, device_memory_bytes=1 << 40)
 
 
+def experts_in_tp_plan(model_type: str) -> bool:
+    return any(".experts" in key for key in (config_of(model_type).base_model_tp_plan or {}))
+
+
 def expected_collectives(model_type: str, layout: Layout) -> list[dict[str, int]]:
     """Each rank's collectives in one forward pass (2 engines; logits gathered for the result)."""
     if layout.tp > 1:
@@ -278,7 +282,11 @@ def expected_collectives(model_type: str, layout: Layout) -> list[dict[str, int]
         # vocab-parallel embedding; Phi-3's plan gathers its fused qkv and gate_up in every
         # layer too, OLMo 2's its q, k and v (its q/k norms span all heads); the vocab-parallel
         # logits are gathered once, onto the reporting rank.
-        counts = {"all_reduce": 2 * LAYERS + 1, "gather": 1}
+        # A MoE layer's experts are split only where the family's plan names them (Mixtral's
+        # and Qwen3-MoE's up to transformers 5.24); otherwise every rank runs every expert,
+        # and the layer has the attention's all-reduce alone.
+        replicated_moe = 0 if experts_in_tp_plan(model_type) else MOE_LAYERS.get(model_type, 0)
+        counts = {"all_reduce": 2 * LAYERS + 1 - replicated_moe, "gather": 1}
         if model_type == "phi3":
             counts["all_gather"] = 2 * LAYERS
         if model_type == "olmo2":
@@ -538,5 +546,9 @@ def _shards_against_dtensor(state, folder):
 @pytest.mark.cluster
 def test_shards_are_the_ones_dtensor_makes(wb):
     styles, count = wb.apply(_shards_against_dtensor, family_folder("mixtral"), stream=False)[0]
-    assert styles == ["colwise", "embedding_rowwise", "packed_colwise", "rowwise"]
-    assert count == 1 + LAYERS * 6 + 1  # embedding, q/k/v/o + experts gate_up/down per layer, head
+    if experts_in_tp_plan("mixtral"):  # up to transformers 5.24
+        assert styles == ["colwise", "embedding_rowwise", "packed_colwise", "rowwise"]
+        assert count == 1 + LAYERS * 6 + 1  # embedding, q/k/v/o + experts gate_up/down per layer, head
+    else:  # the experts replicated: not sharded at all
+        assert styles == ["colwise", "embedding_rowwise", "rowwise"]
+        assert count == 1 + LAYERS * 4 + 1  # embedding, q/k/v/o per layer, head

@@ -167,9 +167,37 @@ def gather(dest: Path, target: Target) -> list[Path]:
             if wheel_name(wheel) in CARRIED_OVER:
                 wheel.unlink()  # (a dependency's pick; the pinned version below is the one carried)
         pip_download(pinned, stage, target, deps=False)
+        # What a carried-over wheel needs that the target lacks, or has in another version
+        # (transformers 5.25 needs huggingface-hub 2 and kernels): downloaded with their own
+        # dependencies, the target's copies of those again left to the target.
+        unmet = [str(req) for name in CARRIED_OVER for wheel in stage.glob("*.whl") if wheel_name(wheel) == name
+                 for req in wheel_requirements(wheel, target) if not _met(req, target)]
+        if unmet:
+            pip_download(unmet, stage, target)
+            for wheel in stage.glob("*.whl"):
+                if wheel_name(wheel) in CARRIED_OVER:
+                    if str(parse_wheel_filename(wheel.name)[1]) != metadata.version(wheel_name(wheel)):
+                        wheel.unlink()  # (a dependency's pick again; the pinned one stays)
+                elif wheel_name(wheel) in target.installed and _met_by_target(wheel, target, unmet):
+                    wheel.unlink()
         for wheel in stage.glob("*.whl"):
             shutil.move(wheel, dest / wheel.name)
     return sorted(dest.glob("*.whl"))
+
+
+def _met(req: Requirement, target: Target) -> bool:
+    """Whether the target has ``req``'s package in a version it allows (or one not listed)."""
+    name = canonicalize_name(req.name)
+    if name not in target.installed:
+        return False
+    version = target.installed[name]
+    return version is None or req.specifier.contains(version, prereleases=True)
+
+
+def _met_by_target(wheel: Path, target: Target, unmet: list[str]) -> bool:
+    """A downloaded wheel of a package the target has, where the target's version is the one
+    wanted: not one of the ``unmet`` requirements it was downloaded for."""
+    return wheel_name(wheel) not in {canonicalize_name(Requirement(r).name) for r in unmet}
 
 
 def mib(n: int) -> str:
