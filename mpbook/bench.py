@@ -7,8 +7,9 @@ record also says how far its logits are from the one-device run and whether its 
 tokens are identical.
 
 The same run first measures the machine's ceiling (``--window`` seconds per round; ``0`` skips
-it): every engine generating its share with plain transformers at once, against one engine
-doing every prompt, and shows each layout as a % of it (:mod:`mpbook.bench_peers`).
+it): every engine generating its share with transformers' ``generate`` at once, its weights
+stored as an engine stores them, against one engine doing every prompt, and shows each layout
+as a % of it (:mod:`mpbook.bench_peers`).
 
 ``--against transformers``: transformers' own distributed forms on the same engines, layout by
 layout, in one table (:mod:`mpbook.bench_peers`).

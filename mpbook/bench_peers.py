@@ -5,12 +5,17 @@ something.
 
 **The ceiling** (``python -m mpbook bench`` measures it before the layouts): the most N engines
 of this machine give on this work when they never talk to each other. Every engine loads the
-model with plain transformers and generates its share of the prompts, all at the same time;
+model with transformers and generates its share of the prompts, all at the same time;
 the tokens they finish in one fixed window are compared with one engine doing all the prompts
 over a window as long. On a GPU workstation N devices give nearly N x; CPU engines share one
 memory bus and a decode step is memory-bound (it reads every weight once per step), so two
 CPU engines were measured at 1.12-1.28x (DESIGN.md, "The CPU ceiling"), and a layout is shown
-as a % of the ceiling rather than of N. Timed as DESIGN says, because pairs timed separately
+as a % of the ceiling rather than of N. On a CPU each engine's weights are stored as mpbook's
+engines store them for the rows it generates (:mod:`mpbook.models.weight_order`: on huge pages,
+packed for oneDNN from 2 rows): the ceiling is the machine's with the kernels the layouts run.
+Faster kernels leave less for a second engine to gain on one memory bus (the ``small`` preset,
+8 prompts on 2 engines: 1.28x with transformers' own storage, about 1.1x packed), so a ceiling
+measured with slower ones would ask the layouts for a gain the machine does not have. Timed as DESIGN says, because pairs timed separately
 ranged 0.84-1.52x: load and warm up first, then every engine starts on one signal (a
 wall-clock time the client sends, a little in the future) and stops at the same wall-clock
 end, counting the new tokens it finished (to the step: a stopping criterion ends the
@@ -85,6 +90,37 @@ def plain_model(state, model: str, dtype: str):
     return models[key]
 
 
+def ceiling_model(state, model: str, dtype: str, rows: int):
+    """The whole model as an mpbook engine holds it for forwards of ``rows`` rows: plain
+    transformers loaded, and on a CPU its weights on huge pages, stored for ``rows`` rows."""
+    key = ("ceiling", model, dtype)
+    models = _models(state)
+    if key not in models:
+        from transformers import AutoModelForCausalLM
+
+        from .models import place_on_huge_pages, resolve
+
+        lm = AutoModelForCausalLM.from_pretrained(resolve(model), dtype=_dtype(dtype), use_safetensors=True)
+        lm = lm.to(state.device).eval().requires_grad_(False)
+        if state.device.type == "cpu":
+            place_on_huge_pages(lm)
+        models[key] = lm
+    lm = models[key]
+    if state.device.type == "cpu" and rows:
+        from .models import order_weights
+
+        order_weights(lm, rows=rows)
+    return lm
+
+
+def drop_ceiling_model(state) -> None:
+    import gc
+
+    for key in [k for k in _models(state) if k[0] == "ceiling"]:
+        del _models(state)[key]
+    gc.collect()
+
+
 def drop_models(state) -> None:
     """Let go of every model this module loaded on the engine (their memory is the layouts')."""
     import gc
@@ -136,21 +172,20 @@ def _rows(state, prompts: int, share: bool) -> range:
 
 
 def ceiling_warm_up(state, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int) -> None:
-    """Load the plain model and run once what the windows will run (first touch, allocator)."""
-    lm = plain_model(state, model, dtype)
+    """Load the model and run once what the windows will run (first touch, allocator)."""
     mine = [ids[i] for i in _rows(state, len(ids), share=True)]
     if mine:
-        _generate(lm, _batch(state, mine, pad_id), new_tokens)
+        _generate(ceiling_model(state, model, dtype, len(mine)), _batch(state, mine, pad_id), new_tokens)
     if state.rank == 0:  # the one-engine run does every prompt
-        _generate(lm, _batch(state, ids, pad_id), new_tokens)
+        _generate(ceiling_model(state, model, dtype, len(ids)), _batch(state, ids, pad_id), new_tokens)
 
 
 def ceiling_window(state, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int, start_at: float,
                    window_s: float, share: bool) -> dict:
     """Generate this engine's prompts again and again from wall-clock ``start_at`` until
     ``start_at + window_s``; count the new tokens finished."""
-    lm = plain_model(state, model, dtype)
     mine = [ids[i] for i in _rows(state, len(ids), share)]
+    lm = ceiling_model(state, model, dtype, len(mine))  # (its weights stored for these rows before the window)
     batch = _batch(state, mine, pad_id) if mine else None
     wait = start_at - time.time()
     if wait > 0:
@@ -289,7 +324,7 @@ class Ceiling:
 
     def format(self) -> str:
         late = f"; an engine started up to {self.late_s * 1e3:.0f} ms after the signal" if self.late_s > 0.01 else ""
-        return (f"the machine's ceiling: {self.engines} engines generating their shares with plain transformers "
+        return (f"the machine's ceiling: {self.engines} engines generating their shares with transformers' generate "
                 f"at once give {self.ratio:.2f}x the tokens/s of one engine with every prompt ({self.together:,.1f} vs "
                 f"{self.alone:,.1f} tok/s; median of {len(self.alone_tok_s)} rounds over {self.window_s:g} s "
                 f"windows{late})")
@@ -342,6 +377,7 @@ def measure_ceiling(wb, *, model: str, dtype: str, ids, pad_id: int, new_tokens:
                 runs = window([0], share=False)
                 alone.append(runs[0]["tokens"] / runs[0]["seconds"])
             late = max([late] + [c["late_s"] for c in runs])
+    wb.apply(drop_ceiling_model, stream=False, what="dropping the ceiling's model")
     return Ceiling(wb.world_size, window_s, together, alone, late, counts)
 
 

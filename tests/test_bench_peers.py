@@ -51,6 +51,31 @@ def test_the_ceiling_counts_whole_steps_of_every_engine_in_one_shared_window(wor
     assert not any(workbench.apply(_peer_models_left, stream=False))
 
 
+def _ceiling_stores(state, rows_list):
+    import torch
+
+    from mpbook.models.packed_linear import available, is_packed
+    from mpbook.models.weight_order import column_major
+
+    stores = []
+    for rows in rows_list:
+        lm = bench_peers.ceiling_model(state, "tiny", "float32", rows)
+        linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear) and m is not lm.get_output_embeddings()]
+        stores.append(sorted({"packed" if is_packed(m) else "columns" if column_major(m.weight) else "rows"
+                              for m in linears}))
+    bench_peers.drop_ceiling_model(state)
+    return stores, available(), any(k[0] == "ceiling" for k in bench_peers._models(state))
+
+
+@pytest.mark.cluster
+def test_the_ceilings_engines_store_their_weights_as_the_layouts_engines_do(workbench):
+    """The ceiling is the machine's with the kernels the layouts run: one row, column-major;
+    4 rows, packed for oneDNN (where this torch has it); dropped after."""
+    stores, packs, left = workbench.apply(_ceiling_stores, [1, 4, 1], stream=False, ranks=[0])[0]
+    assert stores == [["columns"], ["packed"] if packs else ["rows"], ["columns"]]
+    assert not left
+
+
 def test_a_ceiling_needs_a_window_and_a_round():
     with pytest.raises(ValueError, match="positive window"):
         bench_peers.measure_ceiling(None, model="tiny", dtype="float32", ids=[[1]], pad_id=0, new_tokens=1,
