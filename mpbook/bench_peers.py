@@ -12,10 +12,11 @@ memory bus and a decode step is memory-bound (it reads every weight once per ste
 CPU engines were measured at 1.12-1.28x (DESIGN.md, "The CPU ceiling"), and a layout is shown
 as a % of the ceiling rather than of N. On a CPU each engine's weights are stored as mpbook's
 engines store them for the rows it generates (:mod:`mpbook.models.weight_order`: on huge pages,
-packed for oneDNN from 2 rows): the ceiling is the machine's with the kernels the layouts run.
-Faster kernels leave less for a second engine to gain on one memory bus (the ``small`` preset,
-8 prompts on 2 engines: 1.28x with transformers' own storage, about 1.1x packed), so a ceiling
-measured with slower ones would ask the layouts for a gain the machine does not have. Timed as DESIGN says, because pairs timed separately
+packed for oneDNN from 2 rows): the ceiling is the machine's with the kernels the layouts run,
+not with slower ones (the ``small`` preset, 8 prompts on 2 engines, measured 1.28x with
+transformers' own storage and 1.29x packed, in two runs of the same hour). It is eager
+``generate``: a step's Python runs beside the other engine's memory traffic, so a leaner step
+(mpbook's, and more so compiled) can find less to gain on one memory bus than this ceiling says. Timed as DESIGN says, because pairs timed separately
 ranged 0.84-1.52x: load and warm up first, then every engine starts on one signal (a
 wall-clock time the client sends, a little in the future) and stops at the same wall-clock
 end, counting the new tokens it finished (to the step: a stopping criterion ends the
