@@ -501,7 +501,7 @@ def test_greedy_tokens_over_a_split_vocabulary(wb):
             assert gathered and all_gathered, name
 
 
-def _shards_against_dtensor(state, folder):
+def _shards_against_dtensor(state, folder, plans=None):
     """Each rank's shard of every tp-split parameter of a Mixtral layer == DTensor's local shard
     under transformers' own placement for the style (packed_colwise: _StridedShard)."""
     import torch
@@ -516,7 +516,7 @@ def _shards_against_dtensor(state, folder):
 
     config = load_config(folder)
     model = meta_model(config)
-    s = structure(model)
+    s = structure(model, plans)
     layout = Layout(tp=state.world_size)
     part = rank_part(s, layout, layout.coords(state.rank))
     ckpt = Checkpoint(folder, model)
@@ -545,10 +545,14 @@ def _shards_against_dtensor(state, folder):
 
 @pytest.mark.cluster
 def test_shards_are_the_ones_dtensor_makes(wb):
-    styles, count = wb.apply(_shards_against_dtensor, family_folder("mixtral"), stream=False)[0]
-    if experts_in_tp_plan("mixtral"):  # up to transformers 5.24
-        assert styles == ["colwise", "embedding_rowwise", "packed_colwise", "rowwise"]
-        assert count == 1 + LAYERS * 6 + 1  # embedding, q/k/v/o + experts gate_up/down per layer, head
-    else:  # the experts replicated: not sharded at all
-        assert styles == ["colwise", "embedding_rowwise", "rowwise"]
-        assert count == 1 + LAYERS * 4 + 1  # embedding, q/k/v/o per layer, head
+    # Mixtral's own plan split its experts up to transformers 5.24 (from 5.25 they are
+    # replicated): where it no longer does, the same rules come as a user's plan.
+    plans = None if experts_in_tp_plan("mixtral") else {"tp": EXPERTS_TP_PLAN}
+    styles, count = wb.apply(_shards_against_dtensor, family_folder("mixtral"), plans, stream=False)[0]
+    assert styles == ["colwise", "embedding_rowwise", "packed_colwise", "rowwise"]
+    assert count == 1 + LAYERS * 6 + 1  # embedding, q/k/v/o + experts gate_up/down per layer, head
+
+
+# Mixtral's expert rules in transformers 5.24's tp plan.
+EXPERTS_TP_PLAN = {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise",
+                   "layers.*.mlp.experts": "moe_tp_experts"}
