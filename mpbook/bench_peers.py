@@ -16,8 +16,8 @@ packed for oneDNN from 2 rows): the ceiling is the machine's with the kernels th
 not with slower ones (the ``small`` preset, 8 prompts on 2 engines, measured 1.28x with
 transformers' own storage and 1.29x packed, in two runs of the same hour). It is eager
 ``generate``: a step's Python runs beside the other engine's memory traffic, so a leaner step
-(mpbook's, and more so compiled) can find less to gain on one memory bus than this ceiling says. Timed as DESIGN says, because pairs timed separately
-ranged 0.84-1.52x: load and warm up first, then every engine starts on one signal (a
+(mpbook's, and more so compiled) can find less to gain on one memory bus than this ceiling
+says. Timed as DESIGN says, because pairs timed separately ranged 0.84-1.52x: load and warm up first, then every engine starts on one signal (a
 wall-clock time the client sends, a little in the future) and stops at the same wall-clock
 end, counting the new tokens it finished (to the step: a stopping criterion ends the
 ``generate`` in flight at the deadline).
@@ -82,13 +82,17 @@ def plain_model(state, model: str, dtype: str):
     key = ("plain", model, dtype)
     models = _models(state)
     if key not in models:
-        from transformers import AutoModelForCausalLM
-
-        from .models import resolve
-
-        lm = AutoModelForCausalLM.from_pretrained(resolve(model), dtype=_dtype(dtype), use_safetensors=True)
-        models[key] = lm.to(state.device).eval().requires_grad_(False)
+        models[key] = _from_pretrained(state, model, dtype)
     return models[key]
+
+
+def _from_pretrained(state, model: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    from .models import resolve
+
+    lm = AutoModelForCausalLM.from_pretrained(resolve(model), dtype=_dtype(dtype), use_safetensors=True)
+    return lm.to(state.device).eval().requires_grad_(False)
 
 
 def ceiling_model(state, model: str, dtype: str, rows: int):
@@ -97,12 +101,9 @@ def ceiling_model(state, model: str, dtype: str, rows: int):
     key = ("ceiling", model, dtype)
     models = _models(state)
     if key not in models:
-        from transformers import AutoModelForCausalLM
+        from .models import place_on_huge_pages
 
-        from .models import place_on_huge_pages, resolve
-
-        lm = AutoModelForCausalLM.from_pretrained(resolve(model), dtype=_dtype(dtype), use_safetensors=True)
-        lm = lm.to(state.device).eval().requires_grad_(False)
+        lm = _from_pretrained(state, model, dtype)  # a copy of its own: the peer's stays as transformers stores it
         if state.device.type == "cpu":
             place_on_huge_pages(lm)
         models[key] = lm

@@ -174,12 +174,13 @@ def gather(dest: Path, target: Target) -> list[Path]:
                  for req in wheel_requirements(wheel, target) if not _met(req, target)]
         if unmet:
             pip_download(unmet, stage, target)
+            wanted = {canonicalize_name(Requirement(r).name) for r in unmet}
             for wheel in stage.glob("*.whl"):
                 if wheel_name(wheel) in CARRIED_OVER:
                     if str(parse_wheel_filename(wheel.name)[1]) != metadata.version(wheel_name(wheel)):
                         wheel.unlink()  # (a dependency's pick again; the pinned one stays)
-                elif wheel_name(wheel) in target.installed and _met_by_target(wheel, target, unmet):
-                    wheel.unlink()
+                elif wheel_name(wheel) in target.installed and wheel_name(wheel) not in wanted:
+                    wheel.unlink()  # the target's version serves
         for wheel in stage.glob("*.whl"):
             shutil.move(wheel, dest / wheel.name)
     return sorted(dest.glob("*.whl"))
@@ -192,12 +193,6 @@ def _met(req: Requirement, target: Target) -> bool:
         return False
     version = target.installed[name]
     return version is None or req.specifier.contains(version, prereleases=True)
-
-
-def _met_by_target(wheel: Path, target: Target, unmet: list[str]) -> bool:
-    """A downloaded wheel of a package the target has, where the target's version is the one
-    wanted: not one of the ``unmet`` requirements it was downloaded for."""
-    return wheel_name(wheel) not in {canonicalize_name(Requirement(r).name) for r in unmet}
 
 
 def mib(n: int) -> str:

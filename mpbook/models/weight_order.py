@@ -58,7 +58,8 @@ def order_weights(model, rows: int, *, pack: bool = True) -> int:
 
     packing = pack and rows >= PACKED_FROM_ROWS and packed_linear.available()
     columns = column_order(rows)
-    dense = _tied(model) | packed_linear.weight_read_by_name(model) if packing else set()
+    # A tied weight is also the embedding table; a weight its family reads by name cannot be packed.
+    tied, read = (_tied(model), packed_linear.weight_read_by_name(model)) if packing else (set(), set())
     copied = 0
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
@@ -67,7 +68,7 @@ def order_weights(model, rows: int, *, pack: bool = True) -> int:
             if packing:
                 continue
             packed_linear.unpack(module)  # row-major, ordered below
-        elif packing and id(module) not in dense and id(module.weight) not in dense and packed_linear.packable(module):
+        elif packing and id(module.weight) not in tied and id(module) not in read and packed_linear.packable(module):
             copied += packed_linear.pack(module, rows)
             continue
         weight = module.weight
