@@ -153,9 +153,9 @@ def _bench_workload_options(b: argparse.ArgumentParser) -> None:
     b.add_argument("--sweep", action="store_true",
                    help="every layout that fits the engines, not one per strategy; writes JSON and a PNG plot")
     b.add_argument("--window", type=float, default=5.0, metavar="S",
-                   help="seconds per round of the machine's ceiling (every engine generating its share with plain "
-                        "transformers at once, against one engine with every prompt), measured first; 0 skips it "
-                        "(default 5)")
+                   help="seconds per round of the machine's ceilings (every engine generating its share at once, "
+                        "against one engine with every prompt; with mpbook's own step and with plain transformers), "
+                        "measured first; 0 skips them (default 5)")
     b.add_argument("--transport", choices=["auto", "mpi", "gloo"], default="auto",
                    help="what the CPU engines' collectives use (default: MPI when installed)")
     b.add_argument("--compile", action="store_true",

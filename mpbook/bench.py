@@ -6,10 +6,11 @@ median of each is kept, so that drift of a noisy machine hits every layout alike
 record also says how far its logits are from the one-device run and whether its greedy
 tokens are identical.
 
-The same run first measures the machine's ceiling (``--window`` seconds per round; ``0`` skips
-it): every engine generating its share with transformers' ``generate`` at once, its weights
-stored as an engine stores them, against one engine doing every prompt, and shows each layout
-as a % of it (:mod:`mpbook.bench_peers`).
+The same run first measures the machine's ceiling twice (``--window`` seconds per round; ``0``
+skips both): every engine generating its share at once against one engine doing every prompt,
+with mpbook's own step (each engine's share of a data-parallel run, looped by itself: the
+headline) and with transformers' ``generate`` (its weights stored as an engine stores them),
+and shows each layout as a % of each (:mod:`mpbook.bench_peers`).
 
 ``--against transformers``: transformers' own distributed forms on the same engines, layout by
 layout, in one table (:mod:`mpbook.bench_peers`).
@@ -118,11 +119,15 @@ def bench_strategies(
             cases = _that_fit(cases, model=model, wb=wb, batch=batch, new_tokens=new_tokens, dtype=dtype, log=log)
         log(f"model {model}, {batch} prompts, {new_tokens} new tokens, {dtype}{', compiled' if compile else ''}; "
             f"one device vs {wb.world_size} engines ({wb.device_type}); {repeats} interleaved rounds")
-        ceiling = None
-        if window_s > 0:  # first, and its models dropped, so that the layouts have the memory
+        ceilings = []
+        if window_s > 0:  # first, and their models dropped, so that the layouts have the memory
+            # With mpbook's own step first: the headline, the most the layouts' own step can gain.
+            ceilings.append(bench_peers.measure_own_ceiling(
+                wb, single, prompts, window_s=window_s, rounds=repeats, model=model, max_new_tokens=new_tokens,
+                dtype=dtype, ignore_eos=True, compile=compile))
             ids, pad_id = bench_peers.encode(model, prompts, chat=None)  # as generate encodes them
-            ceiling = bench_peers.measure_ceiling(wb, model=model, dtype=dtype, ids=ids, pad_id=pad_id,
-                                                  new_tokens=new_tokens, window_s=window_s, rounds=repeats)
+            ceilings.append(bench_peers.measure_ceiling(wb, model=model, dtype=dtype, ids=ids, pad_id=pad_id,
+                                                        new_tokens=new_tokens, window_s=window_s, rounds=repeats))
             wb.apply(bench_peers.drop_models, stream=False)
 
         # ignore_eos: every run generates the same number of tokens, whatever the model says.
@@ -163,8 +168,8 @@ def bench_strategies(
                 record["tokens_match"] = all(r.token_ids == base_tokens for r in results)
             records.append(record)
             log(_row(record, records[0]))
-        if ceiling is not None:
-            log(bench_peers.ceiling_shares(ceiling, records))
+        if ceilings:
+            log(bench_peers.ceiling_shares(records, *ceilings))
     return records
 
 

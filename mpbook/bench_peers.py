@@ -4,23 +4,26 @@ A layout's tokens/s alone say little; two numbers measured in the same run make 
 something.
 
 **The ceiling** (``python -m mpbook bench`` measures it before the layouts): the most N engines
-of this machine give on this work when they never talk to each other. Every engine loads the
-model with transformers and generates its share of the prompts, all at the same time;
-the tokens they finish in one fixed window are compared with one engine doing all the prompts
-over a window as long. On a GPU workstation N devices give nearly N x; CPU engines share one
-memory bus and a decode step is memory-bound (it reads every weight once per step), so two
-CPU engines were measured at 1.12-1.28x (DESIGN.md, "The CPU ceiling"), and a layout is shown
-as a % of the ceiling rather than of N. On a CPU each engine's weights are stored as mpbook's
-engines store them for the rows it generates (:mod:`mpbook.models.weight_order`: on huge pages,
-packed for oneDNN from 2 rows): the ceiling is the machine's with the kernels the layouts run,
-not with slower ones (the ``small`` preset, 8 prompts on 2 engines, measured 1.28x with
-transformers' own storage and 1.29x packed, in two runs of the same hour). It is eager
-``generate``: a step's Python runs beside the other engine's memory traffic, so a leaner step
-(mpbook's, and more so compiled) can find less to gain on one memory bus than this ceiling
-says. Timed as DESIGN says, because pairs timed separately ranged 0.84-1.52x: load and warm up first, then every engine starts on one signal (a
-wall-clock time the client sends, a little in the future) and stops at the same wall-clock
-end, counting the new tokens it finished (to the step: a stopping criterion ends the
-``generate`` in flight at the deadline).
+of this machine give on this work when they never talk to each other. Every engine generates
+its share of the prompts, all from one signal, and the batch is done when the slowest engine
+is; against one engine doing every prompt. Measured with two steps: **mpbook's own** (each
+engine's share of a data-parallel run, whose ranks send nothing during a run, against the
+bench's one-engine cluster; the headline, since it is the step the layouts run) and
+**transformers' generate** (the form the ceiling was first defined with; each engine's weights
+stored as mpbook's engines store them for the rows it generates, :mod:`mpbook.models.weight_order`:
+on huge pages, packed for oneDNN from 2 rows). On a GPU workstation N devices give nearly N x;
+CPU engines share one memory bus and a decode step is memory-bound (it reads every weight once
+per step), so two CPU engines gain far less, and a layout is shown as a % of the ceiling
+rather than of N.
+
+Timed so that noise does not decide it: load and warm up first; then every engine begins
+each run on the same wall-clock ticks (the client sends the first, a little in the future,
+and the period), with no message between engines; windows of runs alternate together and
+alone, A B B A. Runs from one signal are what a layout's run is: its ranks prefill together
+and decode together. Engines left to run back to back drift apart, one's prefill (compute)
+beside another's decode (memory traffic), and find a gain no batch can: on ``small``, 8 prompts
+on 2 CPU engines, that measured 1.16-1.33x where runs from one signal measured 1.05-1.20x, in
+the same hour. Pairs timed separately (each its own start) ranged 0.84-1.52x.
 
 **The peer** (``python -m mpbook bench --against transformers``): transformers' own
 distributed inference on the same engines, with the same token ids and the same fixed number
@@ -62,6 +65,8 @@ from typing import Any
 from .protocol import DEFAULT_DTYPE, DEFAULT_MODEL
 
 CACHE_KEY = "bench_peers"  # the peer's models in the engine's cache (dropped when done)
+TRANSFORMERS_STEP = "transformers' generate"
+OWN_STEP = "mpbook's own step"
 KINDS = ("data", "tensor", "pipeline")
 DEGREE_OF = {"tensor": "tp_size", "pipeline": "pp_size"}
 
@@ -144,24 +149,15 @@ def _batch(state, ids: list[list[int]], pad_id: int) -> dict:
     return {"input_ids": input_ids.to(state.device), "attention_mask": mask.to(state.device)}
 
 
-def _generate(lm, batch: dict, new_tokens: int, deadline: float | None = None):
+def _generate(lm, batch: dict, new_tokens: int):
     """Greedy ``generate`` of exactly ``new_tokens`` per row (end-of-sequence chosen but not
-    stopping, as mpbook's ignore_eos); with ``deadline`` (perf_counter), it ends at the first
-    step past it. Returns the new ids, (rows, steps)."""
+    stopping, as mpbook's ignore_eos). Returns the new ids, (rows, steps)."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
-    class Deadline(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            done = time.perf_counter() >= deadline
-            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-    stopping = StoppingCriteriaList([Deadline()]) if deadline is not None else None
     with torch.inference_mode():
         # eos_token_id=[]: no id ends a row. None would not do: generate takes a None from the
         # model's own generation config.
-        out = lm.generate(**batch, do_sample=False, max_new_tokens=new_tokens, eos_token_id=[],
-                          stopping_criteria=stopping)
+        out = lm.generate(**batch, do_sample=False, max_new_tokens=new_tokens, eos_token_id=[])
     return out[:, batch["input_ids"].shape[1]:]
 
 
@@ -173,37 +169,69 @@ def _rows(state, prompts: int, share: bool) -> range:
     return split_evenly(prompts, state.world_size)[state.rank] if share else range(prompts)
 
 
-def ceiling_warm_up(state, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int) -> None:
-    """Load the model and run once what the windows will run (first touch, allocator)."""
+def ceiling_warm_up(state, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int) -> float:
+    """Load the model and run once what the windows will run (first touch, allocator). Returns
+    how long rank 0's run of every prompt took (the longest run of a window)."""
     mine = [ids[i] for i in _rows(state, len(ids), share=True)]
     if mine:
         _generate(ceiling_model(state, model, dtype, len(mine)), _batch(state, mine, pad_id), new_tokens)
-    if state.rank == 0:  # the one-engine run does every prompt
-        _generate(ceiling_model(state, model, dtype, len(ids)), _batch(state, ids, pad_id), new_tokens)
-
-
-def ceiling_window(state, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int, start_at: float,
-                   window_s: float, share: bool) -> dict:
-    """Generate this engine's prompts again and again from wall-clock ``start_at`` until
-    ``start_at + window_s``; count the new tokens finished."""
-    mine = [ids[i] for i in _rows(state, len(ids), share)]
-    lm = ceiling_model(state, model, dtype, len(mine))  # (its weights stored for these rows before the window)
-    batch = _batch(state, mine, pad_id) if mine else None
-    wait = start_at - time.time()
-    if wait > 0:
-        time.sleep(wait)
-    late = max(0.0, time.time() - start_at)
+    if state.rank != 0:
+        return 0.0
+    lm, batch = ceiling_model(state, model, dtype, len(ids)), _batch(state, ids, pad_id)
     began = time.perf_counter()
-    # The end is the signal's, not this engine's start plus the window: an engine that got the
-    # signal late must not run on alone at the end, when it has the machine to itself.
-    deadline = began + (start_at + window_s - time.time())
-    tokens = calls = 0
-    while batch is not None and time.perf_counter() < deadline:
-        new = _generate(lm, batch, new_tokens, deadline=deadline)
-        tokens += new.numel()
-        calls += 1
-    return {"rank": state.rank, "rows": len(mine), "tokens": tokens, "calls": calls,
-            "seconds": time.perf_counter() - began, "late_s": late}
+    _generate(lm, batch, new_tokens)
+    return time.perf_counter() - began
+
+
+def _ticks(start_at: float, period: float, count: int):
+    """Sleep until each of ``count`` wall-clock ticks ``period`` apart from ``start_at``;
+    yields how late each run begins (a run that overran its period delays the next)."""
+    for k in range(count):
+        tick = start_at + k * period
+        wait = tick - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        yield max(0.0, time.time() - tick)  # (a sleep ends a little after its time, too)
+
+
+def ceiling_runs(state, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int, start_at: float,
+                 period: float, count: int, share: bool) -> dict:
+    """Generate this engine's prompts (its share, or all of them) with transformers at each
+    of ``count`` ticks; each run's seconds and new tokens."""
+    mine = [ids[i] for i in _rows(state, len(ids), share)]
+    lm = ceiling_model(state, model, dtype, len(mine))  # (its weights stored for these rows before the first tick)
+    batch = _batch(state, mine, pad_id) if mine else None
+    seconds, tokens, starts, late = [], [], [], 0.0
+    for lateness in _ticks(start_at, period, count):
+        late = max(late, lateness)
+        starts.append(time.time())
+        began = time.perf_counter()
+        new = _generate(lm, batch, new_tokens) if batch is not None else None
+        seconds.append(time.perf_counter() - began)
+        tokens.append(new.numel() if new is not None else 0)
+    return {"rank": state.rank, "rows": len(mine), "seconds": seconds, "tokens": tokens, "starts": starts,
+            "late_s": late}
+
+
+def own_runs(state, *, request, start_at: float, period: float, count: int) -> dict:
+    """mpbook's own run of ``request`` (this engine's share of a data-parallel run, or a
+    one-engine cluster's every prompt) at each of ``count`` ticks; each run's seconds (its
+    prefill and decode, as a layout's run is timed) and new tokens.
+
+    A data-parallel rank's run sends nothing to the others once its model is loaded (a run of
+    the whole cluster loads it first), so each engine runs on its own, from the ticks alone."""
+    from .engine import decode
+
+    seconds, tokens, starts, late, rows = [], [], [], 0.0, 0
+    for lateness in _ticks(start_at, period, count):
+        late = max(late, lateness)
+        starts.append(time.time())
+        out = decode.run(state, request)
+        seconds.append(out.phase_seconds.get("prefill", 0.0) + out.phase_seconds.get("decode", 0.0))
+        tokens.append(out.new_tokens)
+        rows = len(out.rows)
+    return {"rank": state.rank, "rows": rows, "seconds": seconds, "tokens": tokens, "starts": starts,
+            "late_s": late}
 
 
 def reference_tokens(state, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int) -> list[list[int]]:
@@ -302,14 +330,17 @@ def generation_tokens_per_s(result) -> float:
 
 @dataclass(frozen=True)
 class Ceiling:
-    """N engines generating their shares at once against one engine doing every prompt."""
+    """N engines generating their shares of a batch from one signal against one engine doing
+    the whole batch, run after run."""
 
     engines: int
     window_s: float
-    together_tok_s: list[float]  # per round: all engines at once, their tokens/s added
-    alone_tok_s: list[float]  # per round: rank 0 alone with every prompt
-    late_s: float  # the longest any engine started after the signal
-    per_engine: list[list[dict]] = field(default_factory=list)  # per round: each engine's count
+    together_tok_s: list[float]  # per round: the batch's new tokens over the slowest engine's seconds
+    alone_tok_s: list[float]  # per round: one engine alone with every prompt
+    late_s: float  # the latest any engine began a run after its tick
+    per_engine: list[list[dict]] = field(default_factory=list)  # per round: each engine's runs
+    step: str = TRANSFORMERS_STEP  # what each engine ran
+    runs: int = 0  # runs per window
 
     @property
     def ratio(self) -> float:
@@ -325,78 +356,138 @@ class Ceiling:
         return statistics.median(self.alone_tok_s)
 
     def format(self) -> str:
-        late = f"; an engine started up to {self.late_s * 1e3:.0f} ms after the signal" if self.late_s > 0.01 else ""
-        return (f"the machine's ceiling: {self.engines} engines generating their shares with transformers' generate "
-                f"at once give {self.ratio:.2f}x the tokens/s of one engine with every prompt ({self.together:,.1f} vs "
-                f"{self.alone:,.1f} tok/s; median of {len(self.alone_tok_s)} rounds over {self.window_s:g} s "
-                f"windows{late})")
+        late = f"; an engine began up to {self.late_s * 1e3:.0f} ms after its tick" if self.late_s > 0.01 else ""
+        return (f"the machine's ceiling with {self.step}: {self.engines} engines, each generating its share of the "
+                f"batch from one signal, give {self.ratio:.2f}x the tokens/s of one engine with the whole batch "
+                f"({self.together:,.1f} vs {self.alone:,.1f} tok/s; median of {len(self.alone_tok_s)} rounds of "
+                f"{self.runs} runs{late})")
 
     def payload(self) -> dict:
-        return {"engines": self.engines, "window_s": self.window_s, "ratio": self.ratio,
-                "together_tok_s": self.together_tok_s, "alone_tok_s": self.alone_tok_s, "late_s": self.late_s}
+        return {"step": self.step, "engines": self.engines, "window_s": self.window_s, "runs": self.runs,
+                "ratio": self.ratio, "together_tok_s": self.together_tok_s, "alone_tok_s": self.alone_tok_s,
+                "late_s": self.late_s}
 
 
 def measure_ceiling(wb, *, model: str, dtype: str, ids, pad_id: int, new_tokens: int, window_s: float = 5.0,
                     rounds: int = 3, lead_s: float = 0.5) -> Ceiling:
-    """The machine's ceiling on this work, on ``wb``'s engines (see the module's docstring).
+    """The machine's ceiling on this work with transformers' ``generate``, on ``wb``'s engines
+    (see the module's docstring): rank 0 alone with every prompt against every engine with its
+    share."""
+    _check_window(window_s, rounds)
+    work = dict(model=model, dtype=dtype, ids=ids, pad_id=pad_id, new_tokens=new_tokens)
+    alone_s = wb.apply(ceiling_warm_up, **work, stream=False, what="loading the ceiling's model")[0]
 
-    ``lead_s``: how far in the future the start signal is, so that every engine has it in
-    time (one apply reaches 2 local engines in a few ms; a loaded machine takes longer, and a
-    window that an engine began more than a tenth of it late is run again with a longer lead).
-    Engines on several hosts need their clocks in step (NTP); ``late_s`` says how late the
-    latest start was."""
+    def together(start_at, period, count):
+        return wb.apply(ceiling_runs, **work, start_at=start_at, period=period, count=count, share=True,
+                        stream=False, what="the ceiling's runs")
+
+    def alone(start_at, period, count):
+        return wb.apply(ceiling_runs, **work, start_at=start_at, period=period, count=count, share=False,
+                        ranks=[0], stream=False, what="the ceiling's runs")
+
+    ceiling = _measure_rounds(together, alone, alone_s=alone_s, engines=wb.world_size, window_s=window_s,
+                              rounds=rounds, lead_s=lead_s, step=TRANSFORMERS_STEP)
+    wb.apply(drop_ceiling_model, stream=False, what="dropping the ceiling's model")
+    return ceiling
+
+
+def measure_own_ceiling(wb, single, prompts, *, window_s: float = 5.0, rounds: int = 3, lead_s: float = 0.5,
+                        **options) -> Ceiling:
+    """The machine's ceiling on this work with mpbook's own step: every engine of ``wb`` runs
+    its share of a data-parallel run by itself, all from one signal, against the one-engine
+    cluster ``single`` running every prompt (the bench's "one device"). ``options`` are
+    :meth:`mpbook.workbench.Workbench.generate`'s (model, max_new_tokens, dtype, compile...).
+
+    Data parallel's ranks never talk during a run, so this is the most N engines give with the
+    very step the layouts run: its kernels, its weights' storage and its host work."""
+    _check_window(window_s, rounds)
+    together_request = wb.session.request(prompts, strategy="data", dp=wb.world_size, **options)
+    alone_request = single.session.request(prompts, strategy="data", **options)
+    # Loaded (and compiled) by a run of each whole cluster, so that the ticks' runs load nothing.
+    wb.generate(prompts, strategy="data", dp=wb.world_size, **options)
+    warm = single.generate(prompts, strategy="data", **options)
+
+    def together(start_at, period, count):
+        return wb.apply(own_runs, request=together_request, start_at=start_at, period=period, count=count,
+                        stream=False, what="the ceiling's runs")
+
+    def alone(start_at, period, count):
+        return single.apply(own_runs, request=alone_request, start_at=start_at, period=period, count=count,
+                            stream=False, what="the ceiling's runs")
+
+    return _measure_rounds(together, alone, alone_s=warm.new_tokens / generation_tokens_per_s(warm),
+                           engines=wb.world_size, window_s=window_s, rounds=rounds, lead_s=lead_s, step=OWN_STEP)
+
+
+def _check_window(window_s: float, rounds: int) -> None:
     if window_s <= 0 or rounds < 1:
         raise ValueError(f"window_s={window_s}, rounds={rounds}: need a positive window and at least one round")
-    work = dict(model=model, dtype=dtype, ids=ids, pad_id=pad_id, new_tokens=new_tokens)
-    wb.apply(ceiling_warm_up, **work, stream=False, what="loading the ceiling's model")
 
+
+def _measure_rounds(together, alone, *, alone_s: float, engines: int, window_s: float, rounds: int,
+                    lead_s: float, step: str) -> Ceiling:
+    """``rounds`` pairs of windows, A B B A, each of runs from one wall-clock signal:
+    ``together(start_at, period, count)`` on every engine, ``alone(...)`` on one; each returns
+    every engine's runs.
+
+    The runs of a window begin on wall-clock ticks a period apart, every engine on the same
+    ticks, with no message between them: so they run at the same time as a layout's ranks do,
+    and the batch is done when its slowest engine is (as a layout's run is timed; the module's
+    docstring says why not back to back). The period is half as long again as one engine's run
+    of the whole batch (``alone_s``), so that a run ends before the next tick.
+
+    ``lead_s``: how far in the future the first tick is, so that every engine has it in time
+    (one apply reaches 2 local engines in a few ms; a loaded machine takes longer). A window
+    in which a run began more than a tenth of the period late is run again with a longer lead.
+    Engines on several hosts need their clocks in step (NTP); ``late_s`` says how late the
+    latest start was."""
+    period = 1.5 * alone_s + 0.02
+    count = max(2, round(window_s / period))
     lead = lead_s
 
-    def window(ranks, share: bool) -> list[dict]:
+    def window(run) -> list[dict]:
         nonlocal lead
         for _ in range(3):
-            start_at = time.time() + lead
-            runs = wb.apply(ceiling_window, **work, start_at=start_at, window_s=window_s, share=share, ranks=ranks,
-                            stream=False, what="the ceiling's window")
+            runs = run(time.time() + lead, period, count)
             late = max(c["late_s"] for c in runs)
-            if late <= 0.1 * window_s:
+            if late <= 0.1 * period:
                 break
-            # The signal reached an engine after its time (a loaded machine): that engine's
-            # window was short, so the others ran alone for a while. Again, with more time.
             lead = min(2 * lead + late, 10.0)
         return runs
 
-    together, alone, counts, late = [], [], [], 0.0
+    together_tok_s, alone_tok_s, counts, late = [], [], [], 0.0
     for r in range(rounds):
         # A B B A: drift of a noisy machine hits both alike.
-        order = ("together", "alone") if r % 2 == 0 else ("alone", "together")
-        for which in order:
+        for which in (("together", "alone") if r % 2 == 0 else ("alone", "together")):
+            runs = window(together if which == "together" else alone)
+            tokens = sum(sum(c["tokens"]) for c in runs)
+            seconds = sum(max(c["seconds"][k] for c in runs) for k in range(count))
+            (together_tok_s if which == "together" else alone_tok_s).append(tokens / seconds)
             if which == "together":
-                runs = window(None, share=True)
-                together.append(sum(c["tokens"] / c["seconds"] for c in runs))
                 counts.append(runs)
-            else:
-                runs = window([0], share=False)
-                alone.append(runs[0]["tokens"] / runs[0]["seconds"])
             late = max([late] + [c["late_s"] for c in runs])
-    wb.apply(drop_ceiling_model, stream=False, what="dropping the ceiling's model")
-    return Ceiling(wb.world_size, window_s, together, alone, late, counts)
+    return Ceiling(engines, window_s, together_tok_s, alone_tok_s, late, counts, step=step, runs=count)
 
 
-def ceiling_shares(ceiling: Ceiling, records: list[dict]) -> str:
-    """Each layout of ``bench``'s records as a % of the ceiling: its generation tokens/s over
-    one device's, against the ceiling's ratio. Adds ``ceiling`` and ``ceiling_percent`` to the
-    records (the JSON keeps them)."""
+def ceiling_shares(records: list[dict], *ceilings: Ceiling) -> str:
+    """Each layout of ``bench``'s records as a % of each ceiling: its generation tokens/s over
+    one device's, against the ceiling's ratio. The first ceiling is the headline: the records
+    (and the JSON) keep it as ``ceiling`` and ``ceiling_percent``, and every one under
+    ``ceilings`` by its step."""
     base = next(r for r in records if r["strategy"] == "single")
-    lines = [ceiling.format(), "  each layout's tokens/s (prefill and decode) over one device's, as a % of it:"]
+    lines = [ceiling.format() for ceiling in ceilings]
+    lines.append("  each layout's tokens/s (prefill and decode) over one device's, as a % of "
+                 + " and of ".join(f"the ceiling with {c.step}" for c in ceilings) + ":")
     for record in records:
         if record is base or not base["generation_tokens_per_s"]:
             continue
         speedup = record["generation_tokens_per_s"] / base["generation_tokens_per_s"]
-        record["ceiling"] = ceiling.ratio
-        record["ceiling_percent"] = 100 * speedup / ceiling.ratio
+        record["ceilings"] = {c.step: {"ratio": c.ratio, "percent": 100 * speedup / c.ratio} for c in ceilings}
+        record["ceiling"] = ceilings[0].ratio
+        record["ceiling_percent"] = 100 * speedup / ceilings[0].ratio
+        shares = ", ".join(f"{100 * speedup / c.ratio:.0f}% with {c.step}" for c in ceilings)
         lines.append(f"  {record['strategy']:<8} dp={record['dp']} pp={record['pp']} tp={record['tp']}: "
-                     f"{speedup:.2f}x one device = {record['ceiling_percent']:.0f}% of the ceiling")
+                     f"{speedup:.2f}x one device = {shares}")
     return "\n".join(lines)
 
 

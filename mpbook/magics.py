@@ -106,6 +106,9 @@ def build_parser() -> MagicArgumentParser:
         cmd.add_argument("--compile", action="store_true",
                          help="static KV cache and torch.compile of the decode step (compiled once per shape, "
                               "reused by later cells)")
+        cmd.add_argument("--dense-weights", action="store_true",
+                         help="CPU engines: keep the weights plain tensors, not packed for oneDNN (for a model whose "
+                              "code reads a layer's weight itself)")
         cmd.add_argument("--prompts", default=None,
                          help="take the prompts from this variable (a str, a list of str, or of chat message lists)")
         cmd.add_argument("-o", "--out", default="_mp", help="name for the result object (default _mp)")
@@ -410,6 +413,7 @@ class MpMagics(Magics):
             stop=args.stop,
             ignore_eos=args.ignore_eos,
             compile=args.compile,
+            dense_weights=args.dense_weights,
             dashboard=not args.no_dashboard,
         )
         self.shell.user_ns[args.out] = result

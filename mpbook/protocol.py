@@ -158,6 +158,9 @@ class Request:
     stream: bool = True
     # A static KV cache and a torch.compile'd decode step (mpbook.engine.compiled).
     compile: bool = False
+    # CPU engines: keep every weight a plain dense tensor, never packed for oneDNN
+    # (mpbook.models.packed_linear), for a family whose code reads a Linear's weight itself.
+    dense_weights: bool = False
 
     @property
     def model_key(self) -> tuple:

@@ -26,29 +26,51 @@ def _peer_models_left(state) -> bool:
     return bench_peers.CACHE_KEY in state.cache
 
 
-@pytest.mark.cluster
-def test_the_ceiling_counts_whole_steps_of_every_engine_in_one_shared_window(workbench):
-    ids, pad_id = bench_peers.encode("tiny", PROMPTS, chat=False)
-    window = 0.4
-    ceiling = bench_peers.measure_ceiling(workbench, model="tiny", dtype="float32", ids=ids, pad_id=pad_id,
-                                          new_tokens=NEW_TOKENS, window_s=window, rounds=2)
-    workbench.apply(bench_peers.drop_models, stream=False)
-
-    assert ceiling.engines == 2 and len(ceiling.together_tok_s) == len(ceiling.alone_tok_s) == 2
+def _check_runs_from_shared_ticks(ceiling, rows: list[int]) -> None:
+    """Every engine ran its share at each of the window's ticks, all of its tokens, and the
+    batch's tokens/s is its tokens over the slowest engine's seconds, run by run."""
+    assert ceiling.runs >= 2 and len(ceiling.together_tok_s) == len(ceiling.alone_tok_s) == len(ceiling.per_engine)
     assert all(t > 0 for t in ceiling.together_tok_s) and all(a > 0 for a in ceiling.alone_tok_s)
     for runs, together in zip(ceiling.per_engine, ceiling.together_tok_s):
-        assert [c["rank"] for c in runs] == [0, 1] and [c["rows"] for c in runs] == [2, 2]  # each its share
+        assert [c["rank"] for c in runs] == list(range(len(rows))) and [c["rows"] for c in runs] == rows
         for c in runs:
-            # Whole steps of every row: the deadline ends a generate between steps, never inside one.
-            assert c["tokens"] > 0 and c["tokens"] % c["rows"] == 0
-            assert (c["calls"] - 1) * c["rows"] * NEW_TOKENS < c["tokens"] <= c["calls"] * c["rows"] * NEW_TOKENS
-            # The window is the signal's: no engine runs on long after its end.
-            assert 0 < c["seconds"] <= window + 1.0
-        assert together == pytest.approx(sum(c["tokens"] / c["seconds"] for c in runs))
+            assert c["tokens"] == [c["rows"] * NEW_TOKENS] * ceiling.runs
+            assert len(c["seconds"]) == ceiling.runs and all(s > 0 for s in c["seconds"])
+        for k in range(ceiling.runs):  # the same tick on every engine (each at most late_s after it)
+            starts = [c["starts"][k] for c in runs]
+            assert max(starts) - min(starts) <= ceiling.late_s + 1e-3
+        slowest = sum(max(c["seconds"][k] for c in runs) for k in range(ceiling.runs))
+        assert together == pytest.approx(sum(sum(c["tokens"]) for c in runs) / slowest)
     assert ceiling.ratio == pytest.approx(
         statistics.median(t / a for t, a in zip(ceiling.together_tok_s, ceiling.alone_tok_s)))
-    assert f"{ceiling.ratio:.2f}x" in ceiling.format()
+    assert f"{ceiling.ratio:.2f}x" in ceiling.format() and f"{ceiling.runs} runs" in ceiling.format()
+
+
+@pytest.mark.cluster
+def test_the_ceiling_runs_every_engines_share_from_the_same_ticks(workbench):
+    ids, pad_id = bench_peers.encode("tiny", PROMPTS, chat=False)
+    ceiling = bench_peers.measure_ceiling(workbench, model="tiny", dtype="float32", ids=ids, pad_id=pad_id,
+                                          new_tokens=NEW_TOKENS, window_s=0.4, rounds=2)
+    workbench.apply(bench_peers.drop_models, stream=False)
+    assert ceiling.engines == 2 and ceiling.step == bench_peers.TRANSFORMERS_STEP
+    _check_runs_from_shared_ticks(ceiling, rows=[2, 2])
     assert not any(workbench.apply(_peer_models_left, stream=False))
+
+
+@pytest.mark.cluster
+def test_the_ceiling_with_mpbooks_own_step_runs_data_parallel_shares_from_the_same_ticks(workbench):
+    """Each engine loops its share of a data-parallel run by itself, against a one-engine
+    cluster with every prompt; the runs generate the same tokens as the cluster's own run."""
+    from mpbook.workbench import Workbench
+
+    options = dict(model="tiny", max_new_tokens=NEW_TOKENS, ignore_eos=True, chat=False)
+    with Workbench.start(1, cpu=True) as single:
+        ceiling = bench_peers.measure_own_ceiling(workbench, single, PROMPTS, window_s=0.4, rounds=2, **options)
+        assert ceiling.engines == 2 and ceiling.step == bench_peers.OWN_STEP
+        _check_runs_from_shared_ticks(ceiling, rows=[2, 2])
+        # The cluster still runs as before, and its tokens are one device's.
+        alone = single.generate(PROMPTS, strategy="data", **options)
+        assert workbench.generate(PROMPTS, strategy="data", **options).token_ids == alone.token_ids
 
 
 def _ceiling_stores(state, rows_list):
@@ -80,6 +102,8 @@ def test_a_ceiling_needs_a_window_and_a_round():
     with pytest.raises(ValueError, match="positive window"):
         bench_peers.measure_ceiling(None, model="tiny", dtype="float32", ids=[[1]], pad_id=0, new_tokens=1,
                                     window_s=0)
+    with pytest.raises(ValueError, match="at least one round"):
+        bench_peers.measure_own_ceiling(None, None, ["a prompt"], window_s=1.0, rounds=0, model="tiny")
 
 
 @pytest.mark.cluster
@@ -161,17 +185,22 @@ def test_a_failing_form_is_a_row_that_says_why_and_keeps_its_numbers():
     assert tensor.endswith("= one device  fails: ValueError: tp=3 does not divide 8 heads")
 
 
-def test_each_layout_as_a_share_of_the_ceiling():
-    ceiling = bench_peers.Ceiling(2, 1.0, together_tok_s=[110.0], alone_tok_s=[100.0], late_s=0.0)
+def test_each_layout_as_a_share_of_each_ceiling_the_first_the_headline():
+    own = bench_peers.Ceiling(2, 1.0, together_tok_s=[110.0], alone_tok_s=[100.0], late_s=0.0,
+                              step=bench_peers.OWN_STEP, runs=4)
+    theirs = bench_peers.Ceiling(2, 1.0, together_tok_s=[137.5], alone_tok_s=[100.0], late_s=0.0, runs=4)
     records = [
         {"strategy": "single", "dp": 1, "pp": 1, "tp": 1, "generation_tokens_per_s": 100.0},
         {"strategy": "data", "dp": 2, "pp": 1, "tp": 1, "generation_tokens_per_s": 110.0},
         {"strategy": "tensor", "dp": 1, "pp": 1, "tp": 2, "generation_tokens_per_s": 55.0},
     ]
-    text = bench_peers.ceiling_shares(ceiling, records)
+    text = bench_peers.ceiling_shares(records, own, theirs)
     assert records[1]["ceiling_percent"] == pytest.approx(100.0) and records[2]["ceiling_percent"] == pytest.approx(50)
+    assert records[2]["ceilings"][bench_peers.TRANSFORMERS_STEP]["percent"] == pytest.approx(40)
     assert "ceiling" not in records[0]
-    assert "1.10x one device = 100% of the ceiling" in text and "0.55x one device = 50% of the ceiling" in text
+    assert "1.10x one device = 100% with mpbook's own step, 80% with transformers' generate" in text
+    assert "0.55x one device = 50% with mpbook's own step, 40% with transformers' generate" in text
+    assert own.format() in text and theirs.format() in text
 
 
 def test_the_command_line_reaches_the_peer_and_the_ceiling(monkeypatch):

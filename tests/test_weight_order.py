@@ -150,3 +150,34 @@ def test_a_forward_pass_alone_keeps_the_order_the_weights_have(workbench, tiny_f
     for got, want in zip(result.logits, logits):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert workbench.apply(runner_weight_order, stream=False) == [["columns"]] * len(workbench.engines)
+
+
+@pytest.mark.cluster
+def test_dense_weights_keep_every_weight_a_plain_tensor(workbench, tiny_folder):
+    """The way out for a family whose code reads a packed weight: 4 rows each, not packed
+    (row-major); a forward pass with it after a packed run unpacks; tokens and logits are one
+    device's either way."""
+    from mpbook.reference import reference
+
+    if not packed_linear.available():
+        pytest.skip("this torch has no oneDNN on the CPU: weights are never packed")
+    texts = ["Hi", "Tensor parallel splits every weight matrix"] * 4
+    logits, tokens = reference(tiny_folder, texts, max_new_tokens=4)
+    dense = workbench.generate(texts, strategy="data", model=tiny_folder, max_new_tokens=4, dense_weights=True)
+    assert dense.token_ids == tokens
+    assert workbench.apply(runner_weight_order, stream=False) == [["rows"]] * len(workbench.engines)
+
+    assert workbench.generate(texts, strategy="data", model=tiny_folder, max_new_tokens=4).token_ids == tokens
+    assert workbench.apply(runner_weight_order, stream=False) == [["packed", "rows"]] * len(workbench.engines)
+    forward = workbench.forward(texts, strategy="data", model=tiny_folder, dense_weights=True)
+    assert workbench.apply(runner_weight_order, stream=False) == [["rows"]] * len(workbench.engines)
+    for got, want in zip(forward.logits, logits):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_magic_asks_for_dense_weights():
+    from mpbook.magics import build_parser
+
+    args = build_parser().parse_args(["tensor", "--dense-weights"])
+    assert args.dense_weights is True
+    assert build_parser().parse_args(["tensor"]).dense_weights is False

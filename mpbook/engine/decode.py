@@ -163,16 +163,19 @@ def _run(state, request: Request) -> RankOutput:
 
     compiled = compiled_decode(runner, request) if request.compile and request.max_new_tokens > 1 else None
     microbatches = make_microbatches(state, runner, request, rows, reports, compiled=compiled)
-    if runner.device.type == "cpu" and request.max_new_tokens:
-        from ..models import order_weights
+    if runner.device.type == "cpu":
+        from ..models import order_weights, unpack_weights
 
         # A decode step's few rows stream a weight faster packed for oneDNN, or at one row
         # stored column by column (models.weight_order). A forward pass alone carries rows x
         # prompt tokens, where either store is within 5%: it keeps the one the weights have,
         # and copies nothing. A run that counts tensors keeps them dense, where MemTracker
-        # sees them.
-        order_weights(runner.model, rows=max(len(mb.prompts) for mb in microbatches),
-                      pack=not request.track_tensors)
+        # sees them, and so does a run that asks for dense weights.
+        dense = request.track_tensors or request.dense_weights
+        if request.max_new_tokens:
+            order_weights(runner.model, rows=max(len(mb.prompts) for mb in microbatches), pack=not dense)
+        elif dense:
+            unpack_weights(runner.model)
     tracker = contextlib.nullcontext()
     if request.track_tensors:
         tracker = TensorPeak(runner.model, *(mb.mask for mb in microbatches), *(mb.ids for mb in microbatches))

@@ -111,7 +111,8 @@ class PackedAway(torch.Tensor):
         raise RuntimeError(
             f"{getattr(func, '__name__', func)} read a Linear weight that mpbook packed for oneDNN "
             "(mpbook.models.packed_linear); its layer computes with the packed copy. This family's code reads "
-            "the weight some way mpbook's check missed: please report it")
+            "the weight some way mpbook's check missed: run with dense_weights=True (%%mp ... --dense-weights) "
+            "to keep every weight a plain tensor, and please report it")
 
 
 def pack(module, rows: int) -> int:

@@ -79,6 +79,21 @@ def order_weights(model, rows: int, *, pack: bool = True) -> int:
     return copied
 
 
+def unpack_weights(model) -> int:
+    """Every Linear weight packed for oneDNN made a plain (row-major) tensor again, each as it
+    was before packing; the bytes unpacked."""
+    import torch
+
+    from . import packed_linear
+
+    unpacked = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and packed_linear.is_packed(module):
+            weight = packed_linear.unpack(module)
+            unpacked += weight.numel() * weight.element_size()
+    return unpacked
+
+
 def _tied(model) -> set[int]:
     """The parameters (by id) that more than one module holds: a tied head and embedding."""
     seen: dict[int, int] = {}

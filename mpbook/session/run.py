@@ -21,6 +21,8 @@ from .memory_check import check_memory, fit_test, free_bytes, smaller_layouts_ad
 from .model_info import ModelInfo
 from .prompts import EncodedPrompts, check_prompts, encode_prompts
 
+SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")  # generate's, as one dict
+
 if TYPE_CHECKING:
     from ..cluster import Calls, Cluster
     from ..cluster.calls import Follow
@@ -120,6 +122,7 @@ class Session:
         stream: bool = True,
         track_tensors: bool = False,
         compile: bool = False,
+        dense_weights: bool = False,
         follow: Follow | None = None,
     ) -> RunResult:
         """Generate (or, with ``max_new_tokens=0``, run a forward pass) with one layout.
@@ -139,6 +142,10 @@ class Session:
         ``compile``: a static KV cache and a ``torch.compile``'d decode step
         (:mod:`mpbook.engine.compiled`): compiled once per shape before the prefill (the
         result's ``compile_seconds``), reused by later cells of the same shape.
+
+        ``dense_weights``: CPU engines keep every weight a plain tensor instead of packing the
+        Linear weights of a run of 2 rows or more for oneDNN (:mod:`mpbook.models.packed_linear`),
+        for a model whose own code reads a Linear's weight (the packed layer's error says so).
         """
         import time
 
@@ -149,7 +156,7 @@ class Session:
             chat=chat, system=system, sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                                      repetition_penalty=repetition_penalty, seed=seed),
             stop=stop, ignore_eos=ignore_eos, stream=stream, track_tensors=track_tensors, compile=compile,
-            follow=follow)
+            dense_weights=dense_weights, follow=follow)
         request, info, encoded, prompt_tokens = prepared.request, prepared.info, prepared.encoded, prepared.prompt_tokens
         chosen_microbatches = prepared.chosen_microbatches
         self._check_before_loading(request, info, prompt_tokens)
@@ -171,10 +178,24 @@ class Session:
             show(result)
         return result
 
+    def request(self, prompts, *, strategy: str, model: str = DEFAULT_MODEL, **options) -> Request:
+        """The Request that :meth:`generate` with the same arguments sends the engines, checked
+        as it checks it, but not sent: for a caller that runs mpbook's own run on each engine by
+        itself (the benchmark's ceiling, :func:`mpbook.bench_peers.measure_own_ceiling`)."""
+        import inspect
+
+        bound = inspect.signature(self.generate).bind(prompts, strategy=strategy, model=model, **options)
+        bound.apply_defaults()
+        args = dict(bound.arguments)
+        sampling = {name: args.pop(name) for name in SAMPLING_OPTIONS}
+        prepared = self._prepare(args.pop("prompts"), sampling=sampling, **args)
+        self._check_before_loading(prepared.request, prepared.info, prepared.prompt_tokens)
+        return prepared.request
+
     # ----------------------------------------------------------------- the steps of a run
     def _prepare(self, prompts, *, strategy, model, dp, pp, tp, ep, microbatches, max_new_tokens, dtype,
                  stage_sizes, attention, plans, chat, system, sampling, stop, ignore_eos, stream, track_tensors,
-                 compile, follow) -> Prepared:
+                 compile, dense_weights, follow) -> Prepared:
         """Every argument checked, the model resolved, the prompts encoded and the layout
         chosen: the run's Request, before any engine works."""
         if isinstance(prompts, str):
@@ -212,7 +233,7 @@ class Session:
             stage_sizes=stage_sizes, attention=attention, plans=plans, sampling=sampling,
             stopping=Stopping(max_new_tokens=max_new_tokens, eos_token_ids=info.eos_token_ids,
                               stop_strings=stop_strings, ignore_eos=bool(ignore_eos)),
-            track_tensors=track_tensors, stream=stream, compile=bool(compile),
+            track_tensors=track_tensors, stream=stream, compile=bool(compile), dense_weights=bool(dense_weights),
         )
         return Prepared(request, info, encoded, prompt_tokens, chosen_microbatches)
 
