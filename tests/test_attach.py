@@ -18,7 +18,9 @@ from mpbook import Workbench
 @pytest.fixture(scope="module")
 def ipcluster():
     """`ipcluster start` in a subprocess: 2 engines, profile 'attached', on loopback."""
-    profile, cluster_id = "attached", "outside"
+    # A cluster id of this test process's own: worksteal may run some of these tests on
+    # another worker at the same time, with an ipcluster of its own.
+    profile, cluster_id = "attached", f"outside-{os.getpid()}"
     subprocess.run([sys.executable, "-m", "IPython", "profile", "create", profile, "--parallel"], check=True,
                    capture_output=True)
     cmd = [sys.executable, "-m", "ipyparallel.cluster", "start", "-n", "2", f"--profile={profile}",
@@ -84,7 +86,7 @@ def mpi_ipcluster():
     from mpbook.cluster.transport import mpiexec_path
     from mpbook.parallel.mpi import LOCAL_ONLY_ENV
 
-    profile, cluster_id = "attached-mpi", "outside-mpi"
+    profile, cluster_id = "attached-mpi", f"outside-mpi-{os.getpid()}"
     subprocess.run([sys.executable, "-m", "IPython", "profile", "create", profile, "--parallel"], check=True,
                    capture_output=True)
     cmd = [sys.executable, "-m", "ipyparallel.cluster", "start", "-n", "2", f"--profile={profile}",

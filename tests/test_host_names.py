@@ -26,7 +26,10 @@ from mpbook import Workbench
 
 pytestmark = pytest.mark.cluster
 
-PROFILE, CLUSTER_ID = "host-names", "named"
+# A cluster id of this test process's own: pytest-xdist's worksteal may hand some of this
+# module's tests to another worker, which then starts a cluster of its own beside this one
+# (with one id, its engines would join this one's, and its last test would kill them).
+PROFILE, CLUSTER_ID = "host-names", f"named-{os.getpid()}"
 HOSTS = ("hosta", "hostb", "hosta")  # started in this order: ranks still group by host
 # The engine's own process takes the name, then becomes the engine (same pid, same namespace).
 AS_HOST = (
