@@ -438,7 +438,8 @@ def _measure_rounds(together, alone, *, alone_s: float, engines: int, window_s: 
 
     ``lead_s``: how far in the future the first tick is, so that every engine has it in time
     (one apply reaches 2 local engines in a few ms; a loaded machine takes longer). A window
-    in which a run began more than a tenth of the period late is run again with a longer lead.
+    in which a run began more than a tenth of the period late is run again with a longer lead
+    and, if a run overran, a longer period.
     Engines on several hosts need their clocks in step (NTP); ``late_s`` says how late the
     latest start was."""
     period = 1.5 * alone_s + 0.02
@@ -446,13 +447,17 @@ def _measure_rounds(together, alone, *, alone_s: float, engines: int, window_s: 
     lead = lead_s
 
     def window(run) -> list[dict]:
-        nonlocal lead
+        nonlocal lead, period
         for _ in range(3):
             runs = run(time.time() + lead, period, count)
             late = max(c["late_s"] for c in runs)
             if late <= 0.1 * period:
                 break
+            # A run began late: the first tick reached an engine after its time (a loaded
+            # machine), or a run overran its period (engines sharing fewer cores than they
+            # are take longer together than one alone). Again, with more time for both, kept.
             lead = min(2 * lead + late, 10.0)
+            period = max(period, 1.5 * max(max(c["seconds"]) for c in runs) + 0.02)
         return runs
 
     together_tok_s, alone_tok_s, counts, late = [], [], [], 0.0
