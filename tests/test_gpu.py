@@ -33,6 +33,21 @@ def test_strategies_on_gpus_match_one_device(gpu_wb, tiny_folder, strategy):
     assert_matches_one_device(generated, None, tokens)
 
 
+@pytest.mark.parametrize("strategy", ["data", "tensor"])
+def test_compiled_decode_on_gpus_matches_one_device_and_is_reused(gpu_wb, tiny_folder, strategy):
+    """``--compile`` on a GPU: the decode step as a CUDA graph where no collective runs inside
+    it (data), torch.compile alone where one does (tensor); one device's tokens, compiled once
+    per shape and reused by the next cell."""
+    if strategy == "tensor" and gpu_wb.world_size < 2:
+        pytest.skip("tensor parallel needs 2 GPUs; 1 is visible")
+    _, tokens = reference(tiny_folder, PROMPTS, max_new_tokens=NEW_TOKENS)
+    first = gpu_wb.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS, compile=True)
+    again = gpu_wb.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS, compile=True)
+    assert first.token_ids == tokens == again.token_ids
+    assert all(seconds is not None and seconds > 0 for seconds in first.compile_seconds)
+    assert again.compile_seconds == [None] * gpu_wb.world_size
+
+
 def test_bfloat16_generation_runs(gpu_wb, tiny_folder):
     result = gpu_wb.generate(PROMPTS, strategy="data", model=tiny_folder, max_new_tokens=8, dtype="bfloat16")
     assert result.decode_tokens_per_s > 0 and all(len(t) == 8 for t in result.token_ids)
