@@ -120,15 +120,18 @@ def bench_strategies(
         log(f"model {model}, {batch} prompts, {new_tokens} new tokens, {dtype}{', compiled' if compile else ''}; "
             f"one device vs {wb.world_size} engines ({wb.device_type}); {repeats} interleaved rounds")
         ceilings = []
-        if window_s > 0:  # first, and their models dropped, so that the layouts have the memory
-            # With mpbook's own step first: the headline, the most the layouts' own step can gain.
-            ceilings.append(bench_peers.measure_own_ceiling(
-                wb, single, prompts, window_s=window_s, rounds=repeats, model=model, max_new_tokens=new_tokens,
-                dtype=dtype, ignore_eos=True, compile=compile))
+        if window_s > 0:
+            # transformers' first, on engines that hold no model yet, and its models dropped:
+            # the engines never hold its copy beside mpbook's. Then mpbook's own step (the
+            # headline: the most the layouts' own step can gain), whose model the layouts reuse.
             ids, pad_id = bench_peers.encode(model, prompts, chat=None)  # as generate encodes them
-            ceilings.append(bench_peers.measure_ceiling(wb, model=model, dtype=dtype, ids=ids, pad_id=pad_id,
-                                                        new_tokens=new_tokens, window_s=window_s, rounds=repeats))
+            theirs = bench_peers.measure_ceiling(wb, model=model, dtype=dtype, ids=ids, pad_id=pad_id,
+                                                 new_tokens=new_tokens, window_s=window_s, rounds=repeats)
             wb.apply(bench_peers.drop_models, stream=False)
+            own = bench_peers.measure_own_ceiling(
+                wb, single, prompts, window_s=window_s, rounds=repeats, model=model, max_new_tokens=new_tokens,
+                dtype=dtype, ignore_eos=True, compile=compile)
+            ceilings = [own, theirs]
 
         # ignore_eos: every run generates the same number of tokens, whatever the model says.
         def one_device(max_new_tokens):
