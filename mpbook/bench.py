@@ -121,13 +121,12 @@ def bench_strategies(
             f"one device vs {wb.world_size} engines ({wb.device_type}); {repeats} interleaved rounds")
         ceilings = []
         if window_s > 0:
-            # transformers' first, on engines that hold no model yet, and its models dropped:
-            # the engines never hold its copy beside mpbook's. Then mpbook's own step (the
-            # headline: the most the layouts' own step can gain), whose model the layouts reuse.
+            # transformers' first, on engines that hold no model yet (it drops its own when
+            # done): the engines never hold its copy beside mpbook's. Then mpbook's own step
+            # (the headline: the most the layouts' own step can gain), whose model the layouts reuse.
             ids, pad_id = bench_peers.encode(model, prompts, chat=None)  # as generate encodes them
             theirs = bench_peers.measure_ceiling(wb, model=model, dtype=dtype, ids=ids, pad_id=pad_id,
                                                  new_tokens=new_tokens, window_s=window_s, rounds=repeats)
-            wb.apply(bench_peers.drop_models, stream=False)
             own = bench_peers.measure_own_ceiling(
                 wb, single, prompts, window_s=window_s, rounds=repeats, model=model, max_new_tokens=new_tokens,
                 dtype=dtype, ignore_eos=True, compile=compile)

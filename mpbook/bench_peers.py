@@ -357,10 +357,13 @@ class Ceiling:
 
     def format(self) -> str:
         late = f"; an engine began up to {self.late_s * 1e3:.0f} ms after its tick" if self.late_s > 0.01 else ""
+        # Each round's pair, not the medians of each side: those come from different rounds,
+        # and their quotient is not the ratio shown.
+        rounds = ", ".join(f"{t:,.1f} vs {a:,.1f}" for t, a in zip(self.together_tok_s, self.alone_tok_s))
         return (f"the machine's ceiling with {self.step}: {self.engines} engines, each generating its share of the "
                 f"batch from one signal, give {self.ratio:.2f}x the tokens/s of one engine with the whole batch "
-                f"({self.together:,.1f} vs {self.alone:,.1f} tok/s; median of {len(self.alone_tok_s)} rounds of "
-                f"{self.runs} runs{late})")
+                f"(the median of {len(self.alone_tok_s)} rounds of {self.runs} runs; together vs alone, tok/s: "
+                f"{rounds}{late})")
 
     def payload(self) -> dict:
         return {"step": self.step, "engines": self.engines, "window_s": self.window_s, "runs": self.runs,

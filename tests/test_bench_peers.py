@@ -44,6 +44,8 @@ def _check_runs_from_shared_ticks(ceiling, rows: list[int]) -> None:
     assert ceiling.ratio == pytest.approx(
         statistics.median(t / a for t, a in zip(ceiling.together_tok_s, ceiling.alone_tok_s)))
     assert f"{ceiling.ratio:.2f}x" in ceiling.format() and f"{ceiling.runs} runs" in ceiling.format()
+    # each round's own pair on screen, whose quotients the ratio is the median of
+    assert all(f"{t:,.1f} vs {a:,.1f}" in ceiling.format() for t, a in zip(ceiling.together_tok_s, ceiling.alone_tok_s))
 
 
 @pytest.mark.cluster
