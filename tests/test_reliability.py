@@ -37,8 +37,10 @@ class KillWhenStarted(threading.Thread):
         while not self.marker.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.marker.exists():
-            os.kill(self.pid, signal.SIGKILL)
+            # the time is taken before the kill: the cell can see the death (and the test read
+            # killed_at) before this thread runs again
             self.killed_at = time.monotonic()
+            os.kill(self.pid, signal.SIGKILL)
 
 
 def sleeping_cell(folder) -> str:
