@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -34,6 +35,49 @@ def test_without_mpi4py_the_cluster_says_so_in_one_line_and_uses_gloo(tiny_folde
     notes = [line for line in done.stdout.splitlines() if "MPI unavailable" in line]
     assert len(notes) == 1 and "mpi4py is not installed" in notes[0] and "gloo" in notes[0]
     assert "TRANSPORTS ['gloo']" in done.stdout and "SAME True" in done.stdout
+
+
+def broken_mpiexec(folder):
+    """A launcher that fails as MPI's start once did here: a rank aborts in MPI_Init, and
+    mpiexec exits before any engine registers."""
+    path = folder / "mpiexec.gforker"
+    path.write_text("#!/bin/sh\n"
+                    "echo 'Abort in MPI_Init_thread: failed to unpack address, invalid bandwidth 0.00' >&2\n"
+                    "exit 15\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.cluster
+def test_when_mpi_cannot_start_the_engines_auto_says_why_in_one_line_and_uses_gloo(tmp_path, monkeypatch, tiny_folder,
+                                                                                    caplog):
+    from mpbook.reference import reference
+
+    monkeypatch.setattr("mpbook.cluster.transport.mpiexec_path", lambda: broken_mpiexec(tmp_path))
+    began = time.monotonic()
+    with Workbench.start(2, cpu=True) as wb:
+        # Noticed when mpiexec exits, not at the engines' registration timeout (120 s).
+        assert time.monotonic() - began < 60
+        lines = [line for line in wb.table().splitlines() if "collectives" in line]
+        assert len(lines) == 1 and "gloo" in lines[0] and "MPI did not start the engines" in lines[0]
+        assert "failed to unpack address" in lines[0]
+        assert {e.transport for e in wb.engines} == {"gloo"}
+        result = wb.generate(PROMPTS, strategy="tensor", model=tiny_folder, max_new_tokens=5)
+    assert result.token_ids == reference(tiny_folder, PROMPTS, max_new_tokens=5)[1]
+    assert {t for r in result.transports for t in r.values()} == {"gloo"}
+    # MPI was tried twice before gloo: the first failure said it would start again
+    again = [r.getMessage() for r in caplog.records if "starting the cluster again" in r.getMessage()]
+    assert len(again) == 1 and "mpiexec, which started the engines, exited" in again[0]
+
+
+@pytest.mark.cluster
+def test_asking_for_mpi_where_its_start_fails_is_an_error_naming_gloo(tmp_path, monkeypatch):
+    from mpbook.errors import MpbookError
+
+    monkeypatch.setattr("mpbook.cluster.transport.mpiexec_path", lambda: broken_mpiexec(tmp_path))
+    with pytest.raises(MpbookError, match=r"(?s)mpiexec, which started the engines, exited.*failed to unpack address.*"
+                                          r"twice; start with transport='gloo' instead"):
+        Workbench.start(2, cpu=True, transport="mpi")
 
 
 def test_asking_for_mpi_on_gpu_engines_or_an_unknown_transport_is_refused_before_starting():
@@ -92,18 +136,22 @@ def test_the_step_breakdown_adds_up_to_the_decode_phase(workbench, tiny_folder, 
 
 def test_decode_steps_overlap_across_stages_without_draining(workbench, tiny_folder):
     """Stage 0 starts a micro-batch's next step while stage 1 still works on the step before."""
-    result = workbench.generate(PROMPTS, strategy="pipeline", model=tiny_folder, max_new_tokens=12, ignore_eos=True,
+    result = workbench.generate(PROMPTS, strategy="pipeline", model=tiny_folder, max_new_tokens=24, ignore_eos=True,
                                 microbatches=2)
     steps = {}  # (stage, microbatch) -> that pair's decode bars in order, each (start, end) on one clock
     for e in sorted(result.timeline, key=lambda e: e.run_began + e.start):
         if e.phase == "decode":
             steps.setdefault((e.stage, e.microbatch), []).append((e.run_began + e.start, e.run_began + e.end))
     overlapping = 0
-    for step in range(1, 11):
+    for step in range(1, 23):
         ahead_start, ahead_end = steps[(0, 0)][step]  # stage 0, micro-batch 0, one step ahead
         behind_start, behind_end = steps[(1, 1)][step - 1]  # stage 1, micro-batch 1, the step before
         overlapping += ahead_start < behind_end and behind_start < ahead_end
-    assert overlapping >= 5, steps
+    # A draining pipeline has none: stage 0 would start a step only once the last stage had
+    # ended the step before for every micro-batch. Not every step shows it: with more busy
+    # processes than cores (a parallel test run), a stage can wait for a core until its
+    # peer's step has ended (2 of 10 steps overlapped once, under -n 2).
+    assert overlapping >= 3, steps
 
 
 def test_the_pipeline_takes_one_microbatch_per_stage_unless_told(workbench, tiny_folder):

@@ -60,6 +60,21 @@ class ControllerStoppedError(MpbookError):
     """The controller of a cluster being started exited before it was up."""
 
 
+class EnginesStoppedError(MpbookError):
+    """The engines' launcher of a cluster being started (an engine, or mpiexec) exited before
+    every engine had registered."""
+
+    said = ""  # the launcher's last lines
+
+    @classmethod
+    def of(cls, launcher, transport: TransportChoice) -> EnginesStoppedError:
+        said = last_words(launcher)
+        what = "mpiexec, which started the engines," if transport.name == "mpi" else "an engine"
+        error = cls(f"{what} exited while the cluster was starting" + (f"; it wrote: {said}" if said else ""))
+        error.said = said
+        return error
+
+
 def last_words(launcher, lines: int = 3) -> str:
     """The last lines a launched process wrote (its error, when it stopped), in one line."""
     try:
@@ -176,20 +191,41 @@ class Cluster:
 
     @staticmethod
     def _launched(make: Callable[[], Cluster]) -> Cluster:
-        """Launch a new cluster; once more if its controller stopped while starting.
+        """Launch a new cluster; once more if its controller or its MPI engines stopped while
+        starting, and over gloo when MPI failed twice and the transport was MPI by choice.
 
         The controller binds ports it chose at random a moment earlier; another process
         can take one in between (seen with several clusters starting at once on a busy
         host), and the controller then exits at start. A second try picks other ports.
+        MPI's start can fail on its own, rarely (a rank aborted in MPI_Init when UCX read
+        its shared-memory peer's address); a second start has not failed alike.
         """
-        try:
+        cluster = make()
+        tried: set[str] = set()
+        while True:
+            try:
+                cluster._launch()
+                return cluster
+            except ControllerStoppedError as exc:
+                if "controller" in tried:
+                    raise
+                tried.add("controller")
+                log.warning("mpbook: %s; starting the cluster again", exc)
+                transport = cluster.transport
+            except EnginesStoppedError as exc:
+                transport = cluster.transport
+                if transport.name != "mpi":
+                    raise
+                if "mpi" not in tried:
+                    tried.add("mpi")
+                    log.warning("mpbook: %s; starting the cluster again", exc)
+                elif transport.may_fall_back:
+                    transport = TransportChoice("gloo", note=f"MPI did not start the engines ({exc.said or 'no output'}): "
+                                                              "collectives over gloo, ~1 ms each")
+                else:
+                    raise MpbookError(f"{exc}, twice; start with transport='gloo' instead") from exc
             cluster = make()
-            cluster._launch()
-        except ControllerStoppedError as exc:
-            log.warning("mpbook: %s; starting the cluster again", exc)
-            cluster = make()
-            cluster._launch()
-        return cluster
+            cluster.transport = transport
 
     def _launch(self) -> None:
         """Start the controller and engines of an owned cluster and form the process group."""
@@ -255,9 +291,7 @@ class Cluster:
             atexit.unregister(self._cleanup)
             atexit.register(self._cleanup)
             self.client = ipp_cluster.connect_client_sync()
-            # interactive=False: no progress bar in the notebook for a two-second wait.
-            self.client.wait_for_engines(spec.n, timeout=REMOTE_ENGINE_TIMEOUT_S if self.slots else ENGINE_TIMEOUT_S,
-                                         interactive=False)
+            self._wait_for_engines(spec.n, REMOTE_ENGINE_TIMEOUT_S if self.slots else ENGINE_TIMEOUT_S)
             self._form_group(hosts=None)
             # Children (the controller's heart monitor, the nannies) can no longer be found
             # from a parent that was killed; remember them now to reap them at stop.
@@ -274,6 +308,53 @@ class Cluster:
                     f"the cluster's controller stopped while starting ({exc}" + (f"; it wrote: {said}" if said else "")
                     + f"); {where}") from exc
             raise MpbookError(f"the cluster did not come up ({type(exc).__name__}: {exc}); {where}") from exc
+
+    def _wait_for_engines(self, n: int, timeout_s: float) -> None:
+        """Wait until ``n`` engines have registered; raise at once when their launcher exits.
+
+        ipyparallel notices a stopped engine set through a callback on its own event loop,
+        which does not always run while this thread waits: a launcher that had exited was
+        then seen only at the timeout, minutes later. So the launchers' processes are polled
+        here as well."""
+        from ipyparallel.error import EngineError
+
+        # interactive=False: no progress bar in the notebook for a two-second wait.
+        registered = self.client.wait_for_engines(n, timeout=timeout_s, interactive=False, block=False)
+        while True:
+            try:
+                registered.result(timeout=0.2)
+                return
+            except EngineError as exc:
+                if "stopped" not in str(exc):
+                    raise
+                launcher = next(iter(self._exited_engine_launchers()), None)
+                raise EnginesStoppedError.of(launcher, self.transport) from exc
+            except TimeoutError:
+                if registered.done():  # ipyparallel's own timeout
+                    raise
+            exited = self._exited_engine_launchers()
+            if exited:
+                raise EnginesStoppedError.of(exited[0], self.transport)
+
+    def _exited_engine_launchers(self) -> list:
+        """The launchers on this host (an engine, or mpiexec) whose process has exited."""
+        import psutil
+        from ipyparallel.cluster.launcher import LocalProcessLauncher, SSHLauncher
+
+        exited = []
+        for engine_set in self.ipp_cluster.engines.values():
+            launchers = getattr(engine_set, "launchers", None)
+            for launcher in launchers.values() if launchers is not None else [engine_set]:
+                process = getattr(launcher, "process", None)
+                if process is None or not isinstance(launcher, LocalProcessLauncher) or isinstance(launcher, SSHLauncher):
+                    continue
+                try:
+                    gone = not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    gone = True
+                if gone:
+                    exited.append(launcher)
+        return exited
 
     @classmethod
     def attach(

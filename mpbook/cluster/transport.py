@@ -9,7 +9,8 @@
 - ``gloo`` otherwise: no MPI here, or asked for (``transport="gloo"``).
 
 ``auto`` picks ``mpi`` for CPU engines when it can and says in one line why not when it
-cannot; asking for ``mpi`` where it cannot start is an error that says what is missing.
+cannot (MPI missing, or mpiexec's engines stopped at start twice); asking for ``mpi`` where it
+cannot start is an error that says what is missing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class TransportChoice:
     name: str  # "mpi", "gloo" or "nccl"
     note: str = ""  # why not MPI, when auto fell back to gloo
     mpiexec: str = ""
+    # MPI by choice ("auto"): a cluster whose MPI start fails twice comes up over gloo instead
+    may_fall_back: bool = False
 
 
 def mpiexec_path() -> str | None:
@@ -68,7 +71,7 @@ def choose_transport(transport: str, *, use_gpu: bool) -> TransportChoice:
         return TransportChoice("gloo")
     missing = mpi_missing()
     if missing is None:
-        return TransportChoice("mpi", mpiexec=mpiexec_path() or "")
+        return TransportChoice("mpi", mpiexec=mpiexec_path() or "", may_fall_back=transport == "auto")
     if transport == "mpi":
         raise MpbookError(f"transport='mpi': {missing}; or use transport='gloo'")
     return TransportChoice("gloo", note=f"MPI unavailable ({missing}): collectives over gloo, ~1 ms each")
