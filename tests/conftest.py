@@ -218,11 +218,38 @@ def qwen2_folder(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- the end
+def mpi_shared_memory() -> set[str]:
+    import glob
+
+    from mpbook.cluster.transport import MPICH_SHARED_MEMORY
+
+    return set(glob.glob(MPICH_SHARED_MEMORY + "*"))
+
+
+SHARED_MEMORY_BEFORE = mpi_shared_memory() if OWNER else set()
+
+
+def mapped_anywhere(paths: set[str]) -> set[str]:
+    """Those of ``paths`` that some process maps (a world of MPI still running)."""
+    import psutil
+
+    from mpbook.cluster.transport import mpi_shared_memory_files
+
+    return paths & mpi_shared_memory_files(psutil.pids()) if paths else set()
+
+
 def leftovers() -> list[str]:
     """What the session left that it should not have: mpbook's folders in the session's
-    temporary folder (a rendezvous folder whose rank 0 did not remove it, for example)."""
+    temporary folder (a rendezvous folder whose rank 0 did not remove it, for example), and
+    MPICH's shared-memory files of MPI worlds that have ended (a stale one can be opened by a
+    later world that comes to the same name)."""
     tmp = os.path.join(ROOT, "tmp")
-    return sorted(os.path.join(tmp, name) for name in os.listdir(tmp) if name.startswith("mpbook-"))
+    folders = [os.path.join(tmp, name) for name in os.listdir(tmp) if name.startswith("mpbook-")]
+    new = mpi_shared_memory() - SHARED_MEMORY_BEFORE
+    stale = new - mapped_anywhere(new)
+    for path in stale:
+        os.unlink(path)
+    return sorted(folders + list(stale))
 
 
 @pytest.hookimpl(trylast=True)  # after the session's fixtures have stopped their clusters

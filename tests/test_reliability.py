@@ -337,7 +337,10 @@ def test_a_controller_that_stops_while_starting_is_started_again(monkeypatch, ca
     monkeypatch.setattr(Cluster, "_launch", first_without_owner)
     already = {p.pid for p in psutil.Process().children(recursive=True)}  # other tests' clusters
     with caplog.at_level("WARNING", logger="mpbook"), Workbench.start(2, cpu=True) as wb:
-        assert len(tries) == 2 and tries[0].stopped
+        # (a third try when the second one's engines stopped while starting, which the start
+        # also survives: seen once in a parallel test run, its engines stuck in MPI's start)
+        assert len(tries) == 2 or (len(tries) == 3 and "exited while the cluster was starting" in caplog.text), tries
+        assert tries[0].stopped
         assert "the cluster's controller stopped while starting" in caplog.text
         assert "starting the cluster again" in caplog.text
         assert wb.apply(reduce_sum, stream=False) == [3.0, 3.0]

@@ -103,6 +103,7 @@ class Cluster:
         self._hosts: list[str] | None = None  # by rank, for an attached cluster
         self.stopped = False
         self._started_procs: list = []  # psutil.Process of everything launched, for the last reap
+        self._shared_memory: set[str] = set()  # MPICH's files of the engines' MPI world, removed at stop
         self._rendezvous: Rendezvous | None = None  # where the current process group met
         # Engines on other hosts (start with hosts=...): the slots asked for, the launcher,
         # the Python there, and the address of this host that they reach.
@@ -296,6 +297,10 @@ class Cluster:
             # Children (the controller's heart monitor, the nannies) can no longer be found
             # from a parent that was killed; remember them now to reap them at stop.
             self._started_procs = process_trees(self.pids())
+            # MPICH's shared-memory file of the engines' world, read while they map it: an
+            # engine killed later takes its peers down with it (MPI aborts them), and
+            # once no process maps the file the stop could not find it any more.
+            self._shared_memory = mpi_shared_memory_files(p.pid for p in self._started_procs)
         except BaseException as exc:
             # (read before stop, which removes the controller's output file)
             said = last_words(ipp_cluster.controller)
@@ -624,7 +629,7 @@ class Cluster:
                 _quiet(lambda: os.kill(pid, signal.SIGINT) if process_running(pid) else None)
         if self.owned and ipp_cluster is not None:
             procs = list({p.pid: p for p in [*self._started_procs, *process_trees(self.pids())]}.values())
-            shared_memory = mpi_shared_memory_files(p.pid for p in procs)
+            shared_memory = self._shared_memory | mpi_shared_memory_files(p.pid for p in procs)
             if client is not None:
                 _quiet(client.close)
             left_remotely = {}
