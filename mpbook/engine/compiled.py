@@ -42,6 +42,12 @@ from ..errors import MpbookError
 
 # Cache lengths are rounded up to this, so that prompts of similar lengths reuse a graph.
 LENGTH_STEP = 64
+# Graphs torch.compile may keep for the step's code. Every loaded model's step is the same
+# code, and an engine holds one model at a time: each load (a layout after another, every
+# round of `bench --compile`) makes new caches and stages, which a tensor-parallel step's
+# guards tell apart. At dynamo's default of 8 the ninth load ran its steps eagerly, with
+# only a warning on the engine's stderr (seen in `bench --compile`, 5 rounds of 3 layouts).
+RECOMPILE_LIMIT = 256
 
 
 def cache_length(prompt_width: int, max_new_tokens: int) -> int:
@@ -77,6 +83,11 @@ class CompiledDecode:
 
         stage = self.stage
         mode = "reduce-overhead" if self.device.type == "cuda" and not self.collectives_inside else None
+        import torch._dynamo
+
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, RECOMPILE_LIMIT)
 
         def step(x, attention_mask, position_ids, cache):
             return stage.forward(x, attention_mask, position_ids, cache, logits_to_keep=1)
