@@ -75,8 +75,9 @@ def test_asking_for_mpi_where_its_start_fails_is_an_error_naming_gloo(tmp_path, 
     from mpbook.errors import MpbookError
 
     monkeypatch.setattr("mpbook.cluster.transport.mpiexec_path", lambda: broken_mpiexec(tmp_path))
-    with pytest.raises(MpbookError, match=r"(?s)mpiexec, which started the engines, exited.*failed to unpack address.*"
-                                          r"twice; start with transport='gloo' instead"):
+    with pytest.raises(MpbookError, match=r"(?s)MPI did not start the engines, twice \(mpiexec, which started the "
+                                          r"engines, exited.*failed to unpack address.*the logs are in .*\); "
+                                          r"start with transport='gloo' instead"):
         Workbench.start(2, cpu=True, transport="mpi")
 
 

@@ -67,10 +67,11 @@ class EnginesStoppedError(MpbookError):
     said = ""  # the launcher's last lines
 
     @classmethod
-    def of(cls, launcher, transport: TransportChoice) -> EnginesStoppedError:
+    def of(cls, launcher, transport: TransportChoice, logs: str) -> EnginesStoppedError:
         said = last_words(launcher)
         what = "mpiexec, which started the engines," if transport.name == "mpi" else "an engine"
-        error = cls(f"{what} exited while the cluster was starting" + (f"; it wrote: {said}" if said else ""))
+        error = cls(f"{what} exited while the cluster was starting" + (f"; it wrote: {said}" if said else "")
+                    + f"; the logs are in {logs}")
         error.said = said
         return error
 
@@ -224,7 +225,8 @@ class Cluster:
                     transport = TransportChoice("gloo", note=f"MPI did not start the engines ({exc.said or 'no output'}): "
                                                               "collectives over gloo, ~1 ms each")
                 else:
-                    raise MpbookError(f"{exc}, twice; start with transport='gloo' instead") from exc
+                    raise MpbookError(f"MPI did not start the engines, twice ({exc}); start with transport='gloo' "
+                                      "instead") from exc
             cluster = make()
             cluster.transport = transport
 
@@ -323,6 +325,7 @@ class Cluster:
         here as well."""
         from ipyparallel.error import EngineError
 
+        logs = f"{self.ipp_cluster.profile_dir}/log"
         # interactive=False: no progress bar in the notebook for a two-second wait.
         registered = self.client.wait_for_engines(n, timeout=timeout_s, interactive=False, block=False)
         while True:
@@ -333,13 +336,13 @@ class Cluster:
                 if "stopped" not in str(exc):
                     raise
                 launcher = next(iter(self._exited_engine_launchers()), None)
-                raise EnginesStoppedError.of(launcher, self.transport) from exc
+                raise EnginesStoppedError.of(launcher, self.transport, logs) from exc
             except TimeoutError:
                 if registered.done():  # ipyparallel's own timeout
                     raise
             exited = self._exited_engine_launchers()
             if exited:
-                raise EnginesStoppedError.of(exited[0], self.transport)
+                raise EnginesStoppedError.of(exited[0], self.transport, logs)
 
     def _exited_engine_launchers(self) -> list:
         """The launchers on this host (an engine, or mpiexec) whose process has exited."""

@@ -8,6 +8,9 @@
   interrupted rank at once, without waiting for work in flight (gloo and NCCL);
 - ``torch._dynamo.utils.counters``: how many graphs ``torch.compile`` has made in this process
   (:func:`graphs_compiled`; the tests check that ``--compile`` compiles once per shape);
+- ``torch._dynamo.config.recompile_limit`` and ``accumulated_recompile_limit``: how many graphs
+  one compiled function may keep before dynamo runs it eagerly (:func:`allow_recompiles`;
+  every loaded model's decode step is one function to dynamo);
 - ``torch.ops.mkldnn._reorder_linear_weight`` and ``torch.ops.mkldnn._linear_pointwise``: a
   Linear weight packed in oneDNN's blocked layout and the product with it, the pair inductor's
   CPU weight prepacking uses (:func:`onednn_pack`, :func:`onednn_linear`;
@@ -108,6 +111,16 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def allow_recompiles(limit: int) -> None:
+    """Let one compiled function keep at least ``limit`` graphs before dynamo gives up on it
+    (and runs it eagerly, with only a warning)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, limit)
+
+
 def onednn_pack(weight, rows: int):
     """``weight`` (out, in) packed for oneDNN's matrix product with ``rows`` rows of input: an
     opaque tensor of the same bytes (``to_dense()`` gives the weight back, bit for bit)."""
@@ -179,6 +192,10 @@ def verify() -> None:
             problems.append("torch._dynamo.utils.counters no longer counts compiled graphs as unique_graphs")
     except (ImportError, KeyError) as exc:
         problems.append(f"torch._dynamo.utils.counters: {exc}")
+    try:
+        allow_recompiles(0)  # never lowers a limit: reads and writes both settings as they are
+    except (ImportError, AttributeError) as exc:
+        problems.append(f"torch._dynamo.config's recompile limits: {exc}")
     if onednn_available():
         try:
             weight, x = torch.randn(24, 16), torch.randn(3, 16)

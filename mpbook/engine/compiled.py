@@ -81,13 +81,11 @@ class CompiledDecode:
         """The stage's one-token forward under torch.compile (compiled at its first call)."""
         import torch
 
+        from ..compat.torch import allow_recompiles
+
         stage = self.stage
         mode = "reduce-overhead" if self.device.type == "cuda" and not self.collectives_inside else None
-        import torch._dynamo
-
-        dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
-        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, RECOMPILE_LIMIT)
+        allow_recompiles(RECOMPILE_LIMIT)
 
         def step(x, attention_mask, position_ids, cache):
             return stage.forward(x, attention_mask, position_ids, cache, logits_to_keep=1)
