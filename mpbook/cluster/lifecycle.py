@@ -347,21 +347,18 @@ class Cluster:
     def _exited_engine_launchers(self) -> list:
         """The launchers on this host (an engine, or mpiexec) whose process has exited."""
         import psutil
-        from ipyparallel.cluster.launcher import LocalProcessLauncher, SSHLauncher
 
         exited = []
-        for engine_set in self.ipp_cluster.engines.values():
-            launchers = getattr(engine_set, "launchers", None)
-            for launcher in launchers.values() if launchers is not None else [engine_set]:
-                process = getattr(launcher, "process", None)
-                if process is None or not isinstance(launcher, LocalProcessLauncher) or isinstance(launcher, SSHLauncher):
-                    continue
-                try:
-                    gone = not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-                except psutil.NoSuchProcess:
-                    gone = True
-                if gone:
-                    exited.append(launcher)
+        for launcher in self._local_engine_launchers():
+            process = getattr(launcher, "process", None)
+            if process is None:  # not started yet
+                continue
+            try:
+                gone = not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                gone = True
+            if gone:
+                exited.append(launcher)
         return exited
 
     @classmethod
@@ -522,19 +519,22 @@ class Cluster:
         if not self.owned or self.ipp_cluster is None:
             return {"controller": [], "engines": []}
         controller = self.ipp_cluster.controller
+        engines = [launcher.pid for launcher in self._local_engine_launchers() if launcher.pid]
+        return {"controller": [controller.pid] if controller and controller.pid else [], "engines": engines}
+
+    def _local_engine_launchers(self) -> list:
+        """The engine launchers whose process runs on this host: one per engine, or (MPI) one
+        mpiexec whose process tree holds the engines. Not an SSH launcher (its pid is the
+        engine's on its host) nor a batch launcher (its engines run where the scheduler put them)."""
         from ipyparallel.cluster.launcher import LocalProcessLauncher, SSHLauncher
 
-        engines = []
+        found = []
         for engine_set in self.ipp_cluster.engines.values():
-            # One launcher per engine, or (MPI) one mpiexec whose process tree holds the engines.
             launchers = getattr(engine_set, "launchers", None)
             for launcher in launchers.values() if launchers is not None else [engine_set]:
-                # Only processes on this host: an SSH launcher's pid is the engine's on its
-                # host, and a batch launcher's engines run wherever the scheduler put them.
-                local = isinstance(launcher, LocalProcessLauncher) and not isinstance(launcher, SSHLauncher)
-                if launcher.pid and local:
-                    engines.append(launcher.pid)
-        return {"controller": [controller.pid] if controller and controller.pid else [], "engines": engines}
+                if isinstance(launcher, LocalProcessLauncher) and not isinstance(launcher, SSHLauncher):
+                    found.append(launcher)
+        return found
 
     def watch(self) -> EngineWatch:
         """Engine deaths are noticed by the controller; for engines mpbook started on this
