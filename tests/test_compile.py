@@ -69,6 +69,23 @@ def test_a_new_shape_compiles_again_and_stays_exact(workbench, tiny_folder, expe
     assert any(seconds is not None for seconds in fewer.compile_seconds)  # one row per replica: a new shape
 
 
+def test_a_tensor_parallel_layout_loaded_again_reuses_its_graphs(workbench, tiny_folder, expected_tokens):
+    """An engine holds one model at a time: tensor parallel, then data, then tensor again
+    loads the model three times. The graphs the first load compiled (their collectives call
+    the group by a number) serve the third."""
+    def run(strategy):
+        return workbench.generate(PROMPTS, strategy=strategy, model=tiny_folder, max_new_tokens=NEW_TOKENS,
+                                  compile=True)
+
+    run("tensor")
+    run("data")
+    before = workbench.apply(_graphs_compiled, stream=False)
+    again = run("tensor")
+    assert workbench.apply(_graphs_compiled, stream=False) == before
+    assert again.token_ids == expected_tokens
+    assert {t for r in again.transports for t in r.values()} == {e.transport for e in workbench.engines}
+
+
 def test_a_forward_pass_ignores_compile(workbench, tiny_folder):
     plain = workbench.forward(PROMPTS, strategy="data", model=tiny_folder)
     compiled = workbench.forward(PROMPTS, strategy="data", model=tiny_folder, compile=True)

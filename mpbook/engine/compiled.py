@@ -43,10 +43,10 @@ from ..errors import MpbookError
 # Cache lengths are rounded up to this, so that prompts of similar lengths reuse a graph.
 LENGTH_STEP = 64
 # Graphs torch.compile may keep for the step's code. Every loaded model's step is the same
-# code, and an engine holds one model at a time: each load (a layout after another, every
-# round of `bench --compile`) makes new caches and stages, which a tensor-parallel step's
-# guards tell apart. At dynamo's default of 8 the ninth load ran its steps eagerly, with
-# only a warning on the engine's stderr (seen in `bench --compile`, 5 rounds of 3 layouts).
+# code to dynamo, so every model, layout, stage and shape of a session adds its graphs to one
+# list. At dynamo's default of 8 the ninth ran its steps eagerly, with only a warning on the
+# engine's stderr (seen in `bench --compile`, 5 rounds of 3 layouts, when tensor parallel
+# still compiled again at each load).
 RECOMPILE_LIMIT = 256
 
 

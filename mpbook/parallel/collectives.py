@@ -20,7 +20,6 @@ The rest are never traced (``not_traced``).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import weakref
 from typing import Any
 
@@ -29,9 +28,15 @@ import torch
 # A collective outside a layer's forward: a compiled step ends its graph before it.
 not_traced = torch.compiler.disable
 
-# The groups a compiled graph calls by number (a graph holds ints, not Python objects).
+# The groups a compiled graph calls by number (a graph holds ints, not Python objects). A
+# graph's guards hold the number too, so it stands for what the group is (its ranks, this
+# rank's place, whether it counts, its transport), not for one Group object: a model loaded
+# again (another layout in between, every round of `bench --compile`) or a group formed again
+# gets the number its graphs already have, and they run without compiling again. A graph
+# calls whichever group of that number was made last, the one the loaded model holds (two
+# alive at once with one number are the same ranks over the same transport: either serves).
 _GROUPS: weakref.WeakValueDictionary[int, Group] = weakref.WeakValueDictionary()
-_NUMBERS = itertools.count()
+_NUMBERS: dict[tuple, int] = {}
 
 
 @torch.library.custom_op("mpbook::all_reduce", mutates_args=())
@@ -68,7 +73,9 @@ class Group:
         self.telemetry = telemetry
         self.ranks = ranks  # the global ranks of the group, in group order (for gather's destination)
         self.comm = comm  # an mpbook.parallel.mpi.MpiComm over the same ranks in the same order, or None
-        self.number = next(_NUMBERS)  # what a compiled graph calls this group by
+        # what a compiled graph calls this group by
+        what = (tuple(ranks or ()), rank, size, telemetry is not None, group is None, comm is not None)
+        self.number = _NUMBERS.setdefault(what, len(_NUMBERS))
         _GROUPS[self.number] = self
 
     @property
