@@ -72,6 +72,36 @@ def test_attach_then_restart_reforms_the_group_on_the_same_engines(ipcluster):
         wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
 
 
+def test_attach_reads_again_a_connection_file_caught_while_it_is_written(ipcluster, tmp_path):
+    """The controller writes its connection file in place: a client that comes just then may
+    find it empty. Here the file is there but empty for 1.5 s, then written."""
+    import threading
+
+    from IPython.paths import get_ipython_dir
+
+    _, profile, cluster_id = ipcluster
+    security = os.path.join(get_ipython_dir(), f"profile_{profile}", "security")
+    written = os.path.join(security, f"ipcontroller-{cluster_id}-client.json")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(written) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # (the running controller's own file, written whole by now)
+    with open(written) as f:
+        content = f.read()
+    being_written = f"{cluster_id}-being-written"
+    path = os.path.join(security, f"ipcontroller-{being_written}-client.json")
+    open(path, "w").close()
+    writer = threading.Timer(1.5, lambda: open(path, "w").write(content))
+    writer.start()
+    try:
+        with Workbench.attach(profile=profile, cluster_id=being_written, n=2, cpu=True, wait_s=60) as wb:
+            assert wb.world_size == 2
+            wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
+    finally:
+        writer.join()
+        os.remove(path)
+
+
 def test_attach_to_a_missing_cluster_says_how_to_start_one():
     from mpbook import MpbookError
 

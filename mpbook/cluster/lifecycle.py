@@ -399,8 +399,7 @@ class Cluster:
                 ) from None
         where = f"profile {profile or 'default'}" + (f", cluster id {cluster_id}" if cluster_id else "")
         try:
-            # (the client waits this long for the cluster's connection file to appear)
-            client = ipp.Client(profile=profile or "default", cluster_id=cluster_id or "", timeout=min(wait_s, 10))
+            client = _connect(profile or "default", cluster_id or "", wait_s)
         except Exception as exc:
             raise MpbookError(
                 f"no running cluster found for {where} ({exc}); start one with "
@@ -690,6 +689,27 @@ def format_engines(infos: Sequence[EngineInfo]) -> str:
                    if len(ranks) > 1 else f"{host}: 1 engine, rank {ranks[0]}")
         out.extend("  " + lines[1 + r] for r in ranks)
     return "\n".join(out)
+
+
+def _connect(profile: str, cluster_id: str, wait_s: float):
+    """A client of the running cluster of ``profile`` / ``cluster_id``.
+
+    ipyparallel's client waits (here up to 10 s) for the controller's connection file to
+    appear, then reads it once; the controller writes that file in place, so a client that
+    comes just as it starts may read it empty or half-written. Such a read is tried again
+    until ``wait_s`` has passed."""
+    import json
+
+    import ipyparallel as ipp
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ipp.Client(profile=profile, cluster_id=cluster_id, timeout=min(wait_s, 10))
+        except json.JSONDecodeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _usable_cores() -> int:
