@@ -1,0 +1,33 @@
+"""`python -m mpbook bench`: one device against each strategy, side by side."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpbook.bench import bench_strategies
+from mpbook.engine.steps import PARTS
+
+
+@pytest.mark.cluster
+def test_bench_gives_each_layouts_tokens_and_where_its_decode_step_went(tiny_folder):
+    lines: list[str] = []
+    records = bench_strategies(model=tiny_folder, engines=2, cpu=True, batch=4, new_tokens=6, repeats=1,
+                               window_s=0, log=lines.append)
+    assert [r["strategy"] for r in records] == ["single", "data", "pipeline", "tensor"]
+    assert all(r["tokens_match"] and r["max_abs_logit_diff"] < 1e-4 for r in records)
+    by_strategy = {r["strategy"]: r["step_breakdown_ms"] for r in records}
+    # every rank decodes: the one device, both replicas, both stages, both tensor-parallel ranks
+    assert [len(ranks) for ranks in by_strategy.values()] == [1, 2, 2, 2]
+    for ranks in by_strategy.values():
+        for rank in ranks:
+            assert sum(rank[part] for part in PARTS) == pytest.approx(rank["steps"], rel=0.05)
+            assert rank["steps"] > 0 and rank["compute"] > 0
+    # a tensor-parallel step all-reduces on both ranks; one device has nobody to talk to
+    assert all(rank["collectives"] > 0 for rank in by_strategy["tensor"])
+    assert by_strategy["single"][0]["collectives"] == 0
+    # each layout's row is followed by its step's parts, per rank
+    steps = [i for i, line in enumerate(lines) if "decode step per rank, ms:" in line]
+    rows = [i for i, line in enumerate(lines) if "tok/s" in line and "one device)" in line]
+    assert len(rows) == 4 and steps == [i + 1 for i in rows]
+    tensor_step = lines[steps[-1]]
+    assert all(part in tensor_step for part in PARTS)
