@@ -21,11 +21,11 @@ time, logits within 3e-5, the same tokens.
 :func:`pack` swaps a layer's dense weight for the packed one in place: the module stays where
 it is, so hooks, names and the layout's wrappers around other modules are untouched; its
 ``forward`` becomes the packed product (oneDNN's own op; under ``torch.compile`` one custom
-op, :func:`packed_linear`, which the graph calls as it is), and ``weight`` a placeholder of the same shape and dtype
-that holds no bytes (the packed tensor has the dense one's size, so the weight is held once)
-and raises on any use, so that code reading the old values fails loudly instead of reading
-stale ones (a meta tensor would not: ``F.linear`` of a CPU input and a meta weight returns
-garbage). :func:`unpack` gives the dense weight back, bit for bit.
+op, :func:`packed_linear`, which the graph calls as it is), and ``weight`` a placeholder of
+the same shape and dtype that holds no bytes (the packed tensor has the dense one's size, so
+the weight is held once) and raises on any use, so that code reading the old values fails
+loudly instead of reading stale ones (a meta tensor would not: ``F.linear`` of a CPU input
+and a meta weight returns garbage). :func:`unpack` gives the dense weight back, bit for bit.
 
 Only a layer that runs ``nn.Linear``'s own ``forward`` (or a wrapper that computes through
 :func:`product`, as a tensor-parallel row-wise layer's in :mod:`mpbook.parallel.tensor` does)
