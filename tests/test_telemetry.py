@@ -202,6 +202,23 @@ def test_note_memory_and_collective_time_by_kind():
         tel.note_memory("kv", 1)
 
 
+def test_a_runs_phases_are_its_own_time_not_the_wait_before_it():
+    import time
+
+    import torch
+
+    tel = Telemetry(0, torch.device("cpu"))
+    time.sleep(0.2)  # idle between calls
+    with tel.run() as stats:
+        tel.set_phase("prefill")
+        time.sleep(0.05)
+        tel.set_phase("decode")
+        time.sleep(0.05)
+    assert stats.phase_seconds["idle"] < 0.05
+    assert stats.phase_seconds["prefill"] >= 0.05 and stats.phase_seconds["decode"] >= 0.05
+    assert tel.snapshot()["phase_seconds"]["idle"] >= 0.2  # the engine's own totals keep it
+
+
 @pytest.mark.gpu
 def test_cuda_snapshot_has_allocator_and_nvml_memory():
     from mpbook import Workbench

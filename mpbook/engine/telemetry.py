@@ -105,6 +105,9 @@ class Telemetry:
         too: the peak is reset as it begins)."""
         self.runs += 1
         self.reset_peak()
+        # The time in the phase before the run (idle since the last call, the model's loading)
+        # goes to the engine's totals, not to this run's phases.
+        self.set_phase(self.phase)
         stats = self._run = RunStats(expert_tokens_at_start=self.expert_tokens, number=self.runs, telemetry=self)
         try:
             yield stats
