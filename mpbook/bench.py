@@ -163,7 +163,7 @@ def bench_strategies(
             # Where a decode step's time went, per rank, in the round of the median decode rate
             # (the parts of one round add up to its steps; medians of parts would not).
             median_round = sorted(results, key=lambda r: r.decode_tokens_per_s)[len(results) // 2]
-            record["step_breakdown_ms"] = _per_step_ms(median_round)
+            record["step_breakdown_ms"] = median_round.step_ms()
             if key == "single":
                 record.update(strategy="single", max_abs_logit_diff=0.0, tokens_match=True)
             else:
@@ -174,8 +174,9 @@ def bench_strategies(
                 record["tokens_match"] = all(r.token_ids == base_tokens for r in results)
             records.append(record)
             log(_row(record, records[0]))
-            if median_round.step_words():
-                log(f"    {median_round.step_words()} (the round of the median decode rate)")
+            words = median_round.step_words()
+            if words:
+                log(f"    {words} (the round of the median decode rate)")
         if ceilings:
             log(bench_peers.ceiling_shares(records, *ceilings))
     return records
@@ -215,14 +216,6 @@ def _median_record(results) -> dict[str, Any]:
     record["latency"] = {key: statistics.median(l[key] for l in latencies) for key in latencies[0]}
     record["repeats"] = len(results)
     return record
-
-
-def _per_step_ms(result) -> list[dict[str, float]]:
-    """Per rank that decoded: milliseconds per decode step of each part and of the whole step."""
-    from .engine.steps import PARTS
-
-    return [{part: 1e3 * b[part] / b["count"] for part in (*PARTS, "steps")}
-            for b in result.step_breakdown if b.get("count")]
 
 
 def _row(record: dict[str, Any], base: dict[str, Any]) -> str:

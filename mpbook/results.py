@@ -159,20 +159,23 @@ class RunResult:
             out.append(tokens / spent if tokens and spent > 0 else None)
         return out
 
-    def step_words(self) -> str:
-        """Where a decode step's time went, per rank: mean milliseconds of each part per step
-        (:mod:`mpbook.engine.steps`); "" when no rank decoded."""
+    def step_ms(self) -> list[dict[str, float]]:
+        """Per rank that decoded: mean milliseconds per decode step of each part
+        (:mod:`mpbook.engine.steps`) and of the whole step (``steps``)."""
         from .engine.steps import PARTS
 
-        ranks = [b for b in self.step_breakdown if b.get("count")]
+        return [{part: 1e3 * b[part] / b["count"] for part in (*PARTS, "steps")}
+                for b in self.step_breakdown if b.get("count")]
+
+    def step_words(self) -> str:
+        """Where a decode step's time went, per rank (:meth:`step_ms`); "" when no rank decoded."""
+        from .engine.steps import PARTS
+
+        ranks = self.step_ms()
         if not ranks:
             return ""
-
-        def per_step(b, part):
-            return f"{1e3 * b[part] / b['count']:.2f}"
-
-        parts = ", ".join(f"{part} {'/'.join(per_step(b, part) for b in ranks)}" for part in PARTS)
-        step = "/".join(per_step(b, "steps") for b in ranks)
+        parts = ", ".join(f"{part} {'/'.join(f'{r[part]:.2f}' for r in ranks)}" for part in PARTS)
+        step = "/".join(f"{r['steps']:.2f}" for r in ranks)
         return f"decode step per rank, ms: {step} = {parts}"
 
     def compile_words(self) -> str:
