@@ -158,6 +158,24 @@ def _heal_the_shared_workbenches(request):
 SHORT_TIMEOUT_S = 3.0
 
 
+def _pack_from_elements(state, elements: int) -> int:
+    from mpbook.models import weight_order
+
+    before, weight_order.PACKED_FROM_ELEMENTS = weight_order.PACKED_FROM_ELEMENTS, elements
+    return before
+
+
+@pytest.fixture
+def engines_pack_every_weight(workbench):
+    """The shared engines pack every Linear weight that they can, however small, while the test
+    runs (the tiny preset's weights are all under the size from which they pack)."""
+    before = workbench.apply(_pack_from_elements, 0, stream=False)[0]
+    try:
+        yield
+    finally:
+        workbench.apply(_pack_from_elements, before, stream=False)
+
+
 @pytest.fixture(scope="module")
 def short_timeout(workbench):
     """The shared workbench with collectives that give up after SHORT_TIMEOUT_S, for one module."""

@@ -92,7 +92,7 @@ def _ceiling_stores(state, rows_list):
 
 
 @pytest.mark.cluster
-def test_the_ceilings_engines_store_their_weights_as_the_layouts_engines_do(workbench):
+def test_the_ceilings_engines_store_their_weights_as_the_layouts_engines_do(workbench, engines_pack_every_weight):
     """The ceiling is the machine's with the kernels the layouts run: one row, column-major;
     4 rows, packed for oneDNN (where this torch has it); dropped after."""
     stores, packs, left = workbench.apply(_ceiling_stores, [1, 4, 1], stream=False, ranks=[0])[0]

@@ -14,11 +14,17 @@ columns     0.81  0.66  0.67  1.26  1.16  1.04
 =========== ===== ===== ===== ===== ===== =====
 
 (greedy ``generate`` of that model: 1 row 0.95x, 3 rows 0.80x, 4 rows 1.13x; a 64-row
-prefill 1.05x.) oneDNN's packed layout (:mod:`.packed_linear`) beats both from 2 rows on. So
-before each run a CPU engine puts its float32 Linear weights in the store for the rows each
+prefill 1.05x.) oneDNN's packed layout (:mod:`.packed_linear`) beats both from 2 rows on, for
+a weight of some size: each packed product also pays about 15 us of oneDNN's own, against 3-5
+for a dense one, which outweighs what packing saves below :data:`PACKED_FROM_ELEMENTS`
+(one thread, 4-8 rows: 256 x 512 ties, 192 x 576 runs 1.1-1.2x slower packed, 576 x 576 1.4x
+faster). Left dense, the `small` preset's attention projections (32-64 x 512) made decode
+steps 1.05x faster in data parallel and 1.09x in tensor parallel (2 engines, interleaved).
+So before each run a CPU engine puts its float32 Linear weights in the store for the rows each
 of its forward passes carries: packed from :data:`PACKED_FROM_ROWS` rows where the layer can
-be, else column-major up to :data:`COLUMNS_UP_TO_ROWS` rows and row-major above, changing only
-what is not already so, dense weights onto huge pages as after loading (:mod:`.huge_pages`).
+be and is that big, else column-major up to :data:`COLUMNS_UP_TO_ROWS` rows and row-major
+above, changing only what is not already so, dense weights onto huge pages as after loading
+(:mod:`.huge_pages`).
 The values are the same; a product sums in another order, so logits move by float32 rounding
 (as they do between layouts anyway) and stay within the tests' 1e-4 of one device.
 
@@ -35,6 +41,13 @@ from . import huge_pages
 COLUMNS_UP_TO_ROWS = 3
 # From this many rows per forward a weight is packed for oneDNN where it can be (packed_linear).
 PACKED_FROM_ROWS = 2
+# And only weights of at least this many elements (512 KiB of float32): see above.
+PACKED_FROM_ELEMENTS = 1 << 17
+
+
+def pays_to_pack(module) -> bool:
+    """Whether a Linear layer's weight is big enough for its packed product to beat the dense one."""
+    return module.in_features * module.out_features >= PACKED_FROM_ELEMENTS
 
 
 def column_order(rows: int) -> bool:
@@ -50,8 +63,8 @@ def column_major(tensor) -> bool:
 def order_weights(model, rows: int, *, pack: bool = True) -> int:
     """Store ``model``'s float32 CPU Linear weights as a forward of ``rows`` rows streams them
     fastest: packed for oneDNN from 2 rows on (:mod:`.packed_linear`, where ``pack`` and this
-    torch allow and the layer runs its own forward), else column- or row-major; the bytes
-    copied (0 when every weight already is as wanted)."""
+    torch allow, the layer runs its own forward and its weight is big enough), else column- or
+    row-major; the bytes copied (0 when every weight already is as wanted)."""
     import torch
 
     from . import packed_linear
@@ -65,10 +78,11 @@ def order_weights(model, rows: int, *, pack: bool = True) -> int:
         if not isinstance(module, torch.nn.Linear):
             continue
         if packed_linear.is_packed(module):
-            if packing:
+            if packing and pays_to_pack(module):
                 continue
             packed_linear.unpack(module)  # row-major, ordered below
-        elif packing and id(module.weight) not in tied and id(module) not in read and packed_linear.packable(module):
+        elif (packing and pays_to_pack(module) and id(module.weight) not in tied and id(module) not in read
+              and packed_linear.packable(module)):
             copied += packed_linear.pack(module, rows)
             continue
         weight = module.weight
