@@ -188,17 +188,25 @@ class Stopper:
     def update(self, tokens: torch.Tensor) -> torch.Tensor:
         """Take this step's chosen tokens; return them with finished rows padded, and mark the
         rows that finish with them."""
-        tokens = torch.where(self.finished, torch.full_like(tokens, self.pad_id), tokens)
+        # As few tensor operations as the run's stop rules need: each is several microseconds
+        # after a forward pass, and a step waits for them.
+        tokens = tokens.masked_fill(self.finished, self.pad_id)
         active = ~self.finished
         self.steps += 1
-        self.lengths += active.long()
-        by_eos = torch.isin(tokens, self.eos) & active
-        by_stop = torch.zeros_like(by_eos)
+        self.lengths += active
+        # Each finishing row's reason code, 0 for the others: the length, overridden by a
+        # stop string, overridden by an end-of-sequence id (generate()'s precedence).
+        codes = None
+        if self.steps >= self.max_new_tokens:
+            codes = active.long() * 3
         if self.criteria is not None:
             self.window = torch.cat([self.window[:, 1:], tokens[:, None].cpu()], dim=1)
-            by_stop = self.criteria(self.window, None).to(by_eos.device) & active & ~by_eos
-        by_length = active & ~by_eos & ~by_stop & (self.steps >= self.max_new_tokens)
-        for code, rows in enumerate((by_eos, by_stop, by_length), start=1):
-            self.reason_codes[rows] = code
-        self.finished |= by_eos | by_stop | by_length
+            by_stop = self.criteria(self.window, None).to(active.device) & active
+            codes = by_stop.long() * 2 if codes is None else torch.where(by_stop, 2, codes)
+        if len(self.eos):
+            by_eos = torch.isin(tokens, self.eos) & active
+            codes = by_eos.long() if codes is None else torch.where(by_eos, 1, codes)
+        if codes is not None:
+            self.reason_codes += codes  # 0 until a row finishes, and finished rows get 0 here
+            self.finished |= codes > 0
         return tokens

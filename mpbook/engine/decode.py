@@ -14,8 +14,9 @@ first new token), :func:`decode_one_token` (one micro-batch one step further),
 Who knows what, so that every rank agrees when a micro-batch ends without extra messages:
 the last stage chooses each row's token (:mod:`mpbook.engine.choice`) and sees its own
 stop test; with more than one stage it sends the tokens to the first stage (as it must, to
-embed them), which runs the same stop test on the same tokens; the stages between learn it
-from the one-element header of the activation they receive. Tokens are chosen on one rank
+embed them) with one more element, how many rows go on, so the first stage runs no stop test
+of its own; the stages between learn it from the one-element header of the activation they
+receive. Tokens are chosen on one rank
 of the last stage and broadcast to the others of its (ep, tp) group, except in greedy runs
 without expert parallel, where every rank of that group holds the same logits (or the same
 all-gathered maxima of a vocab-parallel head) and so chooses the same token by itself.
@@ -93,8 +94,8 @@ class MicroBatch:
     cache: Any  # this stage's KV cache of these rows
     ids: Any = None  # the prompt ids (first stage: the input; last stage: the repetition penalty)
     chooser: TokenChooser | None = None  # last stage
-    stopper: Stopper | None = None  # first and last stages
-    next_tokens: Any = None  # last chosen (first stage: what it embeds next)
+    stopper: Stopper | None = None  # last stage (the first learns from the tokens it receives)
+    next_tokens: Any = None  # last chosen (last stage; on a single stage, what it embeds next)
     generated: list = field(default_factory=list)  # per step: the rows' tokens (choosing rank)
     logits: list = field(default_factory=list)  # forward pass: per row (prompt_len, vocab)
     alive: bool = True
@@ -324,7 +325,7 @@ def make_microbatches(state, runner: Runner, request: Request, rows: range, repo
     (and with ``compiled``, each with a static cache and a mask of the cache's length)."""
     peers = runner.peers
     criteria = None
-    if request.stopping.stop_strings and request.max_new_tokens and (peers.first or peers.last):
+    if request.stopping.stop_strings and request.max_new_tokens and peers.last:
         criteria = stop_criteria(state, request)
     out = []
     for j, part in enumerate(split_evenly(len(rows), request.microbatches)):
@@ -344,7 +345,7 @@ def make_microbatches(state, runner: Runner, request: Request, rows: range, repo
             padded[:, : mask.shape[1]] = mask
             mb = MicroBatch(index=j, prompts=prompts, mask=mask, positions=positions, cache=cache, ids=ids,
                             padded_mask=padded, seen=mask.shape[1], static_key=key)
-        if request.max_new_tokens and (peers.first or peers.last):
+        if request.max_new_tokens and peers.last:
             mb.stopper = Stopper(request.stopping, pad_id=request.pad_token_id, prompt_ids=ids, attention_mask=mask,
                                  criteria=criteria)
         if request.max_new_tokens and peers.last:
@@ -394,41 +395,44 @@ def decode_one_token(ctx: Run, mb: MicroBatch, step: int) -> None:
 
 
 def _decode_one_token(ctx: Run, mb: MicroBatch, step: int) -> None:
-    import torch
-
     runner, peers, tel = ctx.runner, ctx.peers, ctx.telemetry
-    if peers.first:
-        if not peers.last:
-            # The last stage's choice for this micro-batch; the first stage runs the same
-            # stop test on it, so both know whether the micro-batch goes on.
-            mb.next_tokens = mb.stopper.update(peers.recv_tokens(mb.rows, runner.device))
-        if mb.stopper.all_finished:
-            end_microbatch(ctx, mb)
-            return
-        x = mb.next_tokens[:, None]
+    # The step's mask and positions first: they need nothing from the other stages, so on a
+    # stage that waits below their time hides in the wait (a decode step's host work right
+    # after a forward pass runs on cold caches: several times its cost in a loop).
+    forward = _one_position_more(runner, mb)
+    if peers.first and peers.last:
+        x = None if mb.stopper.all_finished else mb.next_tokens[:, None]
+    elif peers.first:  # the last stage's choice, and whether any row goes on: no stop test here
+        x = peers.recv_tokens(mb.rows, runner.device)
+        x = None if x is None else x[:, None]
     else:
         x = peers.recv_step(mb.rows, runner.hidden_size, runner.dtype, runner.device)
-        if x is None:  # the stages before have ended this micro-batch
-            end_microbatch(ctx, mb)
-            return
-    mb.positions = mb.positions[:, -1:] + 1
-    if mb.padded_mask is None:
-        mb.mask = torch.cat([mb.mask, mb.mask.new_ones(mb.rows, 1)], dim=1)
-        forward = lambda: runner.forward(x, mb.mask, mb.positions, mb.cache, all_logits=False)  # noqa: E731
-    else:  # --compile: the same shapes every step
-        mb.padded_mask[:, mb.seen] = 1
-        mb.seen += 1
-        forward = lambda: runner.compiled.step(x, mb.padded_mask, mb.positions, mb.cache)  # noqa: E731
+    if x is None:  # every row of the micro-batch has finished (here, or on the stages before)
+        end_microbatch(ctx, mb)
+        return
     began = ctx.clock.now()
     with ctx.steps.part("forward"):
-        out = forward()
+        out = forward(x)
     ctx.clock.record(peers.index, mb.index, "decode", began)
     if not peers.last:
         peers.send_step(out, rows=mb.rows, hidden=runner.hidden_size, dtype=runner.dtype, device=runner.device)
-    if peers.last:
+    else:
         with ctx.steps.part("choice"):
             active = take_tokens(ctx, mb, out[:, -1, :], more=step < ctx.request.max_new_tokens - 1)
         tel.add_tokens("decode", active)
+
+
+def _one_position_more(runner: Runner, mb: MicroBatch):
+    """Grow ``mb``'s mask and positions by the token this step adds; return the step's forward."""
+    import torch
+
+    mb.positions = mb.positions[:, -1:] + 1
+    if mb.padded_mask is not None:  # --compile: the same shapes every step
+        mb.padded_mask[:, mb.seen] = 1
+        mb.seen += 1
+        return lambda x: runner.compiled.step(x, mb.padded_mask, mb.positions, mb.cache)
+    mb.mask = torch.cat([mb.mask, mb.mask.new_ones(mb.rows, 1)], dim=1)
+    return lambda x: runner.forward(x, mb.mask, mb.positions, mb.cache, all_logits=False)
 
 
 def decode_n_tokens(ctx: Run, microbatches: list[MicroBatch]) -> None:
@@ -458,14 +462,14 @@ def take_tokens(ctx: Run, mb: MicroBatch, logits, *, more: bool) -> int:
     the stop strings). Everything else stays on the device."""
     active = (~mb.stopper.finished).tolist()
     tokens = mb.stopper.update(choose(ctx, mb, logits))
+    if more and not ctx.peers.first:  # first: the first stage waits for them, the rest can wait
+        ctx.peers.send_tokens(tokens, going=~mb.stopper.finished)
     mb.chooser.update(tokens)
     mb.next_tokens = tokens
     if ctx.reports:
         mb.generated.append(tokens)
         if ctx.stream is not None:
             ctx.stream.add(mb.prompts, tokens.tolist(), active)
-    if more and not ctx.peers.first:
-        ctx.peers.send_tokens(tokens)
     return sum(active)
 
 

@@ -111,8 +111,9 @@ class StagePeers:
 
     A decode step's activation carries a one-element header in front of it: 1 while the
     micro-batch goes on, 0 once every row of it has finished. The first stage learns that
-    from the tokens it receives, and the stages after it from the header, so a finished
-    micro-batch leaves the pipeline without any message beyond those already sent.
+    from the count of rows going on that ends the tokens it receives, and the stages after it
+    from the header, so a finished micro-batch leaves the pipeline without any message beyond
+    those already sent.
 
     ``comm``: the engines' MPI world (:class:`mpbook.parallel.mpi.MpiComm`, ranked as mpbook
     ranks) when they share one; else the process group's own send and recv.
@@ -166,12 +167,21 @@ class StagePeers:
         return message[1:].view(rows, 1, hidden)
 
     def recv_tokens(self, rows: int, device):
+        """The last stage's tokens for a micro-batch's next step, or None when none of its
+        rows goes on."""
         import torch
 
-        return self._recv(self.ranks[-1], (rows,), torch.long, device, "recv_tokens")
+        message = self._recv(self.ranks[-1], (rows + 1,), torch.long, device, "recv_tokens")
+        if message[-1].item() == 0:
+            return None
+        return message[:-1]
 
-    def send_tokens(self, tokens) -> None:
-        self._send(self.ranks[0], tokens, "send_tokens")
+    def send_tokens(self, tokens, *, going) -> None:
+        """The tokens the last stage chose, and after them how many rows go on (``going``: a
+        bool per row): the first stage needs no stop test of its own."""
+        import torch
+
+        self._send(self.ranks[0], torch.cat([tokens, going.sum().view(1)]), "send_tokens")
 
     def _recv(self, src: int, shape, dtype, device, kind: str):
         import torch
