@@ -409,6 +409,22 @@ def test_ignore_eos_still_stops_at_a_stop_string(tokenizer):
     assert s.reasons == [None, "stop"]
 
 
+def test_one_step_that_meets_several_stop_rules_names_generates_first(tokenizer):
+    """eos before a stop string before the cap, as generate() ranks them, when one token meets
+    more than one; a row already finished keeps its reason and its length."""
+    criteria = stop_string_criteria(tokenizer, ["memory"])
+    batch = tokenizer(["hello", "the", "a", "model"], padding=True, return_tensors="pt")
+    s = Stopper(Stopping(max_new_tokens=2, eos_token_ids=(EOS_ID,), stop_strings=("memory",)), pad_id=PAD_ID,
+                prompt_ids=batch.input_ids, attention_mask=batch.attention_mask, criteria=criteria)
+    memory = tokenizer.convert_tokens_to_ids("memory")
+    s.update(torch.tensor([memory, 7, 7, 7]))  # row 0: a stop string before the cap
+    assert s.reasons == ["stop", None, None, None]
+    # the cap's step: row 1 eos, row 2 a stop string, row 3 nothing but the cap
+    assert s.update(torch.tensor([EOS_ID, EOS_ID, memory, 7])).tolist() == [PAD_ID, EOS_ID, memory, 7]
+    assert s.reasons == ["stop", "eos", "stop", "length"]
+    assert s.lengths.tolist() == [1, 2, 2, 2] and s.all_finished
+
+
 # --------------------------------------------------------------------------- a whole loop vs generate()
 @torch.inference_mode()
 def loop(model, batch, sampling: Sampling, stopping: Stopping, criteria=None) -> list[list[int]]:
