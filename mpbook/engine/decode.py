@@ -16,10 +16,10 @@ the last stage chooses each row's token (:mod:`mpbook.engine.choice`) and sees i
 stop test; with more than one stage it sends the tokens to the first stage (as it must, to
 embed them) with one more element, how many rows go on, so the first stage runs no stop test
 of its own; the stages between learn it from the one-element header of the activation they
-receive. Tokens are chosen on one rank
-of the last stage and broadcast to the others of its (ep, tp) group, except in greedy runs
-without expert parallel, where every rank of that group holds the same logits (or the same
-all-gathered maxima of a vocab-parallel head) and so chooses the same token by itself.
+receive. Tokens are chosen on one rank of the last stage and broadcast to the others of its
+(ep, tp) group, except in greedy runs without expert parallel, where every rank of that
+group holds the same logits (or the same all-gathered maxima of a vocab-parallel head) and
+so chooses the same token by itself.
 """
 
 from __future__ import annotations
@@ -462,7 +462,7 @@ def take_tokens(ctx: Run, mb: MicroBatch, logits, *, more: bool) -> int:
     the stop strings). Everything else stays on the device."""
     active = (~mb.stopper.finished).tolist()
     tokens = mb.stopper.update(choose(ctx, mb, logits))
-    if more and not ctx.peers.first:  # first: the first stage waits for them, the rest can wait
+    if more and not ctx.peers.first:  # before the bookkeeping below: the first stage is waiting for them
         ctx.peers.send_tokens(tokens, going=~mb.stopper.finished)
     mb.chooser.update(tokens)
     mb.next_tokens = tokens
