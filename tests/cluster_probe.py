@@ -2,12 +2,16 @@
 
 Used by the reliability, security and kernel tests, and importable inside a Jupyter kernel
 that a test drives (the tests folder is on PYTHONPATH), so the kernel can report its own
-cluster and the test can check, after the kernel is gone, that all of it is gone too.
+cluster and the test can check, after the kernel is gone, that all of it is gone too. Also
+the shared workbench under a shorter collective timeout, for the tests that wait for one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import warnings
 
 import psutil
 
@@ -93,3 +97,40 @@ def gone_within(snap: dict, timeout_s: float) -> tuple[list[int], list]:
         if not any(left) or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def collective_timeout(wb, seconds: float):
+    """``wb`` with collectives that give up after ``seconds`` (the group formed again with it),
+    then with its own timeout again.
+
+    Should an engine not come back to form the group again afterwards, the engines' stacks
+    say where each one is, as a warning in the session's summary, and the workbench is
+    restarted: the test that ran has passed or failed on its own, and the next one gets the
+    workbench whole."""
+    from mpbook import MpbookError
+
+    before = wb.timeout_s
+    wb.cluster.timeout_s = seconds
+    wb.cluster.rebuild_group()
+    try:
+        yield wb
+    finally:
+        wb.cluster.timeout_s = before
+        if not wb.stopped:
+            try:
+                wb.cluster.rebuild_group()
+            except MpbookError as err:
+                warnings.warn(f"{err}; where each engine was:\n{engine_stacks(wb)}\nthe workbench was restarted",
+                              stacklevel=1)
+                wb.restart()
+
+
+def engine_stacks(wb) -> str:
+    """Every thread's Python and native stack in each engine of ``wb`` (py-spy)."""
+    stacks = []
+    for info in wb.cluster.engines:
+        dump = subprocess.run(["py-spy", "dump", "--native", "--pid", str(info.pid)], capture_output=True, text=True,
+                              timeout=60)
+        stacks.append(f"rank {info.rank} (pid {info.pid}):\n{dump.stdout}{dump.stderr}")
+    return "\n".join(stacks)

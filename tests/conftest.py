@@ -46,6 +46,7 @@ sys.modules.setdefault("rfc3987_syntax", None)
 _here = os.path.dirname(os.path.abspath(__file__))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PYTHONPATH")) if p)
 
+import cluster_probe  # noqa: E402
 import pytest  # noqa: E402
 
 from mpbook import Workbench  # noqa: E402
@@ -179,13 +180,8 @@ def engines_pack_every_weight(workbench):
 @pytest.fixture(scope="module")
 def short_timeout(workbench):
     """The shared workbench with collectives that give up after SHORT_TIMEOUT_S, for one module."""
-    before = workbench.timeout_s
-    workbench.cluster.timeout_s = SHORT_TIMEOUT_S
-    workbench.cluster.rebuild_group()
-    yield workbench
-    workbench.cluster.timeout_s = before
-    if not workbench.stopped:
-        workbench.cluster.rebuild_group()
+    with cluster_probe.collective_timeout(workbench, SHORT_TIMEOUT_S):
+        yield workbench
 
 
 @pytest.fixture

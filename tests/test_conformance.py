@@ -13,6 +13,7 @@ import datetime
 import math
 
 import pytest
+from cluster_probe import collective_timeout
 
 from mpbook import MpbookError, conformance
 from mpbook.conformance import REPORT, Cell, Report, Row
@@ -224,13 +225,8 @@ def test_a_sample_combines_tp_with_pp_and_ep_on_four_engines(wb4):
 def timeout_15s(workbench):
     """The shared workbench whose collectives give up after 15 s (the failed run below waits for
     that timeout: the default 60 s would be spent waiting), for one test."""
-    before = workbench.timeout_s
-    workbench.cluster.timeout_s = 15.0
-    workbench.cluster.rebuild_group()
-    yield workbench
-    workbench.cluster.timeout_s = before
-    if not workbench.stopped:
-        workbench.cluster.rebuild_group()
+    with collective_timeout(workbench, 15.0):
+        yield workbench
 
 
 @pytest.mark.cluster

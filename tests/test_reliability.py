@@ -252,6 +252,25 @@ def test_a_loaded_model_stays_across_a_rebuilt_group(short_timeout, tiny_folder)
     assert again.total_collectives()["all_reduce"] == first.total_collectives()["all_reduce"]
 
 
+def test_a_rank_too_busy_to_leave_the_group_is_named_and_the_next_rebuild_works(short_timeout):
+    """Forming the group again needs every rank to leave the old one first: a rank still
+    running earlier work within the timeout is named, with the way back, and the cluster
+    stays usable once it is free."""
+    cluster = short_timeout.cluster
+    busy = cluster.client[cluster.engine_ids([1])].apply_async(time.sleep, cluster.timeout_s + 2)
+    began = time.monotonic()
+    with pytest.raises(MpbookError) as info:
+        cluster.rebuild_group()
+    took = time.monotonic() - began
+    assert str(info.value) == (f"rank 1 did not leave the process group within the {cluster.timeout_s:g} s timeout "
+                               "(still running earlier work); run `%mp restart` (or Workbench.restart()) to bring "
+                               "the cluster back")
+    assert cluster.timeout_s - 0.5 < took < cluster.timeout_s + 5
+    busy.get(timeout=30)
+    cluster.rebuild_group()
+    assert short_timeout.apply(reduce_sum, stream=False) == [3.0, 3.0]
+
+
 @pytest.mark.parametrize("timeout", [0, -1, 61, 3600, math.nan, math.inf])
 def test_collective_timeout_is_checked_before_anything_starts(timeout):
     before = {p.pid for p in psutil.Process().children(recursive=True)}

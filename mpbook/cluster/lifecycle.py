@@ -485,7 +485,17 @@ class Cluster:
     def rebuild_group(self) -> None:
         """Destroy the process group on every rank and form it again at a fresh rendezvous;
         the engines keep their loaded models (their collectives move to the new group)."""
-        self.client[self._engine_ids].apply_async(group.teardown, keep_model=True).get(timeout=self.timeout_s)
+        leaving = self.client[self._engine_ids].apply_async(group.teardown, keep_model=True)
+        try:
+            leaving.get(timeout=self.timeout_s)
+        except TimeoutError:
+            # An engine still busy (or stuck) cannot take part in a new group: say which.
+            busy = [rank for rank, msg_id in zip(self.ranks, leaving.msg_ids) if msg_id in self.client.outstanding]
+            raise MpbookError(
+                f"rank{'s' if len(busy) > 1 else ''} {', '.join(map(str, busy))} did not leave the process group "
+                f"within the {self.timeout_s:g} s timeout (still running earlier work); run `%mp restart` "
+                "(or Workbench.restart()) to bring the cluster back"
+            ) from None
         self._form_group(hosts=self._hosts)
 
     # ----------------------------------------------------------------- properties
