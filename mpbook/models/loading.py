@@ -32,6 +32,7 @@ from typing import Any
 from ..compat import transformers as hf_compat
 from ..errors import MpbookError
 from ..units import shard_range
+from . import decode_mask
 from .source import checkpoint_files, resolve
 
 
@@ -58,6 +59,9 @@ class Stage:
         s = self.structure
         self.base = self.model.get_submodule(s.base_prefix) if s is not None and s.base_prefix else self.model
         self.position_offset = position_offset(self.model)
+        # A decode step's 4D mask made here (models.decode_mask): "sdpa" or "eager", None where
+        # the family's forward makes it.
+        self.step_mask_kind = None if self.recurrent else decode_mask.kind_for(self.model)
         if not self.first:
             container = self.base.get_submodule(s.layers)
             container[0].register_forward_pre_hook(self._swap_in_received, with_kwargs=True)
@@ -104,6 +108,9 @@ class Stage:
             if "logits_to_keep" in inputs:  # Falcon-H1's preparation puts its config's count there
                 inputs["logits_to_keep"] = logits_to_keep
             return self.model(**inputs).logits
+        if (self.step_mask_kind is not None and x.shape[1] == 1 and attention_mask is not None
+                and attention_mask.dim() == 2 and not torch.compiler.is_compiling()):
+            attention_mask = decode_mask.for_one_token(attention_mask, self.step_mask_kind, self.model.dtype)
         common = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
         if self.first:
             inputs = {"input_ids": x}
