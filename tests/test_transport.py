@@ -243,3 +243,35 @@ def test_engines_interrupted_without_the_client_leave_a_group_the_next_run_can_u
         timer.cancel()
     result = workbench.generate(PROMPTS, strategy="tensor", model=tiny_folder, max_new_tokens=5)
     assert result.token_ids == reference(tiny_folder, PROMPTS, max_new_tokens=5)[1]
+
+
+def _spend_the_communicators(state):
+    """Split MPI's world until MPICH has no communicator left for this process (every engine
+    at once: a split is collective); how many it took."""
+    from mpi4py import MPI
+
+    held = []
+    try:
+        while True:
+            held.append(MPI.COMM_WORLD.Split(0, state.rank))
+    except MPI.Exception:
+        return len(held)
+
+
+@pytest.mark.cluster
+def test_an_engine_out_of_mpi_communicators_says_so_and_a_restart_brings_it_back():
+    """Old communicators are never freed (a freed one's context id comes back at once, and a
+    stale message of the old run with it): an engine that has formed its group about a
+    thousand times has none left, and forming the group again says why and what to do."""
+    from mpbook.parallel.mpi import COMMUNICATORS_PER_PROCESS
+
+    with Workbench.start(2, cpu=True) as wb:
+        spent = wb.apply(_spend_the_communicators, stream=False)
+        assert spent[0] == spent[1] and 0 < spent[0] < COMMUNICATORS_PER_PROCESS
+        with pytest.raises(RankError) as caught:
+            wb.cluster.rebuild_group()
+        assert (f"this engine holds all {COMMUNICATORS_PER_PROCESS} MPI communicators MPICH gives a process"
+                in str(caught.value))
+        assert "run `%mp restart` (or Workbench.restart()) for fresh engines" in str(caught.value)
+        wb.restart()
+        assert wb.apply(_all_reduce_on_rank_0_only, stream=False) == [[2.0] * 4] * 2

@@ -15,7 +15,13 @@ would hang the cell forever. Polled, an interrupt ends the wait at once and a mi
 is reported after the cluster's timeout, as gloo reports it. Either leaves this
 communicator's messages out of step, so a communicator that raised is never used again: the
 client forms the group again after any failed or interrupted run, and the engines split
-fresh communicators from the world then (:func:`world`).
+fresh communicators from the world then (:func:`world`). The old ones are not freed: MPICH
+reuses a freed communicator's context id at once, and a message of the old run still
+unmatched (a departure's word, the activation sent to a stage that failed to load) would
+then be taken by the new one, which is the very thing fresh communicators prevent (tried:
+the interrupt tests then saw the previous run's departures). An MPICH process holds 2048
+(:func:`split` says so when they are spent); each formation takes two, and a layout's mesh
+one per group it uses.
 
 A rank interrupted alone leaves its peers waiting for it in shared memory, where nothing
 tells them it has gone (gloo's peers see its connections close). So a rank that leaves a
@@ -34,9 +40,12 @@ import os
 import time
 from typing import Any
 
+from ..errors import MpbookError
+
 # Tags of point-to-point messages between pipeline stages (one message stream per kind, so
 # that a stage that both receives tokens and activations never mistakes one for the other).
 ACTIVATION_TAG, TOKENS_TAG = 1, 2
+COMMUNICATORS_PER_PROCESS = 2048  # MPICH's context ids per process
 # A wait polls flat out for a moment (a peer a few microseconds behind), then yields the core
 # between polls (more engines than cores: the peer may need this very core to arrive), then
 # sleeps between polls (a peer still computing a layer, or a pipeline stage still busy).
@@ -75,9 +84,26 @@ def world(rank: int, *, timeout_s: float) -> MpiComm:
     The world itself carries no data, so it is never out of step."""
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD.Split(0, rank)
-    departures = Departures(MPI.COMM_WORLD.Split(0, rank))
+    comm = split(MPI.COMM_WORLD, 0, rank)
+    departures = Departures(split(MPI.COMM_WORLD, 0, rank))
     return MpiComm(comm, timeout_s=timeout_s, members=list(range(comm.Get_size())), departures=departures)
+
+
+def split(comm, color: int, key: int):
+    """``comm.Split(color, key)``; when MPICH has no communicator left to give this process,
+    an error that says why and what to do."""
+    from mpi4py import MPI
+
+    try:
+        return comm.Split(color, key)
+    except MPI.Exception as exc:
+        if "Too many communicators" not in str(exc):
+            raise
+        raise MpbookError(
+            f"this engine holds all {COMMUNICATORS_PER_PROCESS} MPI communicators MPICH gives a process (the group "
+            "takes two more each time it is formed again, after an interrupt or a failed collective, and each layout "
+            "one per group it uses); run `%mp restart` (or Workbench.restart()) for fresh engines"
+        ) from None
 
 
 class Departures:
@@ -140,9 +166,12 @@ class MpiComm:
         (collective: every rank of this communicator calls it)."""
         from mpi4py import MPI
 
-        sub = self.comm.Split(color, key)
+        sub = split(self.comm, color, key)
         # where each of its ranks sits in this communicator, hence in the world
-        here = MPI.Group.Translate_ranks(sub.Get_group(), list(range(sub.Get_size())), self.comm.Get_group())
+        sub_group, own_group = sub.Get_group(), self.comm.Get_group()
+        here = MPI.Group.Translate_ranks(sub_group, list(range(sub.Get_size())), own_group)
+        sub_group.Free()
+        own_group.Free()
         return MpiComm(sub, timeout_s=self.timeout_s, members=[self.members[r] for r in here],
                        departures=self.departures)
 
