@@ -637,11 +637,15 @@ class Cluster:
             _quiet(lambda: client[live].apply_async(group.teardown).get(timeout=5))
         elif self.owned:
             # No controller to reach the engines through; they are ours and on this host.
-            for pid in self.pids()["engines"]:
-                _quiet(lambda: os.kill(pid, signal.SIGINT) if process_running(pid) else None)
+            # (psutil refuses to signal a recorded process whose pid another one has taken.)
+            engines = set(self.pids()["engines"])
+            for proc in self._started_procs:
+                if proc.pid in engines:
+                    _quiet(lambda: proc.send_signal(signal.SIGINT))
         if self.owned and ipp_cluster is not None:
-            procs = list({p.pid: p for p in [*self._started_procs, *process_trees(self.pids())]}.values())
-            shared_memory = self._shared_memory | mpi_shared_memory_files(p.pid for p in procs)
+            running = self._started_and_running()
+            procs = list({p.pid: p for p in [*self._started_procs, *running]}.values())
+            shared_memory = self._shared_memory | mpi_shared_memory_files(p.pid for p in running)
             if client is not None:
                 _quiet(client.close)
             left_remotely = {}
@@ -670,6 +674,26 @@ class Cluster:
                 _quiet(lambda: shutil.rmtree(os.path.dirname(rdzv.path), ignore_errors=True))
         elif client is not None:
             _quiet(client.close)
+
+    def _started_and_running(self) -> list:
+        """The processes this cluster started that still run, with their children now.
+
+        Each is the process recorded at start, not whatever has its pid now: pids wrap (at
+        32768 on the machines here), and in a long session the pid of an engine that died
+        may already belong to another cluster's engine, which a stop must not end."""
+        import psutil
+
+        found = []
+        # (A start that failed before recording them: its processes are seconds old.)
+        for proc in self._started_procs or process_trees(self.pids()):
+            if not proc.is_running():  # ended, or its pid taken by another process
+                continue
+            found.append(proc)
+            try:
+                found.extend(proc.children(recursive=True))
+            except psutil.Error:
+                pass
+        return found
 
     def __enter__(self) -> Cluster:
         return self
@@ -779,6 +803,17 @@ def _reap(procs, timeout_s: float = 5.0) -> None:
     _wait_gone(alive, timeout_s)
 
 
+def _still_running(proc) -> bool:
+    """Whether ``proc`` (a psutil.Process) still runs: not ended, not a zombie, and its pid not
+    taken by another process since."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _wait_gone(procs, timeout_s: float) -> list:
     """Wait until ``procs`` have ended; return those still running at the deadline.
 
@@ -787,7 +822,7 @@ def _wait_gone(procs, timeout_s: float) -> list:
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = [proc for proc in procs if process_running(proc.pid)]
+        alive = [proc for proc in procs if _still_running(proc)]
         if not alive or time.monotonic() >= deadline:
             return alive
         time.sleep(0.02)
