@@ -490,7 +490,9 @@ class Cluster:
             leaving.get(timeout=self.timeout_s)
         except TimeoutError:
             # An engine still busy (or stuck) cannot take part in a new group: say which.
-            busy = [rank for rank, msg_id in zip(self.ranks, leaving.msg_ids) if msg_id in self.client.outstanding]
+            # (every rank, should the last one answer between the timeout and this line)
+            busy = [rank for rank, msg_id in zip(self.ranks, leaving.msg_ids)
+                    if msg_id in self.client.outstanding] or self.ranks
             raise MpbookError(
                 f"rank{'s' if len(busy) > 1 else ''} {', '.join(map(str, busy))} did not leave the process group "
                 f"within the {self.timeout_s:g} s timeout (still running earlier work); run `%mp restart` "
