@@ -163,8 +163,8 @@ def _bench_workload_options(b: argparse.ArgumentParser) -> None:
                    help="every layout that fits the engines, not one per strategy; writes JSON and a PNG plot")
     b.add_argument("--window", type=float, default=5.0, metavar="S",
                    help="seconds per round of the machine's ceilings (every engine generating its share at once, "
-                        "against one engine with every prompt; with mpbook's own step and with plain transformers), "
-                        "measured first; 0 skips them (default 5)")
+                        "against one engine with every prompt; with plain transformers, measured first, and with "
+                        "mpbook's own step, a round before each round of the layouts); 0 skips them (default 5)")
     b.add_argument("--transport", choices=["auto", "mpi", "gloo"], default="auto",
                    help="what the CPU engines' collectives use (default: MPI when installed)")
     b.add_argument("--compile", action="store_true",

@@ -6,11 +6,12 @@ median of each is kept, so that drift of a noisy machine hits every layout alike
 record also says how far its logits are from the one-device run and whether its greedy
 tokens are identical.
 
-The same run first measures the machine's ceiling twice (``--window`` seconds per round; ``0``
-skips both): every engine generating its share at once against one engine doing every prompt,
-with mpbook's own step (each engine's share of a data-parallel run, looped by itself: the
-headline) and with transformers' ``generate`` (its weights stored as an engine stores them),
-and shows each layout as a % of each (:mod:`mpbook.bench_peers`).
+The same run measures the machine's ceiling twice (``--window`` seconds per round; ``0`` skips
+both): every engine generating its share at once against one engine doing every prompt, with
+mpbook's own step (each engine's share of a data-parallel run, looped by itself: the headline;
+one round of it before each round of the layouts, so that the machine's drift hits both) and,
+first, with transformers' ``generate`` (its weights stored as an engine stores them), and shows
+each layout as a % of each (:mod:`mpbook.bench_peers`).
 
 ``--against transformers``: transformers' own distributed forms on the same engines, layout by
 layout, in one table (:mod:`mpbook.bench_peers`).
@@ -119,18 +120,19 @@ def bench_strategies(
             cases = _that_fit(cases, model=model, wb=wb, batch=batch, new_tokens=new_tokens, dtype=dtype, log=log)
         log(f"model {model}, {batch} prompts, {new_tokens} new tokens, {dtype}{', compiled' if compile else ''}; "
             f"one device vs {wb.world_size} engines ({wb.device_type}); {repeats} interleaved rounds")
-        ceilings = []
+        theirs = own = None
         if window_s > 0:
             # transformers' first, on engines that hold no model yet (it drops its own when
             # done): the engines never hold its copy beside mpbook's. Then mpbook's own step
-            # (the headline: the most the layouts' own step can gain), whose model the layouts reuse.
+            # (the headline: the most the layouts' own step can gain), one round before each
+            # round of the layouts, so that a drift of the machine (a neighbour's load on a
+            # VM comes and goes over minutes) hits the ceiling and the layouts alike.
             ids, pad_id = bench_peers.encode(model, prompts, chat=None)  # as generate encodes them
             theirs = bench_peers.measure_ceiling(wb, model=model, dtype=dtype, ids=ids, pad_id=pad_id,
                                                  new_tokens=new_tokens, window_s=window_s, rounds=repeats)
-            own = bench_peers.measure_own_ceiling(
-                wb, single, prompts, window_s=window_s, rounds=repeats, model=model, max_new_tokens=new_tokens,
+            own = bench_peers.own_ceiling_rounds(
+                wb, single, prompts, window_s=window_s, model=model, max_new_tokens=new_tokens,
                 dtype=dtype, ignore_eos=True, compile=compile)
-            ceilings = [own, theirs]
 
         # ignore_eos: every run generates the same number of tokens, whatever the model says.
         def one_device(max_new_tokens):
@@ -153,6 +155,8 @@ def bench_strategies(
         for case in cases:
             layout_run(case, new_tokens)
         for _ in range(repeats):
+            if own is not None:
+                own.round()
             runs["single"].append(one_device(new_tokens))
             for case in cases:
                 runs[case].append(layout_run(case, new_tokens))
@@ -177,8 +181,8 @@ def bench_strategies(
             words = median_round.step_words()
             if words:
                 log(f"    {words} (the round of the median decode rate)")
-        if ceilings:
-            log(bench_peers.ceiling_shares(records, *ceilings))
+        if own is not None:
+            log(bench_peers.ceiling_shares(records, own.ceiling(), theirs))
     return records
 
 

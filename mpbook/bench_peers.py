@@ -3,7 +3,7 @@
 A layout's tokens/s alone say little; two numbers measured in the same run make them mean
 something.
 
-**The ceiling** (``python -m mpbook bench`` measures it before the layouts): the most N engines
+**The ceiling** (``python -m mpbook bench`` measures it with the layouts): the most N engines
 of this machine give on this work when they never talk to each other. Every engine generates
 its share of the prompts, all from one signal, and the batch is done when the slowest engine
 is; against one engine doing every prompt. Measured with two steps: **mpbook's own** (each
@@ -404,10 +404,26 @@ def measure_own_ceiling(wb, single, prompts, *, window_s: float = 5.0, rounds: i
     Data parallel's ranks never talk during a run, so this is the most N engines give with the
     very step the layouts run: its kernels, its weights' storage and its host work."""
     _check_window(window_s, rounds)
+    windows = own_ceiling_rounds(wb, single, prompts, window_s=window_s, lead_s=lead_s, **options)
+    for _ in range(rounds):
+        windows.round()
+    return windows.ceiling()
+
+
+def own_ceiling_rounds(wb, single, prompts, *, window_s: float = 5.0, lead_s: float = 0.5, **options) -> Rounds:
+    """:func:`measure_own_ceiling`'s windows, loaded and ready, one round per
+    :meth:`Rounds.round`: ``bench`` runs one before each of its rounds of the layouts, so that
+    the ceiling and the layouts it is held against share the machine's drift."""
+    _check_window(window_s, 1)
     together_request = wb.session.request(prompts, strategy="data", dp=wb.world_size, **options)
     alone_request = single.session.request(prompts, strategy="data", **options)
-    # Loaded (and compiled) by a run of each whole cluster, so that the ticks' runs load nothing.
-    wb.generate(prompts, strategy="data", dp=wb.world_size, **options)
+
+    def load() -> None:
+        # Loaded (and compiled) by a run of the whole cluster, so that the ticks' runs load
+        # nothing; again before each round, since a layout run between rounds loads its own.
+        wb.generate(prompts, strategy="data", dp=wb.world_size, **options)
+
+    load()
     warm = single.generate(prompts, strategy="data", **options)
 
     def together(start_at, period, count):
@@ -418,8 +434,8 @@ def measure_own_ceiling(wb, single, prompts, *, window_s: float = 5.0, rounds: i
         return single.apply(own_runs, request=alone_request, start_at=start_at, period=period, count=count,
                             stream=False, what="the ceiling's runs")
 
-    return _measure_rounds(together, alone, alone_s=warm.new_tokens / generation_tokens_per_s(warm),
-                           engines=wb.world_size, window_s=window_s, rounds=rounds, lead_s=lead_s, step=OWN_STEP)
+    return Rounds(together, alone, alone_s=warm.new_tokens / generation_tokens_per_s(warm),
+                  engines=wb.world_size, window_s=window_s, lead_s=lead_s, step=OWN_STEP, before_round=load)
 
 
 def _check_window(window_s: float, rounds: int) -> None:
@@ -429,9 +445,16 @@ def _check_window(window_s: float, rounds: int) -> None:
 
 def _measure_rounds(together, alone, *, alone_s: float, engines: int, window_s: float, rounds: int,
                     lead_s: float, step: str) -> Ceiling:
-    """``rounds`` pairs of windows, A B B A, each of runs from one wall-clock signal:
-    ``together(start_at, period, count)`` on every engine, ``alone(...)`` on one; each returns
-    every engine's runs.
+    """``rounds`` rounds of :class:`Rounds` at once."""
+    windows = Rounds(together, alone, alone_s=alone_s, engines=engines, window_s=window_s, lead_s=lead_s, step=step)
+    for _ in range(rounds):
+        windows.round()
+    return windows.ceiling()
+
+
+class Rounds:
+    """A ceiling's pairs of windows, A B B A, one round at a time: ``together(start_at, period,
+    count)`` on every engine, ``alone(...)`` on one; each returns every engine's runs.
 
     The runs of a window begin on wall-clock ticks a period apart, every engine on the same
     ticks, with no message between them: so they run at the same time as a layout's ranks do,
@@ -445,36 +468,52 @@ def _measure_rounds(together, alone, *, alone_s: float, engines: int, window_s: 
     and, if a run overran, a longer period.
     Engines on several hosts need their clocks in step (NTP); ``late_s`` says how late the
     latest start was."""
-    period = 1.5 * alone_s + 0.02
-    count = max(2, round(window_s / period))
-    lead = lead_s
 
-    def window(run) -> list[dict]:
-        nonlocal lead, period
+    def __init__(self, together, alone, *, alone_s: float, engines: int, window_s: float, lead_s: float, step: str,
+                 before_round=None):
+        self._together, self._alone = together, alone
+        self._before_round = before_round  # makes the engines ready again (after other runs between rounds)
+        self.engines, self.window_s, self.step = engines, window_s, step
+        self.period = 1.5 * alone_s + 0.02
+        self.count = max(2, round(window_s / self.period))
+        self.lead = lead_s
+        self.together_tok_s: list[float] = []
+        self.alone_tok_s: list[float] = []
+        self.per_engine: list[list[dict]] = []
+        self.late_s = 0.0
+
+    def _window(self, run) -> list[dict]:
         for _ in range(3):
-            runs = run(time.time() + lead, period, count)
+            runs = run(time.time() + self.lead, self.period, self.count)
             late = max(c["late_s"] for c in runs)
-            if late <= 0.1 * period:
+            if late <= 0.1 * self.period:
                 break
             # A run began late: the first tick reached an engine after its time (a loaded
             # machine), or a run overran its period (engines sharing fewer cores than they
             # are take longer together than one alone). Again, with more time for both, kept.
-            lead = min(2 * lead + late, 10.0)
-            period = max(period, 1.5 * max(max(c["seconds"]) for c in runs) + 0.02)
+            self.lead = min(2 * self.lead + late, 10.0)
+            self.period = max(self.period, 1.5 * max(max(c["seconds"]) for c in runs) + 0.02)
         return runs
 
-    together_tok_s, alone_tok_s, counts, late = [], [], [], 0.0
-    for r in range(rounds):
-        # A B B A: drift of a noisy machine hits both alike.
-        for which in (("together", "alone") if r % 2 == 0 else ("alone", "together")):
-            runs = window(together if which == "together" else alone)
+    def round(self) -> None:
+        """One pair of windows; every other round alone first (A B B A: drift of a noisy
+        machine hits both alike)."""
+        first = len(self.alone_tok_s) % 2 == 0
+        if self._before_round is not None and self.alone_tok_s:
+            self._before_round()
+        for which in (("together", "alone") if first else ("alone", "together")):
+            runs = self._window(self._together if which == "together" else self._alone)
             tokens = sum(sum(c["tokens"]) for c in runs)
-            seconds = sum(max(c["seconds"][k] for c in runs) for k in range(count))
-            (together_tok_s if which == "together" else alone_tok_s).append(tokens / seconds)
+            seconds = sum(max(c["seconds"][k] for c in runs) for k in range(self.count))
+            (self.together_tok_s if which == "together" else self.alone_tok_s).append(tokens / seconds)
             if which == "together":
-                counts.append(runs)
-            late = max([late] + [c["late_s"] for c in runs])
-    return Ceiling(engines, window_s, together_tok_s, alone_tok_s, late, counts, step=step, runs=count)
+                self.per_engine.append(runs)
+            self.late_s = max([self.late_s] + [c["late_s"] for c in runs])
+
+    def ceiling(self) -> Ceiling:
+        """The rounds so far."""
+        return Ceiling(self.engines, self.window_s, list(self.together_tok_s), list(self.alone_tok_s), self.late_s,
+                       list(self.per_engine), step=self.step, runs=self.count)
 
 
 def ceiling_shares(records: list[dict], *ceilings: Ceiling) -> str:
@@ -490,7 +529,9 @@ def ceiling_shares(records: list[dict], *ceilings: Ceiling) -> str:
         if record is base or not base["generation_tokens_per_s"]:
             continue
         speedup = record["generation_tokens_per_s"] / base["generation_tokens_per_s"]
-        record["ceilings"] = {c.step: {"ratio": c.ratio, "percent": 100 * speedup / c.ratio} for c in ceilings}
+        record["ceilings"] = {c.step: {"ratio": c.ratio, "percent": 100 * speedup / c.ratio,
+                                       "rounds": [[t, a] for t, a in zip(c.together_tok_s, c.alone_tok_s)]}
+                              for c in ceilings}
         record["ceiling"] = ceilings[0].ratio
         record["ceiling_percent"] = 100 * speedup / ceilings[0].ratio
         shares = ", ".join(f"{100 * speedup / c.ratio:.0f}% with {c.step}" for c in ceilings)

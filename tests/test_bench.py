@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from mpbook.bench import bench_strategies
@@ -31,3 +33,27 @@ def test_bench_gives_each_layouts_tokens_and_where_its_decode_step_went(tiny_fol
     assert len(rows) == 4 and steps == [i + 1 for i in rows]
     tensor_step = lines[steps[-1]]
     assert all(part in tensor_step for part in PARTS)
+
+
+@pytest.mark.cluster
+def test_bench_holds_each_layout_against_both_ceilings_measured_in_the_same_run(tiny_folder):
+    """transformers' ceiling first, mpbook's own a round before each round of the layouts: both
+    have one pair of windows per round, and each layout's % is its speedup over one device
+    against each ceiling's ratio."""
+    from mpbook.bench_peers import OWN_STEP, TRANSFORMERS_STEP
+
+    lines: list[str] = []
+    records = bench_strategies(model=tiny_folder, engines=2, cpu=True, batch=4, new_tokens=6, repeats=2,
+                               window_s=0.3, log=lines.append)
+    single = records[0]
+    assert single["strategy"] == "single" and "ceilings" not in single
+    for record in records[1:]:
+        assert set(record["ceilings"]) == {OWN_STEP, TRANSFORMERS_STEP}
+        speedup = record["generation_tokens_per_s"] / single["generation_tokens_per_s"]
+        for ceiling in record["ceilings"].values():
+            assert len(ceiling["rounds"]) == 2 and all(t > 0 and a > 0 for t, a in ceiling["rounds"])
+            assert ceiling["ratio"] == pytest.approx(statistics.median(t / a for t, a in ceiling["rounds"]))
+            assert ceiling["percent"] == pytest.approx(100 * speedup / ceiling["ratio"])
+        assert record["ceiling_percent"] == record["ceilings"][OWN_STEP]["percent"]
+    shown = [line for line in "\n".join(lines).splitlines() if "the machine's ceiling with" in line]
+    assert [OWN_STEP in shown[0], TRANSFORMERS_STEP in shown[1]] == [True, True]
