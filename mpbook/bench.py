@@ -182,7 +182,7 @@ def bench_strategies(
             if words:
                 log(f"    {words} (the round of the median decode rate)")
         if own is not None:
-            log(bench_peers.ceiling_shares(records, own.ceiling(), theirs))
+            log(bench_peers.ceiling_shares(records, own.ceiling(interleaved=True), theirs))
     return records
 
 
@@ -212,7 +212,8 @@ def _median_record(results) -> dict[str, Any]:
     from .bench_peers import generation_tokens_per_s
 
     record = results[0].record()
-    record["generation_tokens_per_s"] = statistics.median(generation_tokens_per_s(r) for r in results)
+    record["generation_tokens_per_s_rounds"] = [generation_tokens_per_s(r) for r in results]
+    record["generation_tokens_per_s"] = statistics.median(record["generation_tokens_per_s_rounds"])
     record["prefill_tokens_per_s"] = statistics.median(r.prefill_tokens_per_s for r in results)
     record["decode_tokens_per_s"] = statistics.median(r.decode_tokens_per_s for r in results)
     record["peak_memory_bytes"] = [max(r.peak_memory_bytes[i] for r in results) for i in range(results[0].engines)]

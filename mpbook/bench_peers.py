@@ -341,6 +341,9 @@ class Ceiling:
     per_engine: list[list[dict]] = field(default_factory=list)  # per round: each engine's runs
     step: str = TRANSFORMERS_STEP  # what each engine ran
     runs: int = 0  # runs per window
+    # Round k was measured just before round k of the layouts (bench's own ceiling), so a
+    # layout's share can be taken round by round, each pair close in time.
+    interleaved: bool = False
 
     @property
     def ratio(self) -> float:
@@ -510,17 +513,19 @@ class Rounds:
                 self.per_engine.append(runs)
             self.late_s = max([self.late_s] + [c["late_s"] for c in runs])
 
-    def ceiling(self) -> Ceiling:
-        """The rounds so far."""
+    def ceiling(self, *, interleaved: bool = False) -> Ceiling:
+        """The rounds so far; ``interleaved``: each was run just before a round of the layouts."""
         return Ceiling(self.engines, self.window_s, list(self.together_tok_s), list(self.alone_tok_s), self.late_s,
-                       list(self.per_engine), step=self.step, runs=self.count)
+                       list(self.per_engine), step=self.step, runs=self.count, interleaved=interleaved)
 
 
 def ceiling_shares(records: list[dict], *ceilings: Ceiling) -> str:
     """Each layout of ``bench``'s records as a % of each ceiling: its generation tokens/s over
     one device's, against the ceiling's ratio. The first ceiling is the headline: the records
     (and the JSON) keep it as ``ceiling`` and ``ceiling_percent``, and every one under
-    ``ceilings`` by its step."""
+    ``ceilings`` by its step. A ceiling measured round by round with the layouts also gives
+    each round's share (that round's speedup over that round's ceiling): their range shows how
+    much the machine's noise moves the headline."""
     base = next(r for r in records if r["strategy"] == "single")
     lines = [ceiling.format() for ceiling in ceilings]
     lines.append("  each layout's tokens/s (prefill and decode) over one device's, as a % of "
@@ -529,15 +534,32 @@ def ceiling_shares(records: list[dict], *ceilings: Ceiling) -> str:
         if record is base or not base["generation_tokens_per_s"]:
             continue
         speedup = record["generation_tokens_per_s"] / base["generation_tokens_per_s"]
-        record["ceilings"] = {c.step: {"ratio": c.ratio, "percent": 100 * speedup / c.ratio,
-                                       "rounds": [[t, a] for t, a in zip(c.together_tok_s, c.alone_tok_s)]}
-                              for c in ceilings}
+        record["ceilings"] = {}
+        shares = []
+        for c in ceilings:
+            entry = {"ratio": c.ratio, "percent": 100 * speedup / c.ratio,
+                     "rounds": [[t, a] for t, a in zip(c.together_tok_s, c.alone_tok_s)]}
+            words = f"{entry['percent']:.0f}% with {c.step}"
+            by_round = _shares_by_round(record, base, c)
+            if by_round:
+                entry["percent_by_round"] = by_round
+                words += f" (rounds {min(by_round):.0f}-{max(by_round):.0f}%)"
+            record["ceilings"][c.step] = entry
+            shares.append(words)
         record["ceiling"] = ceilings[0].ratio
         record["ceiling_percent"] = 100 * speedup / ceilings[0].ratio
-        shares = ", ".join(f"{100 * speedup / c.ratio:.0f}% with {c.step}" for c in ceilings)
         lines.append(f"  {record['strategy']:<8} dp={record['dp']} pp={record['pp']} tp={record['tp']}: "
-                     f"{speedup:.2f}x one device = {shares}")
+                     f"{speedup:.2f}x one device = {', '.join(shares)}")
     return "\n".join(lines)
+
+
+def _shares_by_round(record: dict, base: dict, ceiling: Ceiling) -> list[float]:
+    """Round k's speedup over round k's ceiling, in %, where the ceiling's rounds were run with
+    the layouts' (none otherwise)."""
+    ours, theirs = record.get("generation_tokens_per_s_rounds"), base.get("generation_tokens_per_s_rounds")
+    if not ceiling.interleaved or not ours or not theirs or not (len(ours) == len(theirs) == len(ceiling.alone_tok_s)):
+        return []
+    return [100 * (o / b) / (t / a) for o, b, t, a in zip(ours, theirs, ceiling.together_tok_s, ceiling.alone_tok_s)]
 
 
 # --------------------------------------------------------------------------- the peer

@@ -55,5 +55,17 @@ def test_bench_holds_each_layout_against_both_ceilings_measured_in_the_same_run(
             assert ceiling["ratio"] == pytest.approx(statistics.median(t / a for t, a in ceiling["rounds"]))
             assert ceiling["percent"] == pytest.approx(100 * speedup / ceiling["ratio"])
         assert record["ceiling_percent"] == record["ceilings"][OWN_STEP]["percent"]
+        # mpbook's own ceiling ran round by round with the layouts: each round's share is that
+        # round's speedup over that round's ceiling; transformers' ran before, so it has none
+        own = record["ceilings"][OWN_STEP]
+        assert own["percent_by_round"] == pytest.approx([
+            100 * (ours / one) / (together / alone) for ours, one, (together, alone)
+            in zip(record["generation_tokens_per_s_rounds"], single["generation_tokens_per_s_rounds"], own["rounds"])])
+        assert "percent_by_round" not in record["ceilings"][TRANSFORMERS_STEP]
     shown = [line for line in "\n".join(lines).splitlines() if "the machine's ceiling with" in line]
     assert [OWN_STEP in shown[0], TRANSFORMERS_STEP in shown[1]] == [True, True]
+    tensor_line = next(line for line in "\n".join(lines).splitlines()
+                       if line.startswith("  tensor ") and "% with" in line)
+    by_round = records[-1]["ceilings"][OWN_STEP]["percent_by_round"]
+    low, high = min(by_round), max(by_round)
+    assert f"(rounds {low:.0f}-{high:.0f}%)" in tensor_line
