@@ -422,11 +422,10 @@ def own_ceiling_rounds(wb, single, prompts, *, window_s: float = 5.0, lead_s: fl
     alone_request = single.session.request(prompts, strategy="data", **options)
 
     def load() -> None:
-        # Loaded (and compiled) by a run of the whole cluster, so that the ticks' runs load
-        # nothing; again before each round, since a layout run between rounds loads its own.
+        # Loaded (and compiled) by a run of the whole cluster before each round, so that the
+        # ticks' runs load nothing: a layout run since (bench's, between rounds) loaded its own.
         wb.generate(prompts, strategy="data", dp=wb.world_size, **options)
 
-    load()
     warm = single.generate(prompts, strategy="data", **options)
 
     def together(start_at, period, count):
@@ -502,7 +501,7 @@ class Rounds:
         """One pair of windows; every other round alone first (A B B A: drift of a noisy
         machine hits both alike)."""
         first = len(self.alone_tok_s) % 2 == 0
-        if self._before_round is not None and self.alone_tok_s:
+        if self._before_round is not None:
             self._before_round()
         for which in (("together", "alone") if first else ("alone", "together")):
             runs = self._window(self._together if which == "together" else self._alone)
