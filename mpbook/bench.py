@@ -55,8 +55,11 @@ class BenchCase:
         return f"{self.strategy} {self.layout} m={self.microbatches}"
 
 
-def candidate_layouts(config, engines: int, batch: int, *, sweep: bool) -> list[BenchCase]:
-    """The layouts to measure: each strategy at full degree, or (sweep) every valid one."""
+def candidate_layouts(config, engines: int, batch: int, *, sweep: bool,
+                      ranks_at_once: int | None = None) -> list[BenchCase]:
+    """The layouts to measure: each strategy at full degree, or (sweep) every valid one; each
+    with the micro-batches a cell takes by default on engines of which ``ranks_at_once`` can
+    compute at once (:attr:`mpbook.cluster.Cluster.ranks_at_once`)."""
     from .errors import MpbookError
     from .models.support import validate_tp
 
@@ -68,9 +71,10 @@ def candidate_layouts(config, engines: int, batch: int, *, sweep: bool) -> list[
         return layout.pp <= config.num_hidden_layers and layout.dp <= batch
 
     def microbatches(layout: Layout) -> int:
-        from .parallel.pipeline import default_microbatches
+        from .parallel.pipeline import default_microbatches, stages_at_once
 
-        return default_microbatches(layout.pp, batch // layout.dp)  # what a cell takes by default
+        # what a cell takes by default
+        return default_microbatches(layout.pp, batch // layout.dp, at_once=stages_at_once(layout, ranks_at_once))
 
     def strategy_of(layout: Layout) -> str:
         for name, dim in (("tensor", "tp"), ("pipeline", "pp"), ("data", "dp")):
@@ -115,7 +119,7 @@ def bench_strategies(
             Workbench.start(1, cpu=cpu, threads=wb.engine_spec.threads) as single:
         # "One device" is one engine with the same share of the machine as each of the
         # others: one GPU, or on a CPU the same number of threads.
-        cases = candidate_layouts(config, wb.world_size, batch, sweep=sweep)
+        cases = candidate_layouts(config, wb.world_size, batch, sweep=sweep, ranks_at_once=wb.cluster.ranks_at_once)
         if sweep:
             cases = _that_fit(cases, model=model, wb=wb, batch=batch, new_tokens=new_tokens, dtype=dtype, log=log)
         log(f"model {model}, {batch} prompts, {new_tokens} new tokens, {dtype}{', compiled' if compile else ''}; "

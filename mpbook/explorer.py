@@ -27,7 +27,7 @@ from .units import format_bytes
 
 DIMS = ("dp", "pp", "tp", "ep")
 DTYPES = ("float32", "bfloat16", "float16")
-AUTO = 0  # the micro-batches control's "auto": one per stage, as a run chooses
+AUTO = 0  # the micro-batches control's "auto": as a run chooses (one per stage, as many as can compute at once)
 DEFAULT_PROMPT = "Model parallelism spreads a model over several devices so that"
 BAR_COLOURS = {"weights": "#4e79a7", "KV cache": "#f28e2b", "activations": "#59a14f"}
 
@@ -207,9 +207,12 @@ class Explorer:
         self._offer_microbatches(choice["pp"], rows)
         microbatches = self.controls["microbatches"].value
         if microbatches == AUTO:
-            from .parallel.pipeline import default_microbatches
+            from .layout import Layout
+            from .parallel.pipeline import default_microbatches, stages_at_once
 
-            microbatches = default_microbatches(choice["pp"], max(rows, 1))
+            shape = Layout(**layout_dims)
+            microbatches = default_microbatches(choice["pp"], max(rows, 1),
+                                                at_once=stages_at_once(shape, self.engines.cluster.ranks_at_once))
         try:
             self.prediction = plan(
                 self.config, **layout_dims, batch=choice["batch"], prompt_len=self._prompt_length(choice["prompt"]),

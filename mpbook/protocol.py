@@ -95,6 +95,7 @@ class EngineInfo:
     threads: int
     model_bytes: int = 0  # weights of the model loaded on this engine (freed when another loads)
     transport: str = ""  # what mpbook's collectives travel over: "mpi", or the backend ("gloo", "nccl")
+    cores: int = 0  # the cores this engine's process may run on (its host's, as its affinity says; 0: not known)
 
 
 # ----------------------------------------------------------------------------- a run

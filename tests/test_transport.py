@@ -168,6 +168,52 @@ def test_the_pipeline_takes_one_microbatch_per_stage_unless_told(workbench, tiny
     assert {e.microbatch for e in chosen.timeline} == {0, 1}
 
 
+@pytest.mark.cluster
+def test_more_stages_than_cores_take_no_more_microbatches_than_can_compute_at_once(workbench, tiny_folder):
+    """3 CPU engines on 2 cores: 2 ranks compute at once, so a 3-stage pipeline takes 2
+    micro-batches by default (a third only takes turns on a core), and 2 replicas of 2 stages
+    on 4 engines 1 each; asked for, more are taken, and every count gives one device's tokens.
+    The engines are started from this process with its affinity set to 2 cores (they inherit
+    it), so the test holds on any machine; the 2-engine workbench keeps one per stage."""
+    import os
+
+    from mpbook.parallel.pipeline import default_microbatches, stages_at_once
+    from mpbook.reference import reference
+
+    assert workbench.cluster.ranks_at_once is None or workbench.cluster.ranks_at_once >= 2
+    before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.fail(f"this test needs 2 cores to pin its engines to; this process may use {len(before)}")
+    os.sched_setaffinity(0, sorted(before)[:2])
+    try:
+        three = Workbench.start(3, cpu=True)
+        four = Workbench.start(4, cpu=True)
+    finally:
+        os.sched_setaffinity(0, before)
+    try:
+        assert three.cluster.ranks_at_once == 2 and four.cluster.ranks_at_once == 2
+        assert [info.cores for info in three.cluster.engines] == [2, 2, 2]
+        prompts = PROMPTS[:4]
+        chosen = three.generate(prompts, strategy="pipeline", model=tiny_folder, max_new_tokens=4)
+        asked = three.generate(prompts, strategy="pipeline", model=tiny_folder, max_new_tokens=4, microbatches=3)
+        assert (chosen.microbatches, asked.microbatches) == (2, 3)
+        assert {e.microbatch for e in chosen.timeline} == {0, 1}
+        replicas = four.generate(prompts, strategy="pipeline", dp=2, pp=2, model=tiny_folder, max_new_tokens=4)
+        assert replicas.microbatches == 1
+        _, one_device = reference(tiny_folder, prompts, max_new_tokens=4)
+        assert chosen.token_ids == asked.token_ids == replicas.token_ids == one_device
+        # the rule itself: one per stage as rows allow, capped by the stages that fit the cores
+        from mpbook.layout import Layout
+
+        assert stages_at_once(Layout(pp=3), 2) == 2 and stages_at_once(Layout(dp=2, pp=2), 2) == 1
+        assert stages_at_once(Layout(pp=2, tp=2), 2) == 1 and stages_at_once(Layout(pp=3), None) is None
+        assert default_microbatches(3, 8, at_once=2) == 2 and default_microbatches(3, 1, at_once=2) == 1
+        assert default_microbatches(3, 8) == 3
+    finally:
+        three.stop()
+        four.stop()
+
+
 def _half_precision_over_mpi(state):
     import torch
 

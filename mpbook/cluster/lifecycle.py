@@ -521,6 +521,23 @@ class Cluster:
         """Each rank's host name, by rank (empty names for a local cluster)."""
         return list(self._hosts or [])
 
+    @property
+    def ranks_at_once(self) -> int | None:
+        """How many ranks can compute at the same time, where that is fewer than all of them:
+        CPU engines that outnumber their host's cores (each engine's intra-op threads taking
+        cores of their own), as each engine reported them when the group formed. None: every
+        rank can (GPU engines, enough cores, or cores not known)."""
+        if self.spec.use_gpu or not self.engines:
+            return None
+        by_host: dict[str, list] = {}
+        for info in self.engines:
+            by_host.setdefault(info.host, []).append(info)
+        if any(info.cores <= 0 for info in self.engines):
+            return None
+        slots = sum(min(len(infos), max(1, infos[0].cores // max(1, *(info.threads for info in infos))))
+                    for infos in by_host.values())
+        return slots if slots < self.world_size else None
+
     def layout_warning(self, layout) -> str | None:
         """One line when ``layout`` puts a tensor or expert group across hosts."""
         return span_warning(layout, self.hosts)

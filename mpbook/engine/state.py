@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..devices import usable_cores
 from ..layout import Layout, Mesh
 from ..protocol import EngineInfo, Rendezvous
 from .network import hostname
@@ -125,4 +126,5 @@ def describe(state: EngineState) -> EngineInfo:
         threads=torch.get_num_threads(),
         model_bytes=getattr(state.cache.get("runner"), "weight_bytes", 0),
         transport=state.transport,
+        cores=usable_cores(),
     )

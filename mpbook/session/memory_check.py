@@ -110,7 +110,7 @@ def fit_test(cluster: Cluster, config, *, plans, prompts: int, prompt_len: int, 
 
 
 def smaller_layouts_advice(config, request: Request, *, engines: int, free: Sequence[int], prompt_len: int,
-                           default_microbatches: bool = False) -> str:
+                           default_microbatches: bool = False, ranks_at_once: int | None = None) -> str:
     """What to try after ``request``'s layout ran out of memory on a device although the
     planner predicted it would fit (``free``: each rank's bytes, as :func:`free_bytes`
     says them): the layouts of these ``engines`` that the planner predicts need less memory
@@ -118,9 +118,11 @@ def smaller_layouts_advice(config, request: Request, *, engines: int, free: Sequ
     valid for the model and the prompts and predicted to fit the engines, least memory first,
     with their predicted peaks; or, where none needs less, what else would.
 
-    ``default_microbatches``: the run took the default micro-batches (one per stage), so each
-    layout is planned with its own default; else with the request's."""
+    ``default_microbatches``: the run took the default micro-batches (one per stage, at most
+    as many as ``ranks_at_once`` allow: :func:`mpbook.parallel.pipeline.default_microbatches`),
+    so each layout is planned with its own default; else with the request's."""
     from ..parallel.pipeline import default_microbatches as one_per_stage
+    from ..parallel.pipeline import stages_at_once
     from ..planner.suggestions import valid_layouts
     from ..units import format_bytes
 
@@ -132,7 +134,8 @@ def smaller_layouts_advice(config, request: Request, *, engines: int, free: Sequ
     def peak(layout: Layout) -> int | None:
         """The largest per-rank total the planner predicts for ``layout``; None where it
         predicts the layout does not fit the engines (or cannot plan it)."""
-        micro = one_per_stage(layout.pp, batch // layout.dp) if default_microbatches else request.microbatches
+        micro = (one_per_stage(layout.pp, batch // layout.dp, at_once=stages_at_once(layout, ranks_at_once))
+                 if default_microbatches else request.microbatches)
         try:
             planned = predict(
                 config, layout, plans=request.plans, batch=batch, prompt_len=prompt_len,

@@ -127,8 +127,9 @@ class Session:
     ) -> RunResult:
         """Generate (or, with ``max_new_tokens=0``, run a forward pass) with one layout.
 
-        ``microbatches``: per replica through the pipeline stages; by default one per stage
-        (:func:`mpbook.parallel.pipeline.default_microbatches`).
+        ``microbatches``: per replica through the pipeline stages; by default one per stage,
+        no more than the stages that can compute at once (CPU engines that outnumber their
+        cores: :func:`mpbook.parallel.pipeline.default_microbatches`).
 
         Prompts: a str, or a list of str or of chat message lists. ``chat``: None (default)
         applies the tokenizer's chat template when it has one, True requires it, False sends
@@ -224,9 +225,10 @@ class Session:
             # split the planner plans with (mpbook.parallel.pipeline.balanced_stage_sizes).
             stage_sizes = model_tensors(info.config, dtype, plans).stage_sizes(layout.pp)
         if chosen_microbatches:
-            from ..parallel.pipeline import default_microbatches
+            from ..parallel.pipeline import default_microbatches, stages_at_once
 
-            microbatches = default_microbatches(layout.pp, len(prompts) // layout.dp)
+            microbatches = default_microbatches(layout.pp, len(prompts) // layout.dp,
+                                                at_once=stages_at_once(layout, self.cluster.ranks_at_once))
         request = Request(
             model=str(model), layout=layout, input_ids=encoded.input_ids, max_new_tokens=max_new_tokens,
             pad_token_id=info.tokenizer.pad_token_id, microbatches=microbatches, dtype=dtype,
@@ -290,7 +292,8 @@ class Session:
             where = f" (rank{'s' if len(also) > 1 else ''} {', '.join(map(str, also))} too)" if also else ""
             advice = smaller_layouts_advice(
                 info.config, request, engines=self.cluster.world_size, free=free_bytes(self.cluster),
-                prompt_len=prompt_len, default_microbatches=default_microbatches)
+                prompt_len=prompt_len, default_microbatches=default_microbatches,
+                ranks_at_once=self.cluster.ranks_at_once)
             raise MpbookError(f"{oom[0].evalue}{where}; {advice}") from None
 
     def _note_engines_memory(self, outputs) -> None:
