@@ -85,8 +85,9 @@ def default_microbatches(stages: int, rows: int, *, at_once: int | None = None) 
 
     >>> default_microbatches(2, 8), default_microbatches(4, 3), default_microbatches(1, 8)
     (2, 3, 1)
-    >>> default_microbatches(3, 8, at_once=2), default_microbatches(2, 8, at_once=2), default_microbatches(2, 8, at_once=1)
-    (2, 2, 1)
+    >>> [default_microbatches(3, 8, at_once=2), default_microbatches(2, 8, at_once=2),
+    ...  default_microbatches(2, 8, at_once=1)]
+    [2, 2, 1]
     """
     most = max(1, min(stages, rows))
     return most if at_once is None else max(1, min(most, at_once))
