@@ -58,6 +58,7 @@ class RunResult:
     step_breakdown: list[dict[str, float]] = field(default_factory=list)  # per rank: where decode time went (s)
     import_seconds: list[float] = field(default_factory=list)  # per rank: transformers and the model's code imported
     prepare_seconds: float = 0.0  # the client before it called the engines: the model resolved, prompts, checks
+    microbatches_reason: str = ""  # a pipeline's: why this many micro-batches (the default, or as asked)
     compiled: bool = False  # --compile: the decode step ran compiled (mpbook.engine.compiled)
     # --compile: per rank, the seconds this cell spent compiling before its prefill; None
     # where the rank compiled nothing (its shapes were compiled by an earlier cell)
@@ -206,6 +207,9 @@ class RunResult:
         memory, collectives, the expert load, how tokens were chosen, the chat template."""
         head = f"{self.strategy} ({self.layout}) on {self.engines} engine{'s' if self.engines != 1 else ''}:"
         lines = []
+        if self.layout.pp > 1:
+            why = f" ({self.microbatches_reason})" if self.microbatches_reason else ""
+            lines.append(f"{self.microbatches} micro-batch{'es' if self.microbatches != 1 else ''} per replica{why}")
         if self.max_new_tokens:
             ended = {}
             for reason in self.stop_reasons:

@@ -48,6 +48,7 @@ class Prepared:
     encoded: EncodedPrompts
     prompt_tokens: list[int]  # each prompt's length in tokens
     chosen_microbatches: bool  # the micro-batches were left to mpbook (one per pipeline stage)
+    microbatches_reason: str = ""  # why this many, for the result's summary (pipelines only)
 
 
 def check_request(request: Request, *, config, prompt_tokens: list[int]) -> None:
@@ -172,6 +173,7 @@ class Session:
             prompt_tokens=prompt_tokens, device_type=self.cluster.device_type,
         )
         result.messages = encoded.messages
+        result.microbatches_reason = prepared.microbatches_reason
         result.prepare_seconds = dispatched - began
         result.cell_seconds = time.perf_counter() - began
         show = getattr(follow, "show_result", None)
@@ -224,11 +226,17 @@ class Session:
             # None asked: balanced by the weights a decode step reads (the head counts), the
             # split the planner plans with (mpbook.parallel.pipeline.balanced_stage_sizes).
             stage_sizes = model_tensors(info.config, dtype, plans).stage_sizes(layout.pp)
+        reason = "as asked"
         if chosen_microbatches:
             from ..parallel.pipeline import default_microbatches, stages_at_once
 
-            microbatches = default_microbatches(layout.pp, len(prompts) // layout.dp,
-                                                at_once=stages_at_once(layout, self.cluster.ranks_at_once))
+            rows, at_once = len(prompts) // layout.dp, stages_at_once(layout, self.cluster.ranks_at_once)
+            microbatches = default_microbatches(layout.pp, rows, at_once=at_once)
+            if microbatches < min(layout.pp, rows):
+                reason = (f"the default: {at_once} of the {layout.pp} stages can compute at once on these engines' "
+                          "cores; a micro-batch more would only take turns on one")
+            else:
+                reason = "the default: one per stage" + (", as the prompts allow" if rows < layout.pp else "")
         request = Request(
             model=str(model), layout=layout, input_ids=encoded.input_ids, max_new_tokens=max_new_tokens,
             pad_token_id=info.tokenizer.pad_token_id, microbatches=microbatches, dtype=dtype,
@@ -237,7 +245,8 @@ class Session:
                               stop_strings=stop_strings, ignore_eos=bool(ignore_eos)),
             track_tensors=track_tensors, stream=stream, compile=bool(compile), dense_weights=bool(dense_weights),
         )
-        return Prepared(request, info, encoded, prompt_tokens, chosen_microbatches)
+        return Prepared(request, info, encoded, prompt_tokens, chosen_microbatches,
+                        reason if layout.pp > 1 else "")
 
     def _resolve(self, model: str, follow: Follow | None) -> ModelInfo:
         """The model, resolved once per kernel. The dashboard is on screen from here, saying
