@@ -196,6 +196,9 @@ def test_more_stages_than_cores_take_no_more_microbatches_than_can_compute_at_on
     try:
         assert three.cluster.ranks_at_once == 2
         assert [info.cores for info in three.cluster.engines] == [2, 2, 2]
+        assert ("cores: 3 engines share 2, so 2 ranks compute at once (a pipeline takes no more micro-batches "
+                "than its stages that can)") in three.cluster.table().splitlines()
+        assert "cores:" not in workbench.cluster.table() or workbench.cluster.ranks_at_once is not None
         prompts = PROMPTS[:4]
         chosen = three.generate(prompts, strategy="pipeline", model=tiny_folder, max_new_tokens=4)
         asked = three.generate(prompts, strategy="pipeline", model=tiny_folder, max_new_tokens=4, microbatches=3)

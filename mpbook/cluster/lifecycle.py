@@ -604,6 +604,11 @@ class Cluster:
         }[transport.name]
         if transport.note:
             line += f"; {transport.note}"
+        at_once = self.ranks_at_once
+        if at_once is not None:
+            cores = sum({info.host: info.cores for info in self.engines}.values())
+            line += (f"\ncores: {self.world_size} engines share {cores}, so {at_once} ranks compute at once "
+                     "(a pipeline takes no more micro-batches than its stages that can)")
         return format_engines(self.engines) + "\n" + line
 
     # ----------------------------------------------------------------- lifecycle
