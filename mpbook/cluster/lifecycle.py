@@ -524,19 +524,18 @@ class Cluster:
     @property
     def ranks_at_once(self) -> int | None:
         """How many ranks can compute at the same time, where that is fewer than all of them:
-        CPU engines that outnumber their host's cores (each engine's intra-op threads taking
-        cores of their own), as each engine reported them when the group formed. None: every
-        rank can (GPU engines, enough cores, or cores not known)."""
-        if self.spec.use_gpu or not self.engines:
+        CPU engines that outnumber their host's cores (at most one rank per core), as each
+        engine reported its cores when the group formed. None: every rank can (GPU engines,
+        a core per engine, or cores not known)."""
+        if self.spec.use_gpu or not self.engines or any(info.cores <= 0 for info in self.engines):
             return None
-        by_host: dict[str, list] = {}
-        for info in self.engines:
-            by_host.setdefault(info.host, []).append(info)
-        if any(info.cores <= 0 for info in self.engines):
-            return None
-        slots = sum(min(len(infos), max(1, infos[0].cores // max(1, *(info.threads for info in infos))))
-                    for infos in by_host.values())
+        slots = sum(min(engines, cores) for engines, cores in self._engines_and_cores_by_host().values())
         return slots if slots < self.world_size else None
+
+    def _engines_and_cores_by_host(self) -> dict[str, tuple[int, int]]:
+        """Each host's engines and the cores they may use, as the engines reported them."""
+        hosts = [info.host for info in self.engines]
+        return {info.host: (hosts.count(info.host), info.cores) for info in self.engines}
 
     def layout_warning(self, layout) -> str | None:
         """One line when ``layout`` puts a tensor or expert group across hosts."""
@@ -606,7 +605,7 @@ class Cluster:
             line += f"; {transport.note}"
         at_once = self.ranks_at_once
         if at_once is not None:
-            cores = sum({info.host: info.cores for info in self.engines}.values())
+            cores = sum(cores for _, cores in self._engines_and_cores_by_host().values())
             line += (f"\ncores: {self.world_size} engines share {cores}, so {at_once} ranks compute at once "
                      "(a pipeline takes no more micro-batches than its stages that can)")
         return format_engines(self.engines) + "\n" + line
