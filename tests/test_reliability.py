@@ -170,6 +170,33 @@ def reduce_sum(state):
     return t.item()
 
 
+def test_rank_0_removes_a_rendezvous_folder_only_once_every_rank_has_left_its_group(workbench, capsys):
+    """torch's FileStore, destroyed as a rank leaves its group, looks for its file and then
+    opens it again; a file removed in between is waited for until the store times out (CI saw
+    a rank leave a whole 60 s timeout late). So rank 0 leaving does not remove the folder: the
+    next group's rendezvous does, once every rank has left."""
+    from mpbook.engine import group
+
+    cluster = workbench.cluster
+    folder = os.path.dirname(rendezvous(workbench)[0])
+    cluster.client[cluster.engine_ids([0])].apply_sync(group.teardown, keep_model=True)
+    assert os.path.isdir(folder)  # rank 1 is still in the group, with a store on its file
+    began = time.monotonic()
+    cluster.client[cluster.engine_ids([1])].apply_sync(group.teardown, keep_model=True)
+    left_in = time.monotonic() - began
+    with capsys.disabled():
+        print(f"\nrank 1 left its group {left_in:.2f} s after rank 0 had")
+    assert left_in < 10  # its store's file was there: not the 60 s store timeout
+    cluster.rebuild_group()  # both have left already; the new group meets at a new rendezvous
+    assert not os.path.exists(folder)
+    after = rendezvous(workbench)
+    assert after[0] == after[1] and os.path.dirname(after[0]) != folder and os.path.isdir(os.path.dirname(after[0]))
+    capsys.readouterr()
+    workbench.run(ALL_REDUCE)
+    out = capsys.readouterr().out
+    assert "[rank 0] sum 3.0" in out and "[rank 1] sum 3.0" in out
+
+
 def test_collective_entered_by_one_rank_errors_within_the_timeout_and_the_group_is_rebuilt(short_timeout, capsys):
     timeout_s = short_timeout.timeout_s
     before = rendezvous(short_timeout)[0]

@@ -642,6 +642,16 @@ class Cluster:
         self._form_group(hosts=hosts)
         return self
 
+    def _leave_group(self, live: list[int], *, timeout_s: float) -> None:
+        """Every live engine leaves the process group; then rank 0 removes the rendezvous
+        folder, which no rank's store uses any more (an attached cluster's engines stay up,
+        so their exit would not)."""
+        if not live:
+            return
+        self.client[live].apply_async(group.teardown).get(timeout=timeout_s)
+        if self._engine_ids[0] in live:
+            self.client[self._engine_ids[0]].apply_async(meeting.remove_ended_folders).get(timeout=timeout_s)
+
     def stop(self) -> None:
         """Leave the process group; stop the controller and engines if mpbook started them."""
         if self.stopped:
@@ -657,7 +667,7 @@ class Cluster:
                 # SIGTERM until its cell ends: interrupt it first.
                 signal_engines(client, signal.SIGINT, live)
             # Destroying the group on every rank lets NCCL/gloo close their sockets cleanly.
-            _quiet(lambda: client[live].apply_async(group.teardown).get(timeout=5))
+            _quiet(lambda: self._leave_group(live, timeout_s=5))
         elif self.owned:
             # No controller to reach the engines through; they are ours and on this host.
             # (psutil refuses to signal a recorded process whose pid another one has taken.)

@@ -192,5 +192,5 @@ def teardown(found: EngineState | None = None, *, keep_model: bool = False) -> N
         dist.destroy_process_group()
     meeting.forget_store()
     if found is not None:
-        meeting.remove_folder(found.rank, found.rendezvous)
+        meeting.set_folder_aside(found.rank, found.rendezvous)
     ns.pop(STATE_NAME, None)

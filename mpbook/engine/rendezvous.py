@@ -15,6 +15,7 @@ from .network import group_address, hostname
 from .state import current, user_namespace
 
 TCP_STORE = "_mpbook_tcp_store"  # rank 0's TCP store, kept in its namespace while the group lives
+ENDED_FOLDERS = "_mpbook_ended_rendezvous"  # rank 0's folders of groups that ended, still to remove
 
 
 def make_rendezvous(kind: str, toward: str | None = None) -> Rendezvous:
@@ -24,6 +25,9 @@ def make_rendezvous(kind: str, toward: str | None = None) -> Rendezvous:
     address on the route to it, and on no other interface."""
     import tempfile
 
+    # The client forms a group only once every rank has left the one before: no rank's
+    # file store can still be using the folders of groups that ended.
+    remove_ended_folders()
     if kind == "file":
         # mkdtemp makes the folder readable by this user only.
         path = os.path.join(tempfile.mkdtemp(prefix="mpbook-rdzv-"), "store")
@@ -104,20 +108,32 @@ def forget_store() -> None:
     user_namespace().pop(TCP_STORE, None)
 
 
-def remove_folder(rank: int, rendezvous: Rendezvous | None) -> None:
-    """Rank 0 of a file rendezvous made a private folder for it: remove it."""
+def set_folder_aside(rank: int, rendezvous: Rendezvous | None) -> None:
+    """Rank 0 of a file rendezvous made a private folder for it: remove it once every rank
+    has left the group (the next group's rendezvous, or the engine's way out), not as rank 0
+    leaves. Another rank may still be destroying its FileStore then: torch's store looks for
+    its file, then opens it again, and a file gone in between is waited for until the store
+    times out, so that rank would leave the group a whole timeout late."""
+    if rank == 0 and rendezvous is not None and rendezvous.kind == "file":
+        user_namespace().setdefault(ENDED_FOLDERS, []).append(os.path.dirname(rendezvous.path))
+
+
+def remove_ended_folders() -> None:
+    """Remove the folders of the groups this engine was rank 0 of, which have ended."""
     import shutil
 
-    if rank == 0 and rendezvous is not None and rendezvous.kind == "file":
-        shutil.rmtree(os.path.dirname(rendezvous.path), ignore_errors=True)
+    for folder in user_namespace().pop(ENDED_FOLDERS, []):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def remove_rendezvous() -> None:
     """On an engine's way out (however the cluster ended): remove the rendezvous folder it made.
 
-    Only rank 0 of a file rendezvous made one; ``group.teardown`` removes it on a clean stop,
-    this covers an engine stopped from outside (its notebook kernel killed, for example).
+    Only rank 0 of a file rendezvous made one. Its group has ended (``group.teardown`` set
+    it aside) or ends now, with the engine (stopped from outside: its notebook kernel killed,
+    for example).
     """
     state = current()
     if state is not None:
-        remove_folder(state.rank, state.rendezvous)
+        set_folder_aside(state.rank, state.rendezvous)
+    remove_ended_folders()
