@@ -113,7 +113,8 @@ def set_folder_aside(rank: int, rendezvous: Rendezvous | None) -> None:
     has left the group (the next group's rendezvous, or the engine's way out), not as rank 0
     leaves. Another rank may still be destroying its FileStore then: torch's store looks for
     its file, then opens it again, and a file gone in between is waited for until the store
-    times out, so that rank would leave the group a whole timeout late."""
+    times out, when the store's destructor throws and the engine aborts. That rank would
+    leave the group a whole timeout late, and then die."""
     if rank == 0 and rendezvous is not None and rendezvous.kind == "file":
         user_namespace().setdefault(ENDED_FOLDERS, []).append(os.path.dirname(rendezvous.path))
 
