@@ -334,6 +334,49 @@ def test_stop_while_a_cell_runs_is_prompt_and_complete(tmp_path):
     assert gone_within(snap, 0) == ([], [])
 
 
+def _write_bytes_that_are_not_text(state):
+    import os
+
+    os.write(1, b"raw bytes from a cell: \xf0(\n")  # a 4-byte UTF-8 start, then no continuation
+
+
+@pytest.mark.cluster
+def test_an_engine_that_wrote_bytes_that_are_not_text_is_stopped_to_the_end(monkeypatch):
+    """ipyparallel reads each engine set's output as UTF-8 after stopping it; output that is
+    not text failed its stop there and left the set behind, and its Cluster stopped it again
+    when garbage-collected, in the middle of whatever ran then (CI: another test's ast.parse
+    failed with a SystemError). mpbook's stop leaves nothing for ipyparallel to do later."""
+    import gc
+    import sys
+
+    raised = []
+    monkeypatch.setattr(sys, "unraisablehook", raised.append)
+    wb = Workbench.start(2, cpu=True)
+    try:
+        snap = snapshot(wb)
+        wb.apply(_write_bytes_that_are_not_text, stream=False)
+        ipp_cluster = wb.cluster.ipp_cluster
+        outputs = [launcher.output_file for engine_set in ipp_cluster.engines.values()
+                   for launcher in [engine_set, *getattr(engine_set, "launchers", {}).values()]
+                   if getattr(launcher, "output_file", "")]
+
+        def written() -> bool:  # mpiexec forwards the engines' output as it comes
+            return any(os.path.isfile(path) and b"from a cell: \xf0" in open(path, "rb").read() for path in outputs)
+
+        deadline = time.monotonic() + 20
+        while not written() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outputs and written()
+    finally:
+        wb.stop()
+    assert gone_within(snap, 0) == ([], [])
+    assert ipp_cluster.engines == {} and ipp_cluster.controller is None
+    assert not any(os.path.exists(path) for path in outputs)
+    del wb, ipp_cluster
+    gc.collect()
+    assert [(u.exc_type.__name__, str(u.exc_value)) for u in raised] == []
+
+
 # ------------------------------------------------------------------------ soak
 def test_soak_50_all_reduce_cells_no_failure_no_memory_creep(shared_shell):
     shell = shared_shell

@@ -689,6 +689,7 @@ class Cluster:
             # Engines first: each engine's nanny tells the controller it is leaving, and would
             # linger for seconds if the controller were already gone.
             _quiet(ipp_cluster.stop_engines_sync)
+            _forget_engine_sets(ipp_cluster)
             if left_remotely:
                 from .ssh import remove_remote_files
 
@@ -822,6 +823,26 @@ def process_trees(pids: dict[str, list[int]]):
         except psutil.NoSuchProcess:
             pass
     return found
+
+
+def _forget_engine_sets(ipp_cluster) -> None:
+    """Engine sets that ipyparallel's stop left behind: remove their local output files and drop
+    them from its Cluster, which mpbook stops (and reaps) itself.
+
+    ipyparallel reads each engine set's output as UTF-8 text after stopping it, and an engine
+    may have written any bytes (a cell's raw write, or two ranks' output cut mid-character by
+    mpiexec); the stop then fails there and leaves the set. Its Cluster would stop it again
+    when it is garbage-collected, at whatever moment that falls in (seen: inside another
+    test's ``ast.parse``, which CPython 3.11 then failed with a SystemError)."""
+    from ipyparallel.cluster.launcher import SSHLauncher
+
+    for engine_set in ipp_cluster.engines.values():
+        for launcher in [engine_set, *getattr(engine_set, "launchers", {}).values()]:
+            path = getattr(launcher, "output_file", "")
+            if path and not isinstance(launcher, SSHLauncher):  # an SSH engine's output is on its host
+                _quiet(lambda path=path: os.remove(path) if os.path.isfile(path) else None)
+    ipp_cluster.engines.clear()
+    ipp_cluster.shutdown_atexit = False
 
 
 def _reap(procs, timeout_s: float = 5.0) -> None:
