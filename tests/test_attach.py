@@ -67,9 +67,19 @@ def test_attach_then_restart_reforms_the_group_on_the_same_engines(ipcluster):
     _, profile, cluster_id = ipcluster
     with Workbench.attach(profile=profile, cluster_id=cluster_id, n=2, cpu=True, wait_s=60) as wb:
         pids = [e.pid for e in wb.engines]
+        first = rendezvous_folder(wb)
         wb.restart()
         assert [e.pid for e in wb.engines] == pids
         wb.run("t = torch.ones(1); dist.all_reduce(t); assert t.item() == 2")
+        # the engines stay up: the group's rendezvous folders go once every rank has left it
+        second = rendezvous_folder(wb)
+        assert second != first and os.path.isdir(second) and not os.path.exists(first)
+    assert not os.path.exists(second)
+
+
+def rendezvous_folder(wb) -> str:
+    """The folder of rank 0's file rendezvous (engines on one host)."""
+    return os.path.dirname(wb.apply(lambda state: state.rendezvous.path, ranks=[0], stream=False)[0])
 
 
 def test_attach_reads_again_a_connection_file_caught_while_it_is_written(ipcluster, tmp_path):

@@ -633,11 +633,11 @@ class Cluster:
                     f"{self.world_size} wanted: start engines there (e.g. `ipengine` or `ipcluster engines`), "
                     "then `%mp restart` again"
                 )
-            _quiet(lambda: self.client[ids].apply_async(group.teardown).get(timeout=self.timeout_s))
+            _quiet(lambda: self._leave_group(ids, timeout_s=self.timeout_s))
             ids = sorted(ids + spare[: self.world_size - len(ids)])
             self._engine_ids = ids
         else:
-            _quiet(lambda: self.client[ids].apply_async(group.teardown).get(timeout=self.timeout_s))
+            _quiet(lambda: self._leave_group(ids, timeout_s=self.timeout_s))
         hosts = self.client[ids].apply_sync(network.hostname)
         self._form_group(hosts=hosts)
         return self
