@@ -327,3 +327,57 @@ def test_an_engine_out_of_mpi_communicators_says_so_and_a_restart_brings_it_back
         assert "run `%mp restart` (or Workbench.restart()) for fresh engines" in str(caught.value)
         wb.restart()
         assert wb.apply(_all_reduce_on_rank_0_only, stream=False) == [[2.0] * 4] * 2
+
+
+def _log_text_that_is_not_ascii_then_much_more(state):
+    """What an engine's own logging writes to the descriptors mpiexec reads: a warning with
+    text outside ASCII, then more than the pipe holds; whether the writes got through."""
+    import logging
+    import sys
+    import threading
+
+    handler = logging.StreamHandler(sys.__stderr__)
+    probe = logging.getLogger("mpbook-test-probe")
+    probe.addHandler(handler)
+    probe.propagate = False
+    probe.warning("caf\u00e9 \U0001F680 from rank %d", state.rank)
+    finished = []
+
+    def more():  # 200 KiB: three times the 64 KiB a pipe holds
+        for _ in range(2000):
+            sys.__stderr__.write("x" * 99 + "\n")
+        sys.__stderr__.write(f"rank {state.rank} wrote it all\n")
+        sys.__stderr__.flush()
+        finished.append(True)
+
+    writer = threading.Thread(target=more, daemon=True)
+    writer.start()
+    writer.join(20)
+    probe.removeHandler(handler)
+    return bool(finished)
+
+
+@pytest.mark.cluster
+def test_an_mpi_engine_that_logs_text_outside_ascii_keeps_writing():
+    """mpiexec.gforker stops reading a rank's output at its first byte over 0x7f (a signed-char
+    comparison), after which the engine blocks once the pipe is full: its Python streams
+    write ASCII, with the rest escaped, so the log keeps everything and nothing blocks."""
+    import os
+
+    with Workbench.start(2, cpu=True, transport="mpi") as wb:
+        assert wb.apply(_log_text_that_is_not_ascii_then_much_more, stream=False) == [True, True]
+        ipp_cluster = wb.cluster.ipp_cluster
+        outputs = [launcher.output_file for engine_set in ipp_cluster.engines.values()
+                   for launcher in [engine_set, *getattr(engine_set, "launchers", {}).values()]
+                   if getattr(launcher, "output_file", "")]
+        deadline = time.monotonic() + 20
+        logged = b""
+        while time.monotonic() < deadline:
+            logged = b"".join(open(path, "rb").read() for path in outputs if os.path.isfile(path))
+            if b"rank 0 wrote it all" in logged and b"rank 1 wrote it all" in logged:
+                break
+            time.sleep(0.1)
+        for rank in range(2):
+            assert f"caf\\xe9 \\U0001f680 from rank {rank}".encode() in logged
+            assert f"rank {rank} wrote it all".encode() in logged
+        assert logged.isascii()

@@ -87,7 +87,16 @@ def configure_mpi_engines(config, choice: TransportChoice, engine_cmd: list[str]
     config.MPIEngineSetLauncher.mpi_cmd = [choice.mpiexec]
     config.MPIEngineSetLauncher.mpi_args = []
     config.MPIEngineSetLauncher.engine_cmd = engine_cmd
-    config.MPIEngineSetLauncher.environment = {**environment, **LOCAL_ONLY_ENV}
+    config.MPIEngineSetLauncher.environment = {**environment, **LOCAL_ONLY_ENV, **GFORKER_TEXT_ENV}
+
+
+# gforker forwards each rank's output a byte at a time through a signed char, and takes
+# `fputc(c) != c` for a byte over 0x7f as a failed write: it stops reading that rank's output
+# for good, and once the pipe's 64 KiB are full the engine blocks in its next write (its log
+# line for every request), so one "é" in a warning would later hang the engine. What Python
+# writes there (logging, warnings, tracebacks) goes out as ASCII, escaped; a library writing
+# raw bytes to the descriptors itself is not covered.
+GFORKER_TEXT_ENV = {"PYTHONIOENCODING": "ascii:backslashreplace"}
 
 
 def attached_transport(client, engine_ids: list[int], transport: str, *, use_gpu: bool) -> TransportChoice:
