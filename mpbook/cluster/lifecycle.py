@@ -829,9 +829,10 @@ def _forget_engine_sets(ipp_cluster) -> None:
     """Engine sets that ipyparallel's stop left behind: remove their local output files and drop
     them from its Cluster, which mpbook stops (and reaps) itself.
 
-    ipyparallel reads each engine set's output as UTF-8 text after stopping it, and an engine
-    may have written any bytes (a cell's raw write, or two ranks' output cut mid-character by
-    mpiexec); the stop then fails there and leaves the set. Its Cluster would stop it again
+    ipyparallel reads each engine set's output as UTF-8 text after stopping it, and it may hold
+    any bytes (a library's raw write; mpiexec.gforker forwards only the first byte of a
+    character over 0x7f, see ``transport.GFORKER_TEXT_ENV``); the stop then fails there and
+    leaves the set. Its Cluster would stop it again
     when it is garbage-collected, at whatever moment that falls in (seen: inside another
     test's ``ast.parse``, which CPython 3.11 then failed with a SystemError)."""
     from ipyparallel.cluster.launcher import SSHLauncher
