@@ -71,10 +71,9 @@ def candidate_layouts(config, engines: int, batch: int, *, sweep: bool,
         return layout.pp <= config.num_hidden_layers and layout.dp <= batch
 
     def microbatches(layout: Layout) -> int:
-        from .parallel.pipeline import default_microbatches, stages_at_once
+        from .parallel.pipeline import layout_microbatches
 
-        # what a cell takes by default
-        return default_microbatches(layout.pp, batch // layout.dp, at_once=stages_at_once(layout, ranks_at_once))
+        return layout_microbatches(layout, batch // layout.dp, ranks_at_once)  # what a cell takes by default
 
     def strategy_of(layout: Layout) -> str:
         for name, dim in (("tensor", "tp"), ("pipeline", "pp"), ("data", "dp")):

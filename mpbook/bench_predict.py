@@ -26,7 +26,7 @@ def bench_predict(*, models=("tiny", "small"), engines: int | None = None, cpu: 
                   log=print) -> list[dict[str, Any]]:
     from . import models as presets
     from .bench import bench_prompts
-    from .parallel.pipeline import default_microbatches, stages_at_once
+    from .parallel.pipeline import layout_microbatches
     from .planner import plan
     from .planner.calibrating import calibrate
     from .planner.suggestions import valid_layouts
@@ -39,9 +39,7 @@ def bench_predict(*, models=("tiny", "small"), engines: int | None = None, cpu: 
         cases = [(model, layout) for model, config in configs.items()
                  for layout in valid_layouts(config, wb.world_size, batch=batch)]
         rounds: dict[Any, list[tuple[float, float, Any]]] = {case: [] for case in cases}
-        chosen = {case: default_microbatches(case[1].pp, batch // case[1].dp,
-                                             at_once=stages_at_once(case[1], wb.cluster.ranks_at_once))
-                  for case in cases}
+        chosen = {case: layout_microbatches(case[1], batch // case[1].dp, wb.cluster.ranks_at_once) for case in cases}
         for round_index in range(max(repeats, 1)):
             calibration = calibrate(wb, dtype=dtype, model_types=families, again=round_index > 0 or not kept, log=log)
             log(f"round {round_index + 1} of {repeats}: {calibration.summary()}")

@@ -208,11 +208,9 @@ class Explorer:
         microbatches = self.controls["microbatches"].value
         if microbatches == AUTO:
             from .layout import Layout
-            from .parallel.pipeline import default_microbatches, stages_at_once
+            from .parallel.pipeline import layout_microbatches
 
-            shape = Layout(**layout_dims)
-            microbatches = default_microbatches(choice["pp"], max(rows, 1),
-                                                at_once=stages_at_once(shape, self.engines.cluster.ranks_at_once))
+            microbatches = layout_microbatches(Layout(**layout_dims), max(rows, 1), self.engines.cluster.ranks_at_once)
         try:
             self.prediction = plan(
                 self.config, **layout_dims, batch=choice["batch"], prompt_len=self._prompt_length(choice["prompt"]),

@@ -107,6 +107,19 @@ def stages_at_once(layout, ranks_at_once: int | None) -> int | None:
     return max(1, ranks_at_once // (layout.world_size // layout.pp))
 
 
+def layout_microbatches(layout, rows: int, ranks_at_once: int | None = None) -> int:
+    """A cell's default micro-batches per replica for ``layout``, ``rows`` prompts per replica,
+    on a cluster of which ``ranks_at_once`` ranks can compute at the same time
+    (:attr:`mpbook.cluster.Cluster.ranks_at_once`; None: all of them).
+
+    >>> from mpbook.layout import Layout
+    >>> [layout_microbatches(Layout(pp=3), 8, 2), layout_microbatches(Layout(dp=2, pp=2), 4, 2),
+    ...  layout_microbatches(Layout(pp=3), 8)]
+    [2, 1, 3]
+    """
+    return default_microbatches(layout.pp, rows, at_once=stages_at_once(layout, ranks_at_once))
+
+
 def decode_bubble(stages: int, microbatches: int) -> float:
     """The share of a decode step each stage idles in steady state, under :func:`interleaved`:
     (p - m) / p when fewer micro-batches than stages, else 0."""

@@ -89,7 +89,7 @@ def _reference_runs(engines, calibration: Calibration, say) -> Calibration:
     stage): each the value at which the prediction of that run equals its measured tokens/s.
     The engines then hold ``tiny`` (a later run of another model loads it again)."""
     from ..models.presets import PRESETS
-    from ..parallel.pipeline import default_microbatches, stages_at_once
+    from ..parallel.pipeline import layout_microbatches
     from .predict import plan
 
     world = engines.world_size
@@ -101,8 +101,7 @@ def _reference_runs(engines, calibration: Calibration, say) -> Calibration:
         """The median of a few runs (these machines' speed moves from one second to the next),
         and the prediction of that run from a calibration."""
         shape = Layout(**layout)
-        microbatches = default_microbatches(shape.pp, len(prompts),
-                                            at_once=stages_at_once(shape, engines.cluster.ranks_at_once))
+        microbatches = layout_microbatches(shape, len(prompts), engines.cluster.ranks_at_once)
         common = dict(strategy=shape.strategy, model=model, dtype=calibration.dtype, ignore_eos=True,
                       microbatches=microbatches, **layout)
         engines.generate(prompts, max_new_tokens=4, **common)  # loads it, touches its memory

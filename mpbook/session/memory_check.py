@@ -121,8 +121,7 @@ def smaller_layouts_advice(config, request: Request, *, engines: int, free: Sequ
     ``default_microbatches``: the run took the default micro-batches (one per stage, at most
     as many as ``ranks_at_once`` allow: :func:`mpbook.parallel.pipeline.default_microbatches`),
     so each layout is planned with its own default; else with the request's."""
-    from ..parallel.pipeline import default_microbatches as one_per_stage
-    from ..parallel.pipeline import stages_at_once
+    from ..parallel.pipeline import layout_microbatches
     from ..planner.suggestions import valid_layouts
     from ..units import format_bytes
 
@@ -134,8 +133,8 @@ def smaller_layouts_advice(config, request: Request, *, engines: int, free: Sequ
     def peak(layout: Layout) -> int | None:
         """The largest per-rank total the planner predicts for ``layout``; None where it
         predicts the layout does not fit the engines (or cannot plan it)."""
-        micro = (one_per_stage(layout.pp, batch // layout.dp, at_once=stages_at_once(layout, ranks_at_once))
-                 if default_microbatches else request.microbatches)
+        micro = (layout_microbatches(layout, batch // layout.dp, ranks_at_once) if default_microbatches
+                 else request.microbatches)
         try:
             planned = predict(
                 config, layout, plans=request.plans, batch=batch, prompt_len=prompt_len,
