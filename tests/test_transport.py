@@ -181,7 +181,7 @@ def test_more_stages_than_cores_take_no_more_microbatches_than_can_compute_at_on
     more engines would load a 2-core machine's parallel test run for little.)"""
     import os
 
-    from mpbook.parallel.pipeline import default_microbatches, stages_at_once
+    from mpbook.parallel.pipeline import default_microbatches, layout_microbatches, stages_at_once
     from mpbook.reference import reference
 
     assert workbench.cluster.ranks_at_once is None or workbench.cluster.ranks_at_once >= 2
@@ -216,6 +216,9 @@ def test_more_stages_than_cores_take_no_more_microbatches_than_can_compute_at_on
         assert stages_at_once(Layout(pp=2, tp=2), 2) == 1 and stages_at_once(Layout(pp=3), None) is None
         assert default_microbatches(3, 8, at_once=2) == 2 and default_microbatches(3, 1, at_once=2) == 1
         assert default_microbatches(3, 8) == 3
+        # what bench, the planner, the explorer and the memory advice take for a layout: the cell's
+        assert layout_microbatches(Layout(pp=3), len(prompts), three.cluster.ranks_at_once) == chosen.microbatches
+        assert layout_microbatches(Layout(dp=2, pp=2), 4, 2) == 1 and layout_microbatches(Layout(pp=3), 8) == 3
     finally:
         three.stop()
 
