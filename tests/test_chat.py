@@ -223,6 +223,35 @@ def test_the_preset_ends_at_end_of_text_or_end_of_turn(folder):
     assert info.tokenizer.pad_token_id == PAD_ID
 
 
+def test_a_preset_being_built_never_looks_built_before_its_tokenizer_files_are_in(tmp_path, monkeypatch):
+    """A preset is built into the shared cache by whichever process asks first (engines and test
+    workers at the same moment); the others take it as built once config.json and
+    model.safetensors are there. Every file must be in by then: a reader that found them beside
+    a folder without chat_template.jinja would load the model without its chat template and
+    send its prompts as plain text."""
+    import os
+
+    from mpbook.models import build_preset
+
+    folder = tmp_path / "tiny"
+    seen = []  # after each file moved in: was the preset "built", and what did the folder hold
+    replace = os.replace
+
+    def replace_and_look(source, target):
+        replace(source, target)
+        names = {p.name for p in folder.iterdir()}
+        seen.append(({"config.json", "model.safetensors"} <= names, names))
+
+    monkeypatch.setattr(os, "replace", replace_and_look)
+    build_preset("tiny", folder, seed=3)
+    monkeypatch.undo()
+    every_file = {p.name for p in folder.iterdir()}
+    assert {"chat_template.jinja", "tokenizer.json", "generation_config.json"} <= every_file
+    assert len(seen) == len(every_file)
+    looked_built = [names for built, names in seen if built]
+    assert looked_built and all(names == every_file for names in looked_built), seen
+
+
 # --------------------------------------------------------------------------- in a cell
 class StandInCluster:
     """What Session.generate reads before it calls the engines."""

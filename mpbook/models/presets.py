@@ -100,7 +100,10 @@ def build_preset(name: str, folder: str | os.PathLike | None = None, *, seed: in
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     save_random(PRESETS[name](), tmp, seed=seed, tokenizer=preset_tokenizer(name))
-    for item in tmp.iterdir():
+    # The two files that say "built" (above) go in last: another process building or reading
+    # the same preset at the same moment (engines, test workers) never finds them beside a
+    # folder that still lacks the tokenizer's files. Each file is replaced whole.
+    for item in sorted(tmp.iterdir(), key=lambda item: item.name in ("config.json", "model.safetensors")):
         os.replace(item, folder / item.name)
     tmp.rmdir()
     return folder
