@@ -300,6 +300,56 @@ def test_engines_interrupted_without_the_client_leave_a_group_the_next_run_can_u
     assert result.token_ids == reference(tiny_folder, PROMPTS, max_new_tokens=5)[1]
 
 
+LATE_BYTES = 64 << 20  # over glibc's largest mmap threshold: a freed buffer is unmapped at once
+
+
+def _an_abandoned_all_reduce_completes_late(state):
+    """Rank 1 gives up on an all-reduce (its timeout, as an interrupt or a departed peer would
+    end the wait) and drops the communicator and the tensor it handed MPI; rank 0 enters the
+    all-reduce only then. The request is still posted on rank 1, so its next MPI calls complete
+    it and MPI writes the sum into that tensor's memory. Returns what each rank saw."""
+    import gc
+    import time
+
+    import torch
+    from mpi4py import MPI
+
+    from mpbook.parallel.mpi import CollectiveTimeout
+
+    comm = state.mpi.split(0, state.rank)  # a fresh communicator, for this test alone
+    big = torch.full((LATE_BYTES // 4,), float(state.rank + 1))
+    if state.rank == 1:
+        comm.timeout_s = 0.2
+        try:
+            comm.all_reduce(big)
+        except CollectiveTimeout:
+            pass
+        else:
+            return "rank 1's all-reduce completed before rank 0 entered it"
+        del comm, big
+        gc.collect()
+        ended = time.monotonic() + 3  # MPI progress while rank 0's half arrives: the late write
+        while time.monotonic() < ended:
+            MPI.COMM_WORLD.Iprobe()
+            time.sleep(0.001)
+        return "alive"
+    time.sleep(1.0)
+    comm.all_reduce(big)
+    return big[:2].tolist()
+
+
+def test_a_tensor_handed_to_an_abandoned_mpi_request_outlives_it(workbench):
+    """An interrupt, a timeout or a departed peer ends a wait, not the request: MPI still owns
+    the buffer and may write into it at any later MPI call. Freed with its communicator, that
+    memory went back to the heap and the late write corrupted it (seen: an engine of an
+    interrupted tensor-parallel run died in glibc's unlink_chunk); here, unmapped, it would
+    kill the engine at once."""
+    assert {e.transport for e in workbench.engines} == {"mpi"}
+    seen = workbench.apply(_an_abandoned_all_reduce_completes_late, stream=False)
+    assert seen == [[3.0, 3.0], "alive"], seen
+    assert workbench.apply(lambda state: state.rank, stream=False) == [0, 1]  # both engines still up
+
+
 def _spend_the_communicators(state):
     """Split MPI's world until MPICH has no communicator left for this process (every engine
     at once: a split is collective); how many it took."""

@@ -53,6 +53,32 @@ SPIN_TESTS = 200
 YIELD_TESTS = 2000
 WAIT_SLEEP_S = 50e-6
 
+# Requests this process gave up waiting for (an interrupt, a timeout, a peer that left) or
+# never waits for (the departures' word), with the buffers MPI was handed, for as long as MPI
+# may use them. Ending a wait does not end the request: it stays posted on its communicator
+# (which is never freed, above), and any later MPI call of this process may complete it, when
+# the peer's half arrives, and write into its buffer. Held by the communicator's object, a
+# buffer was freed with it when the group was formed again: MPI's late write then corrupted the
+# heap (seen: an engine of a tensor-parallel run interrupted on one rank died in glibc's
+# unlink_chunk). Dropped once MPI has completed them (:func:`release_completed`); the departures'
+# receive of each formation stays posted for good (8 bytes each, a formation's two communicators
+# bound their number).
+_IN_FLIGHT: list = []
+
+
+def hold_until_complete(request, buffers) -> None:
+    """Keep ``buffers`` alive until MPI has completed ``request`` (looked at when the group is
+    formed again)."""
+    _IN_FLIGHT.append((request, buffers))
+
+
+def release_completed() -> int:
+    """Drop the held requests MPI has completed (their buffers are free to go); how many are
+    still held. Called as the group is formed, when no run's requests are waited for."""
+    _IN_FLIGHT[:] = [(request, buffers) for request, buffers in _IN_FLIGHT if not request.Test()]
+    return len(_IN_FLIGHT)
+
+
 # Where MPICH must not open sockets: only the shared-memory transport between processes of
 # one host (UCX's sm and self), so no rank listens on any network interface.
 LOCAL_ONLY_ENV = {"MPIR_CVAR_CH4_NETMOD": "ucx", "UCX_TLS": "sm,self", "UCX_NET_DEVICES": "lo"}
@@ -84,6 +110,7 @@ def world(rank: int, *, timeout_s: float) -> MpiComm:
     The world itself carries no data, so it is never out of step."""
     from mpi4py import MPI
 
+    release_completed()
     comm = split(MPI.COMM_WORLD, 0, rank)
     departures = Departures(split(MPI.COMM_WORLD, 0, rank))
     return MpiComm(comm, timeout_s=timeout_s, members=list(range(comm.Get_size())), departures=departures)
@@ -121,15 +148,21 @@ class Departures:
         self.left: set[int] = set()
         self._any = MPI.ANY_SOURCE
         self._news = array.array("q", [0])  # a rank's number: any buffer will do for MPI
-        self._receiving = comm.Irecv(self._news, source=self._any)
-        self._sent: list = []  # requests and their buffers, alive until MPI has sent them
+        self._receiving = self._receive()
         self._announced = False
+
+    def _receive(self):
+        # Posted until a word comes, which may be after this run's objects are gone (a peer's
+        # word of an interrupted run, arriving as the group is formed again): held process-wide.
+        request = self.comm.Irecv(self._news, source=self._any)
+        hold_until_complete(request, self._news)
+        return request
 
     def check(self) -> set[int]:
         """The ranks known to have left so far."""
         while self._receiving.Test():
             self.left.add(int(self._news[0]))
-            self._receiving = self.comm.Irecv(self._news, source=self._any)
+            self._receiving = self._receive()
         return self.left
 
     def announce(self) -> None:
@@ -140,7 +173,7 @@ class Departures:
         for other in range(self.comm.Get_size()):
             if other != self.rank:
                 news = array.array("q", [self.rank])
-                self._sent.append((self.comm.Isend(news, dest=other), news))
+                hold_until_complete(self.comm.Isend(news, dest=other), news)
 
 
 class MpiComm:
@@ -157,9 +190,6 @@ class MpiComm:
         self.timeout_s = timeout_s
         self.members = members if members is not None else list(range(self.size))  # world ranks, in comm order
         self.departures = departures
-        # Requests (and their buffers) abandoned by an interrupt or a timeout: MPI may still
-        # write into a buffer it was given, so it must outlive the communicator's use.
-        self._abandoned: list = []
 
     def split(self, color: int, key: int) -> MpiComm:
         """A sub-communicator of the ranks that pass the same ``color``, ranked by ``key``
@@ -228,7 +258,7 @@ class MpiComm:
 
     def abandon(self, pending) -> None:
         """A send that will not be waited for (the run was interrupted)."""
-        self._abandoned.append(pending)
+        hold_until_complete(*pending)
 
     # ------------------------------------------------------------------ waiting
     def _wait(self, request, buffers, what: str) -> None:
@@ -252,7 +282,7 @@ class MpiComm:
                         f"(rank {self.rank} of {self.size} in its communicator)"
                     )
         except BaseException:
-            self._abandoned.append((request, buffers))
+            hold_until_complete(request, buffers)
             raise
 
     def _raise_if_a_peer_left(self, what: str) -> None:
