@@ -54,3 +54,13 @@ def test_load_ext_works_from_the_folder_above_an_editable_clone(tmp_path):
     lines = done.stdout.splitlines()
     assert "not an IPython extension" not in done.stdout, done.stdout
     assert lines[-2] == str(clone / "mpbook" / "__init__.py") and lines[-1] == "True", done.stdout
+
+
+def test_the_process_entry_point_runs_once_without_a_second_copy_of_itself():
+    """Engines and the controller run ``python -m mpbook.cluster.launch``. Importing the package
+    first must not import that module too: runpy then runs a second copy as __main__ and
+    warns so in every engine's log ("found in sys.modules ... unpredictable behaviour")."""
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "mpbook.cluster.launch"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "found in sys.modules" not in done.stderr, done.stderr
+    assert done.returncode == 1 and "usage: python -m mpbook.cluster.launch engine|controller" in done.stderr, done

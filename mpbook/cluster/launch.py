@@ -65,7 +65,7 @@ def _warm_import() -> None:
 
 
 def main(argv: list[str]) -> None:
-    role, rest = argv[0], argv[1:]
+    role, rest = (argv[0] if argv else ""), argv[1:]
     owner = os.environ.get(OWNER_ENV)
     if owner:
         threading.Thread(target=_watch_owner, args=(int(owner), role), daemon=True, name="mpbook-owner-watch").start()

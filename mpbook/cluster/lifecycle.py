@@ -34,7 +34,6 @@ from ..protocol import EngineInfo, Rendezvous
 from . import calls
 from .health import EngineWatch, process_running, signal_engines
 from .hosts import HostSlots, check_hosts, controller_address, rank_order, span_warning
-from .launch import OWNER_ENV
 from .transport import (
     TransportChoice, attached_transport, choose_transport, configure_mpi_engines, mpi_shared_memory_files, remove_files,
 )
@@ -234,6 +233,11 @@ class Cluster:
         """Start the controller and engines of an owned cluster and form the process group."""
         import ipyparallel as ipp
         from traitlets.config import Config
+
+        # Imported here, not with this module: the engines and the controller run launch as
+        # __main__ (`python -m`), and importing the package must not have imported it already
+        # (runpy warns in every engine's log that it then runs a second copy).
+        from .launch import OWNER_ENV
 
         spec = self.spec
         config = Config()
