@@ -75,6 +75,9 @@ def main(argv: list[str]) -> None:
     sys.argv = [f"mpbook-{role}", *rest]
     if role == "engine":
         threading.Thread(target=_warm_import, daemon=True, name="mpbook-warm-import").start()
+        from mpbook.cluster import crash_report
+
+        crash_report.enable()  # a fatal signal's report, for the client to read if this engine dies
         run = run_engine
     elif role == "controller":
         from ipyparallel.controller.app import main as run
@@ -100,6 +103,12 @@ def main(argv: list[str]) -> None:
         from mpbook.cluster.transport import mpi_shared_memory_files, remove_files
 
         remove_files(mpi_shared_memory_files([os.getpid()]))  # MPICH's, which only MPI_Finalize removes
+    except Exception:
+        traceback.print_exc()
+    try:
+        from mpbook.cluster import crash_report
+
+        crash_report.remove(os.getpid())  # ended normally: nothing to report
     except Exception:
         traceback.print_exc()
     # With torch loaded, interpreter finalization costs a second of CPU per engine and does
