@@ -8,8 +8,8 @@ finding an engine gone, reads that file on the same host and names the signal an
 frame in the error (:class:`mpbook.errors.EngineDiedError`). A process killed outright (SIGKILL,
 the kernel's out-of-memory killer) writes nothing: the error then says only that it died.
 The engine removes its file when it ends normally; the client removes those of the engines on
-its own host at the stop (an engine killed on another host leaves its empty file in that host's
-temp folder).
+its own host at the stop. Engines on other hosts write none (:data:`ENABLED_ENV`): the client
+could not read them there.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import os
 import tempfile
 
 _open_report = None  # the engine's own report file, open for as long as the process lives
+# "0" in the environment of engines on other hosts: the client reads reports only on its own
+# host, and a killed engine's empty file would stay in that host's temp folder.
+ENABLED_ENV = "MPBOOK_CRASH_REPORT"
 
 
 def report_path(pid: int) -> str:
@@ -25,10 +28,13 @@ def report_path(pid: int) -> str:
 
 
 def enable() -> None:
-    """In an engine process: write faulthandler's report of a fatal signal to this engine's file."""
+    """In an engine process: write faulthandler's report of a fatal signal to this engine's file
+    (not on another host than the client's)."""
     import faulthandler
 
     global _open_report
+    if os.environ.get(ENABLED_ENV) == "0":
+        return
     _open_report = open(report_path(os.getpid()), "w")  # noqa: SIM115 (faulthandler writes to it at the crash)
     faulthandler.enable(_open_report, all_threads=False)
 

@@ -40,8 +40,10 @@ def check_launcher(launcher: str) -> str:
 
 
 def engine_environment(threads: dict[str, str]) -> dict[str, str]:
+    from .crash_report import ENABLED_ENV
+
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    return {**env, **threads, "TOKENIZERS_PARALLELISM": "false"}
+    return {**env, **threads, "TOKENIZERS_PARALLELISM": "false", ENABLED_ENV: "0"}
 
 
 def configure_engines(config, launcher: str, slots: Sequence[HostSlots], *, python: str | None,
