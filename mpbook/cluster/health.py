@@ -19,7 +19,6 @@ import re
 from collections.abc import Sequence
 
 from ..errors import RankFailure, collective_failed
-from . import crash_report
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # (torch/distributed/_tools holds measuring tools such as MemTracker, not communication)
@@ -64,12 +63,6 @@ class EngineWatch:
             for rank in ranks
             if self.engine_ids[rank] not in registered or not process_running(self.pids[rank])
         }
-
-    def causes(self, dead: dict[int, int | None]) -> dict[int, str]:
-        """rank -> the fatal error its engine reported as it died (a local engine that crashed
-        on a signal; :mod:`.crash_report`)."""
-        found = {rank: crash_report.read(pid) for rank, pid in dead.items()}
-        return {rank: cause for rank, cause in found.items() if cause}
 
     def interrupt(self, ranks: Sequence[int]) -> None:
         """SIGINT to the engines of ``ranks``: a KeyboardInterrupt in the cell they run."""

@@ -23,8 +23,6 @@ import threading
 import time
 import traceback
 
-from mpbook.cluster import crash_report
-
 OWNER_ENV = "MPBOOK_OWNER_PID"
 
 
@@ -77,7 +75,6 @@ def main(argv: list[str]) -> None:
     sys.argv = [f"mpbook-{role}", *rest]
     if role == "engine":
         threading.Thread(target=_warm_import, daemon=True, name="mpbook-warm-import").start()
-        crash_report.enable()  # a fatal signal's report, for the client to read if this engine dies
         run = run_engine
     elif role == "controller":
         from ipyparallel.controller.app import main as run
@@ -105,7 +102,6 @@ def main(argv: list[str]) -> None:
         remove_files(mpi_shared_memory_files([os.getpid()]))  # MPICH's, which only MPI_Finalize removes
     except Exception:
         traceback.print_exc()
-    crash_report.remove(os.getpid())  # ended normally: nothing to report (it raises nothing)
     # With torch loaded, interpreter finalization costs a second of CPU per engine and does
     # nothing that a process about to end needs: the engine has stopped its kernel, and its
     # nanny tells the controller. Skipping it makes stop and restart that much faster.

@@ -31,7 +31,7 @@ from ..errors import EngineDiedError, MpbookError, NoClusterError
 from ..layout import ranks_by_host
 from ..options import DEFAULT_TIMEOUT_S, check_engine_count, check_threads, check_timeout
 from ..protocol import EngineInfo, Rendezvous
-from . import calls, crash_report
+from . import calls
 from .health import EngineWatch, process_running, signal_engines
 from .hosts import HostSlots, check_hosts, controller_address, rank_order, span_warning
 from .transport import (
@@ -590,7 +590,7 @@ class Cluster:
             )
         dead = watch.dead(self.ranks)
         if dead:
-            raise EngineDiedError(dead, what=what, earlier=True, hosts=watch.hosts, causes=watch.causes(dead))
+            raise EngineDiedError(dead, what=what, earlier=True, hosts=watch.hosts)
 
     def interrupt(self, ranks: Sequence[int] | None = None) -> None:
         """Send SIGINT to the engines of ``ranks`` (all by default): a KeyboardInterrupt there."""
@@ -702,8 +702,6 @@ class Cluster:
             _quiet(ipp_cluster.stop_controller_sync)
             _reap(procs)
             remove_files(shared_memory)
-            for proc in procs:  # an engine that ended normally removed its own; a dead one could not
-                crash_report.remove(proc.pid)
             if self._multiplex is not None:
                 self._multiplex.close([slot.name for slot in self.slots])
                 self._multiplex = None

@@ -20,7 +20,6 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import MpbookError
-from . import crash_report
 from .hosts import HostSlots
 
 LAUNCHERS = ("ssh", "mpi", "slurm")
@@ -42,7 +41,7 @@ def check_launcher(launcher: str) -> str:
 
 def engine_environment(threads: dict[str, str]) -> dict[str, str]:
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    return {**env, **threads, "TOKENIZERS_PARALLELISM": "false", crash_report.ENABLED_ENV: "0"}
+    return {**env, **threads, "TOKENIZERS_PARALLELISM": "false"}
 
 
 def configure_engines(config, launcher: str, slots: Sequence[HostSlots], *, python: str | None,
