@@ -73,6 +73,18 @@ def named_hosts():
                                  "--HeartMonitor.period=250"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
+        # An engine waits only 10 s for the controller's connection file, then gives up: start
+        # the engines once it is there (a loaded CI machine took longer, and one engine never came).
+        from IPython.core.profiledir import ProfileDir
+        from IPython.paths import get_ipython_dir
+
+        security = ProfileDir.find_profile_dir_by_name(get_ipython_dir(), PROFILE).security_dir
+        connection = os.path.join(security, f"ipcontroller-{CLUSTER_ID}-engine.json")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(connection):
+            assert started[0].poll() is None, f"the controller exited with status {started[0].returncode}"
+            assert time.monotonic() < deadline, f"the controller wrote no {connection} in 60 s"
+            time.sleep(0.1)
         for host in HOSTS:
             started.append(subprocess.Popen(["unshare", "--uts", sys.executable, "-c", AS_HOST, host, *ids],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
