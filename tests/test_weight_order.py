@@ -107,6 +107,88 @@ def test_a_layer_with_a_forward_of_its_own_is_not_packed():
     assert not packed_linear.is_packed(layer) and not layer.weight.is_meta
 
 
+def _one_thread_openblas():
+    """Skips (saying why) where one-row products cannot run on OpenBLAS; torch on one thread."""
+    from mpbook.models import one_row_linear
+
+    if not one_row_linear.libraries_fit():
+        pytest.skip("one-row products run on OpenBLAS only with torch on MKL and numpy on OpenBLAS, on x86; "
+                    f"here: torch MKL {torch.backends.mkl.is_available()}, numpy's BLAS "
+                    f"{one_row_linear.numpy_blas() or 'unknown'}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
+def test_one_row_products_run_on_openblas_with_the_same_tokens_and_go_back_to_f_linear():
+    from mpbook.models import one_row_linear
+    from mpbook.models.weight_order import unpack_weights
+
+    threads = _one_thread_openblas()
+    try:
+        lm = models.load_whole("small", dtype=torch.float32, device=torch.device("cpu"))
+        ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+        with torch.inference_mode():
+            logits_before = lm(ids[:, :1]).logits
+            tokens_before = lm.generate(ids, max_new_tokens=12, do_sample=False)
+        linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+
+        order_weights(lm, rows=1)
+
+        assert all(one_row_linear.attached(m) and column_major(m.weight) for m in linears)
+        assert all("forward" in vars(m) for m in linears)
+        layer = linears[0]
+        x = torch.randn(1, 1, layer.in_features)
+        with torch.inference_mode():
+            # The layer's one-row product is OpenBLAS's, bit for bit; more rows are F.linear's.
+            openblas = torch.from_numpy(x.reshape(-1).numpy() @ layer.weight.t().numpy())
+            assert torch.equal(layer(x).reshape(-1), openblas + (0 if layer.bias is None else layer.bias))
+            two = torch.randn(2, layer.in_features)
+            assert torch.equal(layer(two), torch.nn.functional.linear(two, layer.weight, layer.bias))
+            torch.testing.assert_close(lm(ids[:, :1]).logits, logits_before, rtol=1e-5, atol=1e-5)
+            assert torch.equal(lm.generate(ids, max_new_tokens=12, do_sample=False), tokens_before)
+            # Traced by torch.compile, the layer is F.linear's product.
+            compiled = torch.compile(lambda t: layer(t) * 2, dynamic=False)
+            torch.testing.assert_close(compiled(x), torch.nn.functional.linear(x, layer.weight, layer.bias) * 2,
+                                       rtol=1e-5, atol=1e-5)
+
+        order_weights(lm, rows=2)  # more rows: packed or row-major, every product back on F.linear
+        assert not any(one_row_linear.attached(m) or "forward" in vars(m) and not packed_linear.is_packed(m)
+                       for m in linears)
+        order_weights(lm, rows=1, pack=False)  # plain weights and F.linear asked for
+        assert not any(one_row_linear.attached(m) or "forward" in vars(m) for m in linears)
+        order_weights(lm, rows=1)
+        unpack_weights(lm)
+        assert not any(one_row_linear.attached(m) or "forward" in vars(m) for m in linears)
+        torch.set_num_threads(2)  # MKL's own threads are what was measured with more than one
+        order_weights(lm, rows=1)
+        assert not any(one_row_linear.attached(m) for m in linears)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_wrapped_layer_computes_its_one_row_product_on_openblas_through_its_wrapper():
+    """A tensor-parallel row-wise layer keeps its wrapper: the wrapper's product() asks."""
+    from mpbook.models import one_row_linear
+
+    threads = _one_thread_openblas()
+    try:
+        layer = torch.nn.Linear(64, 48, bias=False).requires_grad_(False)
+        wrapper = lambda x: packed_linear.product(layer, x) * 2  # noqa: E731
+        layer.forward = wrapper
+        setattr(layer, packed_linear.WRAPPED, True)
+        order_weights(torch.nn.ModuleList([layer]), rows=1)
+        assert one_row_linear.attached(layer) and layer.forward is wrapper
+        x = torch.randn(1, 64)
+        with torch.inference_mode():
+            openblas = torch.from_numpy(x.reshape(-1).numpy() @ layer.weight.t().numpy())
+            assert torch.equal(layer(x).reshape(-1), openblas * 2)
+        order_weights(torch.nn.ModuleList([layer]), rows=4, pack=False)
+        assert not one_row_linear.attached(layer) and layer.forward is wrapper
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_other_dtypes_keep_transformers_order():
     layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
     assert order_weights(layer, rows=1) == 0 and layer.weight.is_contiguous()
@@ -117,19 +199,33 @@ def runner_weight_order(state):
 
     from mpbook.models.weight_order import column_major
 
+    from mpbook.models.one_row_linear import attached
     from mpbook.models.packed_linear import is_packed
 
     linears = [m for m in state.cache["runner"].model.modules() if isinstance(m, torch.nn.Linear)]
-    return sorted({"packed" if is_packed(m) else "columns" if column_major(m.weight)
+    return sorted({"packed" if is_packed(m) else ("openblas" if attached(m) else "columns") if column_major(m.weight)
                    else "rows" if m.weight.is_contiguous() else "other" for m in linears})
 
 
+def _one_row_usable(state):
+    from mpbook.models.one_row_linear import usable
+
+    return usable()
+
+
+def engines_one_row(workbench) -> str:
+    """How the engines store (and compute) a one-row run's weights: column-major, on OpenBLAS
+    where their libraries and their one thread allow (mpbook.models.one_row_linear)."""
+    return "openblas" if all(workbench.apply(_one_row_usable, stream=False)) else "columns"
+
+
 @pytest.mark.cluster
-@pytest.mark.parametrize("prompts, stores, compile", [(2, ["columns"], False), (8, ["packed", "rows"], False),
+@pytest.mark.parametrize("prompts, stores, compile", [(2, ["one row"], False), (8, ["packed", "rows"], False),
                                                      (8, ["packed", "rows"], True)])
 def test_engines_store_their_weights_for_the_rows_of_each_run(workbench, tiny_folder, prompts, stores, compile,
                                                              engines_pack_every_weight):
-    """2 prompts on 2 engines: 1 row each, column-major. 8: 4 rows each, packed but for the
+    """2 prompts on 2 engines: 1 row each, column-major (products on OpenBLAS where the
+    engines' libraries allow: engines_one_row). 8: 4 rows each, packed but for the
     tied head (row-major from 4 rows), eager and compiled alike (tiny's weights are all under
     the size from which engines pack: here they pack every one, to run the packed products)."""
     from mpbook.reference import reference
@@ -140,6 +236,7 @@ def test_engines_store_their_weights_for_the_rows_of_each_run(workbench, tiny_fo
     _, tokens = reference(tiny_folder, texts, max_new_tokens=4)
     result = workbench.generate(texts, strategy="data", model=tiny_folder, max_new_tokens=4, compile=compile)
     assert result.token_ids == tokens
+    stores = [engines_one_row(workbench) if store == "one row" else store for store in stores]
     assert workbench.apply(runner_weight_order, stream=False) == [stores] * len(workbench.engines)
 
 
@@ -150,13 +247,14 @@ def test_a_forward_pass_alone_keeps_the_order_the_weights_have(workbench, tiny_f
 
     texts = ["Hi", "Tensor parallel splits every weight matrix"]
     workbench.generate(texts, strategy="data", model=tiny_folder, max_new_tokens=2)
-    assert workbench.apply(runner_weight_order, stream=False) == [["columns"]] * len(workbench.engines)
+    one_row = [[engines_one_row(workbench)]] * len(workbench.engines)
+    assert workbench.apply(runner_weight_order, stream=False) == one_row
     logits, _ = reference(tiny_folder, texts, max_new_tokens=1)
     result = workbench.forward(texts, strategy="data", model=tiny_folder)
     assert result.logits is not None and len(result.logits) == len(logits) == 2
     for got, want in zip(result.logits, logits):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert workbench.apply(runner_weight_order, stream=False) == [["columns"]] * len(workbench.engines)
+    assert workbench.apply(runner_weight_order, stream=False) == one_row
 
 
 @pytest.mark.cluster

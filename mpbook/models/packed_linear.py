@@ -45,6 +45,7 @@ import types
 import torch
 
 from ..compat import torch as torch_compat
+from . import one_row_linear
 
 
 @torch.library.custom_op("mpbook::packed_linear", mutates_args=())
@@ -98,6 +99,8 @@ def product(module, x):
     """``x`` times ``module``'s weight (transposed), without the bias, packed or dense."""
     if is_packed(module):
         return _linear(x, module.packed_weight, None, module.out_features)
+    if one_row_linear.attached(module) and one_row_linear.one_row(x):
+        return one_row_linear.product(module.weight, x)
     return torch.nn.functional.linear(x, module.weight)
 
 

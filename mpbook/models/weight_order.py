@@ -24,7 +24,8 @@ So before each run a CPU engine puts its float32 Linear weights in the store for
 of its forward passes carries: packed from :data:`PACKED_FROM_ROWS` rows where the layer can
 be and is that big, else column-major up to :data:`COLUMNS_UP_TO_ROWS` rows and row-major
 above, changing only what is not already so, dense weights onto huge pages as after loading
-(:mod:`.huge_pages`).
+(:mod:`.huge_pages`); at one row, a column-major weight's product runs on OpenBLAS where that
+streams it faster (:mod:`.one_row_linear`).
 The values are the same; a product sums in another order, so logits move by float32 rounding
 (as they do between layouts anyway) and stay within the tests' 1e-4 of one device.
 
@@ -64,19 +65,23 @@ def order_weights(model, rows: int, *, pack: bool = True) -> int:
     """Store ``model``'s float32 CPU Linear weights as a forward of ``rows`` rows streams them
     fastest: packed for oneDNN from 2 rows on (:mod:`.packed_linear`, where ``pack`` and this
     torch allow, the layer runs its own forward and its weight is big enough), else column- or
-    row-major; the bytes copied (0 when every weight already is as wanted)."""
+    row-major, and at one row computed by OpenBLAS where ``pack`` and the libraries allow
+    (:mod:`.one_row_linear`); the bytes copied (0 when every weight already is as wanted).
+    ``pack=False`` keeps every product on ``F.linear`` with a plain weight."""
     import torch
 
-    from . import packed_linear
+    from . import one_row_linear, packed_linear
 
     packing = pack and rows >= PACKED_FROM_ROWS and packed_linear.available()
     columns = column_order(rows)
+    on_openblas = pack and rows == 1 and one_row_linear.usable()
     # A tied weight is also the embedding table; a weight its family reads by name cannot be packed.
     tied, read = (_tied(model), packed_linear.weight_read_by_name(model)) if packing else (set(), set())
     copied = 0
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
             continue
+        one_row_linear.detach(module)  # attached again below where this run's rows still want it
         if packed_linear.is_packed(module):
             if packing and pays_to_pack(module):
                 continue
@@ -86,23 +91,28 @@ def order_weights(model, rows: int, *, pack: bool = True) -> int:
             copied += packed_linear.pack(module, rows)
             continue
         weight = module.weight
-        if not _orderable(weight) or column_major(weight) == columns:
-            continue  # (a tied weight seen before is already in order)
-        weight.data = _reordered(weight.data, columns=columns)
-        copied += weight.numel() * weight.element_size()
+        if _orderable(weight) and column_major(weight) != columns:  # (a tied weight seen before is in order)
+            weight.data = _reordered(weight.data, columns=columns)
+            copied += weight.numel() * weight.element_size()
+        wrapped = getattr(module, packed_linear.WRAPPED, False)
+        if on_openblas and one_row_linear.eligible(module, wrapped=wrapped):
+            one_row_linear.attach(module, wrapped=wrapped)
     return copied
 
 
 def unpack_weights(model) -> int:
     """Every Linear weight packed for oneDNN made a plain (row-major) tensor again, each as it
-    was before packing; the bytes unpacked."""
+    was before packing, and every product back on ``F.linear``; the bytes unpacked."""
     import torch
 
-    from . import packed_linear
+    from . import one_row_linear, packed_linear
 
     unpacked = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and packed_linear.is_packed(module):
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        one_row_linear.detach(module)  # every product back on F.linear
+        if packed_linear.is_packed(module):
             weight = packed_linear.unpack(module)
             unpacked += weight.numel() * weight.element_size()
     return unpacked
