@@ -107,8 +107,8 @@ def build_parser() -> MagicArgumentParser:
                          help="static KV cache and torch.compile of the decode step (compiled once per shape, "
                               "reused by later cells)")
         cmd.add_argument("--dense-weights", action="store_true",
-                         help="CPU engines: keep the weights plain tensors, not packed for oneDNN (for a model whose "
-                              "code reads a layer's weight itself)")
+                         help="CPU engines: keep the weights plain tensors, not packed for oneDNN, and every product "
+                              "on F.linear (for a model whose code reads a layer's weight itself)")
         cmd.add_argument("--prompts", default=None,
                          help="take the prompts from this variable (a str, a list of str, or of chat message lists)")
         cmd.add_argument("-o", "--out", default="_mp", help="name for the result object (default _mp)")

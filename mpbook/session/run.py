@@ -147,7 +147,8 @@ class Session:
 
         ``dense_weights``: CPU engines keep every weight a plain tensor instead of packing the
         Linear weights of a run of 2 rows or more for oneDNN (:mod:`mpbook.models.packed_linear`),
-        for a model whose own code reads a Linear's weight (the packed layer's error says so).
+        for a model whose own code reads a Linear's weight (the packed layer's error says so),
+        and every product on ``F.linear`` (a one-row run's too: :mod:`mpbook.models.one_row_linear`).
         """
         import time
 
