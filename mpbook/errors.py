@@ -93,21 +93,27 @@ class EngineDiedError(RankError):
     """An engine process ended (killed, crashed, out of memory) while it had work to do."""
 
     def __init__(self, dead: dict[int, int | None], *, what: str = "the cell", earlier: bool = False,
-                 hosts: Sequence[str] = ()):
+                 hosts: Sequence[str] = (), causes: dict[int, str] | None = None):
         # dead: rank -> pid of its engine (None where mpbook does not know it); earlier: it
         # died before this call (found when checking the cluster), not while running it;
-        # hosts: every rank's host, by rank: named when the engines are on several.
+        # hosts: every rank's host, by rank: named when the engines are on several; causes:
+        # rank -> the fatal error the engine reported as it died, where it left one.
         where = dict(enumerate(hosts)) if len(set(hosts)) > 1 else {}
+        causes = causes or {}
+        self.causes = dict(causes)
         failures = [
-            RankFailure(rank, "EngineDied", f"the engine{_engine(pid, where.get(rank))} died", [])
+            RankFailure(rank, "EngineDied", f"the engine{_engine(pid, where.get(rank))} died"
+                        + (f": {causes[rank]}" if rank in causes else ""), [])
             for rank, pid in dead.items()
         ]
         who = ", ".join(f"rank {rank}{_engine(pid, where.get(rank))}" for rank, pid in sorted(dead.items()))
+        why = (" (" + "; ".join(f"rank {rank}: {cause}" for rank, cause in sorted(causes.items())) + ")"
+               if causes else "")
         restart = "run `%mp restart` (or Workbench.restart()) to bring the cluster back"
         if earlier:
-            message = f"{who} {'has' if len(dead) == 1 else 'have'} died; {restart} before {what}"
+            message = f"{who} {'has' if len(dead) == 1 else 'have'} died{why}; {restart} before {what}"
         else:
-            message = f"{who} died while running {what}; {restart}"
+            message = f"{who} died while running {what}{why}; {restart}"
         super().__init__(failures, what=what, message=message)
 
 

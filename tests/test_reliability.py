@@ -27,9 +27,9 @@ ALL_REDUCE = "t = torch.tensor([rank + 1.0])\ndist.all_reduce(t)\nprint('sum', t
 class KillWhenStarted(threading.Thread):
     """SIGKILL ``pid`` as soon as its cell has started (it touches ``marker``), not after a guess."""
 
-    def __init__(self, pid: int, marker, timeout_s: float = 30.0):
+    def __init__(self, pid: int, marker, timeout_s: float = 30.0, sig: int = signal.SIGKILL):
         super().__init__(daemon=True)
-        self.pid, self.marker, self.timeout_s = pid, marker, timeout_s
+        self.pid, self.marker, self.timeout_s, self.sig = pid, marker, timeout_s, sig
         self.killed_at: float | None = None
 
     def run(self) -> None:
@@ -40,7 +40,7 @@ class KillWhenStarted(threading.Thread):
             # the time is taken before the kill: the cell can see the death (and the test read
             # killed_at) before this thread runs again
             self.killed_at = time.monotonic()
-            os.kill(self.pid, signal.SIGKILL)
+            os.kill(self.pid, self.sig)
 
 
 def sleeping_cell(folder) -> str:
@@ -101,6 +101,32 @@ def test_engine_killed_mid_cell_names_its_rank_at_once_and_restart_brings_it_bac
     assert shell.run_cell("%%mp run\n" + ALL_REDUCE).success
     out = capsys.readouterr().out
     assert "[rank 0] sum 3.0" in out and "[rank 1] sum 3.0" in out
+
+
+@pytest.mark.cluster
+def test_an_engine_that_crashes_on_a_signal_names_the_signal_and_where_it_was(tmp_path):
+    """A segfault (here sent, as a library's bad pointer would raise it) leaves no traceback in
+    the notebook: the engine's own fatal-error report names the signal and the Python frame it
+    hit. The cluster's folder of reports goes with the stop, the crashed engine's with it."""
+    from mpbook.cluster import crash_report
+
+    with Workbench.start(2, cpu=True, transport="gloo") as wb:
+        folder = wb.cluster.crash_reports
+        pid = wb.engines[1].pid
+        assert os.path.exists(crash_report.report_path(folder, pid))  # armed at the engine's start
+        crasher = KillWhenStarted(pid, tmp_path / "started-1", sig=signal.SIGSEGV)
+        crasher.start()
+        with pytest.raises(EngineDiedError) as info:
+            wb.run(sleeping_cell(tmp_path))
+        crasher.join()
+        assert crasher.killed_at is not None, "the cell never started on rank 1"
+        assert info.value.ranks == [1]
+        cause = info.value.causes[1]
+        assert cause.startswith("Segmentation fault, in <module> (") and cause.endswith(":3)"), cause  # time.sleep
+        assert f"rank 1 (pid {pid}) died while running the cell (rank 1: {cause}); run `%mp restart`" in str(info.value)
+        with pytest.raises(EngineDiedError, match=r"has died \(rank 1: Segmentation fault, in "):
+            wb.run("print(rank)")
+    assert not os.path.exists(folder)
 
 
 @pytest.mark.cluster

@@ -242,4 +242,4 @@ def _raise_if_dead(watch: EngineWatch, result, ranks: Sequence[int], streams: Ra
         _settle(result, streams, only=[i for i, rank in enumerate(ranks) if rank not in dead])
     elif streams is not None:
         streams.flush(final=True)
-    raise EngineDiedError(dead, what=what, hosts=watch.hosts)
+    raise EngineDiedError(dead, what=what, hosts=watch.hosts, causes=watch.causes(dead))

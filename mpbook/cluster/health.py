@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 
 from ..errors import RankFailure, collective_failed
+from . import crash_report
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # (torch/distributed/_tools holds measuring tools such as MemTracker, not communication)
@@ -48,12 +49,13 @@ class EngineWatch:
     """
 
     def __init__(self, client, engine_ids: Sequence[int], pids: Sequence[int | None], controller_pid: int | None = None,
-                 hosts: Sequence[str] = ()):
+                 hosts: Sequence[str] = (), crash_reports: str | None = None):
         self.client = client
         self.engine_ids = list(engine_ids)  # by rank
         self.pids = list(pids)  # by rank; None where the process is not local
         self.controller_pid = controller_pid
         self.hosts = list(hosts)  # by rank, for the error that names a dead engine
+        self.crash_reports = crash_reports  # the folder of the engines' crash reports, where they write them
 
     def dead(self, ranks: Sequence[int]) -> dict[int, int | None]:
         """rank -> engine pid, for each of ``ranks`` whose engine has died."""
@@ -63,6 +65,12 @@ class EngineWatch:
             for rank in ranks
             if self.engine_ids[rank] not in registered or not process_running(self.pids[rank])
         }
+
+    def causes(self, dead: dict[int, int | None]) -> dict[int, str]:
+        """rank -> the fatal error its engine reported as it died (an engine that crashed on a
+        signal; :mod:`.crash_report`)."""
+        found = {rank: crash_report.read(self.crash_reports, pid) for rank, pid in dead.items()}
+        return {rank: cause for rank, cause in found.items() if cause}
 
     def interrupt(self, ranks: Sequence[int]) -> None:
         """SIGINT to the engines of ``ranks``: a KeyboardInterrupt in the cell they run."""

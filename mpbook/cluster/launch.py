@@ -23,6 +23,8 @@ import threading
 import time
 import traceback
 
+from mpbook.cluster import crash_report
+
 OWNER_ENV = "MPBOOK_OWNER_PID"
 
 
@@ -45,6 +47,7 @@ def _watch_owner(owner_pid: int, role: str, period_s: float = 0.5, grace_s: floa
     os.kill(os.getpid(), signal.SIGTERM)
     # A cell stuck in C code (a collective waiting for its timeout) ignores both.
     time.sleep(grace_s)
+    crash_report.remove_own()  # ending by choice, not by a crash
     os._exit(1)
 
 
@@ -75,6 +78,7 @@ def main(argv: list[str]) -> None:
     sys.argv = [f"mpbook-{role}", *rest]
     if role == "engine":
         threading.Thread(target=_warm_import, daemon=True, name="mpbook-warm-import").start()
+        crash_report.enable()  # a fatal signal's report, for the client to read if this engine dies
         run = run_engine
     elif role == "controller":
         from ipyparallel.controller.app import main as run
@@ -102,6 +106,7 @@ def main(argv: list[str]) -> None:
         remove_files(mpi_shared_memory_files([os.getpid()]))  # MPICH's, which only MPI_Finalize removes
     except Exception:
         traceback.print_exc()
+    crash_report.remove_own()  # ended normally: nothing to report (it raises nothing)
     # With torch loaded, interpreter finalization costs a second of CPU per engine and does
     # nothing that a process about to end needs: the engine has stopped its kernel, and its
     # nanny tells the controller. Skipping it makes stop and restart that much faster.

@@ -31,7 +31,7 @@ from ..errors import EngineDiedError, MpbookError, NoClusterError
 from ..layout import ranks_by_host
 from ..options import DEFAULT_TIMEOUT_S, check_engine_count, check_threads, check_timeout
 from ..protocol import EngineInfo, Rendezvous
-from . import calls
+from . import calls, crash_report
 from .health import EngineWatch, process_running, signal_engines
 from .hosts import HostSlots, check_hosts, controller_address, rank_order, span_warning
 from .transport import (
@@ -104,6 +104,7 @@ class Cluster:
         self.stopped = False
         self._started_procs: list = []  # psutil.Process of everything launched, for the last reap
         self._shared_memory: set[str] = set()  # MPICH's files of the engines' MPI world, removed at stop
+        self.crash_reports: str | None = None  # the folder of the local engines' crash reports (crash_report)
         self._rendezvous: Rendezvous | None = None  # where the current process group met
         # Engines on other hosts (start with hosts=...): the slots asked for, the launcher,
         # the Python there, and the address of this host that they reach.
@@ -252,6 +253,9 @@ class Cluster:
             "MKL_NUM_THREADS": threads,
             "TOKENIZERS_PARALLELISM": "false",
         }
+        if not self.slots:  # engines on this host: a fatal signal's report each, read if one dies
+            self.crash_reports = crash_report.make_folder()
+            environment[crash_report.FOLDER_ENV] = self.crash_reports
         config.LocalEngineSetLauncher.environment = environment
         engines = "local"
         # The controller listens on loopback only, or on the one address the hosts reach.
@@ -576,7 +580,8 @@ class Cluster:
         pids = [by_rank.get(rank) if self.owned else None for rank in self.ranks]
         controller = self.pids()["controller"]
         hosts = [info.host for info in sorted(self.engines, key=lambda info: info.rank)]
-        return EngineWatch(self.client, self._engine_ids, pids, controller[0] if controller else None, hosts=hosts)
+        return EngineWatch(self.client, self._engine_ids, pids, controller[0] if controller else None, hosts=hosts,
+                           crash_reports=self.crash_reports)
 
     def check_running(self, what: str) -> None:
         """Raise a clear error when the cluster cannot take work: stopped, or a process died."""
@@ -590,7 +595,7 @@ class Cluster:
             )
         dead = watch.dead(self.ranks)
         if dead:
-            raise EngineDiedError(dead, what=what, earlier=True, hosts=watch.hosts)
+            raise EngineDiedError(dead, what=what, earlier=True, hosts=watch.hosts, causes=watch.causes(dead))
 
     def interrupt(self, ranks: Sequence[int] | None = None) -> None:
         """Send SIGINT to the engines of ``ranks`` (all by default): a KeyboardInterrupt there."""
@@ -702,6 +707,7 @@ class Cluster:
             _quiet(ipp_cluster.stop_controller_sync)
             _reap(procs)
             remove_files(shared_memory)
+            crash_report.remove_folder(self.crash_reports)  # with any report an engine could not remove
             if self._multiplex is not None:
                 self._multiplex.close([slot.name for slot in self.slots])
                 self._multiplex = None
