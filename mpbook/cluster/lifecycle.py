@@ -707,7 +707,6 @@ class Cluster:
             _quiet(ipp_cluster.stop_controller_sync)
             _reap(procs)
             remove_files(shared_memory)
-            crash_report.remove_folder(self.crash_reports)  # with any report an engine could not remove
             if self._multiplex is not None:
                 self._multiplex.close([slot.name for slot in self.slots])
                 self._multiplex = None
@@ -718,6 +717,8 @@ class Cluster:
                 _quiet(lambda: shutil.rmtree(os.path.dirname(rdzv.path), ignore_errors=True))
         elif client is not None:
             _quiet(client.close)
+        # Every report of the engines, with any an engine killed outright could not remove.
+        crash_report.remove_folder(self.crash_reports)
 
     def _started_and_running(self) -> list:
         """The processes this cluster started that still run, with their children now.

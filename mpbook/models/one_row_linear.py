@@ -58,44 +58,40 @@ def libraries_fit() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkl.is_available():
         return False
     try:
-        import threadpoolctl
+        import threadpoolctl  # noqa: F401 (what holds OpenBLAS to one thread)
     except ImportError:  # an install without it: MKL's products, as before
         return False
-    if "openblas" not in numpy_blas().lower():
-        return False
+    return "openblas" in numpy_blas().lower()
+
+
+@functools.lru_cache(maxsize=1)
+def _hold_openblas_to_one_thread() -> None:
+    import threadpoolctl
+
     # OpenBLAS threads its sgemv from ~9,000 elements on: the engine's one thread, not the machine's.
     threadpoolctl.ThreadpoolController().select(internal_api="openblas").limit(limits=1)
-    return True
 
 
 def usable() -> bool:
     """Whether one-row products run on OpenBLAS here: the libraries above, and one intra-op
-    thread (an engine's; with more, MKL's own threading is what was measured)."""
-    return torch.get_num_threads() == 1 and libraries_fit()
-
-
-def eligible(module, *, wrapped: bool) -> bool:
-    """A float32 CPU ``nn.Linear`` with a plain column-major weight, whose forward is
-    ``nn.Linear``'s or (``wrapped``) a layout's wrapper that computes through
-    ``packed_linear.product``."""
-    if not isinstance(module, torch.nn.Linear) or type(module).forward is not torch.nn.Linear.forward:
+    thread (an engine's; with more, MKL's own threading is what was measured). Where they
+    do, OpenBLAS is held to that one thread."""
+    if torch.get_num_threads() != 1 or not libraries_fit():
         return False
-    if "forward" in vars(module) and not wrapped:
-        return False
-    weight = module.weight
-    return (type(weight.data) is torch.Tensor and weight.device.type == "cpu" and weight.dtype == torch.float32
-            and weight.dim() == 2 and weight.shape[0] > 1 and weight.t().is_contiguous())
+    _hold_openblas_to_one_thread()
+    return True
 
 
 def attached(module) -> bool:
     return getattr(module, ATTACHED, False)
 
 
-def attach(module, *, wrapped: bool) -> None:
-    """Send ``module``'s one-row products to OpenBLAS: through its own forward, or (``wrapped``)
-    through the wrapper's ``packed_linear.product``, which asks :func:`attached`."""
+def attach(module) -> None:
+    """Send the one-row products of ``module`` (a float32 CPU ``nn.Linear`` whose weight is
+    column-major) to OpenBLAS: through its own forward, or, where a layout's wrapper replaced
+    it, through the wrapper's ``packed_linear.product``, which asks :func:`attached`."""
     setattr(module, ATTACHED, True)
-    if not wrapped:
+    if "forward" not in vars(module):
         module.forward = types.MethodType(_forward, module)
 
 

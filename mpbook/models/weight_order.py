@@ -94,9 +94,9 @@ def order_weights(model, rows: int, *, pack: bool = True) -> int:
         if _orderable(weight) and column_major(weight) != columns:  # (a tied weight seen before is in order)
             weight.data = _reordered(weight.data, columns=columns)
             copied += weight.numel() * weight.element_size()
-        wrapped = getattr(module, packed_linear.WRAPPED, False)
-        if on_openblas and one_row_linear.eligible(module, wrapped=wrapped):
-            one_row_linear.attach(module, wrapped=wrapped)
+        # (packable: a plain float32 CPU weight, and nn.Linear's forward or a wrapper's product())
+        if on_openblas and packed_linear.packable(module) and column_major(module.weight):
+            one_row_linear.attach(module)
     return copied
 
 
