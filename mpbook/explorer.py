@@ -377,11 +377,14 @@ def _row(predicted, result) -> dict[str, Any]:
 
 def _step_ms(result) -> dict[str, float] | None:
     """The measured decode step by part, milliseconds, of the slowest rank."""
+    from .engine.steps import START
+
     ranks = [b for b in result.step_breakdown if b.get("count")]
     if not ranks:
         return None
     slowest = max(ranks, key=lambda b: b["steps"] / b["count"])
-    return {k: round(1e3 * v / slowest["count"], 2) for k, v in slowest.items() if k != "count"}
+    return {k: round(1e3 * v / slowest["count"], 2) for k, v in slowest.items()
+            if k != "count" and (v or k != START)}  # no pipeline drain to show: no "waiting at start 0.0"
 
 
 def _table_html(rows: list[dict[str, Any]]) -> str:

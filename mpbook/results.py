@@ -163,21 +163,25 @@ class RunResult:
     def step_ms(self) -> list[dict[str, float]]:
         """Per rank that decoded: mean milliseconds per decode step of each part
         (:mod:`mpbook.engine.steps`) and of the whole step (``steps``)."""
-        from .engine.steps import PARTS
+        from .engine.steps import PARTS, START
 
-        return [{part: 1e3 * b[part] / b["count"] for part in (*PARTS, "steps")}
+        return [{part: 1e3 * b.get(part, 0.0) / b["count"] for part in (*PARTS, START, "steps")}
                 for b in self.step_breakdown if b.get("count")]
 
     def step_words(self) -> str:
         """Where a decode step's time went, per rank (:meth:`step_ms`); "" when no rank decoded."""
-        from .engine.steps import PARTS
+        from .engine.steps import PARTS, START
 
         ranks = self.step_ms()
         if not ranks:
             return ""
         parts = ", ".join(f"{part} {'/'.join(f'{r[part]:.2f}' for r in ranks)}" for part in PARTS)
         step = "/".join(f"{r['steps']:.2f}" for r in ranks)
-        return f"decode step per rank, ms: {step} = {parts}"
+        words = f"decode step per rank, ms: {step} = {parts}"
+        if any(r[START] >= 0.005 for r in ranks):  # a pipeline's drain, shown apart from its steady waits
+            words += (f" (of the waiting, {'/'.join(f'{r[START]:.2f}' for r in ranks)} in micro-batches' first "
+                      "steps, once per run: later stages still in the prefill)")
+        return words
 
     def compile_words(self) -> str:
         """With ``--compile``: how long compiling the decode step took in this cell, or that

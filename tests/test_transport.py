@@ -10,6 +10,7 @@ import time
 import pytest
 
 from mpbook import Workbench
+from mpbook.engine.steps import START
 from mpbook.errors import RankError
 
 PROMPTS = ["Explain pipeline parallelism in one sentence.", "Hi", "What does an all-reduce do?", "Tensor parallel"]
@@ -130,8 +131,13 @@ def test_the_step_breakdown_adds_up_to_the_decode_phase(workbench, tiny_folder, 
     busy = result.step_breakdown
     if strategy == "tensor":
         assert all(b["collectives"] > 0 and b["waiting"] == 0 for b in busy)  # all-reduces, no stages
+        assert all(b[START] == 0 for b in busy)
+        assert "first steps" not in result.summary()
     else:
         assert busy[0]["waiting"] > 0 and busy[1]["waiting"] > 0  # tokens back, activations in
+        # Stage 0's first steps wait for the last stage's prefill; a part of the waiting, shown apart.
+        assert all(0 <= b[START] <= b["waiting"] for b in busy) and busy[0][START] > 0
+        assert "in micro-batches' first steps" in result.summary()
     assert "decode step per rank, ms" in result.summary()
 
 

@@ -390,7 +390,7 @@ def prefill(ctx: Run, microbatches: list[MicroBatch]) -> None:
 
 def decode_one_token(ctx: Run, mb: MicroBatch, step: int) -> None:
     """Micro-batch ``mb`` one token further on this stage (step ``step`` of the decode)."""
-    with ctx.steps.step():
+    with ctx.steps.step(first=step == 1):
         _decode_one_token(ctx, mb, step)
 
 
