@@ -114,9 +114,14 @@ def test_compiled_expert_parallel_matches_eager_and_one_device(workbench):
     eager = workbench.generate(FAMILY_PROMPTS, **run)
     first = workbench.generate(FAMILY_PROMPTS, compile=True, **run)
     assert all(seconds is not None and seconds > 0 for seconds in first.compile_seconds)
+    before = workbench.apply(_graphs_compiled, stream=False)
     again = workbench.generate(FAMILY_PROMPTS, compile=True, **run)
     assert again.compile_seconds == [None] * workbench.world_size
+    # Reused whole: no decode step compiled again (the routes counter is one tensor to its guards).
+    assert workbench.apply(_graphs_compiled, stream=False) == before
     assert first.token_ids == again.token_ids == eager.token_ids
+    # The routes are the run's alone: the compile warm-up's scratch steps are not counted.
+    assert first.expert_tokens == again.expert_tokens == eager.expert_tokens
     assert_matches(again, folder, logits=False)
     assert again.layout.ep == workbench.world_size
     assert again.collectives == eager.collectives and any(c.get("all_reduce") for c in again.collectives)

@@ -260,7 +260,7 @@ def _generate(ctx: Run, microbatches: list[MicroBatch], compiled) -> float | Non
     tel.stream = ctx.stream
     try:
         if compiled is not None:
-            with tel.phase_scope("compiling"):
+            with tel.phase_scope("compiling"), _routes_not_counted(runner, tel):
                 compile_seconds = compiled.warm_up(microbatches, first=ctx.peers.first,
                                                    hidden_size=runner.hidden_size, dtype=runner.dtype)
         prefill(ctx, microbatches)
@@ -272,6 +272,19 @@ def _generate(ctx: Run, microbatches: list[MicroBatch], compiled) -> float | Non
     finally:
         tel.stream = None
     return compile_seconds
+
+
+@contextlib.contextmanager
+def _routes_not_counted(runner: Runner, tel):
+    """The compile warm-up's scratch steps go through the MoE layers too; their routes are no
+    tokens of the run: the engine's routes counters and each layer's load are put back."""
+    counts = [*tel.expert_counters(), *runner.expert_load.values()]
+    kept = [count.clone() for count in counts]
+    try:
+        yield
+    finally:
+        for count, before in zip(counts, kept):
+            count.copy_(before)
 
 
 def _kv_cache_bytes(microbatches: list[MicroBatch]) -> int:

@@ -76,10 +76,11 @@ class Telemetry:
         self._timing: list[tuple[str, Any, Any, RunStats | None]] = []
         self._timing_lock = threading.Lock()  # the run's thread and the publisher's both settle
         self.memory_parts: dict[str, int] = {}  # part -> bytes, as last noted by a strategy
-        # Routes (token, expert) that reached this rank's experts (expert parallel). Counts may
-        # arrive as 0-d device tensors (no host sync in the MoE layer): summed lazily.
+        # Routes (token, expert) that reached this rank's experts (expert parallel): ints, and
+        # per device a 0-d tensor the MoE layers add to in place (expert_counter), read only
+        # when asked (no host sync in the layer).
         self._expert_tokens = 0
-        self._expert_pending: list = []
+        self._expert_counters: dict[str, Any] = {}
         self._expert_lock = threading.Lock()  # the publisher thread and the run both read the total
         # Ranks with the same replica work on the same tokens (one data-parallel replica:
         # its pipeline stages and tensor shards); the dashboard counts their tokens once.
@@ -165,23 +166,40 @@ class Telemetry:
     def add_tokens(self, phase: str, n: int) -> None:
         self.tokens[phase] += n
 
+    def expert_counter(self, device):
+        """The 0-d int64 tensor on ``device`` that MoE layers add their routes to, in place.
+
+        A layer gets it once, when its dispatch is installed, and adds to it in every forward:
+        no host sync there, and inside a compiled step one tensor mutated in place, which the
+        graph's guards check as one tensor. (Counts appended to a list made every compiled step
+        guard on the list's length, so each cell compiled again, and a snapshot that emptied
+        the list while a step was being compiled broke the compile.)"""
+        import torch
+
+        with self._expert_lock:
+            key = str(device)
+            if key not in self._expert_counters:
+                self._expert_counters[key] = torch.zeros((), dtype=torch.long, device=device)
+            return self._expert_counters[key]
+
+    def expert_counters(self) -> list:
+        """Every device's routes counter (:meth:`expert_counter`) made so far."""
+        with self._expert_lock:
+            return list(self._expert_counters.values())
+
     def add_expert_tokens(self, n) -> None:
         """Count ``n`` routes (token, expert) that reached this rank's experts; ``n`` may be an
         int or a 0-d tensor on the device (read when a snapshot or the run's stats ask)."""
         if isinstance(n, int):
-            self._expert_tokens += n
+            with self._expert_lock:
+                self._expert_tokens += n
         else:
-            self._expert_pending.append(n)
+            self.expert_counter(n.device).add_(n)
 
     @property
     def expert_tokens(self) -> int:
         with self._expert_lock:
-            pending, self._expert_pending = self._expert_pending, []
-            if pending:
-                import torch
-
-                self._expert_tokens += int(torch.stack(pending).sum())
-            return self._expert_tokens
+            return self._expert_tokens + sum(int(counter) for counter in self._expert_counters.values())
 
     def collective(self, kind: str, seconds: float = 0.0, n: int = 1) -> None:
         """Count ``n`` collectives of ``kind`` (all_reduce, all_gather, send, recv, ...) that

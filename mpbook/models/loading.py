@@ -327,7 +327,7 @@ def _install_collectives(stage: Stage, part, groups, full_shapes, *, telemetry, 
         if style == tensor.EXPERT_DISPATCH:
             load = stage.expert_load[name] = torch.zeros(module.num_experts, dtype=torch.long, device=device)
             expert.install_dispatch(module, ep_rank=part.ep_rank, group=groups[part.experts_reduce],
-                                    telemetry=telemetry, load=load)
+                                    telemetry=telemetry, load=load, device=device)
         elif kind == "tp":
             tensor.install(module, style, groups[("tp",)], full_shapes.get(name, {}), name=name)
     if part.tp > 1 and part.last and s.head and all(part.tp_plan.get(h) == "colwise" for h in s.head):

@@ -31,25 +31,26 @@ from typing import Any
 from ..compat import transformers as hf_compat
 
 
-def install_dispatch(experts, *, ep_rank: int, group, telemetry: Any = None, load=None) -> None:
+def install_dispatch(experts, *, ep_rank: int, group, telemetry: Any = None, load=None, device="cpu") -> None:
     """Mask off-rank routes and sum the experts' output over ``group`` (one all-reduce).
 
     ``experts.num_experts`` is already the local count; ``group``: a
     :class:`mpbook.parallel.collectives.Group` over the ranks whose partial outputs add up
-    (the ep group, or the ep x tp group). ``telemetry.add_expert_tokens`` receives the routes
-    that reached this rank's experts; ``load`` (a (num_local,) int64 tensor), if given,
-    accumulates them per local expert."""
+    (the ep group, or the ep x tp group). ``telemetry``'s expert counter receives the routes
+    that reached this rank's experts (on ``device``, the experts' own); ``load`` (a
+    (num_local,) int64 tensor), if given, accumulates them per local expert."""
     import torch
 
     n_local = experts.num_experts
     original = experts.forward
+    # Added to in place: no host sync here, and one tensor to a compiled step (telemetry reads it).
+    routes = None if telemetry is None else telemetry.expert_counter(device)
 
     def dispatch(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         off_rank = (top_k_index // n_local) != ep_rank
         local_index = torch.where(off_rank, n_local, top_k_index % n_local)
-        if telemetry is not None:
-            # A 0-d tensor: no host sync here; telemetry reads it when it reports.
-            telemetry.add_expert_tokens((~off_rank).sum())
+        if routes is not None:
+            routes.add_((~off_rank).sum())
         if load is not None:
             bins = torch.zeros(n_local + 1, dtype=torch.long, device=local_index.device)
             bins.index_add_(0, local_index.flatten(), torch.ones_like(local_index.flatten()))
