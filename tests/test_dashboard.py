@@ -24,7 +24,7 @@ import mpbook.dashboard.text_view
 from mpbook import RankError
 from mpbook.compat import ipywidgets as widgets_compat
 from mpbook.dashboard import Dashboard, Follower, follow
-from mpbook.dashboard.snapshots import MemoryFigure, memory_of
+from mpbook.dashboard.snapshots import MemoryFigure, format_step, memory_of
 from mpbook.dashboard.text_view import TextView
 from mpbook.dashboard.texts import PromptText, PromptTexts, call_stream
 from mpbook.dashboard.view import View
@@ -174,6 +174,22 @@ def test_the_end_state_carries_the_results_numbers():
     assert out.count("mpbook: done in 10.6 s") == 1
     # the prompts show the result's texts
     assert [p.text for p in dash.frame().prompts] == result.texts
+
+
+def test_a_decode_steps_column_names_a_pipelines_drain_inside_its_wait():
+    """A rank's mean step and its parts in ms; a pipeline stage's waiting in its micro-batches'
+    first steps (once per run) is named inside its wait, and a rank with none shows nothing."""
+    def breakdown(**seconds):
+        parts = {"compute": 0, "collectives": 0, "waiting": 0, "token choice": 0, "host": 0, "waiting at start": 0}
+        return {**parts, **seconds, "steps": sum(v for k, v in seconds.items() if k != "waiting at start"),
+                "count": 100.0}
+
+    tensor = breakdown(compute=0.800, collectives=0.130, **{"token choice": 0.010, "host": 0.020})
+    assert format_step(tensor) == "9.60 ms: compute 8.00 · coll 1.30 · wait 0 · choice 0.10 · host 0.20"
+    stage0 = breakdown(compute=0.434, collectives=0.003, waiting=0.110, host=0.016, **{"waiting at start": 0.037})
+    assert format_step(stage0) == "5.63 ms: compute 4.34 · coll 0.03 · wait 1.10 (0.37 at start) · choice 0 · host 0.16"
+    assert format_step({**stage0, "waiting at start": 0.0}).count("at start") == 0
+    assert format_step(None) == format_step({"count": 0}) != "" and "ms" not in format_step(None)
 
 
 def test_a_failed_or_interrupted_call_says_so_without_waiting_for_a_result():

@@ -304,7 +304,11 @@ STEP_WORDS = (("compute", "compute"), ("collectives", "coll"), ("waiting", "wait
 
 def format_step(breakdown: dict[str, float] | None) -> str:
     """``"4.1 ms: compute 2.9 · coll 0.8 · wait 0 · choice 0.2 · host 0.2"``: a rank's mean
-    decode step and its measured parts, in milliseconds (they add up to the step)."""
+    decode step and its measured parts, in milliseconds (they add up to the step). A pipeline
+    stage's waiting in its micro-batches' first steps (the later stages still in the prefill,
+    once per run) is named inside its wait: ``wait 0.35 (0.07 at start)``."""
+    from ..engine.steps import START
+
     if not breakdown or not breakdown.get("count"):
         return NONE
     n = breakdown["count"]
@@ -313,7 +317,12 @@ def format_step(breakdown: dict[str, float] | None) -> str:
         value = 1e3 * seconds / n
         return "0" if abs(value) < 0.005 else f"{value:.2f}"
 
-    return f"{ms(breakdown['steps'])} ms: " + " · ".join(f"{short} {ms(breakdown[part])}" for part, short in STEP_WORDS)
+    def part_words(part: str, short: str) -> str:
+        words = f"{short} {ms(breakdown[part])}"
+        at_start = ms(breakdown.get(START, 0.0)) if part == "waiting" else "0"
+        return words if at_start == "0" else f"{words} ({at_start} at start)"
+
+    return f"{ms(breakdown['steps'])} ms: " + " · ".join(part_words(part, short) for part, short in STEP_WORDS)
 
 
 def row_of(track: RankTrack, *, rate: float | None, live: bool, result: Any = None) -> Row:
