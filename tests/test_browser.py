@@ -227,6 +227,20 @@ READ_DASHBOARD = """(marker) => {
     };
 }"""
 
+# Where the dashboard's rows of the cell whose source holds `marker` end, against what its grid
+# shows and lets one scroll to; rank 0's decode step text.
+COLUMNS_REACHED = """(marker) => {
+    const cells = window.jupyterapp.shell.currentWidget.content.widgets;
+    const cell = cells.find((c) => c.model.sharedModel.getSource().includes(marker));
+    const grid = cell.node.querySelector('.mpbook-dashboard .mpbook-grid');
+    const step = grid.querySelector('.mpbook-rank-0.mpbook-col-decode-step');
+    return {
+        overflowX: getComputedStyle(grid).overflowX, scrollWidth: grid.scrollWidth, clientWidth: grid.clientWidth,
+        gridLeft: grid.getBoundingClientRect().left, stepRight: step.getBoundingClientRect().right,
+        step: step.textContent.trim(),
+    };
+}"""
+
 OUTCOME = """() => {
     const panel = window.jupyterapp.shell.currentWidget;
     const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
@@ -317,6 +331,15 @@ def test_quickstart_runs_in_jupyterlab_and_its_dashboard_moves(page, jupyterlab,
     assert "done in" in samples[-1]["status"], samples[-1]["status"]  # seen while watching
     assert "done in" in settled["status"] and "tokens" in settled["status"], settled["status"]
     assert settled["phase"] == ["idle", "idle"]
+    # Every column can be reached: rows wider than the notebook (a window 900 px wide) scroll
+    # sideways (ipywidgets' boxes do), up to the decode step's parts, the last column here.
+    page.set_viewport_size({"width": 900, "height": 1000})
+    page.wait_for_timeout(500)  # JupyterLab lays the panel out again
+    reach = page.evaluate(COLUMNS_REACHED, WATCH_MARKER)
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    assert reach["step"].startswith(tuple("0123456789")) and "compute" in reach["step"], reach
+    assert reach["stepRight"] <= reach["gridLeft"] + reach["scrollWidth"] + 1, reach
+    assert reach["scrollWidth"] <= reach["clientWidth"] or reach["overflowX"] in ("auto", "scroll"), reach
     page.locator(".mpbook-dashboard").last.scroll_into_view_if_needed()  # the long cell's, done
     page.screenshot(path=str(tmp_path / "quickstart-finished.png"))
     assert (tmp_path / "quickstart-finished.png").stat().st_size > 0
