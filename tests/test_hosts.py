@@ -8,6 +8,7 @@ Marked ``hosts`` (and ``cluster``); skipped, with the reason, where hosts cannot
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -158,6 +159,11 @@ def check_stop_leaves_no_process_socket_or_file_behind(two_hosts, across_hosts):
     # each engine's output file and the connection files sent to the hosts, removed there
     assert any("/log/ipengine" in path for path in across_hosts["remote_files"]), across_hosts["remote_files"]
     assert across_hosts["remote_files_left"] == []
+    # no crash report in the hosts' temp folder either (an engine on host b was killed): an
+    # engine started over ssh gets no folder of reports and writes none
+    reports = [path for pid in across_hosts["engine_pids"]
+               for path in glob.glob(f"/tmp/mpbook-crash-reports-*/engine-{pid}.crash")]
+    assert not reports, reports
     left = [(p.pid, " ".join(p.cmdline())[:120]) for p in two_hosts.processes()
             if p.pid not in {h.sshd.pid for h in two_hosts.hosts.values()}]
     assert not left, f"processes left on the hosts: {left}"

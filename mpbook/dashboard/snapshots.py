@@ -317,12 +317,10 @@ def format_step(breakdown: dict[str, float] | None) -> str:
         value = 1e3 * seconds / n
         return "0" if abs(value) < 0.005 else f"{value:.2f}"
 
-    def part_words(part: str, short: str) -> str:
-        words = f"{short} {ms(breakdown[part])}"
-        at_start = ms(breakdown.get(START, 0.0)) if part == "waiting" else "0"
-        return words if at_start == "0" else f"{words} ({at_start} at start)"
-
-    return f"{ms(breakdown['steps'])} ms: " + " · ".join(part_words(part, short) for part, short in STEP_WORDS)
+    at_start = ms(breakdown.get(START, 0.0))
+    wait_note = "" if at_start == "0" else f" ({at_start} at start)"
+    return f"{ms(breakdown['steps'])} ms: " + " · ".join(
+        f"{short} {ms(breakdown[part])}{wait_note if part == 'waiting' else ''}" for part, short in STEP_WORDS)
 
 
 def row_of(track: RankTrack, *, rate: float | None, live: bool, result: Any = None) -> Row:

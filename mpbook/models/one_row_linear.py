@@ -57,10 +57,6 @@ def libraries_fit() -> bool:
     """torch's BLAS is MKL and numpy's is OpenBLAS, on x86: the pair measured above."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkl.is_available():
         return False
-    try:
-        import threadpoolctl  # noqa: F401 (what holds OpenBLAS to one thread)
-    except ImportError:  # an install without it: MKL's products, as before
-        return False
     return "openblas" in numpy_blas().lower()
 
 
